@@ -1,0 +1,89 @@
+// Framework-free types shared by every kernel and front end of tf_fastattn.
+//
+// Nothing here includes TensorFlow, pybind11 or CUDA headers: the kernel core
+// sees only POD params structs, a DType tag, a Status and an execution context.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <utility>
+
+namespace tf_fastattn {
+
+// Element type of a tensor that a kernel reads or writes.
+enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+
+inline const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::kFloat16: return "float16";
+    case DType::kBFloat16: return "bfloat16";
+    case DType::kFloat32: return "float32";
+    case DType::kFloat64: return "float64";
+  }
+  return "unknown";
+}
+
+inline int64_t dtype_size(DType t) {
+  switch (t) {
+    case DType::kFloat16:
+    case DType::kBFloat16: return 2;
+    case DType::kFloat32: return 4;
+    case DType::kFloat64: return 8;
+  }
+  return 0;
+}
+
+// Statistics (layer-norm mean/rstd, attention log-sum-exp) are float32 for
+// every input dtype except float64, where they are float64.
+inline DType stats_dtype(DType t) { return t == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32; }
+
+// Result of a validation or a launch. Front ends turn a failed Status into
+// their own error (TensorFlow: InvalidArgument, pybind11: ValueError).
+class Status {
+ public:
+  Status() = default;
+  static Status OK() { return Status(); }
+  static Status Invalid(std::string message) { return Status(std::move(message)); }
+  bool ok() const { return !failed_; }
+  const std::string& message() const { return message_; }
+
+ private:
+  explicit Status(std::string message) : failed_(true), message_(std::move(message)) {}
+  bool failed_ = false;
+  std::string message_;
+};
+
+#define TFA_RETURN_IF_ERROR(expr)          \
+  do {                                     \
+    ::tf_fastattn::Status _tfa_s = (expr); \
+    if (!_tfa_s.ok()) return _tfa_s;       \
+  } while (0)
+
+// Work-sharing for CPU kernels, injected by the front end: TensorFlow's CPU
+// worker pool inside an op, a small std::thread pool in the Python module.
+// `parallel_for(total, cost_per_unit, fn)` calls fn(begin, end) on disjoint
+// ranges that cover [0, total), possibly concurrently, and returns when all are
+// done. `cost_per_unit` is a rough cycle count per unit that lets the pool
+// decide how finely to split. Kernels never depend on how the range is split:
+// results are bitwise identical for any thread count.
+using ParallelFor =
+    std::function<void(int64_t total, int64_t cost_per_unit, const std::function<void(int64_t, int64_t)>& fn)>;
+
+struct CpuContext {
+  ParallelFor parallel_for;
+  // Number of threads the pool may use at once (a hint for scratch sizing).
+  int num_threads = 1;
+};
+
+// Runs fn over [0, total) serially: the context for single-threaded callers.
+inline CpuContext serial_cpu_context() {
+  CpuContext ctx;
+  ctx.parallel_for = [](int64_t total, int64_t, const std::function<void(int64_t, int64_t)>& fn) {
+    if (total > 0) fn(0, total);
+  };
+  ctx.num_threads = 1;
+  return ctx;
+}
+
+}  // namespace tf_fastattn

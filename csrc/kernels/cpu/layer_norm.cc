@@ -1,0 +1,333 @@
+// CPU kernels for the fused residual-add + layer norm (see layer_norm.h).
+//
+// Each row is loaded once into a float32 (float64 for float64 input) buffer,
+// the statistics are computed two-pass on that buffer, and the output is
+// written in one more pass. The per-row float loops are compiled for several
+// ISAs with GCC's target_clones and picked at load time, so a portable build
+// still uses AVX2/AVX-512 where the CPU has them.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "kernels/cpu/cpu_types.h"
+#include "tf_fastattn/layer_norm.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TFA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define TFA_CLONES
+#endif
+
+namespace tf_fastattn {
+namespace {
+
+using cpu::bfloat16_t;
+using cpu::half_t;
+
+// Rows per reduction chunk in the backward: a function of `rows` only, so the
+// dgamma/dbeta summation order never depends on the thread count.
+constexpr int64_t kMaxBwdChunks = 64;
+int64_t bwd_num_chunks(int64_t rows) { return std::max<int64_t>(1, std::min(rows, kMaxBwdChunks)); }
+
+// ---- per-row float kernels (vectorised by the compiler) --------------------
+
+template <typename A>
+__attribute__((always_inline)) inline void row_stats_impl(const A* s, int64_t n, double eps, A* mean_out,
+                                                          A* rstd_out) {
+  A sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += s[i];
+  const A mean = sum / static_cast<A>(n);
+  A sq = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const A d = s[i] - mean;
+    sq += d * d;
+  }
+  *mean_out = mean;
+  *rstd_out = static_cast<A>(1) / std::sqrt(sq / static_cast<A>(n) + static_cast<A>(eps));
+}
+TFA_CLONES void row_stats(const float* s, int64_t n, double eps, float* m, float* r) {
+  row_stats_impl(s, n, eps, m, r);
+}
+TFA_CLONES void row_stats(const double* s, int64_t n, double eps, double* m, double* r) {
+  row_stats_impl(s, n, eps, m, r);
+}
+
+// y = (s - mean) * rstd * gamma + beta, into the float buffer `y`.
+template <typename A>
+__attribute__((always_inline)) inline void row_normalize_impl(const A* s, int64_t n, A mean, A rstd,
+                                                              const A* gamma, const A* beta, A* y) {
+  if (gamma && beta) {
+    for (int64_t i = 0; i < n; ++i) y[i] = (s[i] - mean) * rstd * gamma[i] + beta[i];
+  } else if (gamma) {
+    for (int64_t i = 0; i < n; ++i) y[i] = (s[i] - mean) * rstd * gamma[i];
+  } else if (beta) {
+    for (int64_t i = 0; i < n; ++i) y[i] = (s[i] - mean) * rstd + beta[i];
+  } else {
+    for (int64_t i = 0; i < n; ++i) y[i] = (s[i] - mean) * rstd;
+  }
+}
+TFA_CLONES void row_normalize(const float* s, int64_t n, float m, float r, const float* g, const float* b,
+                              float* y) {
+  row_normalize_impl(s, n, m, r, g, b, y);
+}
+TFA_CLONES void row_normalize(const double* s, int64_t n, double m, double r, const double* g,
+                              const double* b, double* y) {
+  row_normalize_impl(s, n, m, r, g, b, y);
+}
+
+// Backward of one row. In: s, dy (and dsum, may be null) as floats. Out: ds
+// into `ds`; accumulates dy * xhat into dgamma_acc and dy into dbeta_acc.
+template <typename A>
+__attribute__((always_inline)) inline void row_backward_impl(const A* s, const A* dy, const A* dsum, int64_t n,
+                                                             A mean, A rstd, const A* gamma, A* ds,
+                                                             A* dgamma_acc, A* dbeta_acc) {
+  A sum_g = 0, sum_gx = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const A xhat = (s[i] - mean) * rstd;
+    const A g = gamma ? dy[i] * gamma[i] : dy[i];
+    sum_g += g;
+    sum_gx += g * xhat;
+    dgamma_acc[i] += dy[i] * xhat;
+    dbeta_acc[i] += dy[i];
+  }
+  const A mean_g = sum_g / static_cast<A>(n);
+  const A mean_gx = sum_gx / static_cast<A>(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const A xhat = (s[i] - mean) * rstd;
+    const A g = gamma ? dy[i] * gamma[i] : dy[i];
+    A v = rstd * (g - mean_g - xhat * mean_gx);
+    if (dsum) v += dsum[i];
+    ds[i] = v;
+  }
+}
+TFA_CLONES void row_backward(const float* s, const float* dy, const float* dsum, int64_t n, float m, float r,
+                             const float* g, float* ds, float* dga, float* dba) {
+  row_backward_impl(s, dy, dsum, n, m, r, g, ds, dga, dba);
+}
+TFA_CLONES void row_backward(const double* s, const double* dy, const double* dsum, int64_t n, double m,
+                             double r, const double* g, double* ds, double* dga, double* dba) {
+  row_backward_impl(s, dy, dsum, n, m, r, g, ds, dga, dba);
+}
+
+// ---- loads and stores between element types and float buffers ------------
+
+template <typename T, typename A>
+inline void load_row(const T* src, int64_t n, A* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<A>(cpu::to_float(src[i]));
+}
+template <typename T, typename A>
+inline void store_row(const A* src, int64_t n, T* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = cpu::from_acc<T>(src[i]);
+}
+// s = x + residual, rounded to T (the reference adds in T before normalising,
+// and the sum output is in T), kept as floats for the statistics.
+template <typename T, typename A>
+inline void load_sum(const T* x, const T* r, int64_t n, A* s, T* sum_out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = cpu::from_acc<T>(static_cast<A>(cpu::to_float(x[i])) + static_cast<A>(cpu::to_float(r[i])));
+    if (sum_out) sum_out[i] = v;
+    s[i] = static_cast<A>(cpu::to_float(v));
+  }
+}
+
+template <typename A>
+void load_param(const void* p, DType t, int64_t n, std::vector<A>* out) {
+  if (!p) return;
+  out->resize(n);
+  switch (t) {
+    case DType::kFloat16: load_row(static_cast<const half_t*>(p), n, out->data()); break;
+    case DType::kBFloat16: load_row(static_cast<const bfloat16_t*>(p), n, out->data()); break;
+    case DType::kFloat32: load_row(static_cast<const float*>(p), n, out->data()); break;
+    case DType::kFloat64: load_row(static_cast<const double*>(p), n, out->data()); break;
+  }
+}
+
+template <typename T>
+void forward(const LayerNormFwdParams& p, const CpuContext& ctx) {
+  using A = typename cpu::AccType<T>::type;
+  const int64_t n = p.cols;
+  std::vector<A> gamma, beta;
+  load_param(p.gamma, p.param_dtype, n, &gamma);
+  load_param(p.beta, p.param_dtype, n, &beta);
+  const A* g = p.gamma ? gamma.data() : nullptr;
+  const A* b = p.beta ? beta.data() : nullptr;
+  const T* x = static_cast<const T*>(p.x);
+  const T* res = static_cast<const T*>(p.residual);
+  T* y = static_cast<T*>(p.y);
+  T* sum = static_cast<T*>(p.sum);
+  A* mean = static_cast<A*>(p.mean);
+  A* rstd = static_cast<A*>(p.rstd);
+  ctx.parallel_for(p.rows, 12 * n, [&](int64_t begin, int64_t end) {
+    std::vector<A> buf(2 * n);
+    A* s = buf.data();
+    A* out = s + n;
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t off = r * n;
+      if (res) {
+        load_sum(x + off, res + off, n, s, sum ? sum + off : nullptr);
+      } else {
+        load_row(x + off, n, s);
+        if (sum) std::copy(x + off, x + off + n, sum + off);
+      }
+      row_stats(s, n, p.epsilon, &mean[r], &rstd[r]);
+      row_normalize(s, n, mean[r], rstd[r], g, b, out);
+      store_row(out, n, y + off);
+    }
+  });
+}
+
+template <typename A>
+void store_param(const A* src, int64_t n, DType t, void* dst) {
+  switch (t) {
+    case DType::kFloat16: store_row(src, n, static_cast<half_t*>(dst)); break;
+    case DType::kBFloat16: store_row(src, n, static_cast<bfloat16_t*>(dst)); break;
+    case DType::kFloat32: store_row(src, n, static_cast<float*>(dst)); break;
+    case DType::kFloat64: store_row(src, n, static_cast<double*>(dst)); break;
+  }
+}
+
+template <typename T>
+void backward(const LayerNormBwdParams& p, const CpuContext& ctx) {
+  using A = typename cpu::AccType<T>::type;
+  const int64_t n = p.cols, rows = p.rows;
+  std::vector<A> gamma;
+  load_param(p.gamma, p.param_dtype, n, &gamma);
+  const A* g = p.gamma ? gamma.data() : nullptr;
+  const T* dy = static_cast<const T*>(p.dy);
+  const T* dsum = static_cast<const T*>(p.dsum);
+  const T* s_in = static_cast<const T*>(p.sum);
+  const A* mean = static_cast<const A*>(p.mean);
+  const A* rstd = static_cast<const A*>(p.rstd);
+  T* dx = static_cast<T*>(p.dx);
+  // Stage 1: each chunk of rows writes its partial dgamma/dbeta sums to its
+  // own slice of the workspace: [chunks, 2, cols].
+  const int64_t chunks = bwd_num_chunks(rows);
+  A* partial = static_cast<A*>(p.workspace);
+  ctx.parallel_for(chunks, 20 * n * std::max<int64_t>(1, rows / chunks), [&](int64_t c_begin, int64_t c_end) {
+    std::vector<A> buf(4 * n);
+    A* s = buf.data();
+    A* d = s + n;
+    A* ds_in = d + n;
+    A* ds = ds_in + n;
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      A* dga = partial + c * 2 * n;
+      A* dba = dga + n;
+      std::fill(dga, dga + 2 * n, static_cast<A>(0));
+      const int64_t r0 = rows * c / chunks, r1 = rows * (c + 1) / chunks;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t off = r * n;
+        load_row(s_in + off, n, s);
+        load_row(dy + off, n, d);
+        if (dsum) load_row(dsum + off, n, ds_in);
+        row_backward(s, d, dsum ? ds_in : nullptr, n, mean[r], rstd[r], g, ds, dga, dba);
+        store_row(ds, n, dx + off);
+      }
+    }
+  });
+  if (!p.dgamma && !p.dbeta) return;
+  // Stage 2: sum the chunk partials in chunk order, split over columns.
+  constexpr int64_t kColBlock = 256;
+  const int64_t col_blocks = (n + kColBlock - 1) / kColBlock;
+  ctx.parallel_for(col_blocks, kColBlock * chunks * 2, [&](int64_t b0, int64_t b1) {
+    std::vector<A> dg(kColBlock), db(kColBlock);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t j0 = blk * kColBlock, w = std::min(kColBlock, n - j0);
+      std::fill(dg.begin(), dg.end(), static_cast<A>(0));
+      std::fill(db.begin(), db.end(), static_cast<A>(0));
+      for (int64_t c = 0; c < chunks; ++c) {
+        const A* dga = partial + c * 2 * n + j0;
+        const A* dba = dga + n;
+        for (int64_t j = 0; j < w; ++j) {
+          dg[j] += dga[j];
+          db[j] += dba[j];
+        }
+      }
+      if (p.dgamma) store_param(dg.data(), w, p.param_dtype, static_cast<char*>(p.dgamma) + j0 * dtype_size(p.param_dtype));
+      if (p.dbeta) store_param(db.data(), w, p.param_dtype, static_cast<char*>(p.dbeta) + j0 * dtype_size(p.param_dtype));
+    }
+  });
+}
+
+Status check_dtypes(DType dtype, DType param_dtype) {
+  if (param_dtype != DType::kFloat32 && param_dtype != dtype) {
+    return Status::Invalid(std::string("gamma/beta dtype must be float32 or the input dtype (") +
+                           dtype_name(dtype) + "), got " + dtype_name(param_dtype));
+  }
+  return Status::OK();
+}
+
+Status check_sizes(int64_t rows, int64_t cols) {
+  if (rows < 0) return Status::Invalid("rows must be >= 0, got " + std::to_string(rows));
+  if (cols < 1) return Status::Invalid("the normalized axis must have size >= 1, got " + std::to_string(cols));
+  return Status::OK();
+}
+
+Status need(const void* ptr, const char* name) {
+  return ptr ? Status::OK() : Status::Invalid(std::string(name) + " must not be null");
+}
+
+}  // namespace
+
+Status validate(const LayerNormFwdParams& p) {
+  TFA_RETURN_IF_ERROR(check_sizes(p.rows, p.cols));
+  TFA_RETURN_IF_ERROR(check_dtypes(p.dtype, p.param_dtype));
+  if (!(p.epsilon > 0) || !std::isfinite(p.epsilon)) {
+    return Status::Invalid("epsilon must be a finite number > 0, got " + std::to_string(p.epsilon));
+  }
+  if (p.rows == 0) return Status::OK();
+  TFA_RETURN_IF_ERROR(need(p.x, "x"));
+  TFA_RETURN_IF_ERROR(need(p.y, "y"));
+  TFA_RETURN_IF_ERROR(need(p.mean, "mean"));
+  TFA_RETURN_IF_ERROR(need(p.rstd, "rstd"));
+  return Status::OK();
+}
+
+Status validate(const LayerNormBwdParams& p) {
+  TFA_RETURN_IF_ERROR(check_sizes(p.rows, p.cols));
+  TFA_RETURN_IF_ERROR(check_dtypes(p.dtype, p.param_dtype));
+  if (p.rows == 0) return Status::OK();
+  TFA_RETURN_IF_ERROR(need(p.dy, "dy"));
+  TFA_RETURN_IF_ERROR(need(p.sum, "sum"));
+  TFA_RETURN_IF_ERROR(need(p.mean, "mean"));
+  TFA_RETURN_IF_ERROR(need(p.rstd, "rstd"));
+  TFA_RETURN_IF_ERROR(need(p.dx, "dx"));
+  TFA_RETURN_IF_ERROR(need(p.workspace, "workspace"));
+  return Status::OK();
+}
+
+int64_t layer_norm_bwd_workspace_bytes(int64_t rows, int64_t cols, DType dtype) {
+  if (rows <= 0 || cols <= 0) return 0;
+  return bwd_num_chunks(rows) * 2 * cols * dtype_size(stats_dtype(dtype));
+}
+
+Status layer_norm_fwd_cpu(const LayerNormFwdParams& p, const CpuContext& ctx) {
+  TFA_RETURN_IF_ERROR(validate(p));
+  if (p.rows == 0) return Status::OK();
+  switch (p.dtype) {
+    case DType::kFloat16: forward<half_t>(p, ctx); break;
+    case DType::kBFloat16: forward<bfloat16_t>(p, ctx); break;
+    case DType::kFloat32: forward<float>(p, ctx); break;
+    case DType::kFloat64: forward<double>(p, ctx); break;
+  }
+  return Status::OK();
+}
+
+Status layer_norm_bwd_cpu(const LayerNormBwdParams& p, const CpuContext& ctx) {
+  TFA_RETURN_IF_ERROR(validate(p));
+  if (p.rows == 0) {
+    // Empty batch: parameter gradients are zero.
+    std::vector<double> zeros(p.cols, 0.0);
+    if (p.dgamma) store_param(zeros.data(), p.cols, p.param_dtype, p.dgamma);
+    if (p.dbeta) store_param(zeros.data(), p.cols, p.param_dtype, p.dbeta);
+    return Status::OK();
+  }
+  switch (p.dtype) {
+    case DType::kFloat16: backward<half_t>(p, ctx); break;
+    case DType::kBFloat16: backward<bfloat16_t>(p, ctx); break;
+    case DType::kFloat32: backward<float>(p, ctx); break;
+    case DType::kFloat64: backward<double>(p, ctx); break;
+  }
+  return Status::OK();
+}
+
+}  // namespace tf_fastattn

@@ -1,0 +1,176 @@
+// _C.attention_fwd / _C.attention_bwd on NumPy arrays.
+#include <cmath>
+
+#include "python/common.h"
+#include "tf_fastattn/attention.h"
+
+namespace tf_fastattn {
+namespace python {
+namespace {
+
+void require_rank4(const py::array& a, const char* name, const char* layout) {
+  if (a.ndim() != 4) {
+    throw py::value_error(std::string(name) + " must have rank 4 " + layout + ", got shape " + shape_str(a));
+  }
+  require_contiguous(a, name);
+}
+
+AttentionShape shape_of(const py::array& q, const py::array& k, const py::array& v) {
+  require_rank4(q, "query", "[B, T, N, H]");
+  require_rank4(k, "key", "[B, S, Nkv, H]");
+  require_rank4(v, "value", "[B, S, Nkv, Hv]");
+  AttentionShape s;
+  s.batch = q.shape(0);
+  s.seqlen_q = q.shape(1);
+  s.num_heads = q.shape(2);
+  s.head_dim = q.shape(3);
+  s.seqlen_k = k.shape(1);
+  s.num_heads_kv = k.shape(2);
+  s.head_dim_v = v.shape(3);
+  if (k.shape(0) != s.batch || v.shape(0) != s.batch) {
+    throw py::value_error("query, key and value must have the same batch size, got query " + shape_str(q) +
+                          ", key " + shape_str(k) + ", value " + shape_str(v));
+  }
+  if (k.shape(3) != s.head_dim) {
+    throw py::value_error("key must have the head dim of query (" + std::to_string(s.head_dim) + "), got key " +
+                          shape_str(k));
+  }
+  if (v.shape(1) != s.seqlen_k || v.shape(2) != s.num_heads_kv) {
+    throw py::value_error("value must match key in [B, S, Nkv], got key " + shape_str(k) + ", value " +
+                          shape_str(v));
+  }
+  const DType t = dtype_of(q, "query");
+  if (dtype_of(k, "key") != t || dtype_of(v, "value") != t) {
+    throw py::value_error("query, key and value must have the same dtype");
+  }
+  return s;
+}
+
+// A bool mask of rank 4 whose axes are 1 (broadcast) or equal to [B, N, T, S].
+const bool* mask_view(const std::optional<py::array>& mask, const AttentionShape& s, MaskStrides* st) {
+  if (!mask) return nullptr;
+  const py::array& m = *mask;
+  if (py::str(m.dtype().attr("name")).cast<std::string>() != "bool") {
+    throw py::value_error("mask must be bool, got " + py::str(m.dtype().attr("name")).cast<std::string>());
+  }
+  const int64_t full[4] = {s.batch, s.num_heads, s.seqlen_q, s.seqlen_k};
+  if (m.ndim() != 4) throw py::value_error("mask must have rank 4 [B, N, T, S], got " + shape_str(m));
+  int64_t strides[4];
+  for (int i = 0; i < 4; ++i) {
+    if (m.shape(i) != full[i] && m.shape(i) != 1) {
+      throw py::value_error("mask " + shape_str(m) + " is not broadcastable to [B, N, T, S] = [" +
+                            std::to_string(full[0]) + ", " + std::to_string(full[1]) + ", " +
+                            std::to_string(full[2]) + ", " + std::to_string(full[3]) + "]");
+    }
+    strides[i] = m.shape(i) == 1 ? 0 : m.strides(i) / static_cast<py::ssize_t>(sizeof(bool));
+  }
+  *st = MaskStrides{strides[0], strides[1], strides[2], strides[3]};
+  return static_cast<const bool*>(m.data());
+}
+
+double resolve_scale(std::optional<double> scale, const AttentionShape& s) {
+  return scale ? *scale : 1.0 / std::sqrt(static_cast<double>(s.head_dim > 0 ? s.head_dim : 1));
+}
+
+py::tuple attention_fwd(const py::array& q, const py::array& k, const py::array& v, std::optional<py::array> mask,
+                        std::optional<double> scale, bool is_causal, double dropout_rate, uint64_t seed,
+                        int num_threads) {
+  AttentionFwdParams p;
+  p.shape = shape_of(q, k, v);
+  p.dtype = dtype_of(q, "query");
+  p.mask = mask_view(mask, p.shape, &p.mask_strides);
+  p.scale = resolve_scale(scale, p.shape);
+  p.is_causal = is_causal;
+  p.dropout_rate = dropout_rate;
+  p.seed = seed;
+  p.q = q.data();
+  p.k = k.data();
+  p.v = v.data();
+  const AttentionShape& s = p.shape;
+  py::array o = empty_like_dtype(q, {s.batch, s.seqlen_q, s.num_heads, s.head_dim_v});
+  py::array lse = empty_of(stats_dtype(p.dtype), {s.batch, s.num_heads, s.seqlen_q});
+  p.o = o.mutable_data();
+  p.lse = lse.mutable_data();
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = attention_fwd_cpu(p, thread_context(num_threads));
+  }
+  check(st);
+  return py::make_tuple(o, lse);
+}
+
+py::tuple attention_bwd(const py::array& q, const py::array& k, const py::array& v, const py::array& o,
+                        const py::array& lse, const py::array& d_o, std::optional<py::array> mask,
+                        std::optional<double> scale, bool is_causal, double dropout_rate, uint64_t seed,
+                        int num_threads) {
+  AttentionBwdParams p;
+  p.shape = shape_of(q, k, v);
+  p.dtype = dtype_of(q, "query");
+  const AttentionShape& s = p.shape;
+  require_rank4(o, "out", "[B, T, N, Hv]");
+  require_rank4(d_o, "d_out", "[B, T, N, Hv]");
+  const std::vector<py::ssize_t> o_shape = {s.batch, s.seqlen_q, s.num_heads, s.head_dim_v};
+  for (int i = 0; i < 4; ++i) {
+    if (o.shape(i) != o_shape[i] || d_o.shape(i) != o_shape[i]) {
+      throw py::value_error("out and d_out must have shape [B, T, N, Hv], got " + shape_str(o) + " and " +
+                            shape_str(d_o));
+    }
+  }
+  if (dtype_of(o, "out") != p.dtype || dtype_of(d_o, "d_out") != p.dtype) {
+    throw py::value_error("out and d_out must have the dtype of query");
+  }
+  require_contiguous(lse, "lse");
+  if (lse.ndim() != 3 || lse.shape(0) != s.batch || lse.shape(1) != s.num_heads || lse.shape(2) != s.seqlen_q) {
+    throw py::value_error("lse must have shape [B, N, T], got " + shape_str(lse));
+  }
+  if (dtype_of(lse, "lse") != stats_dtype(p.dtype)) {
+    throw py::value_error(std::string("lse must be ") + dtype_name(stats_dtype(p.dtype)));
+  }
+  p.mask = mask_view(mask, s, &p.mask_strides);
+  p.scale = resolve_scale(scale, s);
+  p.is_causal = is_causal;
+  p.dropout_rate = dropout_rate;
+  p.seed = seed;
+  p.q = q.data();
+  p.k = k.data();
+  p.v = v.data();
+  p.o = o.data();
+  p.lse = lse.data();
+  p.do_ = d_o.data();
+  py::array dq = empty_like_dtype(q, {s.batch, s.seqlen_q, s.num_heads, s.head_dim});
+  py::array dk = empty_like_dtype(k, {s.batch, s.seqlen_k, s.num_heads_kv, s.head_dim});
+  py::array dv = empty_like_dtype(v, {s.batch, s.seqlen_k, s.num_heads_kv, s.head_dim_v});
+  p.dq = dq.mutable_data();
+  p.dk = dk.mutable_data();
+  p.dv = dv.mutable_data();
+  const CpuContext ctx = thread_context(num_threads);
+  std::vector<char> workspace(attention_bwd_workspace_bytes(s, p.dtype, ctx.num_threads));
+  p.workspace = workspace.data();
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = attention_bwd_cpu(p, ctx);
+  }
+  check(st);
+  return py::make_tuple(dq, dk, dv);
+}
+
+}  // namespace
+
+void register_attention(py::module_& m) {
+  using namespace pybind11::literals;
+  m.def("attention_fwd", &attention_fwd,
+        "Fused scaled-dot-product attention on the CPU.\n\n"
+        "query [B, T, N, H], key [B, S, Nkv, H], value [B, S, Nkv, Hv]; mask: bool, rank 4, broadcastable\n"
+        "to [B, N, T, S] (True = attend). Returns (out [B, T, N, Hv], lse [B, N, T]).",
+        "query"_a, "key"_a, "value"_a, "mask"_a = py::none(), "scale"_a = py::none(), "is_causal"_a = false,
+        "dropout_rate"_a = 0.0, "seed"_a = 0, "num_threads"_a = 0);
+  m.def("attention_bwd", &attention_bwd,
+        "Backward of attention_fwd: returns (dquery, dkey, dvalue), recomputing probabilities from lse.",
+        "query"_a, "key"_a, "value"_a, "out"_a, "lse"_a, "d_out"_a, "mask"_a = py::none(), "scale"_a = py::none(),
+        "is_causal"_a = false, "dropout_rate"_a = 0.0, "seed"_a = 0, "num_threads"_a = 0);
+}
+
+}  // namespace python
+}  // namespace tf_fastattn

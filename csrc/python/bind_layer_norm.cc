@@ -1,0 +1,160 @@
+// _C.layer_norm_fwd / _C.layer_norm_bwd on NumPy arrays.
+#include "python/common.h"
+#include "tf_fastattn/layer_norm.h"
+
+namespace tf_fastattn {
+namespace python {
+namespace {
+
+struct RowView {
+  int64_t rows = 0, cols = 0;
+};
+
+RowView row_view(const py::array& x, const char* name) {
+  if (x.ndim() < 1) throw py::value_error(std::string(name) + " must have rank >= 1, got shape []");
+  RowView v;
+  v.cols = x.shape(x.ndim() - 1);
+  v.rows = v.cols ? x.size() / v.cols : 0;
+  return v;
+}
+
+void require_same_shape(const py::array& a, const char* a_name, const py::array& b, const char* b_name) {
+  bool same = a.ndim() == b.ndim();
+  for (py::ssize_t i = 0; same && i < a.ndim(); ++i) same = a.shape(i) == b.shape(i);
+  if (!same) {
+    throw py::value_error(std::string(b_name) + " must have the shape of " + a_name + " " + shape_str(a) +
+                          ", got " + shape_str(b));
+  }
+}
+
+void require_param(const py::array& p, const char* name, int64_t cols, DType dtype, DType* param_dtype) {
+  require_contiguous(p, name);
+  if (p.ndim() != 1 || p.shape(0) != cols) {
+    throw py::value_error(std::string(name) + " must have shape [" + std::to_string(cols) + "], got " +
+                          shape_str(p));
+  }
+  const DType t = dtype_of(p, name);
+  if (*param_dtype != t && *param_dtype != dtype) {
+    throw py::value_error("gamma and beta must have the same dtype");
+  }
+  *param_dtype = t;
+}
+
+std::vector<py::ssize_t> shape_of(const py::array& a) { return {a.shape(), a.shape() + a.ndim()}; }
+
+py::tuple layer_norm_fwd(const py::array& x, std::optional<py::array> gamma, std::optional<py::array> beta,
+                         std::optional<py::array> residual, double epsilon, int num_threads) {
+  require_contiguous(x, "x");
+  LayerNormFwdParams p;
+  p.dtype = dtype_of(x, "x");
+  const RowView v = row_view(x, "x");
+  p.rows = v.rows;
+  p.cols = v.cols;
+  p.param_dtype = p.dtype;  // provisional; set by the first parameter given
+  if (gamma) {
+    require_param(*gamma, "gamma", p.cols, p.dtype, &p.param_dtype);
+    p.gamma = gamma->data();
+  }
+  if (beta) {
+    require_param(*beta, "beta", p.cols, p.dtype, &p.param_dtype);
+    p.beta = beta->data();
+  }
+  if (residual) {
+    require_contiguous(*residual, "residual");
+    require_same_shape(x, "x", *residual, "residual");
+    if (dtype_of(*residual, "residual") != p.dtype) throw py::value_error("residual must have the dtype of x");
+    p.residual = residual->data();
+  }
+  p.x = x.data();
+  p.epsilon = epsilon;
+  py::array y = empty_like_dtype(x, shape_of(x));
+  py::array sum = empty_like_dtype(x, shape_of(x));
+  std::vector<py::ssize_t> stat_shape(x.shape(), x.shape() + x.ndim() - 1);
+  py::array mean = empty_of(stats_dtype(p.dtype), stat_shape);
+  py::array rstd = empty_of(stats_dtype(p.dtype), stat_shape);
+  p.y = y.mutable_data();
+  p.sum = sum.mutable_data();
+  p.mean = mean.mutable_data();
+  p.rstd = rstd.mutable_data();
+  Status s;
+  {
+    py::gil_scoped_release release;
+    s = layer_norm_fwd_cpu(p, thread_context(num_threads));
+  }
+  check(s);
+  return py::make_tuple(y, sum, mean, rstd);
+}
+
+py::tuple layer_norm_bwd(const py::array& dy, const py::array& sum, const py::array& mean, const py::array& rstd,
+                         std::optional<py::array> gamma, std::optional<py::array> dsum, bool center,
+                         std::optional<py::array> param_like, int num_threads) {
+  require_contiguous(dy, "dy");
+  require_contiguous(sum, "sum");
+  require_contiguous(mean, "mean");
+  require_contiguous(rstd, "rstd");
+  require_same_shape(dy, "dy", sum, "sum");
+  LayerNormBwdParams p;
+  p.dtype = dtype_of(dy, "dy");
+  if (dtype_of(sum, "sum") != p.dtype) throw py::value_error("sum must have the dtype of dy");
+  const RowView v = row_view(dy, "dy");
+  p.rows = v.rows;
+  p.cols = v.cols;
+  if (mean.size() != p.rows || rstd.size() != p.rows) {
+    throw py::value_error("mean and rstd must have " + std::to_string(p.rows) + " elements, got " +
+                          std::to_string(mean.size()) + " and " + std::to_string(rstd.size()));
+  }
+  if (dtype_of(mean, "mean") != stats_dtype(p.dtype) || dtype_of(rstd, "rstd") != stats_dtype(p.dtype)) {
+    throw py::value_error(std::string("mean and rstd must be ") + dtype_name(stats_dtype(p.dtype)));
+  }
+  p.param_dtype = param_like ? dtype_of(*param_like, "param_like") : DType::kFloat32;
+  if (gamma) {
+    require_param(*gamma, "gamma", p.cols, p.dtype, &p.param_dtype);
+    p.gamma = gamma->data();
+  }
+  if (dsum) {
+    require_contiguous(*dsum, "dsum");
+    require_same_shape(dy, "dy", *dsum, "dsum");
+    if (dtype_of(*dsum, "dsum") != p.dtype) throw py::value_error("dsum must have the dtype of dy");
+    p.dsum = dsum->data();
+  }
+  p.dy = dy.data();
+  p.sum = sum.data();
+  p.mean = mean.data();
+  p.rstd = rstd.data();
+  py::array dx = empty_like_dtype(dy, shape_of(dy));
+  py::array dgamma = empty_of(p.param_dtype, {static_cast<py::ssize_t>(p.cols)});
+  py::array dbeta = empty_of(p.param_dtype, {static_cast<py::ssize_t>(p.cols)});
+  std::vector<char> workspace(layer_norm_bwd_workspace_bytes(p.rows, p.cols, p.dtype));
+  p.dx = dx.mutable_data();
+  p.dgamma = gamma ? dgamma.mutable_data() : nullptr;
+  p.dbeta = center ? dbeta.mutable_data() : nullptr;
+  p.workspace = workspace.data();
+  Status s;
+  {
+    py::gil_scoped_release release;
+    s = layer_norm_bwd_cpu(p, thread_context(num_threads));
+  }
+  check(s);
+  return py::make_tuple(dx, gamma ? py::object(dgamma) : py::none(), center ? py::object(dbeta) : py::none());
+}
+
+}  // namespace
+
+void register_layer_norm(py::module_& m) {
+  using namespace pybind11::literals;
+  m.def("layer_norm_fwd", &layer_norm_fwd,
+        "Fused residual-add + layer norm over the last axis on the CPU.\n\n"
+        "Returns (y, sum, mean, rstd): y = (s - mean) * rstd * gamma + beta with s = x + residual;\n"
+        "mean and rstd are float32 (float64 for float64 x) of shape x.shape[:-1].",
+        "x"_a, "gamma"_a = py::none(), "beta"_a = py::none(), "residual"_a = py::none(), "epsilon"_a = 1e-3,
+        "num_threads"_a = 0);
+  m.def("layer_norm_bwd", &layer_norm_bwd,
+        "Backward of layer_norm_fwd. Returns (dx, dgamma, dbeta); dx is also the residual's gradient and\n"
+        "includes dsum (the gradient reaching the sum output). dgamma is None without gamma, dbeta None\n"
+        "when center is False. param_like gives the dtype of dgamma/dbeta when gamma is None.",
+        "dy"_a, "sum"_a, "mean"_a, "rstd"_a, "gamma"_a = py::none(), "dsum"_a = py::none(), "center"_a = true,
+        "param_like"_a = py::none(), "num_threads"_a = 0);
+}
+
+}  // namespace python
+}  // namespace tf_fastattn

@@ -1,0 +1,43 @@
+// Helpers shared by the pybind11 bindings of tf_fastattn._C (no TensorFlow).
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+#include <pybind11/pybind11.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "tf_fastattn/common.h"
+
+namespace tf_fastattn {
+namespace python {
+
+namespace py = pybind11;
+
+// Maps a NumPy dtype to a kernel DType. bfloat16 arrays come from ml_dtypes
+// (the type TensorFlow's .numpy() returns).
+DType dtype_of(const py::array& a, const char* name);
+
+// A NumPy array of the same dtype as `like` (bfloat16 included) and `shape`.
+py::array empty_like_dtype(const py::array& like, const std::vector<py::ssize_t>& shape);
+py::array empty_of(DType t, const std::vector<py::ssize_t>& shape);
+
+// Requires a C-contiguous array; raises ValueError naming the argument.
+void require_contiguous(const py::array& a, const char* name);
+
+std::string shape_str(const py::array& a);
+
+// A CPU context that splits parallel_for ranges over `num_threads` std::threads
+// (0 = hardware concurrency).
+CpuContext thread_context(int num_threads);
+
+// Raises ValueError with the message of a failed Status.
+void check(const Status& s);
+
+void register_layer_norm(py::module_& m);
+void register_attention(py::module_& m);
+
+}  // namespace python
+}  // namespace tf_fastattn

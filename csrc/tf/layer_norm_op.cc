@@ -1,0 +1,253 @@
+// TfFastattn>LayerNorm and TfFastattn>LayerNormGrad: op registration, shape
+// functions and CPU kernels over the core in csrc/kernels/cpu/layer_norm.cc.
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tf/tf_common.h"
+#include "tf_fastattn/layer_norm.h"
+
+namespace tf_fastattn {
+namespace tf {
+namespace {
+
+using tfw::OpKernel;
+using tfw::OpKernelConstruction;
+using tfw::OpKernelContext;
+using tfw::Tensor;
+using tfw::TensorShape;
+using tfw::errors::InvalidArgument;
+using tfw::shape_inference::DimensionHandle;
+using tfw::shape_inference::InferenceContext;
+using tfw::shape_inference::ShapeHandle;
+
+// Statistics have the input's shape without its last axis.
+tfw::Status stats_shape(InferenceContext* c, ShapeHandle x, ShapeHandle* out) {
+  if (!c->RankKnown(x)) {
+    *out = c->UnknownShape();
+    return tfw::OkStatus();
+  }
+  return c->Subshape(x, 0, -1, out);
+}
+
+REGISTER_OP("TfFastattn>LayerNorm")
+    .Input("x: T")
+    .Input("residual: num_residual * T")
+    .Input("gamma: U")
+    .Input("beta: U")
+    .Output("y: T")
+    .Output("sum: T")
+    .Output("mean: S")
+    .Output("rstd: S")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("U: {half, bfloat16, float, double}")
+    .Attr("S: {float, double} = DT_FLOAT")
+    .Attr("num_residual: int >= 0 = 0")
+    .Attr("epsilon: float = 0.001")
+    .Attr("center: bool = true")
+    .Attr("scale: bool = true")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle x = c->input(0);
+      TF_RETURN_IF_ERROR(c->WithRankAtLeast(x, 1, &x));
+      int num_residual;
+      TF_RETURN_IF_ERROR(c->GetAttr("num_residual", &num_residual));
+      for (int i = 0; i < num_residual; ++i) TF_RETURN_IF_ERROR(c->Merge(x, c->input(1 + i), &x));
+      ShapeHandle stats;
+      TF_RETURN_IF_ERROR(stats_shape(c, x, &stats));
+      c->set_output(0, x);
+      c->set_output(1, x);
+      c->set_output(2, stats);
+      c->set_output(3, stats);
+      return tfw::OkStatus();
+    })
+    .Doc(R"doc(
+Fused residual-add + layer normalization over the last axis.
+
+s = x + residual (when given); y = (s - mean) * rstd * gamma + beta with
+rstd = 1 / sqrt(var(s) + epsilon). gamma is used when `scale`, beta when
+`center`; an unused one may be empty. Outputs y, the sum s (x itself without a
+residual), and the per-row mean and rstd (float32, float64 for float64 x).
+)doc");
+
+REGISTER_OP("TfFastattn>LayerNormGrad")
+    .Input("dy: T")
+    .Input("sum: T")
+    .Input("mean: S")
+    .Input("rstd: S")
+    .Input("gamma: U")
+    .Input("dsum: num_dsum * T")
+    .Output("dx: T")
+    .Output("dgamma: U")
+    .Output("dbeta: U")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("U: {half, bfloat16, float, double}")
+    .Attr("S: {float, double} = DT_FLOAT")
+    .Attr("num_dsum: int >= 0 = 0")
+    .Attr("center: bool = true")
+    .Attr("scale: bool = true")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle x = c->input(0);
+      TF_RETURN_IF_ERROR(c->WithRankAtLeast(x, 1, &x));
+      TF_RETURN_IF_ERROR(c->Merge(x, c->input(1), &x));
+      bool center, scale;
+      TF_RETURN_IF_ERROR(c->GetAttr("center", &center));
+      TF_RETURN_IF_ERROR(c->GetAttr("scale", &scale));
+      DimensionHandle cols = c->Dim(x, -1);
+      c->set_output(0, x);
+      c->set_output(1, scale ? c->Vector(cols) : c->Vector(0));
+      c->set_output(2, center ? c->Vector(cols) : c->Vector(0));
+      return tfw::OkStatus();
+    })
+    .Doc("Gradient of TfFastattn>LayerNorm: dx (also the residual's gradient, including dsum), dgamma, dbeta.");
+
+std::string shape_string(const Tensor& t) { return t.shape().DebugString(); }
+
+// gamma/beta must be [C] when used; their dtype is float32 or T.
+tfw::Status check_param(const Tensor& p, const char* name, bool used, int64_t cols) {
+  if (!used) return tfw::OkStatus();
+  if (p.dims() != 1 || p.dim_size(0) != cols) {
+    return InvalidArgument(name, " must have shape [", cols, "] (the last axis of x), got ", shape_string(p));
+  }
+  return tfw::OkStatus();
+}
+
+tfw::Status check_stats_dtype(OpKernelContext* ctx, tfw::DataType t, tfw::DataType s) {
+  if (s != stats_tf_dtype(t)) {
+    return InvalidArgument("statistics dtype S must be ", tfw::DataTypeString(stats_tf_dtype(t)), " for ",
+                           tfw::DataTypeString(t), " inputs, got ", tfw::DataTypeString(s));
+  }
+  return tfw::OkStatus();
+}
+
+class LayerNormOp : public OpKernel {
+ public:
+  explicit LayerNormOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("epsilon", &epsilon_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("center", &center_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("num_residual", &num_residual_));
+    OP_REQUIRES(ctx, num_residual_ <= 1, InvalidArgument("num_residual must be 0 or 1, got ", num_residual_));
+    OP_REQUIRES(ctx, epsilon_ > 0, InvalidArgument("epsilon must be > 0, got ", epsilon_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    OP_REQUIRES(ctx, x.dims() >= 1, InvalidArgument("x must have rank >= 1, got shape ", shape_string(x)));
+    const int64_t cols = x.dim_size(x.dims() - 1);
+    OP_REQUIRES(ctx, cols >= 1, InvalidArgument("the last axis of x must be non-empty, got shape ", shape_string(x)));
+    const Tensor* residual = num_residual_ ? &ctx->input(1) : nullptr;
+    const Tensor& gamma = ctx->input(1 + num_residual_);
+    const Tensor& beta = ctx->input(2 + num_residual_);
+    if (residual) {
+      OP_REQUIRES(ctx, residual->shape() == x.shape(),
+                  InvalidArgument("residual must have the shape of x ", shape_string(x), ", got ",
+                                  shape_string(*residual)));
+    }
+    OP_REQUIRES_OK(ctx, check_param(gamma, "gamma", scale_, cols));
+    OP_REQUIRES_OK(ctx, check_param(beta, "beta", center_, cols));
+    OP_REQUIRES_OK(ctx, check_stats_dtype(ctx, x.dtype(), ctx->expected_output_dtype(2)));
+
+    TensorShape stats_shape = x.shape();
+    stats_shape.RemoveLastDims(1);
+    Tensor *y, *mean, *rstd;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, stats_shape, &mean));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, stats_shape, &rstd));
+    Tensor* sum = nullptr;
+    if (residual) {
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(1, x.shape(), &sum));
+    } else {
+      ctx->set_output(1, x);  // s = x: forward the input, no copy
+    }
+
+    LayerNormFwdParams p;
+    p.dtype = to_dtype(x.dtype());
+    p.param_dtype = to_dtype(gamma.dtype());
+    p.rows = x.NumElements() / cols;
+    p.cols = cols;
+    p.x = ptr(x);
+    p.residual = residual ? ptr(*residual) : nullptr;
+    p.gamma = scale_ ? ptr(gamma) : nullptr;
+    p.beta = center_ ? ptr(beta) : nullptr;
+    p.y = mutable_ptr(y);
+    p.sum = sum ? mutable_ptr(sum) : nullptr;
+    p.mean = mutable_ptr(mean);
+    p.rstd = mutable_ptr(rstd);
+    p.epsilon = epsilon_;
+    TFA_OP_REQUIRES_OK(ctx, layer_norm_fwd_cpu(p, cpu_context(ctx)));
+  }
+
+ private:
+  float epsilon_;
+  bool center_, scale_;
+  int num_residual_;
+};
+
+class LayerNormGradOp : public OpKernel {
+ public:
+  explicit LayerNormGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("center", &center_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("num_dsum", &num_dsum_));
+    OP_REQUIRES(ctx, num_dsum_ <= 1, InvalidArgument("num_dsum must be 0 or 1, got ", num_dsum_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& dy = ctx->input(0);
+    const Tensor& sum = ctx->input(1);
+    const Tensor& mean = ctx->input(2);
+    const Tensor& rstd = ctx->input(3);
+    const Tensor& gamma = ctx->input(4);
+    const Tensor* dsum = num_dsum_ ? &ctx->input(5) : nullptr;
+    OP_REQUIRES(ctx, dy.dims() >= 1, InvalidArgument("dy must have rank >= 1, got shape ", shape_string(dy)));
+    OP_REQUIRES(ctx, sum.shape() == dy.shape(),
+                InvalidArgument("sum must have the shape of dy ", shape_string(dy), ", got ", shape_string(sum)));
+    if (dsum) {
+      OP_REQUIRES(ctx, dsum->shape() == dy.shape(),
+                  InvalidArgument("dsum must have the shape of dy ", shape_string(dy), ", got ",
+                                  shape_string(*dsum)));
+    }
+    const int64_t cols = dy.dim_size(dy.dims() - 1);
+    OP_REQUIRES(ctx, cols >= 1, InvalidArgument("the last axis of dy must be non-empty"));
+    const int64_t rows = dy.NumElements() / cols;
+    OP_REQUIRES(ctx, mean.NumElements() == rows && rstd.NumElements() == rows,
+                InvalidArgument("mean and rstd must have ", rows, " elements, got ", mean.NumElements(), " and ",
+                                rstd.NumElements()));
+    OP_REQUIRES_OK(ctx, check_stats_dtype(ctx, dy.dtype(), mean.dtype()));
+    OP_REQUIRES_OK(ctx, check_param(gamma, "gamma", scale_, cols));
+
+    Tensor *dx, *dgamma, *dbeta;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, dy.shape(), &dx));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({scale_ ? cols : 0}), &dgamma));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({center_ ? cols : 0}), &dbeta));
+
+    LayerNormBwdParams p;
+    p.dtype = to_dtype(dy.dtype());
+    p.param_dtype = to_dtype(gamma.dtype());
+    p.rows = rows;
+    p.cols = cols;
+    p.dy = ptr(dy);
+    p.dsum = dsum ? ptr(*dsum) : nullptr;
+    p.sum = ptr(sum);
+    p.gamma = scale_ ? ptr(gamma) : nullptr;
+    p.mean = ptr(mean);
+    p.rstd = ptr(rstd);
+    p.dx = mutable_ptr(dx);
+    p.dgamma = scale_ ? mutable_ptr(dgamma) : nullptr;
+    p.dbeta = center_ ? mutable_ptr(dbeta) : nullptr;
+    Tensor workspace;
+    const int64_t ws_bytes = layer_norm_bwd_workspace_bytes(rows, cols, p.dtype);
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tfw::DT_INT8, TensorShape({ws_bytes}), &workspace));
+    p.workspace = mutable_ptr(&workspace);
+    TFA_OP_REQUIRES_OK(ctx, layer_norm_bwd_cpu(p, cpu_context(ctx)));
+  }
+
+ private:
+  bool center_, scale_;
+  int num_dsum_;
+};
+
+REGISTER_KERNEL_BUILDER(Name("TfFastattn>LayerNorm").Device(tfw::DEVICE_CPU), LayerNormOp);
+REGISTER_KERNEL_BUILDER(Name("TfFastattn>LayerNormGrad").Device(tfw::DEVICE_CPU), LayerNormGradOp);
+
+}  // namespace
+}  // namespace tf
+}  // namespace tf_fastattn

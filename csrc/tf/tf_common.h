@@ -1,0 +1,51 @@
+// Glue between TensorFlow OpKernels and the framework-free kernel core.
+// This directory is the only place TensorFlow headers appear.
+#pragma once
+
+#include <string>
+
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/platform/threadpool.h"
+#include "tf_fastattn/common.h"
+
+namespace tf_fastattn {
+namespace tf {
+
+namespace tfw = ::tensorflow;
+
+inline DType to_dtype(tfw::DataType t) {
+  switch (t) {
+    case tfw::DT_HALF: return DType::kFloat16;
+    case tfw::DT_BFLOAT16: return DType::kBFloat16;
+    case tfw::DT_DOUBLE: return DType::kFloat64;
+    default: return DType::kFloat32;
+  }
+}
+
+inline tfw::DataType stats_tf_dtype(tfw::DataType t) { return t == tfw::DT_DOUBLE ? tfw::DT_DOUBLE : tfw::DT_FLOAT; }
+
+// TensorFlow's intra-op CPU pool as the core's parallel-for.
+inline CpuContext cpu_context(tfw::OpKernelContext* ctx) {
+  tfw::thread::ThreadPool* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+  CpuContext c;
+  c.num_threads = pool->NumThreads();
+  c.parallel_for = [pool](int64_t total, int64_t cost, const std::function<void(int64_t, int64_t)>& fn) {
+    if (total <= 0) return;
+    pool->ParallelFor(total, cost, [&fn](int64_t b, int64_t e) { fn(b, e); });
+  };
+  return c;
+}
+
+inline tfw::Status to_tf_status(const Status& s) {
+  if (s.ok()) return tfw::OkStatus();
+  return tfw::errors::InvalidArgument(s.message());
+}
+
+inline const void* ptr(const tfw::Tensor& t) { return t.NumElements() ? t.data() : nullptr; }
+inline void* mutable_ptr(tfw::Tensor* t) { return t->NumElements() ? t->data() : nullptr; }
+
+}  // namespace tf
+}  // namespace tf_fastattn
+
+#define TFA_OP_REQUIRES_OK(ctx, expr) OP_REQUIRES_OK(ctx, ::tf_fastattn::tf::to_tf_status(expr))

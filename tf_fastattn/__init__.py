@@ -1,0 +1,9 @@
+"""tf_fastattn: fused, exact, memory-lean attention and residual layer norm for
+TensorFlow and Keras, as custom ops with CPU and CUDA kernels."""
+
+__version__ = "0.1.0"
+
+from tf_fastattn._loader import build_info  # noqa: E402
+from tf_fastattn.layer_norm import layer_norm  # noqa: E402
+
+__all__ = ["build_info", "layer_norm", "__version__"]
