@@ -14,16 +14,15 @@ using tfw::OpKernelConstruction;
 using tfw::OpKernelContext;
 using tfw::Tensor;
 using tfw::TensorShape;
-using tfw::errors::InvalidArgument;
 using tfw::shape_inference::DimensionHandle;
 using tfw::shape_inference::InferenceContext;
 using tfw::shape_inference::ShapeHandle;
 
 // Statistics have the input's shape without its last axis.
-tfw::Status stats_shape(InferenceContext* c, ShapeHandle x, ShapeHandle* out) {
+absl::Status stats_shape(InferenceContext* c, ShapeHandle x, ShapeHandle* out) {
   if (!c->RankKnown(x)) {
     *out = c->UnknownShape();
-    return tfw::OkStatus();
+    return absl::OkStatus();
   }
   return c->Subshape(x, 0, -1, out);
 }
@@ -56,7 +55,7 @@ REGISTER_OP("TfFastattn>LayerNorm")
       c->set_output(1, x);
       c->set_output(2, stats);
       c->set_output(3, stats);
-      return tfw::OkStatus();
+      return absl::OkStatus();
     })
     .Doc(R"doc(
 Fused residual-add + layer normalization over the last axis.
@@ -94,27 +93,27 @@ REGISTER_OP("TfFastattn>LayerNormGrad")
       c->set_output(0, x);
       c->set_output(1, scale ? c->Vector(cols) : c->Vector(0));
       c->set_output(2, center ? c->Vector(cols) : c->Vector(0));
-      return tfw::OkStatus();
+      return absl::OkStatus();
     })
     .Doc("Gradient of TfFastattn>LayerNorm: dx (also the residual's gradient, including dsum), dgamma, dbeta.");
 
 std::string shape_string(const Tensor& t) { return t.shape().DebugString(); }
 
 // gamma/beta must be [C] when used; their dtype is float32 or T.
-tfw::Status check_param(const Tensor& p, const char* name, bool used, int64_t cols) {
-  if (!used) return tfw::OkStatus();
+absl::Status check_param(const Tensor& p, const char* name, bool used, int64_t cols) {
+  if (!used) return absl::OkStatus();
   if (p.dims() != 1 || p.dim_size(0) != cols) {
-    return InvalidArgument(name, " must have shape [", cols, "] (the last axis of x), got ", shape_string(p));
+    return invalid_argument(name, " must have shape [", cols, "] (the last axis of x), got ", shape_string(p));
   }
-  return tfw::OkStatus();
+  return absl::OkStatus();
 }
 
-tfw::Status check_stats_dtype(OpKernelContext* ctx, tfw::DataType t, tfw::DataType s) {
+absl::Status check_stats_dtype(OpKernelContext* ctx, tfw::DataType t, tfw::DataType s) {
   if (s != stats_tf_dtype(t)) {
-    return InvalidArgument("statistics dtype S must be ", tfw::DataTypeString(stats_tf_dtype(t)), " for ",
+    return invalid_argument("statistics dtype S must be ", tfw::DataTypeString(stats_tf_dtype(t)), " for ",
                            tfw::DataTypeString(t), " inputs, got ", tfw::DataTypeString(s));
   }
-  return tfw::OkStatus();
+  return absl::OkStatus();
 }
 
 class LayerNormOp : public OpKernel {
@@ -124,21 +123,21 @@ class LayerNormOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("center", &center_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("num_residual", &num_residual_));
-    OP_REQUIRES(ctx, num_residual_ <= 1, InvalidArgument("num_residual must be 0 or 1, got ", num_residual_));
-    OP_REQUIRES(ctx, epsilon_ > 0, InvalidArgument("epsilon must be > 0, got ", epsilon_));
+    OP_REQUIRES(ctx, num_residual_ <= 1, invalid_argument("num_residual must be 0 or 1, got ", num_residual_));
+    OP_REQUIRES(ctx, epsilon_ > 0, invalid_argument("epsilon must be > 0, got ", epsilon_));
   }
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
-    OP_REQUIRES(ctx, x.dims() >= 1, InvalidArgument("x must have rank >= 1, got shape ", shape_string(x)));
+    OP_REQUIRES(ctx, x.dims() >= 1, invalid_argument("x must have rank >= 1, got shape ", shape_string(x)));
     const int64_t cols = x.dim_size(x.dims() - 1);
-    OP_REQUIRES(ctx, cols >= 1, InvalidArgument("the last axis of x must be non-empty, got shape ", shape_string(x)));
+    OP_REQUIRES(ctx, cols >= 1, invalid_argument("the last axis of x must be non-empty, got shape ", shape_string(x)));
     const Tensor* residual = num_residual_ ? &ctx->input(1) : nullptr;
     const Tensor& gamma = ctx->input(1 + num_residual_);
     const Tensor& beta = ctx->input(2 + num_residual_);
     if (residual) {
       OP_REQUIRES(ctx, residual->shape() == x.shape(),
-                  InvalidArgument("residual must have the shape of x ", shape_string(x), ", got ",
+                  invalid_argument("residual must have the shape of x ", shape_string(x), ", got ",
                                   shape_string(*residual)));
     }
     OP_REQUIRES_OK(ctx, check_param(gamma, "gamma", scale_, cols));
@@ -187,7 +186,7 @@ class LayerNormGradOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("center", &center_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("num_dsum", &num_dsum_));
-    OP_REQUIRES(ctx, num_dsum_ <= 1, InvalidArgument("num_dsum must be 0 or 1, got ", num_dsum_));
+    OP_REQUIRES(ctx, num_dsum_ <= 1, invalid_argument("num_dsum must be 0 or 1, got ", num_dsum_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -197,19 +196,19 @@ class LayerNormGradOp : public OpKernel {
     const Tensor& rstd = ctx->input(3);
     const Tensor& gamma = ctx->input(4);
     const Tensor* dsum = num_dsum_ ? &ctx->input(5) : nullptr;
-    OP_REQUIRES(ctx, dy.dims() >= 1, InvalidArgument("dy must have rank >= 1, got shape ", shape_string(dy)));
+    OP_REQUIRES(ctx, dy.dims() >= 1, invalid_argument("dy must have rank >= 1, got shape ", shape_string(dy)));
     OP_REQUIRES(ctx, sum.shape() == dy.shape(),
-                InvalidArgument("sum must have the shape of dy ", shape_string(dy), ", got ", shape_string(sum)));
+                invalid_argument("sum must have the shape of dy ", shape_string(dy), ", got ", shape_string(sum)));
     if (dsum) {
       OP_REQUIRES(ctx, dsum->shape() == dy.shape(),
-                  InvalidArgument("dsum must have the shape of dy ", shape_string(dy), ", got ",
+                  invalid_argument("dsum must have the shape of dy ", shape_string(dy), ", got ",
                                   shape_string(*dsum)));
     }
     const int64_t cols = dy.dim_size(dy.dims() - 1);
-    OP_REQUIRES(ctx, cols >= 1, InvalidArgument("the last axis of dy must be non-empty"));
+    OP_REQUIRES(ctx, cols >= 1, invalid_argument("the last axis of dy must be non-empty"));
     const int64_t rows = dy.NumElements() / cols;
     OP_REQUIRES(ctx, mean.NumElements() == rows && rstd.NumElements() == rows,
-                InvalidArgument("mean and rstd must have ", rows, " elements, got ", mean.NumElements(), " and ",
+                invalid_argument("mean and rstd must have ", rows, " elements, got ", mean.NumElements(), " and ",
                                 rstd.NumElements()));
     OP_REQUIRES_OK(ctx, check_stats_dtype(ctx, dy.dtype(), mean.dtype()));
     OP_REQUIRES_OK(ctx, check_param(gamma, "gamma", scale_, cols));

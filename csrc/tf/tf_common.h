@@ -4,6 +4,9 @@
 
 #include <string>
 
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/platform/threadpool.h"
@@ -32,14 +35,21 @@ inline CpuContext cpu_context(tfw::OpKernelContext* ctx) {
   c.num_threads = pool->NumThreads();
   c.parallel_for = [pool](int64_t total, int64_t cost, const std::function<void(int64_t, int64_t)>& fn) {
     if (total <= 0) return;
-    pool->ParallelFor(total, cost, [&fn](int64_t b, int64_t e) { fn(b, e); });
+    pool->ParallelFor(total, tfw::thread::ThreadPool::SchedulingParams::Adaptive(cost),
+                      [&fn](int64_t b, int64_t e) { fn(b, e); });
   };
   return c;
 }
 
-inline tfw::Status to_tf_status(const Status& s) {
-  if (s.ok()) return tfw::OkStatus();
-  return tfw::errors::InvalidArgument(s.message());
+inline absl::Status to_tf_status(const Status& s) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::InvalidArgumentError(s.message());
+}
+
+// An InvalidArgument error whose message concatenates `args` (absl::StrCat).
+template <typename... Args>
+absl::Status invalid_argument(const Args&... args) {
+  return absl::InvalidArgumentError(absl::StrCat(args...));
 }
 
 inline const void* ptr(const tfw::Tensor& t) { return t.NumElements() ? t.data() : nullptr; }
