@@ -1,0 +1,111 @@
+"""Drop-in `keras.layers.LayerNormalization` backed by the fused op."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from tf_fastattn import _loader
+from tf_fastattn.layer_norm import layer_norm
+
+
+@keras.saving.register_keras_serializable(package="tf_fastattn")
+class LayerNormalization(keras.layers.LayerNormalization):
+    """Layer normalization with a fused residual add, same weights and config as Keras'.
+
+    A subclass of `keras.layers.LayerNormalization` that keeps its class name,
+    constructor, weights (`gamma`, `beta`) and config, so models and
+    `.weights.h5` files written with the stock layer load unchanged. Over the
+    last axis it runs the fused `TfFastattn>LayerNorm` op:
+
+        s = x + residual            (when called on [x, residual])
+        y = (s - mean(s)) / sqrt(var(s) + epsilon) * gamma + beta
+
+    in one pass over memory with float32 statistics. Other axes, and
+    `rms_scaling=True`, use Keras' own computation.
+
+    Args:
+      (every argument of `keras.layers.LayerNormalization`), plus
+      return_residual: when True, `call` returns `(y, s)`: the normalized
+        output and the sum, for pre-norm residual streams.
+      implementation: "auto" (fused op when available, else the reference with
+        a one-time warning), "fused" (raise if the op cannot run) or
+        "reference".
+
+    Call arguments:
+      inputs: `x`, or `[x, residual]` with the same shape.
+
+    Example:
+      >>> from tf_fastattn.layers import LayerNormalization
+      >>> ln = LayerNormalization(epsilon=1e-6)
+      >>> y = ln([attention_output, x])   # LN(x + attention_output), fused
+    """
+
+    def __init__(self, *args, return_residual: bool = False, implementation: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        _loader.check_implementation(implementation)
+        self.return_residual = return_residual
+        self.implementation = implementation
+        # Keras turns on XLA for jit_compile="auto" when a GPU is present; XLA
+        # cannot run custom ops, so the layer opts out while the op can run.
+        self.supports_jit = implementation == "reference" or _loader.unavailable_reason() is not None
+
+    def build(self, input_shape):
+        if isinstance(input_shape, (list, tuple)) and input_shape and isinstance(input_shape[0], (list, tuple)):
+            input_shape = input_shape[0]
+        super().build(input_shape)
+
+    def _fused_axis_reason(self, rank):
+        if self.rms_scaling:
+            return "rms_scaling=True is not fused"
+        if list(self.axis) != [rank - 1]:
+            return f"axis={self.axis} is not the last axis of a rank-{rank} input"
+        return None
+
+    def call(self, inputs):
+        if isinstance(inputs, (list, tuple)):
+            if len(inputs) != 2:
+                raise ValueError(f"LayerNormalization expects x or [x, residual], got {len(inputs)} inputs")
+            x, residual = inputs
+        else:
+            x, residual = inputs, None
+        x = tf.convert_to_tensor(x)
+        if residual is not None:
+            residual = tf.cast(residual, x.dtype)
+        rank = x.shape.rank
+        unsupported = self._fused_axis_reason(rank)
+        if unsupported is None and self.implementation != "reference":
+            y, s = layer_norm(
+                x,
+                self.gamma,
+                self.beta,
+                residual=residual,
+                epsilon=self.epsilon,
+                center=self.center,
+                scale=self.scale,
+                return_residual=True,
+                implementation=self.implementation,
+            )
+        else:
+            if unsupported is not None and self.implementation == "fused":
+                raise ValueError(f"LayerNormalization: implementation='fused' is not possible: {unsupported}")
+            s = x if residual is None else x + residual
+            y = super().call(s)
+        y = tf.cast(y, self.compute_dtype)
+        return (y, s) if self.return_residual else y
+
+    def compute_output_shape(self, input_shape):
+        if isinstance(input_shape, (list, tuple)) and input_shape and isinstance(input_shape[0], (list, tuple)):
+            input_shape = input_shape[0]
+        shape = super().compute_output_shape(input_shape)
+        return (shape, shape) if self.return_residual else shape
+
+    def compute_mask(self, inputs, mask=None):
+        if isinstance(mask, (list, tuple)):
+            mask = mask[0]
+        return (mask, mask) if self.return_residual else mask
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"return_residual": self.return_residual, "implementation": self.implementation})
+        return config
