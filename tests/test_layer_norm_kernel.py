@@ -1,0 +1,121 @@
+"""The layer-norm kernel through tf_fastattn._C on NumPy arrays (no TensorFlow)."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from tf_fastattn import _C
+
+NP_DTYPES = {
+    "float16": np.float16,
+    "bfloat16": ml_dtypes.bfloat16,
+    "float32": np.float32,
+    "float64": np.float64,
+}
+# Max error allowed against the float64 reference, relative to the output scale:
+# a few roundings of the output dtype.
+RTOL = {"float16": 4e-3, "bfloat16": 3e-2, "float32": 2e-6, "float64": 1e-12}
+
+
+def numpy_reference(x, r, g, b, eps):
+    s = (x.astype(np.float64) + r.astype(np.float64)).astype(x.dtype).astype(np.float64)
+    mean = s.mean(-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(((s - mean) ** 2).mean(-1, keepdims=True) + eps)
+    y = (s - mean) * rstd * g + b
+    return y, s, mean[..., 0], rstd[..., 0]
+
+
+def numpy_reference_grad(s, dy, dsum, g, eps):
+    mean = s.mean(-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(((s - mean) ** 2).mean(-1, keepdims=True) + eps)
+    xhat = (s - mean) * rstd
+    gy = dy * g
+    ds = rstd * (gy - gy.mean(-1, keepdims=True) - xhat * (gy * xhat).mean(-1, keepdims=True)) + dsum
+    axes = tuple(range(s.ndim - 1))
+    return ds, (dy * xhat).sum(axes), dy.sum(axes)
+
+
+def check(name, got, want, dtype):
+    got = np.asarray(got, np.float64)
+    scale = max(1.0, float(np.abs(want).max()))
+    err = float(np.abs(got - want).max()) if want.size else 0.0
+    assert err <= RTOL[dtype] * scale, f"{name}: max error {err:.3g} > {RTOL[dtype] * scale:.3g}"
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 71), (2, 4, 229), (17, 541), (5, 4096)], ids=str)
+@pytest.mark.parametrize("dtype", NP_DTYPES.keys())
+def test_forward_backward_against_numpy(dtype, shape):
+    rng = np.random.default_rng(7)
+    t = NP_DTYPES[dtype]
+    cols = shape[-1]
+    x, r, dy, dsum = (rng.standard_normal(shape).astype(t) for _ in range(4))
+    g = (1 + 0.5 * rng.standard_normal(cols)).astype(np.float32)
+    b = (0.5 * rng.standard_normal(cols)).astype(np.float32)
+    y, s, mean, rstd = _C.layer_norm_fwd(x, g, b, residual=r, epsilon=1e-3)
+    yr, sr, mr, rr = numpy_reference(x, r, g.astype(np.float64), b.astype(np.float64), 1e-3)
+    assert y.dtype == x.dtype and s.dtype == x.dtype
+    assert mean.dtype == (np.float64 if dtype == "float64" else np.float32) and mean.shape == shape[:-1]
+    check("y", y, yr, dtype)
+    np.testing.assert_array_equal(np.asarray(s, np.float64), sr)
+    check("mean", mean, mr, "float32" if dtype != "float64" else dtype)
+    check("rstd", rstd / rr, np.ones_like(rr), "float32" if dtype != "float64" else dtype)
+
+    dx, dg, db = _C.layer_norm_bwd(dy, s, mean, rstd, gamma=g, dsum=dsum)
+    dxr, dgr, dbr = numpy_reference_grad(sr, dy.astype(np.float64), dsum.astype(np.float64), g.astype(np.float64), 1e-3)
+    check("dx", dx, dxr, dtype)
+    assert dg.dtype == np.float32  # parameter gradients take gamma's dtype
+    check("dgamma", dg, dgr, "float32")
+    check("dbeta", db, dbr, "float32")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_bitwise_equal_across_thread_counts(threads):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1000, 300)).astype(np.float32)
+    dy = rng.standard_normal((1000, 300)).astype(np.float32)
+    g = rng.standard_normal(300).astype(np.float32)
+    b = rng.standard_normal(300).astype(np.float32)
+    base = _C.layer_norm_fwd(x, g, b, num_threads=1)
+    out = _C.layer_norm_fwd(x, g, b, num_threads=threads)
+    for a, c in zip(base, out):
+        np.testing.assert_array_equal(a, c)
+    gb = _C.layer_norm_bwd(dy, base[1], base[2], base[3], gamma=g, num_threads=1)
+    go = _C.layer_norm_bwd(dy, base[1], base[2], base[3], gamma=g, num_threads=threads)
+    for a, c in zip(gb, go):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_outputs_fully_written():
+    # Outputs are allocated uninitialised; run twice on different inputs of the
+    # same shape and compare with the reference each time, so stale memory shows.
+    rng = np.random.default_rng(5)
+    for _ in range(2):
+        x = rng.standard_normal((33, 97)).astype(np.float32)
+        y, _, _, _ = _C.layer_norm_fwd(x)
+        yr = numpy_reference(x, np.zeros_like(x), 1.0, 0.0, 1e-3)[0]
+        check("y", y, yr, "float32")
+
+
+def test_large_row():
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 65536)).astype(np.float32) + 3.0
+    y, _, mean, _ = _C.layer_norm_fwd(x)
+    check("y", y, numpy_reference(x, np.zeros_like(x), 1.0, 0.0, 1e-3)[0], "float32")
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: _C.layer_norm_fwd(np.zeros((2, 3), np.int32)), "x must be float16, bfloat16, float32 or float64, got int32"),
+        (lambda: _C.layer_norm_fwd(np.zeros((2, 3), np.float32), np.ones(4, np.float32)), r"gamma must have shape \[3\], got \[4\]"),
+        (lambda: _C.layer_norm_fwd(np.zeros((2, 3), np.float32), residual=np.zeros((2, 4), np.float32)), r"residual must have the shape of x \[2, 3\], got \[2, 4\]"),
+        (lambda: _C.layer_norm_fwd(np.zeros((2, 3), np.float32), epsilon=0.0), "epsilon must be a finite number > 0"),
+        (lambda: _C.layer_norm_fwd(np.zeros((2, 0), np.float32)), "normalized axis must have size >= 1"),
+        (lambda: _C.layer_norm_fwd(np.zeros((4, 3), np.float32)[::2]), "x must be C-contiguous"),
+        (lambda: _C.layer_norm_fwd(np.zeros((), np.float32)), r"x must have rank >= 1"),
+    ],
+    ids=["int", "gamma", "residual", "eps", "empty-axis", "strided", "scalar"],
+)
+def test_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
