@@ -5,5 +5,6 @@ __version__ = "0.1.0"
 
 from tf_fastattn._loader import build_info  # noqa: E402
 from tf_fastattn.layer_norm import layer_norm  # noqa: E402
+from tf_fastattn.attention import dot_product_attention  # noqa: E402
 
-__all__ = ["build_info", "layer_norm", "__version__"]
+__all__ = ["build_info", "dot_product_attention", "layer_norm", "__version__"]

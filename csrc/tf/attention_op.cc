@@ -1,0 +1,337 @@
+// TfFastattn>Attention and TfFastattn>AttentionGrad: op registration, shape
+// functions and CPU kernels over the core in csrc/kernels/cpu/attention.cc.
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tf/tf_common.h"
+#include "tf_fastattn/attention.h"
+
+namespace tf_fastattn {
+namespace tf {
+namespace {
+
+using tfw::OpKernel;
+using tfw::OpKernelConstruction;
+using tfw::OpKernelContext;
+using tfw::Tensor;
+using tfw::TensorShape;
+using tfw::shape_inference::DimensionHandle;
+using tfw::shape_inference::InferenceContext;
+using tfw::shape_inference::ShapeHandle;
+
+// Shape function shared by both ops: checks what can be checked statically and
+// returns q, k, v with merged dimensions.
+absl::Status attention_shapes(InferenceContext* c, ShapeHandle* q, ShapeHandle* k, ShapeHandle* v) {
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, q));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 4, k));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 4, v));
+  DimensionHandle d;
+  // Batch is shared by all three; S and Nkv by key and value; H by query and key.
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(*q, 0), c->Dim(*k, 0), &d));
+  TF_RETURN_IF_ERROR(c->Merge(d, c->Dim(*v, 0), &d));
+  TF_RETURN_IF_ERROR(c->ReplaceDim(*q, 0, d, q));
+  TF_RETURN_IF_ERROR(c->ReplaceDim(*k, 0, d, k));
+  TF_RETURN_IF_ERROR(c->ReplaceDim(*v, 0, d, v));
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(*q, 3), c->Dim(*k, 3), &d));
+  TF_RETURN_IF_ERROR(c->ReplaceDim(*q, 3, d, q));
+  TF_RETURN_IF_ERROR(c->ReplaceDim(*k, 3, d, k));
+  for (int axis : {1, 2}) {
+    TF_RETURN_IF_ERROR(c->Merge(c->Dim(*k, axis), c->Dim(*v, axis), &d));
+    TF_RETURN_IF_ERROR(c->ReplaceDim(*k, axis, d, k));
+    TF_RETURN_IF_ERROR(c->ReplaceDim(*v, axis, d, v));
+  }
+  return absl::OkStatus();
+}
+
+REGISTER_OP("TfFastattn>Attention")
+    .Input("query: T")
+    .Input("key: T")
+    .Input("value: T")
+    .Input("mask: num_mask * bool")
+    .Input("seed: num_seed * int64")
+    .Output("out: T")
+    .Output("lse: S")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("S: {float, double} = DT_FLOAT")
+    .Attr("num_mask: int >= 0 = 0")
+    .Attr("num_seed: int >= 0 = 0")
+    .Attr("is_causal: bool = false")
+    .Attr("scale: float = nan")
+    .Attr("dropout_rate: float = 0")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle q, k, v;
+      TF_RETURN_IF_ERROR(attention_shapes(c, &q, &k, &v));
+      c->set_output(0, c->MakeShape({c->Dim(q, 0), c->Dim(q, 1), c->Dim(q, 2), c->Dim(v, 3)}));
+      c->set_output(1, c->MakeShape({c->Dim(q, 0), c->Dim(q, 2), c->Dim(q, 1)}));
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Fused scaled-dot-product attention (exact, FlashAttention-style).
+
+query [B, T, N, H], key [B, S, Nkv, H], value [B, S, Nkv, Hv], N % Nkv == 0
+(query head n reads kv head n / (N / Nkv)). mask: optional bool tensor of rank
+<= 4, broadcastable to [B, N, T, S] after left-padding with 1s (True = attend).
+seed: optional int64 scalar, required when dropout_rate > 0.
+
+  p = softmax(scale * q k^T) over the allowed keys (mask and, when is_causal,
+      s <= t, top-left aligned), dropped out with keep probability
+      1 - dropout_rate and scaled by 1 / (1 - dropout_rate);
+  out = p v;  lse = log sum exp over the allowed keys.
+
+A row with no allowed key averages value uniformly over all S keys (as Keras'
+large-negative fill does); its lse is +inf. scale = nan means 1/sqrt(H).
+lse is float32 (float64 for float64 inputs).
+)doc");
+
+REGISTER_OP("TfFastattn>AttentionGrad")
+    .Input("query: T")
+    .Input("key: T")
+    .Input("value: T")
+    .Input("mask: num_mask * bool")
+    .Input("seed: num_seed * int64")
+    .Input("out: T")
+    .Input("lse: S")
+    .Input("d_out: T")
+    .Output("d_query: T")
+    .Output("d_key: T")
+    .Output("d_value: T")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("S: {float, double} = DT_FLOAT")
+    .Attr("num_mask: int >= 0 = 0")
+    .Attr("num_seed: int >= 0 = 0")
+    .Attr("is_causal: bool = false")
+    .Attr("scale: float = nan")
+    .Attr("dropout_rate: float = 0")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle q, k, v;
+      TF_RETURN_IF_ERROR(attention_shapes(c, &q, &k, &v));
+      c->set_output(0, q);
+      c->set_output(1, k);
+      c->set_output(2, v);
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Gradient of TfFastattn>Attention: d_query, d_key, d_value. Probabilities are
+recomputed from lse (nothing T x S is stored); d_key and d_value of a kv head
+sum over the query heads of its group. Deterministic.
+)doc");
+
+std::string shape_string(const Tensor& t) { return t.shape().DebugString(); }
+
+// Attributes shared by the forward and the backward kernel.
+struct AttentionAttrs {
+  int num_mask = 0;
+  int num_seed = 0;
+  bool is_causal = false;
+  float scale = 0;
+  float dropout_rate = 0;
+
+  explicit AttentionAttrs(OpKernelConstruction* ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("num_mask", &num_mask));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("num_seed", &num_seed));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("is_causal", &is_causal));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("dropout_rate", &dropout_rate));
+    OP_REQUIRES(ctx, num_mask <= 1, invalid_argument("num_mask must be 0 or 1, got ", num_mask));
+    OP_REQUIRES(ctx, num_seed <= 1, invalid_argument("num_seed must be 0 or 1, got ", num_seed));
+    // nan selects the default; any other non-finite scale is an error.
+    OP_REQUIRES(ctx, std::isnan(scale) || std::isfinite(scale),
+                invalid_argument("scale must be finite, got ", scale));
+    OP_REQUIRES(ctx, dropout_rate >= 0 && dropout_rate < 1,
+                invalid_argument("dropout_rate must be in [0, 1), got ", dropout_rate));
+    OP_REQUIRES(ctx, dropout_rate == 0 || num_seed == 1,
+                invalid_argument("dropout_rate > 0 needs a seed input, got none"));
+  }
+
+  // The scale the kernel uses: 1/sqrt(H) in double precision by default, so a
+  // float64 computation is not limited by the float32 attribute.
+  double resolved_scale(int64_t head_dim) const {
+    if (std::isnan(scale)) return 1.0 / std::sqrt(static_cast<double>(head_dim > 0 ? head_dim : 1));
+    return static_cast<double>(scale);
+  }
+};
+
+// Validates q [B, T, N, H], k [B, S, Nkv, H], v [B, S, Nkv, Hv] and returns
+// their sizes. Errors name the argument, the expected and the actual shape.
+absl::Status attention_shape(const Tensor& q, const Tensor& k, const Tensor& v, AttentionShape* s) {
+  if (q.dims() != 4) return invalid_argument("query must have rank 4 [B, T, N, H], got shape ", shape_string(q));
+  if (k.dims() != 4) return invalid_argument("key must have rank 4 [B, S, Nkv, H], got shape ", shape_string(k));
+  if (v.dims() != 4) return invalid_argument("value must have rank 4 [B, S, Nkv, Hv], got shape ", shape_string(v));
+  s->batch = q.dim_size(0);
+  s->seqlen_q = q.dim_size(1);
+  s->num_heads = q.dim_size(2);
+  s->head_dim = q.dim_size(3);
+  s->seqlen_k = k.dim_size(1);
+  s->num_heads_kv = k.dim_size(2);
+  s->head_dim_v = v.dim_size(3);
+  if (k.dim_size(0) != s->batch || v.dim_size(0) != s->batch) {
+    return invalid_argument("query, key and value must have the same batch size B, got query ", shape_string(q),
+                           ", key ", shape_string(k), ", value ", shape_string(v));
+  }
+  if (k.dim_size(3) != s->head_dim) {
+    return invalid_argument("key must have the head dim H of query (", s->head_dim, "), got key ", shape_string(k));
+  }
+  if (v.dim_size(1) != s->seqlen_k || v.dim_size(2) != s->num_heads_kv) {
+    return invalid_argument("value must match key in S and Nkv, got key ", shape_string(k), ", value ",
+                           shape_string(v));
+  }
+  if (s->num_heads_kv == 0 || s->num_heads % s->num_heads_kv != 0) {
+    return invalid_argument("the query heads N must be a multiple of the key/value heads Nkv, got N = ", s->num_heads,
+                           " (query ", shape_string(q), "), Nkv = ", s->num_heads_kv, " (key ", shape_string(k),
+                           ")");
+  }
+  for (const auto& hd : {std::make_pair("H (head dim of query and key)", s->head_dim),
+                         std::make_pair("Hv (head dim of value)", s->head_dim_v)}) {
+    if (hd.second < 1 || hd.second > kMaxHeadDim) {
+      return invalid_argument(hd.first, " must be in [1, ", kMaxHeadDim, "], got ", hd.second);
+    }
+  }
+  return absl::OkStatus();
+}
+
+// The mask, left-padded with 1s to rank 4, must be broadcastable to
+// [B, N, T, S]; its element strides are 0 on broadcast axes.
+absl::Status mask_view(const Tensor& mask, const AttentionShape& s, const bool** data, MaskStrides* strides) {
+  const int64_t full[4] = {s.batch, s.num_heads, s.seqlen_q, s.seqlen_k};
+  const int rank = mask.dims();
+  if (rank > 4) {
+    return invalid_argument("mask must have rank <= 4 (broadcastable to [B, N, T, S]), got shape ",
+                           shape_string(mask));
+  }
+  int64_t dims[4] = {1, 1, 1, 1};
+  for (int i = 0; i < rank; ++i) dims[4 - rank + i] = mask.dim_size(i);
+  int64_t st[4];
+  int64_t contiguous = 1;
+  for (int i = 3; i >= 0; --i) {
+    if (dims[i] != 1 && dims[i] != full[i]) {
+      return invalid_argument("mask of shape ", shape_string(mask), " is not broadcastable to [B, N, T, S] = [",
+                             full[0], ", ", full[1], ", ", full[2], ", ", full[3], "]");
+    }
+    st[i] = dims[i] == 1 ? 0 : contiguous;
+    contiguous *= dims[i];
+  }
+  *strides = MaskStrides{st[0], st[1], st[2], st[3]};
+  *data = mask.NumElements() ? mask.flat<bool>().data() : nullptr;
+  return absl::OkStatus();
+}
+
+absl::Status read_seed(OpKernelContext* ctx, int index, uint64_t* seed) {
+  const Tensor& t = ctx->input(index);
+  if (t.NumElements() != 1) {
+    return invalid_argument("seed must be a scalar int64, got shape ", shape_string(t));
+  }
+  *seed = static_cast<uint64_t>(t.flat<int64_t>()(0));
+  return absl::OkStatus();
+}
+
+absl::Status check_stats_dtype(tfw::DataType t, tfw::DataType s) {
+  if (s != stats_tf_dtype(t)) {
+    return invalid_argument("lse dtype S must be ", tfw::DataTypeString(stats_tf_dtype(t)), " for ",
+                           tfw::DataTypeString(t), " inputs, got ", tfw::DataTypeString(s));
+  }
+  return absl::OkStatus();
+}
+
+// Input indices: query 0, key 1, value 2, then num_mask masks, then num_seed
+// seeds, then (backward) out, lse, d_out.
+class AttentionOp : public OpKernel {
+ public:
+  explicit AttentionOp(OpKernelConstruction* ctx) : OpKernel(ctx), attrs_(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& q = ctx->input(0);
+    const Tensor& k = ctx->input(1);
+    const Tensor& v = ctx->input(2);
+    AttentionFwdParams p;
+    OP_REQUIRES_OK(ctx, attention_shape(q, k, v, &p.shape));
+    OP_REQUIRES_OK(ctx, check_stats_dtype(q.dtype(), ctx->expected_output_dtype(1)));
+    if (attrs_.num_mask) OP_REQUIRES_OK(ctx, mask_view(ctx->input(3), p.shape, &p.mask, &p.mask_strides));
+    if (attrs_.num_seed) OP_REQUIRES_OK(ctx, read_seed(ctx, 3 + attrs_.num_mask, &p.seed));
+    const AttentionShape& s = p.shape;
+    Tensor *o, *lse;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({s.batch, s.seqlen_q, s.num_heads, s.head_dim_v}), &o));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({s.batch, s.num_heads, s.seqlen_q}), &lse));
+    p.dtype = to_dtype(q.dtype());
+    p.q = ptr(q);
+    p.k = ptr(k);
+    p.v = ptr(v);
+    p.o = mutable_ptr(o);
+    p.lse = mutable_ptr(lse);
+    p.scale = attrs_.resolved_scale(s.head_dim);
+    p.is_causal = attrs_.is_causal;
+    p.dropout_rate = attrs_.dropout_rate;
+    TFA_OP_REQUIRES_OK(ctx, attention_fwd_cpu(p, cpu_context(ctx)));
+  }
+
+ private:
+  AttentionAttrs attrs_;
+};
+
+class AttentionGradOp : public OpKernel {
+ public:
+  explicit AttentionGradOp(OpKernelConstruction* ctx) : OpKernel(ctx), attrs_(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& q = ctx->input(0);
+    const Tensor& k = ctx->input(1);
+    const Tensor& v = ctx->input(2);
+    const int rest = 3 + attrs_.num_mask + attrs_.num_seed;
+    const Tensor& o = ctx->input(rest);
+    const Tensor& lse = ctx->input(rest + 1);
+    const Tensor& d_o = ctx->input(rest + 2);
+    AttentionBwdParams p;
+    OP_REQUIRES_OK(ctx, attention_shape(q, k, v, &p.shape));
+    const AttentionShape& s = p.shape;
+    const TensorShape o_shape({s.batch, s.seqlen_q, s.num_heads, s.head_dim_v});
+    OP_REQUIRES(ctx, o.shape() == o_shape,
+                invalid_argument("out must have shape [B, T, N, Hv] = ", o_shape.DebugString(), ", got ",
+                                shape_string(o)));
+    OP_REQUIRES(ctx, d_o.shape() == o_shape,
+                invalid_argument("d_out must have shape [B, T, N, Hv] = ", o_shape.DebugString(), ", got ",
+                                shape_string(d_o)));
+    const TensorShape lse_shape({s.batch, s.num_heads, s.seqlen_q});
+    OP_REQUIRES(ctx, lse.shape() == lse_shape,
+                invalid_argument("lse must have shape [B, N, T] = ", lse_shape.DebugString(), ", got ",
+                                shape_string(lse)));
+    OP_REQUIRES_OK(ctx, check_stats_dtype(q.dtype(), lse.dtype()));
+    if (attrs_.num_mask) OP_REQUIRES_OK(ctx, mask_view(ctx->input(3), s, &p.mask, &p.mask_strides));
+    if (attrs_.num_seed) OP_REQUIRES_OK(ctx, read_seed(ctx, 3 + attrs_.num_mask, &p.seed));
+
+    Tensor *dq, *dk, *dv;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, q.shape(), &dq));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, k.shape(), &dk));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, v.shape(), &dv));
+    p.dtype = to_dtype(q.dtype());
+    p.q = ptr(q);
+    p.k = ptr(k);
+    p.v = ptr(v);
+    p.o = ptr(o);
+    p.lse = ptr(lse);
+    p.do_ = ptr(d_o);
+    p.dq = mutable_ptr(dq);
+    p.dk = mutable_ptr(dk);
+    p.dv = mutable_ptr(dv);
+    p.scale = attrs_.resolved_scale(s.head_dim);
+    p.is_causal = attrs_.is_causal;
+    p.dropout_rate = attrs_.dropout_rate;
+    const CpuContext cpu = cpu_context(ctx);
+    Tensor workspace;
+    const int64_t ws_bytes = attention_bwd_workspace_bytes(s, p.dtype, cpu.num_threads);
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tfw::DT_INT8, TensorShape({ws_bytes}), &workspace));
+    p.workspace = mutable_ptr(&workspace);
+    TFA_OP_REQUIRES_OK(ctx, attention_bwd_cpu(p, cpu));
+  }
+
+ private:
+  AttentionAttrs attrs_;
+};
+
+REGISTER_KERNEL_BUILDER(Name("TfFastattn>Attention").Device(tfw::DEVICE_CPU), AttentionOp);
+REGISTER_KERNEL_BUILDER(Name("TfFastattn>AttentionGrad").Device(tfw::DEVICE_CPU), AttentionGradOp);
+
+}  // namespace
+}  // namespace tf
+}  // namespace tf_fastattn

@@ -1,0 +1,238 @@
+"""Fused scaled-dot-product attention: `tf_fastattn.dot_product_attention`."""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+from tf_fastattn import _loader, reference
+
+_FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+MAX_HEAD_DIM = 256  # kMaxHeadDim of csrc/include/tf_fastattn/attention.h
+
+
+def _shape_str(t) -> str:
+    return str(t.shape.as_list()) if t.shape.rank is not None else "<unknown rank>"
+
+
+def _known_mismatch(a, b) -> bool:
+    return a is not None and b is not None and a != b
+
+
+def _validate(query, key, value, mask, scale, dropout_rate):
+    """Static checks; errors name the argument, the expected and the actual value."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(
+                f"dot_product_attention: {name} must be float16, bfloat16, float32 or float64, got {t.dtype.name}"
+            )
+    layouts = (("query", query, "[B, T, N, H]"), ("key", key, "[B, S, Nkv, H]"), ("value", value, "[B, S, Nkv, Hv]"))
+    for name, t, layout in layouts:
+        if t.shape.rank != 4:
+            raise ValueError(f"dot_product_attention: {name} must have rank 4 {layout}, got shape {_shape_str(t)}")
+    qs, ks, vs = query.shape, key.shape, value.shape
+    shapes = f"query {_shape_str(query)}, key {_shape_str(key)}, value {_shape_str(value)}"
+    if _known_mismatch(qs[0], ks[0]) or _known_mismatch(qs[0], vs[0]) or _known_mismatch(ks[0], vs[0]):
+        raise ValueError(f"dot_product_attention: query, key and value must have the same batch size B, got {shapes}")
+    if _known_mismatch(ks[1], vs[1]) or _known_mismatch(ks[2], vs[2]):
+        raise ValueError(f"dot_product_attention: value must match key in S and Nkv, got {shapes}")
+    if _known_mismatch(qs[3], ks[3]):
+        raise ValueError(
+            f"dot_product_attention: key must have the head dim H of query ({qs[3]}), got key {_shape_str(key)}"
+        )
+    if qs[2] is not None and ks[2] is not None and (ks[2] == 0 or qs[2] % ks[2] != 0):
+        raise ValueError(
+            "dot_product_attention: the query heads N must be a multiple of the key/value heads Nkv, "
+            f"got N = {qs[2]} (query {_shape_str(query)}), Nkv = {ks[2]} (key {_shape_str(key)})"
+        )
+    for name, dim in (("H (head dim of query and key)", qs[3]), ("Hv (head dim of value)", vs[3])):
+        if dim is not None and not 1 <= dim <= MAX_HEAD_DIM:
+            raise ValueError(f"dot_product_attention: {name} must be in [1, {MAX_HEAD_DIM}], got {dim}")
+    if mask is not None:
+        full = [qs[0], qs[2], qs[1], ks[1]]
+        expected = f"broadcastable to [B, N, T, S] = {full}"
+        if mask.shape.rank is not None:
+            if mask.shape.rank > 4:
+                raise ValueError(f"dot_product_attention: mask must be {expected}, got shape {_shape_str(mask)}")
+            for m, f in zip(mask.shape.as_list()[::-1], full[::-1]):
+                if m is not None and f is not None and m not in (1, f):
+                    raise ValueError(f"dot_product_attention: mask must be {expected}, got shape {_shape_str(mask)}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"dot_product_attention: scale must be a finite number or None, got {scale!r}")
+    if not (isinstance(dropout_rate, (int, float)) and 0.0 <= dropout_rate < 1.0):
+        raise ValueError(f"dot_product_attention: dropout_rate must be in [0, 1), got {dropout_rate!r}")
+
+
+def seed_tensor(seed):
+    """The 64-bit Philox key for attention dropout, as an int64 scalar tensor.
+
+    `seed` may be None (a fresh random draw each time the op runs), a Python
+    int, an integer scalar tensor, or a `keras.random.SeedGenerator` (its
+    next state: a training loop draws a new mask every step, reproducibly).
+    """
+    if seed is None:
+        return tf.random.uniform([], minval=0, maxval=2**62, dtype=tf.int64)
+    if hasattr(seed, "next") and hasattr(seed, "state"):  # keras.random.SeedGenerator
+        state = tf.cast(tf.convert_to_tensor(seed.next()), tf.int64)
+        # Keras' state is [seed, counter]: both halves reach the Philox key.
+        return tf.bitwise.bitwise_or(
+            tf.bitwise.left_shift(state[0], tf.constant(32, tf.int64)),
+            tf.bitwise.bitwise_and(state[1], tf.constant(0xFFFFFFFF, tf.int64)),
+        )
+    if isinstance(seed, int):
+        seed %= 2**64  # any Python int: the key is 64 bits
+        return tf.constant(seed - 2**64 if seed >= 2**63 else seed, tf.int64)
+    seed = tf.convert_to_tensor(seed)
+    if not seed.dtype.is_integer:
+        raise ValueError(f"dot_product_attention: seed must be an integer, got dtype {seed.dtype.name}")
+    if seed.shape.rank is not None and seed.shape.num_elements() not in (None, 1):
+        raise ValueError(f"dot_product_attention: seed must be a scalar, got shape {_shape_str(seed)}")
+    return tf.reshape(tf.cast(seed, tf.int64), [])
+
+
+def dot_product_attention(
+    query,
+    key,
+    value,
+    mask=None,
+    scale=None,
+    is_causal=False,
+    dropout_rate=0.0,
+    seed=None,
+    implementation="auto",
+):
+    """Scaled-dot-product attention, fused: `keras.ops.dot_product_attention` plus dropout.
+
+    With `g = N / Nkv` query heads per key/value head:
+
+        logits[b, n, t, s] = scale * sum_h query[b, t, n, h] * key[b, s, n // g, h]
+        allowed[b, n, t, s] = mask[b, n, t, s] and (not is_causal or s <= t)
+        p = softmax over s of logits where allowed (disallowed entries get 0)
+        out[b, t, n, :] = sum_s dropout(p)[b, n, t, s] * value[b, s, n // g, :]
+
+    computed in one pass over key blocks (FlashAttention-2): nothing of size
+    T x S is stored, forward or backward; accumulation and softmax in float32
+    (float64 for float64 inputs). The gradient recomputes p from the saved
+    log-sum-exp and is deterministic (bitwise equal across runs).
+
+    Semantics follow Keras on TensorFlow: the causal mask is top-left aligned
+    (query t sees keys s <= t, also when T != S); a row with no allowed key
+    gets the uniform average of value over all S keys (what Keras' large
+    negative fill produces), not zeros, and no gradient to query and key.
+    Dropout, which Keras' op lacks, zeroes each probability with probability
+    `dropout_rate` and scales the rest by `1 / (1 - dropout_rate)`; the mask is
+    drawn from Philox keyed by (seed, b, n, t, s), so the backward regenerates
+    it and CPU and GPU draw the same mask.
+
+    Args:
+      query: `[B, T, N, H]` float16, bfloat16, float32 or float64.
+      key: `[B, S, Nkv, H]`, N a multiple of Nkv (multi-head, grouped-query,
+        multi-query attention). H <= 256.
+      value: `[B, S, Nkv, Hv]`, Hv <= 256 (may differ from H). Inputs of mixed
+        dtypes are cast to their common dtype, as Keras does.
+      mask: optional boolean tensor broadcastable to `[B, N, T, S]` (True =
+        attend); non-boolean masks mean "nonzero = attend".
+      scale: logit scale, default `1 / sqrt(H)`. An explicit scale reaches the
+        fused op as a float32 attribute.
+      is_causal: whether query t attends only to keys s <= t.
+      dropout_rate: in [0, 1); applied to the probabilities.
+      seed: dropout seed: None (a fresh draw each run), an int, an integer
+        scalar tensor or a `keras.random.SeedGenerator`.
+      implementation: "auto" (fused op when available, else the reference
+        with a one-time warning), "fused" (raise ValueError when the op cannot
+        run) or "reference" (pure TensorFlow, `tf_fastattn.reference.attention`).
+        Code traced for XLA (`jit_compile=True`) always gets the reference math.
+
+    Returns:
+      `[B, T, N, Hv]` in the inputs' dtype.
+
+    Raises:
+      ValueError: for ranks other than 4, mismatched B, S, Nkv or H, N not a
+        multiple of Nkv, head dims outside [1, 256], a mask that does not
+        broadcast, non-floating inputs, a non-finite scale or a dropout rate
+        outside [0, 1) (shapes known statically; the op raises
+        InvalidArgumentError for the same problems at run time).
+
+    Example:
+      >>> q = tf.random.normal([2, 128, 8, 64])
+      >>> kv = tf.random.normal([2, 128, 2, 64])      # GQA: 4 query heads per kv head
+      >>> out = tf_fastattn.dot_product_attention(q, kv, kv, is_causal=True)
+      >>> out.shape
+      TensorShape([2, 128, 8, 64])
+    """
+    _loader.check_implementation(implementation)
+    query, key, value = (tf.convert_to_tensor(t) for t in (query, key, value))
+    _validate(query, key, value, None, scale, dropout_rate)
+    if not (query.dtype == key.dtype == value.dtype):
+        import keras
+
+        common = keras.backend.result_type(query.dtype.name, key.dtype.name, value.dtype.name)
+        query, key, value = (tf.cast(t, common) for t in (query, key, value))
+    if mask is not None:
+        mask = tf.convert_to_tensor(mask)
+        if mask.dtype != tf.bool:
+            mask = tf.not_equal(mask, tf.zeros([], mask.dtype))
+    _validate(query, key, value, mask, scale, dropout_rate)
+    dropout_rate = float(dropout_rate)
+
+    if _loader.use_fused("dot_product_attention", implementation):
+        seed_t = seed_tensor(seed) if dropout_rate > 0 else None
+        out, _ = fused_attention(query, key, value, mask, scale, is_causal, dropout_rate, seed_t)
+        return out
+    return reference.attention(
+        query,
+        key,
+        value,
+        mask=mask,
+        scale=scale,
+        is_causal=is_causal,
+        dropout_rate=dropout_rate,
+        seed=None if dropout_rate == 0 else seed_tensor(seed),
+    )
+
+
+def fused_attention(query, key, value, mask=None, scale=None, is_causal=False, dropout_rate=0.0, seed=None):
+    """The `TfFastattn>Attention` op: returns `(out [B, T, N, Hv], lse [B, N, T])`.
+
+    No validation or fallback (see `dot_product_attention`); `seed` is an int64
+    scalar tensor, required when `dropout_rate > 0`. `lse` is float32 (float64
+    for float64 inputs); a row with no allowed key has lse = +inf.
+    """
+    return _loader.ops().tf_fastattn_attention(
+        query=query,
+        key=key,
+        value=value,
+        mask=[] if mask is None else [mask],
+        seed=[] if seed is None else [seed],
+        S=reference.compute_dtype(query.dtype),
+        is_causal=bool(is_causal),
+        scale=float("nan") if scale is None else float(scale),
+        dropout_rate=float(dropout_rate),
+    )
+
+
+@tf.RegisterGradient("TfFastattn>Attention")
+def _attention_grad(op, d_out, _d_lse):
+    # lse is a saved statistic, not a differentiable output.
+    num_mask, num_seed = op.get_attr("num_mask"), op.get_attr("num_seed")
+    query, key, value = op.inputs[:3]
+    masks = list(op.inputs[3 : 3 + num_mask])
+    seeds = list(op.inputs[3 + num_mask : 3 + num_mask + num_seed])
+    out, lse = op.outputs
+    if d_out is None:
+        d_out = tf.zeros_like(out)
+    dq, dk, dv = _loader.ops().tf_fastattn_attention_grad(
+        query=query,
+        key=key,
+        value=value,
+        mask=masks,
+        seed=seeds,
+        out=out,
+        lse=lse,
+        d_out=d_out,
+        is_causal=op.get_attr("is_causal"),
+        scale=op.get_attr("scale"),
+        dropout_rate=op.get_attr("dropout_rate"),
+    )
+    return [dq, dk, dv] + [None] * (num_mask + num_seed)
