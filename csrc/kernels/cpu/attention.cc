@@ -1,0 +1,564 @@
+// CPU FlashAttention-2 forward and backward (see tf_fastattn/attention.h).
+//
+// Work is tiled into kBr query rows x kBc keys. Every tile of q, k, v, dO is
+// converted once to the accumulation type (float32, or float64 for float64
+// inputs) in small per-chunk buffers, so the inner products run on contiguous
+// float rows whatever the input dtype, and memory stays independent of T x S.
+//
+// All tile products are one shape of GEMM, C[M][N] (+)= A[M][K] * B[K][N] with
+// row-major A, B and C, which is why some tiles are also kept transposed
+// (K^T for Q K^T, V^T for dO V^T, Q^T and dO^T for the key-major backward
+// pass). The micro-kernels (that GEMM, row max, exp) are the only code that
+// differs between the portable and the AVX-512 tier; everything else (masks,
+// dropout, online softmax, the chain rule) is shared.
+//
+// Determinism: each output element is produced by exactly one work item, in an
+// order fixed by the tiling alone, so results do not depend on how
+// parallel_for splits the range.
+#include "tf_fastattn/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/attention_microkernels.h"
+#include "kernels/cpu/cpu_types.h"
+#include "tf_fastattn/philox.h"
+
+namespace tf_fastattn {
+
+namespace {
+
+using cpu::bfloat16_t;
+using cpu::half_t;
+using cpu::MicroKernels;
+
+// 64 x 64 tiles: with H = 64 one float tile is 16 KiB, so the Q, K^T, V, S
+// and O tiles of the forward stay in L1/L2, and 64 is a multiple of the
+// micro-kernel's 16-lane vectors and of Philox's 4 keys per call.
+constexpr int64_t kBr = 64;
+constexpr int64_t kBc = 64;
+// Row lengths of the N operand of every GEMM are padded to this many lanes.
+constexpr int64_t kPad = 16;
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
+
+std::string range_message(const char* what, int64_t lo, int64_t hi, int64_t got) {
+  return std::string(what) + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " +
+         std::to_string(got);
+}
+
+Status validate_common(DType dtype, const AttentionShape& s, double scale, double dropout_rate) {
+  switch (dtype) {
+    case DType::kFloat16:
+    case DType::kBFloat16:
+    case DType::kFloat32:
+    case DType::kFloat64: break;
+    default: return Status::Invalid("attention: unsupported dtype " + std::to_string(static_cast<int>(dtype)));
+  }
+  const struct {
+    const char* name;
+    int64_t value;
+  } sizes[] = {{"batch (B)", s.batch},
+               {"seqlen_q (T)", s.seqlen_q},
+               {"seqlen_k (S)", s.seqlen_k},
+               {"num_heads (N)", s.num_heads},
+               {"num_heads_kv (Nkv)", s.num_heads_kv}};
+  for (const auto& sz : sizes) {
+    if (sz.value < 0) return Status::Invalid(std::string(sz.name) + " must be >= 0, got " + std::to_string(sz.value));
+  }
+  if (s.num_heads > 0) {
+    if (s.num_heads_kv <= 0)
+      return Status::Invalid("num_heads_kv (Nkv) must be >= 1 when num_heads (N) > 0, got " +
+                             std::to_string(s.num_heads_kv));
+    if (s.num_heads % s.num_heads_kv != 0)
+      return Status::Invalid("num_heads (N) must be a multiple of num_heads_kv (Nkv), got N = " +
+                             std::to_string(s.num_heads) + ", Nkv = " + std::to_string(s.num_heads_kv));
+  }
+  if (s.head_dim < 1 || s.head_dim > kMaxHeadDim) return Status::Invalid(range_message("head_dim (H)", 1, kMaxHeadDim, s.head_dim));
+  if (s.head_dim_v < 1 || s.head_dim_v > kMaxHeadDim)
+    return Status::Invalid(range_message("head_dim_v (Hv)", 1, kMaxHeadDim, s.head_dim_v));
+  if (!std::isfinite(scale)) return Status::Invalid("scale must be finite, got " + std::to_string(scale));
+  if (!(dropout_rate >= 0.0 && dropout_rate < 1.0))
+    return Status::Invalid("dropout_rate must be in [0, 1), got " + std::to_string(dropout_rate));
+  return Status::OK();
+}
+
+Status require(const void* ptr, int64_t elements, const char* name) {
+  if (elements > 0 && ptr == nullptr)
+    return Status::Invalid(std::string(name) + " must not be null (it has " + std::to_string(elements) + " elements)");
+  return Status::OK();
+}
+
+struct Sizes {
+  int64_t q, kv_k, kv_v, o, lse, mask;
+};
+
+Sizes element_counts(const AttentionShape& s) {
+  Sizes z;
+  z.q = s.batch * s.seqlen_q * s.num_heads * s.head_dim;
+  z.kv_k = s.batch * s.seqlen_k * s.num_heads_kv * s.head_dim;
+  z.kv_v = s.batch * s.seqlen_k * s.num_heads_kv * s.head_dim_v;
+  z.o = s.batch * s.seqlen_q * s.num_heads * s.head_dim_v;
+  z.lse = s.batch * s.num_heads * s.seqlen_q;
+  z.mask = z.lse * s.seqlen_k;
+  return z;
+}
+
+// ---------------------------------------------------------------------------
+// Tile loads: element type T -> accumulation type Acc.
+
+template <typename T, typename Acc>
+inline Acc load(const T& x) {
+  return static_cast<Acc>(cpu::to_float(x));
+}
+
+// dst[r * ld + c] = scale * src[r * stride + c] for r < rows, c < cols.
+template <typename T, typename Acc>
+void load_tile(const T* src, int64_t stride, int64_t rows, int64_t cols, Acc scale, Acc* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * stride;
+    Acc* d = dst + r * ld;
+    for (int64_t c = 0; c < cols; ++c) d[c] = scale * load<T, Acc>(s[c]);
+  }
+}
+
+// The transposed tile: dst[c * ld + r] = scale * src[r * stride + c].
+template <typename T, typename Acc>
+void load_tile_t(const T* src, int64_t stride, int64_t rows, int64_t cols, Acc scale, Acc* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * stride;
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = scale * load<T, Acc>(s[c]);
+  }
+}
+
+// Transpose of an already converted tile (rows x cols, ld_src) into dst (ld_dst).
+template <typename Acc>
+void transpose(const Acc* src, int64_t ld_src, int64_t rows, int64_t cols, Acc* dst, int64_t ld_dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+}
+
+// ---------------------------------------------------------------------------
+// Masks and dropout.
+
+struct MaskView {
+  const bool* mask;  // null: no explicit mask
+  MaskStrides st;
+  bool causal;
+  // Whether the tile rows [t0, t0 + nr) x keys [s0, s0 + nc) needs any masking.
+  bool tile_needs_mask(int64_t t0, int64_t s0, int64_t nc) const {
+    return mask != nullptr || (causal && s0 + nc - 1 > t0);
+  }
+  bool allowed(int64_t b, int64_t n, int64_t t, int64_t s) const {
+    if (causal && s > t) return false;
+    return mask == nullptr || mask[b * st.batch + n * st.head + t * st.row + s * st.col];
+  }
+};
+
+// Sets x[r * row_step + c * col_step] = -inf for every disallowed (t0 + r, s0 + c).
+template <typename Acc>
+void apply_mask(const MaskView& mv, int64_t b, int64_t n, int64_t t0, int64_t nr, int64_t s0, int64_t nc, Acc* x,
+                int64_t row_step, int64_t col_step) {
+  const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+  for (int64_t r = 0; r < nr; ++r)
+    for (int64_t c = 0; c < nc; ++c)
+      if (!mv.allowed(b, n, t0 + r, s0 + c)) x[r * row_step + c * col_step] = neg_inf;
+}
+
+struct Dropout {
+  bool on = false;
+  uint64_t seed = 0;
+  uint32_t threshold = 0;
+  double inv_keep = 1.0;  // 1 / (1 - rate)
+};
+
+Dropout make_dropout(double rate, uint64_t seed) {
+  Dropout d;
+  d.on = rate > 0.0;
+  d.seed = seed;
+  d.threshold = dropout_threshold(rate);
+  d.inv_keep = 1.0 / (1.0 - rate);
+  return d;
+}
+
+// out[c * step] = keep(b, n, t, s0 + c) / (1 - rate) or 0, for c < nc; s0 % 4 == 0,
+// so one Philox call covers four consecutive keys.
+template <typename Acc>
+void dropout_factors(const Dropout& d, int64_t b, int64_t n, int64_t t, int64_t s0, int64_t nc, Acc* out,
+                     int64_t step) {
+  const Acc kept = static_cast<Acc>(d.inv_keep);
+  for (int64_t c = 0; c < nc; c += 4) {
+    const Philox4 w = dropout_words(d.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(n), static_cast<uint32_t>(t),
+                                    static_cast<uint32_t>((s0 + c) >> 2));
+    for (int64_t u = 0; u < 4 && c + u < nc; ++u) out[(c + u) * step] = w.x[u] >= d.threshold ? kept : Acc(0);
+  }
+}
+
+// A row with no allowed key: the uniform average of v (with dropout) over all S
+// keys, read straight from v (such rows are rare).
+template <typename T, typename Acc>
+void uniform_row(const Dropout& d, const T* v, int64_t v_row_stride, int64_t S, int64_t Hv, int64_t b, int64_t n,
+                 int64_t t, Acc* acc) {
+  std::fill(acc, acc + Hv, Acc(0));
+  if (S == 0) return;
+  const Acc p = Acc(1) / static_cast<Acc>(S);
+  const Acc kept = static_cast<Acc>(d.inv_keep);
+  for (int64_t s = 0; s < S; ++s) {
+    Acc w = p;
+    if (d.on) w = dropout_keep(d.seed, d.threshold, static_cast<uint32_t>(b), static_cast<uint32_t>(n),
+                               static_cast<uint32_t>(t), static_cast<uint32_t>(s))
+                      ? p * kept
+                      : Acc(0);
+    const T* vs = v + s * v_row_stride;
+    for (int64_t h = 0; h < Hv; ++h) acc[h] += w * load<T, Acc>(vs[h]);
+  }
+}
+
+// Maps the position of a query tile inside its (b, n) group to a tile index so
+// that consecutive work items alternate long and short causal rows (0, last,
+// 1, last-1, ...): contiguous ranges of items then carry similar work.
+inline int64_t interleave(int64_t pos, int64_t count, bool causal) {
+  if (!causal) return pos;
+  return (pos % 2 == 0) ? pos / 2 : count - 1 - pos / 2;
+}
+
+// ---------------------------------------------------------------------------
+// Forward.
+
+template <typename T>
+void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
+  using Acc = typename cpu::AccType<T>::type;
+  const MicroKernels<Acc>& mk = cpu::micro_kernels<Acc>();
+  const AttentionShape& sh = p.shape;
+  const int64_t B = sh.batch, T_ = sh.seqlen_q, S = sh.seqlen_k, N = sh.num_heads, Nkv = sh.num_heads_kv;
+  const int64_t H = sh.head_dim, Hv = sh.head_dim_v, group = N / Nkv;
+  const int64_t Hp = round_up(H, kPad), Hvp = round_up(Hv, kPad);
+  const int64_t nqt = ceil_div(T_, kBr);
+  const int64_t items = B * N * nqt;
+  if (items == 0) return;
+
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  T* o = static_cast<T*>(p.o);
+  Acc* lse = static_cast<Acc*>(p.lse);
+  const MaskView mv{p.mask, p.mask_strides, p.is_causal};
+  const Dropout drop = make_dropout(p.dropout_rate, p.seed);
+  const Acc scale = static_cast<Acc>(p.scale);
+  const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+
+  const int64_t cost = kBr * std::max<int64_t>(S, 1) * (H + Hv) * 2;
+  ctx.parallel_for(items, cost, [&](int64_t begin, int64_t end) {
+    // Per-chunk scratch; zero-initialised so that padding lanes are finite.
+    std::vector<Acc> qs(kBr * Hp, 0), kt(Hp * kBc, 0), vt(kBc * Hvp, 0), st(kBr * kBc, 0), acc(kBr * Hvp, 0),
+        dm(kBr * kBc, 0), m(kBr), l(kBr);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t qi = interleave(w % nqt, nqt, p.is_causal);
+      const int64_t n = (w / nqt) % N, b = w / (nqt * N), hk = n / group;
+      const int64_t t0 = qi * kBr, nr = std::min(kBr, T_ - t0);
+      // q is pre-scaled: logits = (scale q) . k. The backward scales the same way.
+      load_tile(q + ((b * T_ + t0) * N + n) * H, N * H, nr, H, scale, qs.data(), Hp);
+      std::fill(acc.begin(), acc.end(), Acc(0));
+      std::fill(m.begin(), m.end(), neg_inf);
+      std::fill(l.begin(), l.end(), Acc(0));
+
+      const int64_t s_end = p.is_causal ? std::min(S, t0 + nr) : S;  // keys past the last row's diagonal are skipped
+      for (int64_t s0 = 0; s0 < s_end; s0 += kBc) {
+        const int64_t nc = std::min(kBc, S - s0), ncp = round_up(nc, kPad);
+        const T* kb = k + ((b * S + s0) * Nkv + hk) * H;
+        const T* vb = v + ((b * S + s0) * Nkv + hk) * Hv;
+        load_tile_t(kb, Nkv * H, nc, H, Acc(1), kt.data(), kBc);
+        load_tile(vb, Nkv * Hv, nc, Hv, Acc(1), vt.data(), Hvp);
+        mk.gemm(nr, ncp, H, qs.data(), Hp, kt.data(), kBc, st.data(), kBc, false);
+        if (mv.tile_needs_mask(t0, s0, nc)) apply_mask(mv, b, n, t0, nr, s0, nc, st.data(), kBc, int64_t(1));
+
+        // Online softmax (FlashAttention-2): running max m and normaliser l
+        // without dropout; acc holds the unnormalised output.
+        for (int64_t r = 0; r < nr; ++r) {
+          Acc* sr = st.data() + r * kBc;
+          const Acc m_new = std::max(m[r], mk.row_max(sr, nc));
+          if (m_new == neg_inf) {  // nothing allowed so far in this row
+            std::fill(sr, sr + nc, Acc(0));
+            continue;
+          }
+          const Acc corr = std::exp(m[r] - m_new);  // exp(-inf) = 0 on the first allowed tile
+          l[r] = l[r] * corr + mk.exp_shift_sum(sr, nc, m_new);
+          m[r] = m_new;
+          if (corr != Acc(1)) {
+            Acc* ar = acc.data() + r * Hvp;
+            for (int64_t h = 0; h < Hv; ++h) ar[h] *= corr;
+          }
+        }
+        if (drop.on) {
+          for (int64_t r = 0; r < nr; ++r) dropout_factors(drop, b, n, t0 + r, s0, nc, dm.data() + r * kBc, int64_t(1));
+          for (int64_t i = 0; i < nr * kBc; ++i) st[i] *= dm[i];
+        }
+        mk.gemm(nr, Hvp, nc, st.data(), kBc, vt.data(), Hvp, acc.data(), Hvp, true);
+      }
+
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t t = t0 + r;
+        T* orow = o + ((b * T_ + t) * N + n) * Hv;
+        Acc* ar = acc.data() + r * Hvp;
+        if (l[r] > Acc(0)) {
+          const Acc inv = Acc(1) / l[r];
+          for (int64_t h = 0; h < Hv; ++h) orow[h] = cpu::from_acc<T>(ar[h] * inv);
+          lse[(b * N + n) * T_ + t] = m[r] + std::log(l[r]);
+        } else {
+          uniform_row(drop, v + (b * S * Nkv + hk) * Hv, Nkv * Hv, S, Hv, b, n, t, ar);
+          for (int64_t h = 0; h < Hv; ++h) orow[h] = cpu::from_acc<T>(ar[h]);
+          lse[(b * N + n) * T_ + t] = std::numeric_limits<Acc>::infinity();
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Backward.
+//
+// With D = keep / (1 - rate), o = sum_s p_s D_s v_s and logits x_s:
+//   dv_s  += p_s D_s do
+//   dp_s   = D_s (do . v_s)                    (gradient w.r.t. p_s)
+//   dx_s   = p_s (dp_s - sum_s' p_s' dp_s') = p_s (D_s (do . v_s) - delta)
+//   delta  = sum_s p_s D_s (do . v_s) = do . o
+// and with x = (scale q) . k: dq = scale sum_s dx_s k_s, dk_s = dx_s (scale q).
+// Rows with lse = +inf (no allowed key) have p = 1/S, constant in q and k: they
+// add (1/S) D_s do to dv_s and nothing to dq and dk.
+
+// Scratch and the shared per-tile math of both backward passes.
+template <typename Acc>
+struct BwdTile {
+  int64_t Hp, Hvp;
+  std::vector<Acc> qs, dob, kt, vt, pb, dsb, dm, lse_r, delta_r;
+  BwdTile(int64_t hp, int64_t hvp)
+      : Hp(hp), Hvp(hvp), qs(kBr * hp, 0), dob(kBr * hvp, 0), kt(hp * kBc, 0), vt(hvp * kBc, 0), pb(kBr * kBc, 0),
+        dsb(kBr * kBc, 0), dm(kBr * kBc, 0), lse_r(kBr), delta_r(kBr) {}
+
+  // From the loaded (scale q), dO, K^T, V^T, lse and delta of rows [t0, t0+nr)
+  // and keys [s0, s0+nc): pb = p * D (dropped probabilities) and dsb = dx,
+  // both [nr][kBc] row-major.
+  void compute(const MicroKernels<Acc>& mk, const MaskView& mv, const Dropout& drop, int64_t b, int64_t n, int64_t t0,
+               int64_t nr, int64_t s0, int64_t nc, int64_t H, int64_t Hv) {
+    const int64_t ncp = round_up(nc, kPad);
+    mk.gemm(nr, ncp, H, qs.data(), Hp, kt.data(), kBc, pb.data(), kBc, false);
+    if (mv.tile_needs_mask(t0, s0, nc)) apply_mask(mv, b, n, t0, nr, s0, nc, pb.data(), kBc, int64_t(1));
+    // p = exp(x - lse); lse = +inf (fully masked row) gives p = 0 here.
+    for (int64_t r = 0; r < nr; ++r) mk.exp_shift_sum(pb.data() + r * kBc, nc, lse_r[r]);
+    mk.gemm(nr, ncp, Hv, dob.data(), Hvp, vt.data(), kBc, dsb.data(), kBc, false);  // do . v_s
+    for (int64_t r = 0; r < nr; ++r) {
+      Acc* pr = pb.data() + r * kBc;
+      Acc* dr = dsb.data() + r * kBc;
+      const Acc dl = delta_r[r];
+      if (drop.on) {
+        Acc* fr = dm.data() + r * kBc;
+        dropout_factors(drop, b, n, t0 + r, s0, nc, fr, int64_t(1));
+        for (int64_t c = 0; c < nc; ++c) {
+          dr[c] = pr[c] * (fr[c] * dr[c] - dl);
+          pr[c] *= fr[c];
+        }
+      } else {
+        for (int64_t c = 0; c < nc; ++c) dr[c] = pr[c] * (dr[c] - dl);
+      }
+    }
+  }
+};
+
+template <typename T>
+void bwd_impl(const AttentionBwdParams& p, const CpuContext& ctx) {
+  using Acc = typename cpu::AccType<T>::type;
+  const MicroKernels<Acc>& mk = cpu::micro_kernels<Acc>();
+  const AttentionShape& sh = p.shape;
+  const int64_t B = sh.batch, T_ = sh.seqlen_q, S = sh.seqlen_k, N = sh.num_heads, Nkv = sh.num_heads_kv;
+  const int64_t H = sh.head_dim, Hv = sh.head_dim_v, group = Nkv > 0 ? N / Nkv : 0;
+  const int64_t Hp = round_up(H, kPad), Hvp = round_up(Hv, kPad);
+  const int64_t nqt = ceil_div(T_, kBr), nkt = ceil_div(S, kBc);
+
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* o = static_cast<const T*>(p.o);
+  const T* dout = static_cast<const T*>(p.do_);
+  const Acc* lse = static_cast<const Acc*>(p.lse);
+  T* dq = static_cast<T*>(p.dq);
+  T* dk = static_cast<T*>(p.dk);
+  T* dv = static_cast<T*>(p.dv);
+  Acc* delta = static_cast<Acc*>(p.workspace);
+  const MaskView mv{p.mask, p.mask_strides, p.is_causal};
+  const Dropout drop = make_dropout(p.dropout_rate, p.seed);
+  const Acc scale = static_cast<Acc>(p.scale);
+  const Acc inf = std::numeric_limits<Acc>::infinity();
+
+  // delta[b, n, t] = do . o
+  const int64_t rows = B * T_ * N;
+  if (rows > 0) {
+    ctx.parallel_for(rows, 2 * Hv, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {  // i = (b * T + t) * N + n
+        const int64_t n = i % N, t = (i / N) % T_, b = i / (N * T_);
+        const T* orow = o + i * Hv;
+        const T* drow = dout + i * Hv;
+        Acc sum = 0;
+        for (int64_t h = 0; h < Hv; ++h) sum += load<T, Acc>(drow[h]) * load<T, Acc>(orow[h]);
+        delta[(b * N + n) * T_ + t] = sum;
+      }
+    });
+  }
+
+  // Loads q (pre-scaled like the forward), dO, lse and delta of one query tile.
+  auto load_query_tile = [&](BwdTile<Acc>& tile, int64_t b, int64_t n, int64_t t0, int64_t nr) {
+    load_tile(q + ((b * T_ + t0) * N + n) * H, N * H, nr, H, scale, tile.qs.data(), Hp);
+    load_tile(dout + ((b * T_ + t0) * N + n) * Hv, N * Hv, nr, Hv, Acc(1), tile.dob.data(), Hvp);
+    for (int64_t r = 0; r < nr; ++r) {
+      tile.lse_r[r] = lse[(b * N + n) * T_ + t0 + r];
+      tile.delta_r[r] = delta[(b * N + n) * T_ + t0 + r];
+    }
+  };
+
+  // dk, dv: one item per (b, kv head, key tile), looping over every query head
+  // of the group and every query tile, so the group sum needs no atomics.
+  const int64_t kv_items = B * Nkv * nkt;
+  if (kv_items > 0) {
+    const int64_t cost = kBc * std::max<int64_t>(T_, 1) * group * (2 * H + 2 * Hv);
+    ctx.parallel_for(kv_items, cost, [&](int64_t begin, int64_t end) {
+      BwdTile<Acc> tile(Hp, Hvp);
+      std::vector<Acc> dk_acc(kBc * Hp, 0), dv_acc(kBc * Hvp, 0), fm(kBc), uni(Hv);
+      for (int64_t w = begin; w < end; ++w) {
+        const int64_t kj = interleave(w % nkt, nkt, p.is_causal);
+        const int64_t hk = (w / nkt) % Nkv, b = w / (nkt * Nkv);
+        const int64_t s0 = kj * kBc, nc = std::min(kBc, S - s0);
+        load_tile_t(k + ((b * S + s0) * Nkv + hk) * H, Nkv * H, nc, H, Acc(1), tile.kt.data(), kBc);
+        load_tile_t(v + ((b * S + s0) * Nkv + hk) * Hv, Nkv * Hv, nc, Hv, Acc(1), tile.vt.data(), kBc);
+        std::fill(dk_acc.begin(), dk_acc.end(), Acc(0));
+        std::fill(dv_acc.begin(), dv_acc.end(), Acc(0));
+
+        for (int64_t n = hk * group; n < (hk + 1) * group; ++n) {
+          for (int64_t qi = 0; qi < nqt; ++qi) {
+            const int64_t t0 = qi * kBr, nr = std::min(kBr, T_ - t0);
+            if (!(p.is_causal && t0 + nr - 1 < s0)) {  // else no row of this tile sees these keys
+              load_query_tile(tile, b, n, t0, nr);
+              tile.compute(mk, mv, drop, b, n, t0, nr, s0, nc, H, Hv);
+              mk.gemm_tn(nc, Hvp, nr, tile.pb.data(), kBc, tile.dob.data(), Hvp, dv_acc.data(), Hvp, true);
+              mk.gemm_tn(nc, Hp, nr, tile.dsb.data(), kBc, tile.qs.data(), Hp, dk_acc.data(), Hp, true);
+            }
+            // Fully masked rows, wherever they are (also in causally skipped tiles).
+            const Acc* lse_tile = lse + (b * N + n) * T_ + t0;
+            for (int64_t r = 0; r < nr; ++r) {
+              if (lse_tile[r] != inf) continue;
+              const int64_t t = t0 + r;
+              const T* drow = dout + ((b * T_ + t) * N + n) * Hv;
+              for (int64_t h = 0; h < Hv; ++h) uni[h] = load<T, Acc>(drow[h]) / static_cast<Acc>(S);
+              if (drop.on) dropout_factors(drop, b, n, t, s0, nc, fm.data(), int64_t(1));
+              for (int64_t c = 0; c < nc; ++c) {
+                const Acc f = drop.on ? fm[c] : Acc(1);
+                if (f == Acc(0)) continue;
+                Acc* dvr = dv_acc.data() + c * Hvp;
+                for (int64_t h = 0; h < Hv; ++h) dvr[h] += f * uni[h];
+              }
+            }
+          }
+        }
+        for (int64_t c = 0; c < nc; ++c) {
+          T* dkr = dk + ((b * S + s0 + c) * Nkv + hk) * H;
+          T* dvr = dv + ((b * S + s0 + c) * Nkv + hk) * Hv;
+          for (int64_t h = 0; h < H; ++h) dkr[h] = cpu::from_acc<T>(dk_acc[c * Hp + h]);
+          for (int64_t h = 0; h < Hv; ++h) dvr[h] = cpu::from_acc<T>(dv_acc[c * Hvp + h]);
+        }
+      }
+    });
+  }
+
+  // dq: one item per (b, head, query tile).
+  const int64_t q_items = B * N * nqt;
+  if (q_items > 0) {
+    const int64_t cost = kBr * std::max<int64_t>(S, 1) * (2 * H + Hv) * 2;
+    ctx.parallel_for(q_items, cost, [&](int64_t begin, int64_t end) {
+      BwdTile<Acc> tile(Hp, Hvp);
+      std::vector<Acc> kb(kBc * Hp, 0), dq_acc(kBr * Hp, 0);
+      for (int64_t w = begin; w < end; ++w) {
+        const int64_t qi = interleave(w % nqt, nqt, p.is_causal);
+        const int64_t n = (w / nqt) % N, b = w / (nqt * N), hk = n / group;
+        const int64_t t0 = qi * kBr, nr = std::min(kBr, T_ - t0);
+        load_query_tile(tile, b, n, t0, nr);
+        bool any_live = false;
+        for (int64_t r = 0; r < nr; ++r) any_live = any_live || tile.lse_r[r] != inf;
+        std::fill(dq_acc.begin(), dq_acc.end(), Acc(0));
+        const int64_t s_end = !any_live ? 0 : p.is_causal ? std::min(S, t0 + nr) : S;
+        for (int64_t s0 = 0; s0 < s_end; s0 += kBc) {
+          const int64_t nc = std::min(kBc, S - s0);
+          load_tile(k + ((b * S + s0) * Nkv + hk) * H, Nkv * H, nc, H, Acc(1), kb.data(), Hp);
+          transpose(kb.data(), Hp, nc, H, tile.kt.data(), kBc);
+          load_tile_t(v + ((b * S + s0) * Nkv + hk) * Hv, Nkv * Hv, nc, Hv, Acc(1), tile.vt.data(), kBc);
+          tile.compute(mk, mv, drop, b, n, t0, nr, s0, nc, H, Hv);
+          mk.gemm(nr, Hp, nc, tile.dsb.data(), kBc, kb.data(), Hp, dq_acc.data(), Hp, true);
+        }
+        for (int64_t r = 0; r < nr; ++r) {
+          T* dqr = dq + ((b * T_ + t0 + r) * N + n) * H;
+          for (int64_t h = 0; h < H; ++h) dqr[h] = cpu::from_acc<T>(scale * dq_acc[r * Hp + h]);
+        }
+      }
+    });
+  }
+}
+
+}  // namespace
+
+Status validate(const AttentionFwdParams& p) {
+  TFA_RETURN_IF_ERROR(validate_common(p.dtype, p.shape, p.scale, p.dropout_rate));
+  const Sizes z = element_counts(p.shape);
+  TFA_RETURN_IF_ERROR(require(p.q, z.q, "q"));
+  TFA_RETURN_IF_ERROR(require(p.k, z.kv_k, "k"));
+  TFA_RETURN_IF_ERROR(require(p.v, z.kv_v, "v"));
+  TFA_RETURN_IF_ERROR(require(p.o, z.o, "o"));
+  TFA_RETURN_IF_ERROR(require(p.lse, z.lse, "lse"));
+  return Status::OK();
+}
+
+Status validate(const AttentionBwdParams& p) {
+  TFA_RETURN_IF_ERROR(validate_common(p.dtype, p.shape, p.scale, p.dropout_rate));
+  const Sizes z = element_counts(p.shape);
+  TFA_RETURN_IF_ERROR(require(p.q, z.q, "q"));
+  TFA_RETURN_IF_ERROR(require(p.k, z.kv_k, "k"));
+  TFA_RETURN_IF_ERROR(require(p.v, z.kv_v, "v"));
+  TFA_RETURN_IF_ERROR(require(p.o, z.o, "o"));
+  TFA_RETURN_IF_ERROR(require(p.lse, z.lse, "lse"));
+  TFA_RETURN_IF_ERROR(require(p.do_, z.o, "do"));
+  TFA_RETURN_IF_ERROR(require(p.dq, z.q, "dq"));
+  TFA_RETURN_IF_ERROR(require(p.dk, z.kv_k, "dk"));
+  TFA_RETURN_IF_ERROR(require(p.dv, z.kv_v, "dv"));
+  TFA_RETURN_IF_ERROR(require(p.workspace, z.lse, "workspace"));
+  return Status::OK();
+}
+
+int64_t attention_bwd_workspace_bytes(const AttentionShape& shape, DType dtype, int /*num_threads*/) {
+  // delta = rowsum(dO * O) per [B, N, T]; per-chunk scratch is allocated by
+  // the work chunks themselves, so the thread count does not matter.
+  return shape.batch * shape.num_heads * shape.seqlen_q * dtype_size(stats_dtype(dtype));
+}
+
+Status attention_fwd_cpu(const AttentionFwdParams& p, const CpuContext& ctx) {
+  TFA_RETURN_IF_ERROR(validate(p));
+  switch (p.dtype) {
+    case DType::kFloat16: fwd_impl<half_t>(p, ctx); break;
+    case DType::kBFloat16: fwd_impl<bfloat16_t>(p, ctx); break;
+    case DType::kFloat32: fwd_impl<float>(p, ctx); break;
+    case DType::kFloat64: fwd_impl<double>(p, ctx); break;
+  }
+  return Status::OK();
+}
+
+Status attention_bwd_cpu(const AttentionBwdParams& p, const CpuContext& ctx) {
+  TFA_RETURN_IF_ERROR(validate(p));
+  switch (p.dtype) {
+    case DType::kFloat16: bwd_impl<half_t>(p, ctx); break;
+    case DType::kBFloat16: bwd_impl<bfloat16_t>(p, ctx); break;
+    case DType::kFloat32: bwd_impl<float>(p, ctx); break;
+    case DType::kFloat64: bwd_impl<double>(p, ctx); break;
+  }
+  return Status::OK();
+}
+
+}  // namespace tf_fastattn

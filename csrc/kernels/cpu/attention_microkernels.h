@@ -1,0 +1,240 @@
+// Micro-kernels of the CPU attention (the only code that differs per SIMD tier).
+//
+// The build targets a portable x86-64 baseline, so the AVX-512 versions carry
+// their own target attribute and are picked at run time from the CPU's
+// features; the portable versions are plain loops that are always correct
+// (and the only ones for float64).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define TFA_HAVE_X86_DISPATCH 1
+#else
+#define TFA_HAVE_X86_DISPATCH 0
+#endif
+
+namespace tf_fastattn {
+namespace cpu {
+
+template <typename Acc>
+struct MicroKernels {
+  // C[m][n] (+)= A[m][k] * B[k][n], all row-major with leading dimensions;
+  // n is a multiple of 16 and the B and C rows hold n readable elements.
+  void (*gemm)(int64_t m, int64_t n, int64_t k, const Acc* a, int64_t lda, const Acc* b, int64_t ldb, Acc* c,
+               int64_t ldc, bool accumulate);
+  // The same with A stored transposed: C[m][n] (+)= A^T * B, A is [k][m] (lda).
+  // Lets the backward form P^T dO and dS^T Q from row-major P and dS.
+  void (*gemm_tn)(int64_t m, int64_t n, int64_t k, const Acc* a, int64_t lda, const Acc* b, int64_t ldb, Acc* c,
+                  int64_t ldc, bool accumulate);
+  // max(x[0..n)), -inf when n == 0.
+  Acc (*row_max)(const Acc* x, int64_t n);
+  // x[i] = exp(x[i] - shift) for i < n; returns their sum. x may hold -inf.
+  Acc (*exp_shift_sum)(Acc* x, int64_t n, Acc shift);
+  // x[i] = exp(x[i] - shift[i]) for i < n.
+  void (*exp_shift_vec)(Acc* x, int64_t n, const Acc* shift);
+};
+
+// ---------------------------------------------------------------------------
+// Portable tier.
+
+// A(i, p) is a[i * lda + p], or a[p * lda + i] when TRANS_A.
+template <typename Acc, bool TRANS_A>
+void gemm_portable(int64_t m, int64_t n, int64_t k, const Acc* a, int64_t lda, const Acc* b, int64_t ldb, Acc* c,
+                   int64_t ldc, bool accumulate) {
+  for (int64_t i = 0; i < m; ++i) {
+    Acc* ci = c + i * ldc;
+    if (!accumulate) std::fill(ci, ci + n, Acc(0));
+    for (int64_t p = 0; p < k; ++p) {
+      const Acc av = TRANS_A ? a[p * lda + i] : a[i * lda + p];
+      const Acc* bp = b + p * ldb;
+      for (int64_t j = 0; j < n; ++j) ci[j] += av * bp[j];
+    }
+  }
+}
+
+template <typename Acc>
+Acc row_max_portable(const Acc* x, int64_t n) {
+  Acc r = -std::numeric_limits<Acc>::infinity();
+  for (int64_t i = 0; i < n; ++i) r = std::max(r, x[i]);
+  return r;
+}
+
+template <typename Acc>
+Acc exp_shift_sum_portable(Acc* x, int64_t n, Acc shift) {
+  Acc sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = std::exp(x[i] - shift);
+    sum += x[i];
+  }
+  return sum;
+}
+
+template <typename Acc>
+void exp_shift_vec_portable(Acc* x, int64_t n, const Acc* shift) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i] - shift[i]);
+}
+
+template <typename Acc>
+const MicroKernels<Acc>& portable_kernels() {
+  static const MicroKernels<Acc> k = {gemm_portable<Acc, false>, gemm_portable<Acc, true>, row_max_portable<Acc>, exp_shift_sum_portable<Acc>,
+                                      exp_shift_vec_portable<Acc>};
+  return k;
+}
+
+template <typename Acc>
+const MicroKernels<Acc>& micro_kernels();
+
+template <>
+inline const MicroKernels<double>& micro_kernels<double>() {
+  return portable_kernels<double>();
+}
+
+#if TFA_HAVE_X86_DISPATCH
+// ---------------------------------------------------------------------------
+// AVX-512 tier (float32).
+
+// GCC 12 reports its own AVX-512 intrinsic headers (their `__m512 __Y = __Y`
+// placeholder for undefined lanes) as uninitialised reads when they are
+// inlined into target-attributed functions; the lanes are never used.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#define TFA_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,fma")))
+
+// One MR x (16 * NV) block of C in registers. 6 x 4 vectors = 24 accumulators
+// hide the FMA latency of two pipes, and leave room for the 4 B vectors and
+// one broadcast of A in the 32 zmm registers.
+template <int MR, int NV, bool TRANS_A>
+TFA_AVX512 inline void gemm_block_avx512(int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                                         int64_t ldc, bool accumulate) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[i][j] = accumulate ? _mm512_loadu_ps(c + i * ldc + 16 * j) : _mm512_setzero_ps();
+  for (int64_t p = 0; p < k; ++p) {
+    __m512 bv[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) bv[j] = _mm512_loadu_ps(b + p * ldb + 16 * j);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_set1_ps(TRANS_A ? a[p * lda + i] : a[i * lda + p]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(c + i * ldc + 16 * j, acc[i][j]);
+}
+
+template <int NV, bool TRANS_A>
+TFA_AVX512 inline void gemm_rows_avx512(int64_t m, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                                        float* c, int64_t ldc, bool accumulate) {
+  // Row i of A starts at a + i * lda, or at a + i when A is transposed.
+  const int64_t row_step = TRANS_A ? 1 : lda;
+  int64_t i = 0;
+  for (; i + 6 <= m; i += 6)
+    gemm_block_avx512<6, NV, TRANS_A>(k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc, accumulate);
+  switch (m - i) {
+    case 5: gemm_block_avx512<5, NV, TRANS_A>(k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc, accumulate); break;
+    case 4: gemm_block_avx512<4, NV, TRANS_A>(k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc, accumulate); break;
+    case 3: gemm_block_avx512<3, NV, TRANS_A>(k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc, accumulate); break;
+    case 2: gemm_block_avx512<2, NV, TRANS_A>(k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc, accumulate); break;
+    case 1: gemm_block_avx512<1, NV, TRANS_A>(k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc, accumulate); break;
+    default: break;
+  }
+}
+
+// Column panels of 64 outer, row blocks inner: the k x 64 panel of B stays in
+// L1 while every row block of A streams past it.
+template <bool TRANS_A>
+TFA_AVX512 inline void gemm_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+                                   int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  for (int64_t j = 0; j < n; j += 64) {
+    switch (std::min<int64_t>(4, (n - j) / 16)) {
+      case 4: gemm_rows_avx512<4, TRANS_A>(m, k, a, lda, b + j, ldb, c + j, ldc, accumulate); break;
+      case 3: gemm_rows_avx512<3, TRANS_A>(m, k, a, lda, b + j, ldb, c + j, ldc, accumulate); break;
+      case 2: gemm_rows_avx512<2, TRANS_A>(m, k, a, lda, b + j, ldb, c + j, ldc, accumulate); break;
+      default: gemm_rows_avx512<1, TRANS_A>(m, k, a, lda, b + j, ldb, c + j, ldc, accumulate); break;
+    }
+  }
+}
+
+// exp(x) for 16 floats, about 1 ulp: x = n ln2 + r with |r| <= ln2 / 2 (ln2
+// split in two parts so r is exact), e^r from the degree-7 Taylor-like
+// polynomial 1 + r + r^2 P(r) (Cephes' minimax coefficients), then scaled by
+// 2^n with vscalefps, which also flushes to 0 below the float range. Inputs
+// are clamped so that -inf gives 0 rather than NaN.
+TFA_AVX512 inline __m512 exp_avx512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.7228f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 tail_mask(int64_t remaining) {
+  return remaining >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << remaining) - 1u);
+}
+
+TFA_AVX512 inline float row_max_avx512(const float* x, int64_t n) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 m = neg_inf;
+  for (int64_t i = 0; i < n; i += 16) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(neg_inf, tail_mask(n - i), x + i));
+  return _mm512_reduce_max_ps(m);
+}
+
+TFA_AVX512 inline float exp_shift_sum_avx512(float* x, int64_t n, float shift) {
+  const __m512 s = _mm512_set1_ps(shift);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mk = tail_mask(n - i);
+    const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, x + i), s));
+    _mm512_mask_storeu_ps(x + i, mk, e);
+    sum = _mm512_mask_add_ps(sum, mk, sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+TFA_AVX512 inline void exp_shift_vec_avx512(float* x, int64_t n, const float* shift) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mk = tail_mask(n - i);
+    const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, x + i), _mm512_maskz_loadu_ps(mk, shift + i)));
+    _mm512_mask_storeu_ps(x + i, mk, e);
+  }
+}
+
+#undef TFA_AVX512
+#pragma GCC diagnostic pop
+#endif  // TFA_HAVE_X86_DISPATCH
+
+template <>
+inline const MicroKernels<float>& micro_kernels<float>() {
+#if TFA_HAVE_X86_DISPATCH
+  static const MicroKernels<float> avx512 = {gemm_avx512<false>, gemm_avx512<true>, row_max_avx512, exp_shift_sum_avx512, exp_shift_vec_avx512};
+  static const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                                 __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  if (has_avx512) return avx512;
+#endif
+  return portable_kernels<float>();
+}
+
+}  // namespace cpu
+}  // namespace tf_fastattn
