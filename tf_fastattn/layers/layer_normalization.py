@@ -58,7 +58,8 @@ class LayerNormalization(keras.layers.LayerNormalization):
     def _fused_axis_reason(self, rank):
         if self.rms_scaling:
             return "rms_scaling=True is not fused"
-        if list(self.axis) != [rank - 1]:
+        axes = [self.axis] if isinstance(self.axis, int) else list(self.axis)
+        if rank is None or [a % rank for a in axes] != [rank - 1]:
             return f"axis={self.axis} is not the last axis of a rank-{rank} input"
         return None
 
