@@ -301,7 +301,8 @@ def test_fallback_when_library_disabled():
 def test_library_for_another_tf_version_is_refused():
     # Pretend the library was built for another TF minor version.
     setup = (
-        "import tf_fastattn._build_config as c; c.TF_VERSION = '2.3.0'"
+        "import sys, types; c = types.ModuleType('tf_fastattn._build_config'); "
+        "c.TF_VERSION = '2.3.0'; c.OPS_LIBRARY = '_tf_fastattn_ops.so'; sys.modules[c.__name__] = c"
     )
     res = run_python(FALLBACK_SCRIPT.format(setup=setup))
     assert res.returncode == 0, res.stderr[-3000:]
