@@ -136,7 +136,9 @@ def dot_product_attention(
       scale: logit scale, default `1 / sqrt(H)`. An explicit scale reaches the
         fused op as a float32 attribute.
       is_causal: whether query t attends only to keys s <= t.
-      dropout_rate: in [0, 1); applied to the probabilities.
+      dropout_rate: in [0, 1); applied to the probabilities. It reaches the
+        fused op as a float32 attribute: kept entries are scaled by
+        `1 / (1 - float32(dropout_rate))`.
       seed: dropout seed: None (a fresh draw each run), an int, an integer
         scalar tensor or a `keras.random.SeedGenerator`.
       implementation: "auto" (fused op when available, else the reference

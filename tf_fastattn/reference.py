@@ -72,7 +72,9 @@ def attention_probs(query, key, *, mask=None, scale=None, is_causal=False):
     if scale is None:
         scale = 1.0 / float(query.shape[-1]) ** 0.5
     ct = compute_dtype(query.dtype)
-    logits = tf.cast(tf.einsum("btnh,bsnh->bnts", query, key), ct) * tf.cast(scale, ct)
+    # tf.constant, not tf.cast: casting a Python float goes through float32.
+    scale = tf.constant(scale, ct) if isinstance(scale, (int, float)) else tf.cast(scale, ct)
+    logits = tf.cast(tf.einsum("btnh,bsnh->bnts", query, key), ct) * scale
     if mask is not None or is_causal:
         allowed = tf.ones_like(logits, dtype=tf.bool)
         if mask is not None:
@@ -112,7 +114,7 @@ def attention(query, key, value, *, mask=None, scale=None, is_causal=False, drop
         uniform = tf.random.stateless_uniform(tf.shape(probs), seed=tf.stack([seed, tf.zeros_like(seed)]))
         keep_mask = uniform >= dropout_rate
     if keep_mask is not None:
-        keep = tf.cast(keep_mask, probs.dtype) / tf.cast(1.0 - dropout_rate, probs.dtype)
+        keep = tf.cast(keep_mask, probs.dtype) / tf.constant(1.0 - dropout_rate, probs.dtype)
         probs = probs * keep
     value = _repeat_kv(value, query)
     return tf.einsum("bnts,bsnh->btnh", tf.cast(probs, value.dtype), value)
