@@ -148,7 +148,9 @@ def build_info() -> dict:
     s = state()
     kernels = {}
     if s["ops"] is not None:
-        kernels["CPU"] = sorted(n for n in dir(s["ops"]) if n.startswith("tf_fastattn_"))
+        kernels["CPU"] = sorted(
+            n for n in dir(s["ops"]) if n.startswith("tf_fastattn_") and not n.endswith("_eager_fallback")
+        )
     info = {
         "version": __version__,
         "tf_version_built": s["tf_version_built"],
