@@ -1,0 +1,181 @@
+"""Drop-in `keras.layers.MultiHeadAttention` backed by the fused attention op."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from tf_fastattn import _loader
+from tf_fastattn.attention import fused_attention, seed_tensor
+
+
+class _AttentionMask:
+    """What `_compute_attention_mask` hands to `_compute_attention`: the dense
+    mask of every source except causality, and whether attention is causal.
+
+    Keras' `call` passes the mask straight from one method to the other; keeping
+    the causal part as a flag lets the op skip masked tiles instead of reading
+    a dense [T, S] mask.
+    """
+
+    __slots__ = ("mask", "is_causal")
+
+    def __init__(self, mask, is_causal):
+        self.mask = mask
+        self.is_causal = is_causal
+
+
+@keras.saving.register_keras_serializable(package="tf_fastattn")
+class MultiHeadAttention(keras.layers.MultiHeadAttention):
+    """Multi-head attention with the fused attention op; same weights and config as Keras'.
+
+    A subclass of `keras.layers.MultiHeadAttention` that keeps its class name,
+    constructor, call signature, weights (`query`, `key`, `value`,
+    `attention_output` EinsumDense kernels and biases) and config, so that
+    changing `from keras.layers import MultiHeadAttention` to
+    `from tf_fastattn.layers import MultiHeadAttention` is the only edit a model
+    needs, and `.weights.h5` files written with the stock layer load. With the
+    projections `q = x W_q`, `k = y W_k`, `v = y W_v` (shapes `[B, T, N, H]`,
+    `[B, S, N, H]`, `[B, S, N, Hv]`):
+
+        o = softmax(q k^T / sqrt(H) + mask) v          (fused, no T x S tensor)
+        output = o W_o
+
+    What reaches the op:
+      - `use_causal_mask=True` becomes the op's `is_causal` (top-left aligned,
+        as Keras), never a dense mask;
+      - the query/key/value Keras masks and `attention_mask` are merged as
+        Keras does into one boolean `[B, T, S]` mask;
+      - attention dropout (`dropout > 0`, `training=True`) is fused, drawn
+        from the layer's seed generator (a new mask every step, reproducible
+        with `seed=`). The keep mask is not the one Keras' `Dropout` would draw.
+
+    Masked rows: a query row with no allowed key averages value uniformly over
+    all keys, as Keras' `dot_product_attention` path does. Keras takes another
+    path when `dropout > 0` (masked softmax), where such rows are zeros; this
+    layer matches that too, so outputs equal the stock layer's in both cases.
+
+    `return_attention_scores=True` and non-default `attention_axes` run Keras'
+    own computation (the op never forms the scores). So does code traced for
+    XLA (`jit_compile=True`): XLA cannot run custom ops. While the op can run,
+    the layer sets `supports_jit = False`, so Keras' `jit_compile="auto"`
+    leaves XLA off.
+
+    Args:
+      (every argument of `keras.layers.MultiHeadAttention`), plus
+      implementation: "auto" (fused op when available, else Keras' math with a
+        one-time warning), "fused" (raise ValueError if the op cannot run) or
+        "reference" (always Keras' math). Serialized in the config.
+
+    Call arguments: those of `keras.layers.MultiHeadAttention`.
+
+    Example:
+      >>> from tf_fastattn.layers import MultiHeadAttention
+      >>> mha = MultiHeadAttention(num_heads=8, key_dim=64, dropout=0.1)
+      >>> y = mha(x, x, use_causal_mask=True)      # x: [B, T, 512] -> [B, T, 512]
+    """
+
+    def __init__(self, *args, implementation: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        _loader.check_implementation(implementation)
+        self.implementation = implementation
+        # Keras turns on XLA for jit_compile="auto" when a GPU is present; XLA
+        # cannot run custom ops, so the layer opts out while the op can run.
+        self.supports_jit = implementation == "reference" or _loader.unavailable_reason() is not None
+
+    def get_config(self):
+        config = super().get_config()
+        config["implementation"] = self.implementation
+        return config
+
+    def _compute_attention_mask(
+        self,
+        query,
+        value,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        use_causal_mask=False,
+    ):
+        # Overriding `_compute_attention` disables Keras' causal-only shortcut
+        # in `call` (it would hand us a dense [1, T, S] causal mask). Build
+        # every other part of the mask as Keras does, and carry causality as a
+        # flag instead.
+        mask = super()._compute_attention_mask(
+            query,
+            value,
+            query_mask=query_mask,
+            value_mask=value_mask,
+            key_mask=key_mask,
+            attention_mask=attention_mask,
+            use_causal_mask=False,
+        )
+        return _AttentionMask(mask, bool(use_causal_mask))
+
+    def _unfused_reason(self, query, return_attention_scores):
+        if return_attention_scores:
+            return "return_attention_scores=True needs the attention scores, which the fused op never forms"
+        if len(query.shape) != 4 or tuple(self._attention_axes) != (1,):
+            return f"attention_axes={self._attention_axes} (only attention over the sequence axis is fused)"
+        return None
+
+    def _compute_attention(
+        self,
+        query,
+        key,
+        value,
+        attention_mask=None,
+        training=None,
+        return_attention_scores=False,
+        use_causal_mask=False,
+    ):
+        if isinstance(attention_mask, _AttentionMask):
+            mask, is_causal = attention_mask.mask, attention_mask.is_causal or use_causal_mask
+        else:
+            mask, is_causal = attention_mask, use_causal_mask
+        unsupported = self._unfused_reason(query, return_attention_scores)
+        if unsupported is not None and self.implementation == "fused":
+            raise ValueError(f"MultiHeadAttention: implementation='fused' is not possible: {unsupported}")
+        if unsupported is None and _loader.use_fused("MultiHeadAttention", self.implementation):
+            return self._fused_attention(query, key, value, mask, is_causal, training), None
+        return super()._compute_attention(
+            query,
+            key,
+            value,
+            attention_mask=mask,
+            training=training,
+            return_attention_scores=return_attention_scores,
+            use_causal_mask=is_causal,
+        )
+
+    def _fused_attention(self, query, key, value, mask, is_causal, training):
+        if mask is not None:
+            mask = tf.cast(mask, tf.bool)
+            # Keras' masks are [B, T, S] (or [T, S]): the head axis goes in
+            # front of T, as in Keras' own expansion.
+            while mask.shape.rank < 4:
+                mask = tf.expand_dims(mask, axis=-3)
+        dropout_rate = float(self._dropout) if (training and self._dropout > 0) else 0.0
+        seed = seed_tensor(self._dropout_layer.seed_generator) if dropout_rate > 0 else None
+        out, _ = fused_attention(
+            query,
+            key,
+            value,
+            mask=mask,
+            scale=None,  # key_dim is H: the op's default 1/sqrt(H), exact in float64
+            is_causal=is_causal,
+            dropout_rate=dropout_rate,
+            seed=seed,
+        )
+        if mask is not None and self._dropout > 0:
+            # With dropout configured, Keras computes a masked softmax that
+            # zeroes rows with no allowed key (instead of averaging them).
+            allowed = mask
+            if is_causal:
+                t, s = tf.shape(query)[1], tf.shape(key)[1]
+                allowed = tf.logical_and(allowed, tf.linalg.band_part(tf.ones([t, s], tf.bool), -1, 0))
+            any_allowed = tf.reduce_any(allowed, axis=-1)  # [B|1, N|1, T]
+            any_allowed = tf.transpose(any_allowed, [0, 2, 1])[..., None]  # [B|1, T, N|1, 1]
+            out = tf.where(any_allowed, out, tf.zeros([], out.dtype))
+        return out
