@@ -330,7 +330,7 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
 // Rows with lse = +inf (no allowed key) have p = 1/S, constant in q and k: they
 // add (1/S) D_s do to dv_s and nothing to dq and dk.
 
-// Scratch and the shared per-tile math of both backward passes.
+// Scratch and the shared per-tile math of every backward pass.
 template <typename Acc>
 struct BwdTile {
   int64_t Hp, Hvp;
@@ -339,21 +339,24 @@ struct BwdTile {
       : Hp(hp), Hvp(hvp), qs(kBr * hp, 0), dob(kBr * hvp, 0), kt(hp * kBc, 0), vt(hvp * kBc, 0), pb(kBr * kBc, 0),
         dsb(kBr * kBc, 0), dm(kBr * kBc, 0), lse_r(kBr), delta_r(kBr) {}
 
-  // From the loaded (scale q), dO, K^T, V^T, lse and delta of rows [t0, t0+nr)
-  // and keys [s0, s0+nc): pb = p * D (dropped probabilities) and dsb = dx,
-  // both [nr][kBc] row-major.
+  // From (scale q) [nr][Hp], dO [nr][Hvp], K^T and V^T [.][kBc], lse and delta
+  // of rows [t0, t0+nr) and keys [s0, s0+nc): pb = p * D (dropped
+  // probabilities) and dsb = dx, both [nr][kBc] row-major. The operands are
+  // passed explicitly so that the fused pass can point into whole-sequence
+  // buffers; the arithmetic is the same whoever calls it (determinism).
   void compute(const MicroKernels<Acc>& mk, const MaskView& mv, const Dropout& drop, int64_t b, int64_t n, int64_t t0,
-               int64_t nr, int64_t s0, int64_t nc, int64_t H, int64_t Hv) {
+               int64_t nr, int64_t s0, int64_t nc, int64_t H, int64_t Hv, const Acc* q_, const Acc* do_, const Acc* kt_,
+               const Acc* vt_, const Acc* lse_, const Acc* delta_) {
     const int64_t ncp = round_up(nc, kPad);
-    mk.gemm(nr, ncp, H, qs.data(), Hp, kt.data(), kBc, pb.data(), kBc, false);
+    mk.gemm(nr, ncp, H, q_, Hp, kt_, kBc, pb.data(), kBc, false);
     if (mv.tile_needs_mask(t0, s0, nc)) apply_mask(mv, b, n, t0, nr, s0, nc, pb.data(), kBc, int64_t(1));
     // p = exp(x - lse); lse = +inf (fully masked row) gives p = 0 here.
-    for (int64_t r = 0; r < nr; ++r) mk.exp_shift_sum(pb.data() + r * kBc, nc, lse_r[r]);
-    mk.gemm(nr, ncp, Hv, dob.data(), Hvp, vt.data(), kBc, dsb.data(), kBc, false);  // do . v_s
+    for (int64_t r = 0; r < nr; ++r) mk.exp_shift_sum(pb.data() + r * kBc, nc, lse_[r]);
+    mk.gemm(nr, ncp, Hv, do_, Hvp, vt_, kBc, dsb.data(), kBc, false);  // do . v_s
     for (int64_t r = 0; r < nr; ++r) {
       Acc* pr = pb.data() + r * kBc;
       Acc* dr = dsb.data() + r * kBc;
-      const Acc dl = delta_r[r];
+      const Acc dl = delta_[r];
       if (drop.on) {
         Acc* fr = dm.data() + r * kBc;
         dropout_factors(drop, b, n, t0 + r, s0, nc, fr, int64_t(1));
@@ -366,7 +369,17 @@ struct BwdTile {
       }
     }
   }
+  void compute(const MicroKernels<Acc>& mk, const MaskView& mv, const Dropout& drop, int64_t b, int64_t n, int64_t t0,
+               int64_t nr, int64_t s0, int64_t nc, int64_t H, int64_t Hv) {
+    compute(mk, mv, drop, b, n, t0, nr, s0, nc, H, Hv, qs.data(), dob.data(), kt.data(), vt.data(), lse_r.data(),
+            delta_r.data());
+  }
 };
+
+// The fused backward keeps whole-sequence float copies of one head's q, dO,
+// dq and one kv head's k, K^T, V^T, dk, dv per work chunk: O((T + S) H), never
+// T x S. Above this many floats it falls back to the three-pass form.
+constexpr int64_t kFusedBwdMaxFloats = int64_t(1) << 24;  // 64 MiB of float32
 
 template <typename T>
 void bwd_impl(const AttentionBwdParams& p, const CpuContext& ctx) {
@@ -418,6 +431,97 @@ void bwd_impl(const AttentionBwdParams& p, const CpuContext& ctx) {
     }
   };
 
+  // Fully masked rows (lse = +inf) of query tile [t0, t0+nr), wherever they
+  // are (also in causally skipped tiles): p = 1/S adds (1/S) D_s do to dv_s.
+  auto uniform_rows_dv = [&](int64_t b, int64_t n, int64_t t0, int64_t nr, int64_t s0, int64_t nc, Acc* dv_tile,
+                             Acc* fm, Acc* uni) {
+    const Acc* lse_tile = lse + (b * N + n) * T_ + t0;
+    for (int64_t r = 0; r < nr; ++r) {
+      if (lse_tile[r] != inf) continue;
+      const int64_t t = t0 + r;
+      const T* drow = dout + ((b * T_ + t) * N + n) * Hv;
+      for (int64_t h = 0; h < Hv; ++h) uni[h] = load<T, Acc>(drow[h]) / static_cast<Acc>(S);
+      if (drop.on) dropout_factors(drop, b, n, t, s0, nc, fm, int64_t(1));
+      for (int64_t c = 0; c < nc; ++c) {
+        const Acc f = drop.on ? fm[c] : Acc(1);
+        if (f == Acc(0)) continue;
+        Acc* dvr = dv_tile + c * Hvp;
+        for (int64_t h = 0; h < Hv; ++h) dvr[h] += f * uni[h];
+      }
+    }
+  };
+
+  // Fused pass: one item per (b, kv head) computes dq, dk and dv together, 5
+  // tile GEMMs per (query tile, key tile) instead of the 7 of the three-pass
+  // form (which recomputes S and dP for dq), and converts q, dO, k, v once per
+  // item instead of once per tile pair. Every accumulator sums in the same
+  // order as the three-pass form (dk, dv: query head, then query tile; dq: key
+  // tile), with the same micro-kernel calls on the same values, so both forms
+  // give bitwise-identical results and the choice may depend on the thread
+  // count. Measured at B=1, N=8, T=S=2048, H=64, 2 threads: see the commit.
+  const int64_t Sp = nkt * kBc, Tp = nqt * kBr, heads_kv = B * Nkv;
+  const int64_t fused_floats = Sp * (3 * Hp + 2 * Hvp) + Tp * (2 * Hp + Hvp + 2);
+  const int64_t nthreads = std::max(1, ctx.num_threads);
+  // (b, kv head) items are few: only fuse when they still spread evenly.
+  const bool fused = heads_kv > 0 && T_ > 0 && S > 0 && fused_floats <= kFusedBwdMaxFloats &&
+                     (heads_kv % nthreads == 0 || heads_kv >= 4 * nthreads);
+  if (fused) {
+    const int64_t cost = std::max<int64_t>(S, 1) * T_ * group * (3 * H + 2 * Hv) * 2;
+    ctx.parallel_for(heads_kv, cost, [&](int64_t begin, int64_t end) {
+      BwdTile<Acc> tile(Hp, Hvp);
+      std::vector<Acc> kr(Sp * Hp, 0), kt(Sp * Hp, 0), vt(Sp * Hvp, 0), dk_acc(Sp * Hp), dv_acc(Sp * Hvp),
+          qa(Tp * Hp, 0), doa(Tp * Hvp, 0), dq_acc(Tp * Hp), lse_a(Tp), delta_a(Tp), fm(kBc), uni(Hv);
+      for (int64_t w = begin; w < end; ++w) {
+        const int64_t hk = w % Nkv, b = w / Nkv;
+        for (int64_t kj = 0; kj < nkt; ++kj) {
+          const int64_t s0 = kj * kBc, nc = std::min(kBc, S - s0);
+          load_tile(k + ((b * S + s0) * Nkv + hk) * H, Nkv * H, nc, H, Acc(1), kr.data() + s0 * Hp, Hp);
+          transpose(kr.data() + s0 * Hp, Hp, nc, H, kt.data() + kj * Hp * kBc, kBc);
+          load_tile_t(v + ((b * S + s0) * Nkv + hk) * Hv, Nkv * Hv, nc, Hv, Acc(1), vt.data() + kj * Hvp * kBc, kBc);
+        }
+        std::fill(dk_acc.begin(), dk_acc.end(), Acc(0));
+        std::fill(dv_acc.begin(), dv_acc.end(), Acc(0));
+        for (int64_t n = hk * group; n < (hk + 1) * group; ++n) {
+          load_tile(q + (b * T_ * N + n) * H, N * H, T_, H, scale, qa.data(), Hp);
+          load_tile(dout + (b * T_ * N + n) * Hv, N * Hv, T_, Hv, Acc(1), doa.data(), Hvp);
+          for (int64_t t = 0; t < T_; ++t) {
+            lse_a[t] = lse[(b * N + n) * T_ + t];
+            delta_a[t] = delta[(b * N + n) * T_ + t];
+          }
+          std::fill(dq_acc.begin(), dq_acc.end(), Acc(0));
+          for (int64_t kj = 0; kj < nkt; ++kj) {
+            const int64_t s0 = kj * kBc, nc = std::min(kBc, S - s0);
+            for (int64_t qi = 0; qi < nqt; ++qi) {
+              const int64_t t0 = qi * kBr, nr = std::min(kBr, T_ - t0);
+              if (!(p.is_causal && t0 + nr - 1 < s0)) {
+                tile.compute(mk, mv, drop, b, n, t0, nr, s0, nc, H, Hv, qa.data() + t0 * Hp, doa.data() + t0 * Hvp,
+                             kt.data() + kj * Hp * kBc, vt.data() + kj * Hvp * kBc, lse_a.data() + t0,
+                             delta_a.data() + t0);
+                mk.gemm_tn(nc, Hvp, nr, tile.pb.data(), kBc, doa.data() + t0 * Hvp, Hvp, dv_acc.data() + s0 * Hvp, Hvp,
+                           true);
+                mk.gemm_tn(nc, Hp, nr, tile.dsb.data(), kBc, qa.data() + t0 * Hp, Hp, dk_acc.data() + s0 * Hp, Hp, true);
+                mk.gemm(nr, Hp, nc, tile.dsb.data(), kBc, kr.data() + s0 * Hp, Hp, dq_acc.data() + t0 * Hp, Hp, true);
+              }
+              uniform_rows_dv(b, n, t0, nr, s0, nc, dv_acc.data() + s0 * Hvp, fm.data(), uni.data());
+            }
+          }
+          for (int64_t t = 0; t < T_; ++t) {
+            T* dqr = dq + ((b * T_ + t) * N + n) * H;
+            for (int64_t h = 0; h < H; ++h) dqr[h] = cpu::from_acc<T>(scale * dq_acc[t * Hp + h]);
+          }
+        }
+        for (int64_t s_ = 0; s_ < S; ++s_) {
+          T* dkr = dk + ((b * S + s_) * Nkv + hk) * H;
+          T* dvr = dv + ((b * S + s_) * Nkv + hk) * Hv;
+          for (int64_t h = 0; h < H; ++h) dkr[h] = cpu::from_acc<T>(dk_acc[s_ * Hp + h]);
+          for (int64_t h = 0; h < Hv; ++h) dvr[h] = cpu::from_acc<T>(dv_acc[s_ * Hvp + h]);
+        }
+      }
+    });
+    return;
+  }
+
+  // Three-pass form (few kv heads for the threads, or very long sequences).
   // dk, dv: one item per (b, kv head, key tile), looping over every query head
   // of the group and every query tile, so the group sum needs no atomics.
   const int64_t kv_items = B * Nkv * nkt;
@@ -444,21 +548,7 @@ void bwd_impl(const AttentionBwdParams& p, const CpuContext& ctx) {
               mk.gemm_tn(nc, Hvp, nr, tile.pb.data(), kBc, tile.dob.data(), Hvp, dv_acc.data(), Hvp, true);
               mk.gemm_tn(nc, Hp, nr, tile.dsb.data(), kBc, tile.qs.data(), Hp, dk_acc.data(), Hp, true);
             }
-            // Fully masked rows, wherever they are (also in causally skipped tiles).
-            const Acc* lse_tile = lse + (b * N + n) * T_ + t0;
-            for (int64_t r = 0; r < nr; ++r) {
-              if (lse_tile[r] != inf) continue;
-              const int64_t t = t0 + r;
-              const T* drow = dout + ((b * T_ + t) * N + n) * Hv;
-              for (int64_t h = 0; h < Hv; ++h) uni[h] = load<T, Acc>(drow[h]) / static_cast<Acc>(S);
-              if (drop.on) dropout_factors(drop, b, n, t, s0, nc, fm.data(), int64_t(1));
-              for (int64_t c = 0; c < nc; ++c) {
-                const Acc f = drop.on ? fm[c] : Acc(1);
-                if (f == Acc(0)) continue;
-                Acc* dvr = dv_acc.data() + c * Hvp;
-                for (int64_t h = 0; h < Hv; ++h) dvr[h] += f * uni[h];
-              }
-            }
+            uniform_rows_dv(b, n, t0, nr, s0, nc, dv_acc.data(), fm.data(), uni.data());
           }
         }
         for (int64_t c = 0; c < nc; ++c) {
