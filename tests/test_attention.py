@@ -419,3 +419,60 @@ def test_op_rejects_bad_mask_and_attributes():
         ops.tf_fastattn_attention(query=q, key=k, value=v, mask=[], seed=[], dropout_rate=0.5)
     with pytest.raises(tf.errors.InvalidArgumentError, match="scale must be finite, got inf"):
         ops.tf_fastattn_attention(query=q, key=k, value=v, mask=[], seed=[], scale=float("inf"))
+
+
+# ---------------------------------------------------------------------------
+# Memory: nothing T x S is stored (forward or backward).
+
+PEAK_MEMORY_SCRIPT = r"""
+import os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import tensorflow as tf
+import tf_fastattn
+
+def vm_hwm_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+
+impl, B, N, T, H, causal = sys.argv[1], *map(int, sys.argv[2:6]), sys.argv[6] == "1"
+dtype = tf.as_dtype(sys.argv[7])
+q, k, v, d_out = (tf.cast(tf.random.normal([B, T, N, H]), dtype) for _ in range(4))
+fn = ((lambda q, k, v: tf_fastattn.dot_product_attention(q, k, v, is_causal=causal, implementation="fused"))
+      if impl == "fused" else
+      (lambda q, k, v: tf_fastattn.dot_product_attention(q, k, v, is_causal=causal, implementation="reference")))
+before = vm_hwm_bytes()
+with tf.GradientTape() as tape:
+    tape.watch([q, k, v])
+    out = fn(q, k, v)
+grads = tape.gradient(out, [q, k, v], output_gradients=d_out)
+_ = [g.numpy() for g in grads]
+print("PEAK_GROWTH", vm_hwm_bytes() - before)
+"""
+
+
+def peak_rss_growth(impl, B, N, T, H, causal=False, dtype="float32", timeout=600):
+    """Growth of the peak resident set (VmHWM) over one forward + backward, in
+    bytes, measured in a fresh process so earlier allocations do not hide it."""
+    import os
+    import subprocess
+    import sys
+
+    args = [impl, B, N, T, H, int(causal), dtype]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_MEMORY_SCRIPT, *map(str, args)],
+        capture_output=True, text=True, env=env, timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return int(result.stdout.split("PEAK_GROWTH")[-1].split()[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("T, limit_gib", [(16384, 1.5), (32768, 2.0)])
+def test_peak_memory_long_sequences(T, limit_gib):
+    # B=1, N=8, H=64: inputs, outputs and gradients are 32 MiB each at T=16384;
+    # one T x S float32 score matrix alone would be 8 GiB (32 GiB at 32768).
+    growth = peak_rss_growth("fused", 1, 8, T, 64)
+    assert growth < limit_gib * 2**30, f"peak RSS grew by {growth / 2**30:.2f} GiB (limit {limit_gib} GiB)"
