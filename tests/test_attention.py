@@ -319,6 +319,16 @@ def test_implementation_choice(rng):
         g(q)
 
 
+@pytest.mark.parametrize("scale", [0.3, np.float32(0.3), tf.constant(0.3)], ids=["float", "np_float32", "tensor"])
+def test_explicit_scale(scale, rng):
+    q = random_tensor(rng, (2, 9, 4, 16), tf.float32)
+    k = random_tensor(rng, (2, 11, 2, 16), tf.float32)
+    out = tf_fastattn.dot_product_attention(q, k, k, scale=scale, implementation="fused")
+    # float32 inputs: the float32 attribute holds the scale Keras uses.
+    expected = keras.ops.dot_product_attention(q, tf.repeat(k, 2, axis=2), tf.repeat(k, 2, axis=2), scale=0.3)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_mixed_input_dtypes_are_cast_like_keras(rng):
     q = random_tensor(rng, (1, 5, 2, 8), tf.float16)
     k = random_tensor(rng, (1, 6, 2, 8), tf.float32)

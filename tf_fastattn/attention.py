@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import tensorflow as tf
 
@@ -58,9 +59,9 @@ def _validate(query, key, value, mask, scale, dropout_rate):
             for m, f in zip(mask.shape.as_list()[::-1], full[::-1]):
                 if m is not None and f is not None and m not in (1, f):
                     raise ValueError(f"dot_product_attention: mask must be {expected}, got shape {_shape_str(mask)}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+    if scale is not None and not (isinstance(scale, numbers.Real) and math.isfinite(scale)):
         raise ValueError(f"dot_product_attention: scale must be a finite number or None, got {scale!r}")
-    if not (isinstance(dropout_rate, (int, float)) and 0.0 <= dropout_rate < 1.0):
+    if not (isinstance(dropout_rate, numbers.Real) and 0.0 <= dropout_rate < 1.0):
         raise ValueError(f"dot_product_attention: dropout_rate must be in [0, 1), got {dropout_rate!r}")
 
 
@@ -133,8 +134,9 @@ def dot_product_attention(
         dtypes are cast to their common dtype, as Keras does.
       mask: optional boolean tensor broadcastable to `[B, N, T, S]` (True =
         attend); non-boolean masks mean "nonzero = attend".
-      scale: logit scale, default `1 / sqrt(H)`. An explicit scale reaches the
-        fused op as a float32 attribute.
+      scale: logit scale, default `1 / sqrt(H)`: a number or a constant
+        scalar tensor. An explicit scale reaches the fused op as a float32
+        attribute (the default is exact, also in float64).
       is_causal: whether query t attends only to keys s <= t.
       dropout_rate: in [0, 1); applied to the probabilities. It reaches the
         fused op as a float32 attribute: kept entries are scaled by
@@ -165,6 +167,12 @@ def dot_product_attention(
     """
     _loader.check_implementation(implementation)
     query, key, value = (tf.convert_to_tensor(t) for t in (query, key, value))
+    if scale is not None and not isinstance(scale, numbers.Real):
+        # A scale tensor must be known when the graph is built: it becomes an attribute.
+        static = tf.get_static_value(scale)
+        if static is None or static.size != 1:
+            raise ValueError(f"dot_product_attention: scale must be a number or a constant scalar, got {scale!r}")
+        scale = float(static)
     _validate(query, key, value, None, scale, dropout_rate)
     if not (query.dtype == key.dtype == value.dtype):
         import keras
