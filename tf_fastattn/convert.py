@@ -16,7 +16,6 @@ logger = logging.getLogger("tf_fastattn.convert")
 _UNCONVERTED_ATTENTION = tuple(
     cls
     for cls in (
-        getattr(keras.layers, "GroupQueryAttention", None),
         keras.layers.Attention,
         keras.layers.AdditiveAttention,
     )
@@ -28,7 +27,7 @@ _UNCONVERTED_ATTENTION = tuple(
 class ConversionReport:
     """What `convert_model` did.
 
-    replaced: `(layer name, "MultiHeadAttention" | "LayerNormalization")` for each
+    replaced: `(layer name, "MultiHeadAttention" | "GroupedQueryAttention" | "LayerNormalization")` for each
       stock layer swapped for the fused one.
     fused_residual: `(add layer name, layer norm name)` for each
       `LayerNormalization(Add([x, y]))` that became one fused residual layer norm.
@@ -79,7 +78,7 @@ class _Converter:
         """The replacement of one layer: fused where supported, else a clone."""
         if id(layer) in self.new_layers:
             return self.new_layers[id(layer)]
-        from tf_fastattn.layers import LayerNormalization, MultiHeadAttention
+        from tf_fastattn.layers import GroupedQueryAttention, LayerNormalization, MultiHeadAttention
 
         if not isinstance(layer, keras.layers.Layer):
             return layer  # a stateless keras.ops operation in the graph: reused as is
@@ -87,12 +86,15 @@ class _Converter:
         if type(layer) is keras.layers.MultiHeadAttention:
             new = MultiHeadAttention.from_config({**config, "implementation": self.implementation})
             self.report.replaced.append((layer.name, "MultiHeadAttention"))
+        elif type(layer) is keras.layers.GroupQueryAttention:
+            new = GroupedQueryAttention.from_config({**config, "implementation": self.implementation})
+            self.report.replaced.append((layer.name, "GroupedQueryAttention"))
         elif type(layer) is keras.layers.LayerNormalization and _layer_norm_unsupported(layer, rank) is None:
             new = LayerNormalization.from_config({**config, "implementation": self.implementation})
             self.report.replaced.append((layer.name, "LayerNormalization"))
         else:
-            if isinstance(layer, keras.layers.MultiHeadAttention):
-                self._record_skip(layer, f"{type(layer).__name__} subclasses MultiHeadAttention; not replaced")
+            if isinstance(layer, (keras.layers.MultiHeadAttention, keras.layers.GroupQueryAttention)):
+                self._record_skip(layer, f"{type(layer).__name__} subclasses a Keras attention layer; not replaced")
             elif isinstance(layer, keras.layers.LayerNormalization):
                 reason = _layer_norm_unsupported(layer, rank) or "a LayerNormalization subclass"
                 self._record_skip(layer, f"{type(layer).__name__}: {reason}")
@@ -211,7 +213,10 @@ def convert_model(model, *, implementation: str = "auto", fuse_residual: bool = 
     """A copy of a built Keras model running the fused attention and layer norm.
 
     Every stock `keras.layers.MultiHeadAttention` becomes
-    `tf_fastattn.layers.MultiHeadAttention` and every stock
+    `tf_fastattn.layers.MultiHeadAttention`, every stock
+    `keras.layers.GroupQueryAttention` becomes
+    `tf_fastattn.layers.GroupedQueryAttention` (keys and values no longer
+    repeated per query head), and every stock
     `keras.layers.LayerNormalization` over the last axis becomes
     `tf_fastattn.layers.LayerNormalization`, with their weights. In functional
     models, each
@@ -227,7 +232,7 @@ def convert_model(model, *, implementation: str = "auto", fuse_residual: bool = 
 
     Left as they are, and listed in the report: subclasses of the stock
     layers, layer norms with `rms_scaling` or over other axes,
-    `GroupQueryAttention`, `Attention`, `AdditiveAttention`, nested models
+    `Attention`, `AdditiveAttention`, nested models
     (cloned; convert them separately), residual adds of broadcast shapes or
     of more than two tensors, and layer norms shared between several calls
     (not fused with their add).

@@ -1,6 +1,9 @@
 """Keras layers that replace the stock ones by changing one import."""
 
+from tf_fastattn.layers.grouped_query_attention import GroupedQueryAttention
 from tf_fastattn.layers.layer_normalization import LayerNormalization
 from tf_fastattn.layers.multi_head_attention import MultiHeadAttention
 
-__all__ = ["LayerNormalization", "MultiHeadAttention"]
+GroupQueryAttention = GroupedQueryAttention  # Keras exports the class under both names
+
+__all__ = ["GroupQueryAttention", "GroupedQueryAttention", "LayerNormalization", "MultiHeadAttention"]

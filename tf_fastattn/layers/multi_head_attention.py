@@ -150,32 +150,49 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
         )
 
     def _fused_attention(self, query, key, value, mask, is_causal, training):
-        if mask is not None:
-            mask = tf.cast(mask, tf.bool)
-            # Keras' masks are [B, T, S] (or [T, S]): the head axis goes in
-            # front of T, as in Keras' own expansion.
-            while mask.shape.rank < 4:
-                mask = tf.expand_dims(mask, axis=-3)
-        dropout_rate = float(self._dropout) if (training and self._dropout > 0) else 0.0
-        seed = seed_tensor(self._dropout_layer.seed_generator) if dropout_rate > 0 else None
-        out, _ = fused_attention(
-            query,
-            key,
-            value,
-            mask=mask,
-            scale=None,  # key_dim is H: the op's default 1/sqrt(H), exact in float64
-            is_causal=is_causal,
-            dropout_rate=dropout_rate,
-            seed=seed,
+        # Keras creates the dropout layer (and its seed generator) only for dropout > 0.
+        seed_generator = self._dropout_layer.seed_generator if self._dropout > 0 else None
+        return fused_layer_attention(
+            query, key, value, mask, is_causal, dropout=self._dropout, seed_generator=seed_generator, training=training
         )
-        if mask is not None and self._dropout > 0:
-            # With dropout configured, Keras computes a masked softmax that
-            # zeroes rows with no allowed key (instead of averaging them).
-            allowed = mask
-            if is_causal:
-                t, s = tf.shape(query)[1], tf.shape(key)[1]
-                allowed = tf.logical_and(allowed, tf.linalg.band_part(tf.ones([t, s], tf.bool), -1, 0))
-            any_allowed = tf.reduce_any(allowed, axis=-1)  # [B|1, N|1, T]
-            any_allowed = tf.transpose(any_allowed, [0, 2, 1])[..., None]  # [B|1, T, N|1, 1]
-            out = tf.where(any_allowed, out, tf.zeros([], out.dtype))
-        return out
+
+
+def fused_layer_attention(query, key, value, mask, is_causal, *, dropout, seed_generator, training):
+    """The fused op as Keras' attention layers use it (MultiHeadAttention, GroupedQueryAttention).
+
+    query `[B, T, N, H]`, key `[B, S, Nkv, H]`, value `[B, S, Nkv, Hv]`; `mask`
+    a Keras attention mask (`[B, T, S]`, `[T, S]`, or already rank 4) without
+    causality, which comes as `is_causal`. Attention dropout at rate `dropout`
+    applies when `training`, seeded from `seed_generator`. Rows with no
+    allowed key are zeros when `dropout > 0`, as Keras' masked-softmax path
+    gives, else the uniform average (Keras' dot_product_attention path).
+    """
+    if mask is not None:
+        mask = tf.cast(mask, tf.bool)
+        # Keras' masks are [B, T, S] (or [T, S]): the head axis goes in
+        # front of T, as in Keras' own expansion.
+        while mask.shape.rank < 4:
+            mask = tf.expand_dims(mask, axis=-3)
+    dropout_rate = float(dropout) if (training and dropout > 0) else 0.0
+    seed = seed_tensor(seed_generator) if dropout_rate > 0 else None
+    out, _ = fused_attention(
+        query,
+        key,
+        value,
+        mask=mask,
+        scale=None,  # key_dim is H: the op's default 1/sqrt(H), exact in float64
+        is_causal=is_causal,
+        dropout_rate=dropout_rate,
+        seed=seed,
+    )
+    if mask is not None and dropout > 0:
+        # With dropout configured, Keras computes a masked softmax that
+        # zeroes rows with no allowed key (instead of averaging them).
+        allowed = mask
+        if is_causal:
+            t, s = tf.shape(query)[1], tf.shape(key)[1]
+            allowed = tf.logical_and(allowed, tf.linalg.band_part(tf.ones([t, s], tf.bool), -1, 0))
+        any_allowed = tf.reduce_any(allowed, axis=-1)  # [B|1, N|1, T]
+        any_allowed = tf.transpose(any_allowed, [0, 2, 1])[..., None]  # [B|1, T, N|1, 1]
+        out = tf.where(any_allowed, out, tf.zeros([], out.dtype))
+    return out
