@@ -38,6 +38,7 @@ void check(const Status& s);
 
 void register_layer_norm(py::module_& m);
 void register_attention(py::module_& m);
+void register_gpu(py::module_& m);  // bind_gpu.cc
 
 }  // namespace python
 }  // namespace tf_fastattn

@@ -92,4 +92,5 @@ PYBIND11_MODULE(_C, m) {
   }, "CPU features the kernels can dispatch on, as detected on this machine.");
   tf_fastattn::python::register_layer_norm(m);
   tf_fastattn::python::register_attention(m);
+  tf_fastattn::python::register_gpu(m);
 }

@@ -1,0 +1,136 @@
+// Host launchers of the attention CUDA kernels (csrc/kernels/cuda/attention_*.cu).
+//
+// Dispatch happens once here: dtype and architecture pick the family
+// (variants.cc), max(H, Hv) picks the head-dim bucket; causal, mask and
+// dropout are run-time fields of the arguments.
+#include <cmath>
+#include <string>
+
+#include "kernels/cuda/attention_args.h"
+#include "runtime/modules.h"
+#include "runtime/variants.h"
+#include "tf_fastattn/gpu.h"
+#include "tf_fastattn/philox.h"
+
+namespace tf_fastattn {
+namespace {
+
+using gpu::Dim3;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+Status check_gpu_shape(DType dtype, const AttentionShape& s, int* bucket) {
+  if (dtype == DType::kFloat64) {
+    return Status::Invalid("attention on the GPU supports float16, bfloat16 and float32, got float64");
+  }
+  *bucket = gpu::attention_head_dim_bucket(s.head_dim, s.head_dim_v);
+  if (*bucket == 0) {
+    return Status::Invalid("attention on the GPU supports head dims up to " + std::to_string(kMaxHeadDim) +
+                           ", got H = " + std::to_string(s.head_dim) + ", Hv = " + std::to_string(s.head_dim_v));
+  }
+  return Status::OK();
+}
+
+template <typename P>
+tfa::AttentionArgs make_args(const P& p) {
+  tfa::AttentionArgs a{};
+  a.q = p.q;
+  a.k = p.k;
+  a.v = p.v;
+  a.mask = reinterpret_cast<const uint8_t*>(p.mask);
+  a.batch = p.shape.batch;
+  a.seqlen_q = p.shape.seqlen_q;
+  a.seqlen_k = p.shape.seqlen_k;
+  a.heads = p.shape.num_heads;
+  a.heads_kv = p.shape.num_heads_kv;
+  a.head_dim = p.shape.head_dim;
+  a.head_dim_v = p.shape.head_dim_v;
+  a.mask_stride_b = p.mask_strides.batch;
+  a.mask_stride_n = p.mask_strides.head;
+  a.mask_stride_t = p.mask_strides.row;
+  a.mask_stride_s = p.mask_strides.col;
+  a.scale = static_cast<float>(p.scale);
+  a.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
+  a.dropout = p.dropout_rate > 0;
+  a.inv_keep = static_cast<float>(1.0 / (1.0 - p.dropout_rate));
+  a.dropout_threshold = dropout_threshold(p.dropout_rate);
+  a.seed = p.seed;
+  a.causal = p.is_causal;
+  return a;
+}
+
+const char* prefix(AttentionFamily f) {
+  return f == AttentionFamily::kTensorCore ? "tfa_attention_mma_" : "tfa_attention_simt_";
+}
+
+}  // namespace
+
+int64_t attention_bwd_workspace_bytes_gpu(const AttentionShape& shape, DType /*dtype*/) {
+  return shape.batch * shape.num_heads * shape.seqlen_q * static_cast<int64_t>(sizeof(float));
+}
+
+Status attention_fwd_gpu(const AttentionFwdParams& p, const GpuContext& ctx) {
+  TFA_RETURN_IF_ERROR(validate(p));
+  int bucket = 0;
+  TFA_RETURN_IF_ERROR(check_gpu_shape(p.dtype, p.shape, &bucket));
+  const AttentionShape& s = p.shape;
+  if (s.batch * s.num_heads * s.seqlen_q == 0) return Status::OK();
+  gpu::DeviceInfo dev;
+  TFA_RETURN_IF_ERROR(gpu::device_for_stream(ctx.stream, &dev));
+  AttentionFamily family;
+  TFA_RETURN_IF_ERROR(gpu::resolve_attention_family(dev.arch, p.dtype, ctx.attention_family, &family));
+  tfa::AttentionArgs a = make_args(p);
+  a.o = p.o;
+  a.lse = p.lse;
+  const bool mma = family == AttentionFamily::kTensorCore;
+  const int rows = mma ? tfa::kMmaRowTile : tfa::kSimtRowTile;
+  // SIMT kernels use static shared memory only.
+  const int smem = mma ? tfa::mma_fwd_smem_bytes(bucket) : 0;
+  gpu::CUfunction f;
+  TFA_RETURN_IF_ERROR(gpu::get_kernel(dev, gpu::attention_variant(family, p.dtype, bucket, false),
+                                      (std::string(prefix(family)) + "fwd").c_str(), smem, &f));
+  const int64_t blocks = s.batch * s.num_heads * ceil_div(s.seqlen_q, rows);
+  const unsigned threads = mma ? 32 * tfa::kMmaWarps : tfa::kSimtThreads;
+  return gpu::launch(dev, f, Dim3{static_cast<unsigned>(blocks)}, Dim3{threads}, smem, ctx.stream, &a);
+}
+
+Status attention_bwd_gpu(const AttentionBwdParams& p, const GpuContext& ctx) {
+  TFA_RETURN_IF_ERROR(validate(p));
+  int bucket = 0;
+  TFA_RETURN_IF_ERROR(check_gpu_shape(p.dtype, p.shape, &bucket));
+  const AttentionShape& s = p.shape;
+  if (s.batch * s.num_heads_kv * s.seqlen_k == 0 && s.batch * s.num_heads * s.seqlen_q == 0) return Status::OK();
+  gpu::DeviceInfo dev;
+  TFA_RETURN_IF_ERROR(gpu::device_for_stream(ctx.stream, &dev));
+  // The backward runs in the SIMT family for now: the tensor-core backward is
+  // not written yet, so `family` only validates the request.
+  AttentionFamily family;
+  TFA_RETURN_IF_ERROR(gpu::resolve_attention_family(dev.arch, p.dtype, ctx.attention_family, &family));
+  const gpu::KernelVariant v = gpu::attention_variant(AttentionFamily::kSimt, p.dtype, bucket, true);
+  tfa::AttentionArgs a = make_args(p);
+  a.o = const_cast<void*>(p.o);
+  a.lse = const_cast<void*>(p.lse);
+  a.d_o = p.do_;
+  a.dq = p.dq;
+  a.dk = p.dk;
+  a.dv = p.dv;
+  a.delta = static_cast<float*>(p.workspace);
+  const char* pre = prefix(AttentionFamily::kSimt);
+  const Dim3 block{static_cast<unsigned>(tfa::kSimtThreads)};
+  const int64_t rows = s.batch * s.seqlen_q * s.num_heads;
+  gpu::CUfunction delta_fn, dq_fn, dkdv_fn;
+  TFA_RETURN_IF_ERROR(gpu::get_kernel(dev, v, (std::string(pre) + "bwd_delta").c_str(), 0, &delta_fn));
+  TFA_RETURN_IF_ERROR(gpu::get_kernel(dev, v, (std::string(pre) + "bwd_dq").c_str(), 0, &dq_fn));
+  TFA_RETURN_IF_ERROR(gpu::get_kernel(dev, v, (std::string(pre) + "bwd_dkdv").c_str(), 0, &dkdv_fn));
+  if (rows > 0) {
+    TFA_RETURN_IF_ERROR(gpu::launch(dev, delta_fn, Dim3{static_cast<unsigned>(ceil_div(rows, tfa::kSimtThreads / 32))},
+                                    block, 0, ctx.stream, &a));
+    const int64_t dq_blocks = s.batch * s.num_heads * ceil_div(s.seqlen_q, tfa::simt_dq_rows(bucket));
+    TFA_RETURN_IF_ERROR(gpu::launch(dev, dq_fn, Dim3{static_cast<unsigned>(dq_blocks)}, block, 0, ctx.stream, &a));
+  }
+  const int64_t kv_blocks = s.batch * s.num_heads_kv * ceil_div(s.seqlen_k, tfa::simt_dkdv_keys(bucket));
+  if (kv_blocks == 0) return Status::OK();
+  return gpu::launch(dev, dkdv_fn, Dim3{static_cast<unsigned>(kv_blocks)}, block, 0, ctx.stream, &a);
+}
+
+}  // namespace tf_fastattn

@@ -1,0 +1,166 @@
+"""Every GPU kernel variant compiles with NVRTC 12, on a machine without a GPU.
+
+Compiles all variants for sm_80, and for each of sm_60..sm_90 a set that
+covers every family x dtype x direction the dispatcher can choose there (one
+head-dim bucket), in parallel. Writes a registers / shared memory / spills
+report (TFA_NVRTC_REPORT, default build/nvrtc_report.txt) and fails on any
+compile error and on spills not justified in JUSTIFIED_SPILLS.
+
+Needs `pip install -r requirements-gpu-compile.txt`; skipped without NVRTC
+outside CI, a failure in CI.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from tf_fastattn import gpu
+
+FULL_ARCH = 80
+COVER_ARCHS = (60, 70, 75, 86, 89, 90)
+COVER_HEAD_DIM = 128
+
+# Spills ptxas reports that are accepted, with the reason. Anything else fails.
+JUSTIFIED_SPILLS = {
+    # Unaligned rows (C not a multiple of 8) of 16-bit values at 4 vectors per
+    # thread, sm_60 only: 128 registers at 512 threads per block; 4..56 B.
+    "tfa_layer_norm_fwd_v4_u": "sm_60, odd C, 16-bit, 513..1024 columns per warp",
+    # Head dim 256, float32 SIMT forward: 64 accumulators per thread; 16 bytes.
+    "tfa_attention_simt_fwd": "head dim 256: 64 output accumulators per thread",
+    # Head dim 256 on tensor cores: 128 float32 output accumulators per thread
+    # at the 255-register limit; 8 B on sm_80, 88 B on sm_90. A 2-warp-per-16-
+    # rows split of the output columns is the planned fix.
+    "tfa_attention_mma_fwd": "head dim 256: 128 output accumulators per thread",
+}
+
+_info = gpu.runtime_info()
+if _info["nvrtc"] is None:
+    if os.environ.get("CI"):
+        pytest.fail(f"NVRTC is required in CI: {_info['nvrtc_error']}", pytrace=False)
+    pytest.skip(f"NVRTC not found: {_info['nvrtc_error']}", allow_module_level=True)
+
+
+def _jobs():
+    jobs = [(FULL_ARCH, v["name"]) for v in gpu.variants(FULL_ARCH)]
+    for arch in COVER_ARCHS:
+        seen = set()
+        for v in gpu.variants(arch):
+            key = (v["op"], v["family"], v["dtype"], v["direction"])
+            if v["op"] == "attention" and v["head_dim"] != COVER_HEAD_DIM or key in seen:
+                continue
+            seen.add(key)
+            jobs.append((arch, v["name"]))
+    return jobs
+
+
+JOBS = _jobs()
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    start = time.perf_counter()
+    results = gpu.compile_variants(JOBS, use_cache=False)
+    seconds = time.perf_counter() - start
+    report = os.environ.get("TFA_NVRTC_REPORT", os.path.join("build", "nvrtc_report.txt"))
+    os.makedirs(os.path.dirname(report) or ".", exist_ok=True)
+    with open(report, "w") as f:
+        f.write(f"# {len(JOBS)} variants compiled in {seconds:.1f} s with {_info['nvrtc']}\n")
+        f.write(gpu.resource_table(results) + "\n")
+    print(f"\n{len(JOBS)} variants compiled in {seconds:.1f} s; report: {report}")
+    return {(r["arch"], r["name"]): r for r in results}
+
+
+def test_variant_sets_cover_the_dispatcher():
+    # sm_80 gets every variant; the other archs one per family x dtype x direction.
+    names_80 = {n for a, n in JOBS if a == FULL_ARCH}
+    assert names_80 == {v["name"] for v in gpu.variants(FULL_ARCH)}
+    for arch in COVER_ARCHS:
+        want = {(v["op"], v["family"], v["dtype"], v["direction"]) for v in gpu.variants(arch)}
+        got = {(v["op"], v["family"], v["dtype"], v["direction"]) for v in gpu.variants(arch)
+               if (arch, v["name"]) in JOBS}
+        assert got == want, f"sm_{arch}: missing {want - got}"
+    families = {arch: {v["family"] for v in gpu.variants(arch) if v["op"] == "attention"} for arch in COVER_ARCHS}
+    assert families[60] == families[70] == families[75] == {"simt"}
+    assert families[86] == families[89] == families[90] == {"simt", "tensor_core"}
+
+
+@pytest.mark.parametrize("job", JOBS, ids=[f"sm_{a}-{n}" for a, n in JOBS])
+def test_compiles(compiled, job):
+    r = compiled[job]
+    assert "error" not in r, r.get("error")
+    assert r["image_bytes"] > 0 and not r["is_ptx"] and r["target"] == f"sm_{job[0]}"
+    assert r["kernels"], f"no ptxas resource lines in the log:\n{r['log']}"
+    for k in r["kernels"]:
+        assert k["registers"] > 0
+        assert k["static_smem_bytes"] <= 48 * 1024, f"{k['function']}: static shared memory over 48 KiB"
+        if k["spill_store_bytes"] or k["spill_load_bytes"]:
+            assert k["function"] in JUSTIFIED_SPILLS, (
+                f"{k['function']} spills {k['spill_store_bytes']} B / loads {k['spill_load_bytes']} B on "
+                f"sm_{job[0]}: fix it or justify it in JUSTIFIED_SPILLS"
+            )
+
+
+def _first_layer_norm(arch=80):
+    return next(v["name"] for v in gpu.variants(arch) if v["op"] == "layer_norm" and v["dtype"] == "float32")
+
+
+def test_cache_hit_corrupt_entry_and_concurrent_writers(tmp_path, monkeypatch):
+    monkeypatch.setenv("TF_FASTATTN_CACHE_DIR", str(tmp_path / "cache"))
+    C = gpu._C()
+    name = _first_layer_norm()
+    first = C.gpu_compile(80, name, True)
+    assert not first["from_cache"] and first["cache_file"].startswith(str(tmp_path))
+    again = C.gpu_compile(80, name, True)
+    assert again["from_cache"] and again["kernels"] == first["kernels"]
+    # A truncated entry is detected and recompiled, then rewritten whole.
+    with open(first["cache_file"], "r+b") as f:
+        f.truncate(os.path.getsize(first["cache_file"]) // 2)
+    redone = C.gpu_compile(80, name, True)
+    assert not redone["from_cache"]
+    assert C.gpu_compile(80, name, True)["from_cache"]
+    # Several threads compiling the same entry at once all succeed and leave
+    # one complete entry (atomic rename), no temporary files.
+    os.remove(first["cache_file"])
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(C.gpu_compile(80, name, True))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 4
+    assert sorted(os.listdir(tmp_path / "cache")) == [os.path.basename(first["cache_file"])]
+    assert C.gpu_compile(80, name, True)["from_cache"]
+
+
+def test_cache_key_depends_on_arch(tmp_path, monkeypatch):
+    monkeypatch.setenv("TF_FASTATTN_CACHE_DIR", str(tmp_path))
+    C = gpu._C()
+    name = _first_layer_norm()
+    a = C.gpu_compile(80, name, True)
+    b = C.gpu_compile(86, name, True)
+    assert a["cache_file"] != b["cache_file"] and not b["from_cache"]
+
+
+def test_unknown_variant_names_the_argument():
+    with pytest.raises(ValueError, match="no variant named nope.cu"):
+        gpu._C().gpu_compile(80, "nope.cu", False)
+
+
+def test_precompile_cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TF_FASTATTN_CACHE_DIR", str(tmp_path))
+    status = gpu.precompile_main(["--arch", "80", "--dtype", "float32", "--op", "layer_norm", "--report"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "compiled 1 of 1 variants" in out and "tfa_layer_norm_bwd_reduce" in out
+    assert len(os.listdir(tmp_path)) == 1

@@ -1,0 +1,144 @@
+"""GPU kernel runtime: diagnostics, ahead-of-time compilation, the precompile CLI.
+
+The CUDA kernels are compiled by NVRTC for the GPU present on first use and
+cached on disk (``$TF_FASTATTN_CACHE_DIR``, default
+``~/.cache/tf_fastattn/kernels``). ``python -m tf_fastattn precompile`` warms
+that cache ahead of time for given architectures, dtypes and head dims; no GPU
+is needed to compile.
+
+Status: the kernels compile for sm_60..sm_90 with NVRTC 12 in CI; they have
+not yet been run on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ARCHS = (60, 70, 75, 80, 86, 89, 90)
+
+
+def _C():
+    from tf_fastattn import _C
+
+    return _C
+
+
+def _point_at_pip_nvrtc() -> None:
+    # The C++ runtime looks next to the installed package; a _C built
+    # elsewhere (a CMake build directory) finds the pip NVRTC through this.
+    if os.environ.get("TF_FASTATTN_NVRTC"):
+        return
+    for entry in sys.path:
+        hits = sorted(glob.glob(os.path.join(entry, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so.1[23]")))
+        if hits:
+            os.environ["TF_FASTATTN_NVRTC"] = hits[0]
+            return
+
+
+def runtime_info() -> dict:
+    """What the GPU runtime found: driver, NVRTC (path, version, archs), cache dir, ok/reason."""
+    _point_at_pip_nvrtc()
+    return _C().gpu_runtime_info()
+
+
+def variants(arch: int) -> list[dict]:
+    """Every kernel variant the dispatchers can choose on sm_<arch> (dicts: name, op, family, dtype, direction, head_dim)."""
+    return _C().gpu_variants(arch)
+
+
+def select_variants(arch: int, dtypes=None, head_dims=None, ops=None) -> list[dict]:
+    """The variants for `arch` restricted to `dtypes`, attention `head_dims` buckets and `ops` (None = all)."""
+    out = []
+    for v in variants(arch):
+        if dtypes and v["dtype"] not in dtypes:
+            continue
+        if ops and v["op"] not in ops:
+            continue
+        if head_dims and v["op"] == "attention" and v["head_dim"] not in {_bucket(h) for h in head_dims}:
+            continue
+        out.append(v)
+    return out
+
+
+def _bucket(head_dim: int) -> int:
+    for b in (32, 64, 128, 256):
+        if head_dim <= b:
+            return b
+    raise ValueError(f"head dim must be <= 256, got {head_dim}")
+
+
+def compile_variants(jobs, threads: int | None = None, use_cache: bool = True) -> list[dict]:
+    """Compiles [(arch, variant_name), ...] in a thread pool (NVRTC releases the GIL).
+
+    Returns one dict per job, in order: the _C.gpu_compile result plus `arch`,
+    or `arch`, `name` and `error` (the NVRTC log) when compilation failed.
+    """
+    _point_at_pip_nvrtc()
+    C = _C()
+
+    def one(job):
+        arch, name = job
+        try:
+            r = C.gpu_compile(arch, name, use_cache)
+        except RuntimeError as e:
+            return {"arch": arch, "name": name, "error": str(e)}
+        r["arch"] = arch
+        return r
+
+    with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
+        return list(pool.map(one, jobs))
+
+
+def resource_table(results: list[dict]) -> str:
+    """One line per compiled kernel: arch, variant, kernel, registers, static smem, spills."""
+    lines = [f"{'arch':<6}{'variant':<58}{'kernel':<34}{'regs':>5}{'smem':>7}{'spill st/ld':>13}"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"sm_{r['arch']:<3}{r['name']:<58}FAILED")
+            continue
+        for k in r["kernels"]:
+            spill = f"{k['spill_store_bytes']}/{k['spill_load_bytes']}"
+            lines.append(
+                f"sm_{r['arch']:<3}{r['name']:<58}{k['function']:<34}{k['registers']:>5}"
+                f"{k['static_smem_bytes']:>7}{spill:>13}"
+            )
+    return "\n".join(lines)
+
+
+def precompile_main(argv=None) -> int:
+    """`python -m tf_fastattn precompile`: warm the kernel cache. Returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tf_fastattn precompile",
+        description="Compile tf_fastattn's GPU kernels with NVRTC into the on-disk cache (no GPU needed).",
+    )
+    parser.add_argument("--arch", type=int, action="append", required=True,
+                        help=f"compute capability as 80 for sm_80; repeatable ({', '.join(map(str, ARCHS))})")
+    parser.add_argument("--dtype", action="append", choices=("float16", "bfloat16", "float32", "float64"),
+                        help="repeatable; default: all")
+    parser.add_argument("--head-dim", type=int, action="append", help="attention head dims; default: all buckets")
+    parser.add_argument("--op", action="append", choices=("attention", "layer_norm"), help="default: both")
+    parser.add_argument("-j", "--threads", type=int, default=None, help="parallel compilations (default: CPUs)")
+    parser.add_argument("--report", action="store_true", help="print registers, shared memory and spills")
+    args = parser.parse_args(argv)
+
+    info = runtime_info()
+    if info["nvrtc"] is None:
+        print(f"error: {info['nvrtc_error']}", file=sys.stderr)
+        return 1
+    jobs = [(a, v["name"]) for a in args.arch for v in select_variants(a, args.dtype, args.head_dim, args.op)]
+    start = time.perf_counter()
+    results = compile_variants(jobs, args.threads)
+    failed = [r for r in results if "error" in r]
+    cached = sum(1 for r in results if r.get("from_cache"))
+    print(f"compiled {len(results) - len(failed)} of {len(results)} variants ({cached} already cached) in "
+          f"{time.perf_counter() - start:.1f} s with {info['nvrtc']} into {info['cache_dir']}")
+    if args.report:
+        print(resource_table(results))
+    for r in failed:
+        print(f"FAILED sm_{r['arch']} {r['name']}:\n{r['error']}", file=sys.stderr)
+    return 1 if failed else 0
