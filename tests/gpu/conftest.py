@@ -1,0 +1,61 @@
+"""GPU tests: loading _C without TensorFlow, the `gpu` mark, skipping without a GPU.
+
+The GPU machines have PyTorch and no TensorFlow, so these tests never import
+tf_fastattn (its __init__ imports TensorFlow): _C is loaded from TFA_C_PATH
+(the .so that benchmarks/gpu_run.sh builds with -DTFA_BUILD_TF_OPS=OFF), or
+from an installed tf_fastattn. Run with --confcutdir=tests/gpu so that
+tests/conftest.py (TensorFlow) is not loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+try:
+    import torch
+except ImportError:  # the test modules skip themselves (gpu_helpers)
+    torch = None
+
+
+def load_C():
+    path = os.environ.get("TFA_C_PATH")
+    if path:
+        spec = importlib.util.spec_from_file_location("_C", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    from tf_fastattn import _C  # noqa: PLC0415
+
+    return _C
+
+
+def _gpu_reason():
+    if torch is None:
+        return "PyTorch is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        C = load_C()
+    except Exception as e:  # noqa: BLE001
+        return f"_C not loadable: {e}"
+    info = C.gpu_runtime_info()
+    return None if info["ok"] else info["reason"]
+
+
+_REASON = _gpu_reason()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason=_REASON) if _REASON else None
+    for item in items:
+        item.add_marker(pytest.mark.gpu)
+        if skip:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def C():
+    return load_C()

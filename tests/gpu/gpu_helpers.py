@@ -1,0 +1,91 @@
+"""GPU test helpers: _C on PyTorch tensors, float64 references, DESIGN.md's criterion."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+# DESIGN.md: max|fused - ref| <= 2 max|naive - ref| + floor (floors as tests/conftest.py).
+ATOL_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-6}
+
+DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def stream():
+    return torch.cuda.current_stream().cuda_stream
+
+
+def mask_strides(mask):
+    if mask is None:
+        return [0, 0, 0, 0]
+    return [0 if mask.shape[i] == 1 else mask.stride(i) for i in range(4)]
+
+
+def attention_fwd(C, q, k, v, mask=None, causal=False, scale=None, dropout=0.0, seed=0, family="auto"):
+    """Our forward on [B, T, N, H] tensors. Returns (o, lse)."""
+    B, T, N, H = q.shape
+    S, Nkv, Hv = k.shape[1], k.shape[2], v.shape[3]
+    scale = H**-0.5 if scale is None else scale
+    o = torch.full((B, T, N, Hv), float("nan"), dtype=q.dtype, device=q.device)  # poisoned
+    lse = torch.full((B, N, T), float("nan"), dtype=torch.float32, device=q.device)
+    C.attention_fwd_gpu(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr() if mask is not None else 0,
+                        mask_strides(mask), o.data_ptr(), lse.data_ptr(), [B, T, S, N, Nkv, H, Hv],
+                        DTYPE_NAMES[q.dtype], scale, causal, dropout, seed, stream(), family)
+    return o, lse
+
+
+def attention_bwd(C, q, k, v, o, lse, d_o, mask=None, causal=False, scale=None, dropout=0.0, seed=0,
+                  family="auto"):
+    B, T, N, H = q.shape
+    S, Nkv, Hv = k.shape[1], k.shape[2], v.shape[3]
+    scale = H**-0.5 if scale is None else scale
+    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+    shape = [B, T, S, N, Nkv, H, Hv]
+    ws = torch.empty(C.attention_bwd_workspace_bytes_gpu(shape, DTYPE_NAMES[q.dtype]), dtype=torch.uint8,
+                     device=q.device)
+    C.attention_bwd_gpu(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr() if mask is not None else 0,
+                        mask_strides(mask), o.data_ptr(), lse.data_ptr(), d_o.data_ptr(), dq.data_ptr(),
+                        dk.data_ptr(), dv.data_ptr(), ws.data_ptr(), shape, DTYPE_NAMES[q.dtype], scale, causal,
+                        dropout, seed, stream(), family)
+    return dq, dk, dv
+
+
+def attention_reference(q, k, v, mask=None, causal=False, scale=None):
+    """The math of tf_fastattn/attention.h in q's dtype, with autograd: (o, lse).
+
+    Masked logits are filled with the dtype's lowest value (Keras' large
+    negative), so a fully masked row averages v uniformly; top-left causal.
+    """
+    B, T, N, H = q.shape
+    S, Nkv = k.shape[1], k.shape[2]
+    scale = H**-0.5 if scale is None else scale
+    g = N // Nkv
+    kk, vv = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
+    logits = torch.einsum("btnh,bsnh->bnts", q, kk) * scale
+    allowed = torch.ones(B, N, T, S, dtype=torch.bool, device=q.device)
+    if mask is not None:
+        allowed = allowed & mask
+    if causal:
+        allowed = allowed & torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    filled = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+    p = torch.softmax(filled, dim=-1)
+    o = torch.einsum("bnts,bsnh->btnh", p, vv)
+    lse = torch.logsumexp(logits.float().masked_fill(~allowed, float("-inf")), dim=-1)
+    lse = torch.where(allowed.any(-1), lse, torch.full_like(lse, float("inf")))
+    return o, lse
+
+
+def assert_close(fused, naive, ref, dtype, name):
+    fused, naive, ref = fused.double(), naive.double(), ref.double()
+    assert fused.shape == ref.shape, f"{name}: shape {tuple(fused.shape)} != {tuple(ref.shape)}"
+    finite = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(fused), finite), f"{name}: non-finite pattern differs (unwritten output?)"
+    err = (fused - ref).abs()[finite]
+    naive_err = (naive - ref).abs()[finite]
+    max_err = err.max().item() if err.numel() else 0.0
+    bound = 2 * (naive_err.max().item() if naive_err.numel() else 0.0) + ATOL_FLOOR[dtype]
+    assert max_err <= bound, (
+        f"{name}: max error {max_err:.3g} (mean {err.mean().item() if err.numel() else 0:.3g}) exceeds "
+        f"2 x naive {naive_err.max().item() if naive_err.numel() else 0:.3g} + floor {ATOL_FLOOR[dtype]:.1g}"
+    )

@@ -1,0 +1,112 @@
+"""Attention CUDA kernels against a float64 reference (DESIGN.md's criterion).
+
+Every dtype x causal x mask x GQA x awkward shape, forward and backward, for
+the automatically chosen family and for the SIMT family forced (on sm_80+
+that checks the tensor-core family against the other one); dropout masks equal
+to the CPU kernel's for the same seed. Skipped without a GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gpu_helpers import torch  # skips the module without PyTorch
+from gpu_helpers import assert_close, attention_bwd, attention_fwd, attention_reference
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# (B, T, S, N, Nkv, H, Hv): lengths 1, 7, 97, 1025; head dims 40, 80, 256; T != S.
+SHAPES = {
+    "one": (1, 1, 1, 2, 2, 40, 40),
+    "T97_S33_H80_Hv64": (2, 97, 33, 4, 4, 80, 64),
+    "T7_S1025_H64": (1, 7, 1025, 2, 1, 64, 64),
+    "T130_H256": (1, 130, 130, 2, 2, 256, 256),
+    "T200_S97_H128": (1, 200, 97, 2, 2, 128, 128),
+}
+GQA = {"mha": 1, "gqa3": 3, "mqa": None}
+MASKS = ["none", "keys", "full_with_empty_rows"]
+
+
+def make_inputs(shape, group, dtype, mask_kind, seed=0):
+    B, T, S, N, Nkv, H, Hv = shape
+    if group is None:
+        N, Nkv = N * 2, 1
+    else:
+        N = Nkv * group
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B, T, N, H, device="cuda", generator=gen).to(dtype)
+    k = torch.randn(B, S, Nkv, H, device="cuda", generator=gen).to(dtype)
+    v = torch.randn(B, S, Nkv, Hv, device="cuda", generator=gen).to(dtype)
+    mask = None
+    if mask_kind == "keys":  # [B, 1, 1, S]: broadcast over heads and rows
+        mask = torch.rand(B, 1, 1, S, device="cuda", generator=gen) > 0.3
+        mask[..., 0] = True
+    elif mask_kind == "full_with_empty_rows":  # [B, N, T, S], some rows fully masked
+        mask = torch.rand(B, N, T, S, device="cuda", generator=gen) > 0.5
+        mask[:, :, ::3, :] = False
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("family", ["auto", "simt"])
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("group", list(GQA.values()), ids=list(GQA))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_forward_backward(C, dtype, shape, causal, group, mask_kind, family):
+    q, k, v, mask = make_inputs(shape, group, dtype, mask_kind)
+    o, lse = attention_fwd(C, q, k, v, mask, causal, family=family)
+    d_o = torch.randn_like(o)
+    dq, dk, dv = attention_bwd(C, q, k, v, o, lse, d_o, mask, causal, family=family)
+    torch.cuda.synchronize()
+
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    o_ref, lse_ref = attention_reference(q64, k64, v64, mask, causal)
+    grads_ref = torch.autograd.grad(o_ref, (q64, k64, v64), d_o.double())
+    qn, kn, vn = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    o_naive, _ = attention_reference(qn, kn, vn, mask, causal)
+    grads_naive = torch.autograd.grad(o_naive, (qn, kn, vn), d_o)
+
+    assert_close(o, o_naive, o_ref, dtype, "out")
+    torch.testing.assert_close(lse, lse_ref.float(), rtol=1e-4, atol=1e-4)
+    for name, fused, naive, ref in zip(("dq", "dk", "dv"), (dq, dk, dv), grads_naive, grads_ref):
+        assert_close(fused, naive, ref, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_deterministic(C, dtype):
+    q, k, v, mask = make_inputs(SHAPES["T200_S97_H128"], 3, dtype, "keys")
+    o, lse = attention_fwd(C, q, k, v, mask, True)
+    d_o = torch.randn_like(o)
+    first = attention_bwd(C, q, k, v, o, lse, d_o, mask, True)
+    second = attention_bwd(C, q, k, v, o, lse, d_o, mask, True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", ["auto", "simt"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_dropout_mask_equals_cpu(C, causal, family):
+    # float32 inputs on both devices: with the same seed the same keys are
+    # dropped, so the outputs agree to float32 rounding (a different mask
+    # would differ by O(1)).
+    rng = np.random.default_rng(0)
+    B, T, S, N, H = 2, 37, 45, 2, 32
+    qn, kn, vn = (rng.standard_normal(s).astype(np.float32) for s in ((B, T, N, H), (B, S, N, H), (B, S, N, H)))
+    o_cpu, lse_cpu = C.attention_fwd(qn, kn, vn, is_causal=causal, dropout_rate=0.3, seed=1234)
+    q, k, v = (torch.from_numpy(a).cuda() for a in (qn, kn, vn))
+    o, lse = attention_fwd(C, q, k, v, causal=causal, dropout=0.3, seed=1234, family=family)
+    torch.cuda.synchronize()
+    np.testing.assert_allclose(lse.cpu().numpy(), lse_cpu, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(o.cpu().numpy(), o_cpu, rtol=1e-4, atol=1e-4)
+    d_o = rng.standard_normal(o_cpu.shape).astype(np.float32)
+    cpu_grads = C.attention_bwd(qn, kn, vn, o_cpu, lse_cpu, d_o, is_causal=causal, dropout_rate=0.3, seed=1234)
+    gpu_grads = attention_bwd(C, q, k, v, o, lse, torch.from_numpy(d_o).cuda(), causal=causal, dropout=0.3,
+                              seed=1234, family=family)
+    for a, b in zip(cpu_grads, gpu_grads):
+        np.testing.assert_allclose(b.cpu().numpy(), a, rtol=1e-3, atol=1e-4)
+
+
+def test_errors_name_the_argument(C):
+    q = torch.randn(1, 4, 1, 300, device="cuda")
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        attention_fwd(C, q, q, q)
