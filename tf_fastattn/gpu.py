@@ -96,15 +96,15 @@ def compile_variants(jobs, threads: int | None = None, use_cache: bool = True) -
 
 def resource_table(results: list[dict]) -> str:
     """One line per compiled kernel: arch, variant, kernel, registers, static smem, spills."""
-    lines = [f"{'arch':<6}{'variant':<58}{'kernel':<34}{'regs':>5}{'smem':>7}{'spill st/ld':>13}"]
+    lines = [f"{'arch':<6}{'variant':<66}{'kernel':<34}{'regs':>5}{'smem':>7}{'spill st/ld':>13}"]
     for r in results:
         if "error" in r:
-            lines.append(f"sm_{r['arch']:<3}{r['name']:<58}FAILED")
+            lines.append(f"sm_{r['arch']:<3}{r['name']:<66}FAILED")
             continue
         for k in r["kernels"]:
             spill = f"{k['spill_store_bytes']}/{k['spill_load_bytes']}"
             lines.append(
-                f"sm_{r['arch']:<3}{r['name']:<58}{k['function']:<34}{k['registers']:>5}"
+                f"sm_{r['arch']:<3}{r['name']:<66}{k['function']:<34}{k['registers']:>5}"
                 f"{k['static_smem_bytes']:>7}{spill:>13}"
             )
     return "\n".join(lines)
