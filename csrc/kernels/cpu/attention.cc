@@ -368,13 +368,26 @@ struct Bf16Ops {
 };
 
 // Scratch and the shared per-tile math of every backward pass.
+//
+// "Wide" (float32 inputs): dS = P (dP - delta) comes from the micro-kernel
+// ds_wide, which sums dP = dO V^T in float64 (exactly in the portable tier,
+// from float32 chunk sums in the AVX-512 tier) and forms dS in float64 with
+// delta (always float64, see bwd_impl), rounded once to float32.
+// When one key dominates a row, dP_s ~ delta and their difference cancels:
+// float32 rounding of dP (a few ulps of |dP|) then dominated dq and dk, while
+// the naive float32 gradient, whose delta = sum P dP is summed from the same
+// rounded dP, cancels its own error (T=S=128, H=64, causal MQA: dq 2.1e-6
+// against the criterion's bound 1.96e-6). Half types have larger floors and
+// keep the float32 product.
 template <typename Acc>
 struct BwdTile {
   int64_t Hp, Hvp;
-  std::vector<Acc> qs, dob, kt, vt, pb, dsb, dm, lse_r, delta_r;
-  BwdTile(int64_t hp, int64_t hvp)
+  std::vector<Acc> qs, dob, kt, vt, pb, dsb, dm, lse_r;
+  std::vector<double> delta_r;
+  bool wide;
+  BwdTile(int64_t hp, int64_t hvp, bool wide_)
       : Hp(hp), Hvp(hvp), qs(kBr * hp, 0), dob(kBr * hvp, 0), kt(hp * kBc, 0), vt(hvp * kBc, 0), pb(kBr * kBc, 0),
-        dsb(kBr * kBc, 0), dm(kBr * kBc, 0), lse_r(kBr), delta_r(kBr) {}
+        dsb(kBr * kBc, 0), dm(kBr * kBc, 0), lse_r(kBr), delta_r(kBr), wide(wide_) {}
 
   // From (scale q) [nr][Hp], dO [nr][Hvp], K^T and V^T [.][kBc], lse and delta
   // of rows [t0, t0+nr) and keys [s0, s0+nc): pb = p * D (dropped
@@ -383,7 +396,7 @@ struct BwdTile {
   // buffers; the arithmetic is the same whoever calls it (determinism).
   void compute(const MicroKernels<Acc>& mk, const MaskView& mv, const Dropout& drop, int64_t b, int64_t n, int64_t t0,
                int64_t nr, int64_t s0, int64_t nc, int64_t H, int64_t Hv, const Acc* q_, const Acc* do_, const Acc* kt_,
-               const Acc* vt_, const Acc* lse_, const Acc* delta_, const Bf16Ops* bf = nullptr) {
+               const Acc* vt_, const Acc* lse_, const double* delta_, const Bf16Ops* bf = nullptr) {
     const int64_t ncp = round_up(nc, kPad);
     bool use_bf = false;
     if constexpr (std::is_same<Acc, float>::value) {
@@ -401,11 +414,25 @@ struct BwdTile {
     if constexpr (std::is_same<Acc, float>::value) {
       if (use_bf) bf->bk->gemm(nr, ncp, bf->Hvp2 / 2, bf->do_, bf->Hvp2, bf->vt, 2 * kBc, dsb.data(), kBc, false);
     }
+    if (wide && !use_bf) {
+      if (drop.on) {
+        for (int64_t r = 0; r < nr; ++r) dropout_factors(drop, b, n, t0 + r, s0, nc, dm.data() + r * kBc, int64_t(1));
+      }
+      mk.ds_wide(nr, ncp, Hv, do_, Hvp, vt_, kBc, pb.data(), drop.on ? dm.data() : nullptr, delta_, dsb.data(), kBc);
+      if (drop.on) {
+        for (int64_t r = 0; r < nr; ++r) {
+          Acc* pr = pb.data() + r * kBc;
+          const Acc* fr = dm.data() + r * kBc;
+          for (int64_t c = 0; c < nc; ++c) pr[c] *= fr[c];
+        }
+      }
+      return;
+    }
     if (!use_bf) mk.gemm(nr, ncp, Hv, do_, Hvp, vt_, kBc, dsb.data(), kBc, false);
     for (int64_t r = 0; r < nr; ++r) {
       Acc* pr = pb.data() + r * kBc;
       Acc* dr = dsb.data() + r * kBc;
-      const Acc dl = delta_[r];
+      const Acc dl = static_cast<Acc>(delta_[r]);
       if (drop.on) {
         Acc* fr = dm.data() + r * kBc;
         dropout_factors(drop, b, n, t0 + r, s0, nc, fr, int64_t(1));
@@ -449,7 +476,9 @@ void bwd_impl(const AttentionBwdParams& p, const CpuContext& ctx) {
   T* dq = static_cast<T*>(p.dq);
   T* dk = static_cast<T*>(p.dk);
   T* dv = static_cast<T*>(p.dv);
-  Acc* delta = static_cast<Acc*>(p.workspace);
+  double* delta = static_cast<double*>(p.workspace);
+  // float32: dP and dS in float64 (see BwdTile).
+  constexpr bool kWide = std::is_same<T, float>::value;
   const MaskView mv{p.mask, p.mask_strides, p.is_causal};
   const Dropout drop = make_dropout(p.dropout_rate, p.seed);
   const Acc scale = static_cast<Acc>(p.scale);
@@ -463,8 +492,14 @@ void bwd_impl(const AttentionBwdParams& p, const CpuContext& ctx) {
         const int64_t n = i % N, t = (i / N) % T_, b = i / (N * T_);
         const T* orow = o + i * Hv;
         const T* drow = dout + i * Hv;
-        Acc sum = 0;
-        for (int64_t h = 0; h < Hv; ++h) sum += load<T, Acc>(drow[h]) * load<T, Acc>(orow[h]);
+        // Summed in double: every dS of the row subtracts delta, so its
+        // rounding error reaches dq and dk scaled by the whole row; a float
+        // sum over Hv terms made dq 8x less accurate than the naive float32
+        // gradient (T=S=128, H=64, causal MQA).
+        double sum = 0;
+        for (int64_t h = 0; h < Hv; ++h) {
+          sum += static_cast<double>(load<T, Acc>(drow[h])) * static_cast<double>(load<T, Acc>(orow[h]));
+        }
         delta[(b * N + n) * T_ + t] = sum;
       }
     });
@@ -514,7 +549,7 @@ void bwd_impl(const AttentionBwdParams& p, const CpuContext& ctx) {
   const cpu::Bf16Kernels* bk = kBf ? cpu::bf16_kernels() : nullptr;
   const int64_t Hp2 = round_up(H, 2), Hvp2 = round_up(Hv, 2);
   const int64_t fused_floats =
-      Sp * (3 * Hp + 2 * Hvp) + Tp * (2 * Hp + Hvp + 2) + (bk ? (Sp + Tp) * (Hp2 + Hvp2) / 2 : 0);
+      Sp * (3 * Hp + 2 * Hvp) + Tp * (2 * Hp + Hvp + 3) + (bk ? (Sp + Tp) * (Hp2 + Hvp2) / 2 : 0);
   const int64_t nthreads = std::max(1, ctx.num_threads);
   // (b, kv head) items are few: only fuse when they still spread evenly. The
   // bf16 products exist only in the fused pass, so with them the choice must
@@ -524,9 +559,10 @@ void bwd_impl(const AttentionBwdParams& p, const CpuContext& ctx) {
   if (fused) {
     const int64_t cost = std::max<int64_t>(S, 1) * T_ * group * (3 * H + 2 * Hv) * 2;
     ctx.parallel_for(heads_kv, cost, [&](int64_t begin, int64_t end) {
-      BwdTile<Acc> tile(Hp, Hvp);
+      BwdTile<Acc> tile(Hp, Hvp, kWide);
       std::vector<Acc> kr(Sp * Hp, 0), kt(Sp * Hp, 0), vt(Sp * Hvp, 0), dk_acc(Sp * Hp), dv_acc(Sp * Hvp),
-          qa(Tp * Hp, 0), doa(Tp * Hvp, 0), dq_acc(Tp * Hp), lse_a(Tp), delta_a(Tp), fm(kBc), uni(Hv);
+          qa(Tp * Hp, 0), doa(Tp * Hvp, 0), dq_acc(Tp * Hp), lse_a(Tp), fm(kBc), uni(Hv);
+      std::vector<double> delta_a(Tp);
       std::vector<uint16_t> qb, dob, ktb, vtb;
       if (bk) {
         qb.assign(Tp * Hp2, 0);
@@ -614,7 +650,7 @@ void bwd_impl(const AttentionBwdParams& p, const CpuContext& ctx) {
   if (kv_items > 0) {
     const int64_t cost = kBc * std::max<int64_t>(T_, 1) * group * (2 * H + 2 * Hv);
     ctx.parallel_for(kv_items, cost, [&](int64_t begin, int64_t end) {
-      BwdTile<Acc> tile(Hp, Hvp);
+      BwdTile<Acc> tile(Hp, Hvp, kWide);
       std::vector<Acc> dk_acc(kBc * Hp, 0), dv_acc(kBc * Hvp, 0), fm(kBc), uni(Hv);
       for (int64_t w = begin; w < end; ++w) {
         const int64_t kj = interleave(w % nkt, nkt, p.is_causal);
@@ -652,7 +688,7 @@ void bwd_impl(const AttentionBwdParams& p, const CpuContext& ctx) {
   if (q_items > 0) {
     const int64_t cost = kBr * std::max<int64_t>(S, 1) * (2 * H + Hv) * 2;
     ctx.parallel_for(q_items, cost, [&](int64_t begin, int64_t end) {
-      BwdTile<Acc> tile(Hp, Hvp);
+      BwdTile<Acc> tile(Hp, Hvp, kWide);
       std::vector<Acc> kb(kBc * Hp, 0), dq_acc(kBr * Hp, 0);
       for (int64_t w = begin; w < end; ++w) {
         const int64_t qi = interleave(w % nqt, nqt, p.is_causal);
@@ -710,9 +746,11 @@ Status validate(const AttentionBwdParams& p) {
 }
 
 int64_t attention_bwd_workspace_bytes(const AttentionShape& shape, DType dtype, int /*num_threads*/) {
-  // delta = rowsum(dO * O) per [B, N, T]; per-chunk scratch is allocated by
-  // the work chunks themselves, so the thread count does not matter.
-  return shape.batch * shape.num_heads * shape.seqlen_q * dtype_size(stats_dtype(dtype));
+  // delta = rowsum(dO * O) per [B, N, T], in float64 for every dtype; per-chunk
+  // scratch is allocated by the work chunks themselves, so the thread count
+  // does not matter.
+  (void)dtype;
+  return shape.batch * shape.num_heads * shape.seqlen_q * static_cast<int64_t>(sizeof(double));
 }
 
 Status attention_fwd_cpu(const AttentionFwdParams& p, const CpuContext& ctx) {
