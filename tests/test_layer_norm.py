@@ -319,4 +319,19 @@ def test_build_info_reports_loaded_library():
     info = tf_fastattn.build_info()
     assert info["ops_loaded"] and info["reason"] is None
     assert info["tf_version_built"] == tf.__version__
-    assert "tf_fastattn_layer_norm" in info["kernels"]["CPU"]
+    assert "TfFastattn>LayerNorm" in info["kernels"]["CPU"]
+    # The GPU kernels are registered even where no GPU is present (they
+    # compile with NVRTC on first use); float64 is CPU-only.
+    assert set(info["kernels"]["GPU"]) == {
+        "TfFastattn>LayerNorm", "TfFastattn>LayerNormGrad", "TfFastattn>Attention", "TfFastattn>AttentionGrad"
+    }
+    assert "gpu_runtime" in info and "gpus_visible" in info
+
+
+def test_gpu_kernels_registered_for_half_bfloat16_float_only():
+    from tensorflow.python.framework import kernels
+
+    for op in ("TfFastattn>LayerNorm", "TfFastattn>AttentionGrad"):
+        gpu = [k for k in kernels.get_registered_kernels_for_op(op).kernel if k.device_type == "GPU"]
+        types = {tf.dtypes.as_dtype(c.allowed_values.list.type[0]) for k in gpu for c in k.constraint}
+        assert types == {tf.float16, tf.bfloat16, tf.float32}, (op, types)

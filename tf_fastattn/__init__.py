@@ -3,14 +3,22 @@ TensorFlow and Keras, as custom ops with CPU and CUDA kernels."""
 
 __version__ = "0.1.0"
 
-from tf_fastattn import _loader  # noqa: E402
-from tf_fastattn._loader import build_info  # noqa: E402
-from tf_fastattn.layer_norm import layer_norm  # noqa: E402
-from tf_fastattn.attention import dot_product_attention  # noqa: E402
-from tf_fastattn.convert import convert_model  # noqa: E402
+try:
+    import tensorflow as _tf  # noqa: F401
+except ImportError:
+    # Without TensorFlow only the kernel module tf_fastattn._C is usable (the
+    # GPU test machines run the kernels through it with PyTorch tensors).
+    __all__ = ["__version__"]
+else:
+    from tf_fastattn import _loader
+    from tf_fastattn._loader import build_info
+    from tf_fastattn.attention import dot_product_attention
+    from tf_fastattn.convert import convert_model
+    from tf_fastattn.layer_norm import layer_norm
 
-# Load the op library at import: a SavedModel containing the ops can only be
-# restored once they are registered, and `import tf_fastattn` is what users do.
-_loader.state()
+    # Load the op library at import: a SavedModel containing the ops can only
+    # be restored once they are registered, and `import tf_fastattn` is what
+    # users do.
+    _loader.state()
 
-__all__ = ["build_info", "convert_model", "dot_product_attention", "layer_norm", "__version__"]
+    __all__ = ["build_info", "convert_model", "dot_product_attention", "layer_norm", "__version__"]

@@ -27,9 +27,9 @@ def _print_build_info(info: dict) -> None:
         print(f"  {device} ops: {', '.join(names)}")
     features = info.get("cpu_features")
     print(f"  CPU features: {', '.join(features) if isinstance(features, list) else features}")
-    for key, value in info.items():
-        if key.startswith("gpu"):
-            print(f"  {key}: {value}")
+    for key in ("gpus_visible", "gpu_runtime", "gpu_nvrtc", "gpu_kernel_cache"):
+        if key in info:
+            print(f"  {key}: {info[key]}")
 
 
 def _grad_fn(fwd, params):

@@ -88,9 +88,29 @@ def ops():
     return state()["ops"]
 
 
+def gpu_runtime_info() -> dict:
+    """What tf_fastattn's GPU runtime found (driver, NVRTC, kernel cache), from _C."""
+    from tf_fastattn import _C
+
+    return _C.gpu_runtime_info()
+
+
+def _gpu_reason() -> str | None:
+    # TensorFlow places the ops on a visible GPU; their kernels then need the
+    # CUDA driver and NVRTC. Without them the reference math runs instead.
+    if "gpu_reason" not in _state:
+        reason = None
+        if tf.config.list_physical_devices("GPU"):
+            info = gpu_runtime_info()
+            if not info["ok"]:
+                reason = f"a GPU is visible but tf_fastattn's GPU runtime is unavailable: {info['reason']}"
+        _state["gpu_reason"] = reason
+    return _state["gpu_reason"]
+
+
 def unavailable_reason() -> str | None:
     """Why the fused ops cannot run in this process, or None when they can."""
-    return state()["reason"]
+    return state()["reason"] or _gpu_reason()
 
 
 def in_xla_context() -> bool:
@@ -141,16 +161,22 @@ def build_info() -> dict:
     Returns a dict with: `version` (of tf_fastattn), `tf_version_built`,
     `tf_version_running`, `ops_loaded` (bool), `ops_library` (path or None),
     `reason` (why the ops did not load, or None), `kernels` (op names
-    registered for each device), and `cpu_features` the CPU kernels dispatch on.
+    registered for each device), `cpu_features` the CPU kernels dispatch on,
+    `gpu_runtime` (whether the CUDA driver and NVRTC were found, and why not),
+    `gpu_nvrtc`, `gpu_kernel_cache` and `gpus_visible`.
     """
     from tf_fastattn import __version__
 
     s = state()
     kernels = {}
     if s["ops"] is not None:
-        kernels["CPU"] = sorted(
-            n for n in dir(s["ops"]) if n.startswith("tf_fastattn_") and not n.endswith("_eager_fallback")
-        )
+        from tensorflow.python.framework import kernels as tf_kernels
+
+        for op in ("TfFastattn>LayerNorm", "TfFastattn>LayerNormGrad", "TfFastattn>Attention",
+                   "TfFastattn>AttentionGrad"):
+            for k in tf_kernels.get_registered_kernels_for_op(op).kernel:
+                kernels.setdefault(k.device_type, set()).add(op)
+        kernels = {device: sorted(ops) for device, ops in kernels.items()}
     info = {
         "version": __version__,
         "tf_version_built": s["tf_version_built"],
@@ -160,6 +186,14 @@ def build_info() -> dict:
         "reason": s["reason"],
         "kernels": kernels,
     }
+    try:
+        gpu = gpu_runtime_info()
+        info["gpu_runtime"] = "ok" if gpu["ok"] else f"unavailable ({gpu['reason']})"
+        info["gpu_nvrtc"] = gpu["nvrtc"]
+        info["gpu_kernel_cache"] = gpu["cache_dir"]
+    except ImportError as e:
+        info["gpu_runtime"] = f"unavailable: {e}"
+    info["gpus_visible"] = [d.name for d in tf.config.list_physical_devices("GPU")]
     try:
         from tf_fastattn import _C
 

@@ -1,5 +1,8 @@
 // TfFastattn>Attention and TfFastattn>AttentionGrad: op registration, shape
-// functions and CPU kernels over the core in csrc/kernels/cpu/attention.cc.
+// functions and the CPU and GPU kernels over the core (csrc/kernels/cpu,
+// csrc/runtime). On the GPU the seed stays in host memory, outputs and scratch
+// come from TensorFlow's allocator and launches are asynchronous on the op's
+// stream.
 #include <cmath>
 #include <limits>
 #include <string>
@@ -237,6 +240,7 @@ absl::Status check_stats_dtype(tfw::DataType t, tfw::DataType s) {
 
 // Input indices: query 0, key 1, value 2, then num_mask masks, then num_seed
 // seeds, then (backward) out, lse, d_out.
+template <class Device>
 class AttentionOp : public OpKernel {
  public:
   explicit AttentionOp(OpKernelConstruction* ctx) : OpKernel(ctx), attrs_(ctx) {}
@@ -263,13 +267,18 @@ class AttentionOp : public OpKernel {
     p.scale = attrs_.resolved_scale(s.head_dim);
     p.is_causal = attrs_.is_causal;
     p.dropout_rate = attrs_.dropout_rate;
-    TFA_OP_REQUIRES_OK(ctx, attention_fwd_cpu(p, cpu_context(ctx)));
+    if constexpr (Device::kGpu) {
+      TFA_OP_REQUIRES_OK(ctx, attention_fwd_gpu(p, gpu_context(ctx)));
+    } else {
+      TFA_OP_REQUIRES_OK(ctx, attention_fwd_cpu(p, cpu_context(ctx)));
+    }
   }
 
  private:
   AttentionAttrs attrs_;
 };
 
+template <class Device>
 class AttentionGradOp : public OpKernel {
  public:
   explicit AttentionGradOp(OpKernelConstruction* ctx) : OpKernel(ctx), attrs_(ctx) {}
@@ -317,20 +326,44 @@ class AttentionGradOp : public OpKernel {
     p.scale = attrs_.resolved_scale(s.head_dim);
     p.is_causal = attrs_.is_causal;
     p.dropout_rate = attrs_.dropout_rate;
-    const CpuContext cpu = cpu_context(ctx);
     Tensor workspace;
-    const int64_t ws_bytes = attention_bwd_workspace_bytes(s, p.dtype, cpu.num_threads);
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tfw::DT_INT8, TensorShape({ws_bytes}), &workspace));
-    p.workspace = mutable_ptr(&workspace);
-    TFA_OP_REQUIRES_OK(ctx, attention_bwd_cpu(p, cpu));
+    if constexpr (Device::kGpu) {
+      const int64_t ws_bytes = attention_bwd_workspace_bytes_gpu(s, p.dtype);
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(tfw::DT_INT8, TensorShape({ws_bytes}), &workspace));
+      p.workspace = mutable_ptr(&workspace);
+      TFA_OP_REQUIRES_OK(ctx, attention_bwd_gpu(p, gpu_context(ctx)));
+    } else {
+      const CpuContext cpu = cpu_context(ctx);
+      const int64_t ws_bytes = attention_bwd_workspace_bytes(s, p.dtype, cpu.num_threads);
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(tfw::DT_INT8, TensorShape({ws_bytes}), &workspace));
+      p.workspace = mutable_ptr(&workspace);
+      TFA_OP_REQUIRES_OK(ctx, attention_bwd_cpu(p, cpu));
+    }
   }
 
  private:
   AttentionAttrs attrs_;
 };
 
-REGISTER_KERNEL_BUILDER(Name("TfFastattn>Attention").Device(tfw::DEVICE_CPU), AttentionOp);
-REGISTER_KERNEL_BUILDER(Name("TfFastattn>AttentionGrad").Device(tfw::DEVICE_CPU), AttentionGradOp);
+REGISTER_KERNEL_BUILDER(Name("TfFastattn>Attention").Device(tfw::DEVICE_CPU), AttentionOp<CpuDevice>);
+REGISTER_KERNEL_BUILDER(Name("TfFastattn>AttentionGrad").Device(tfw::DEVICE_CPU), AttentionGradOp<CpuDevice>);
+// GPU: compiled with NVRTC at first use; not yet run on a GPU. The seed is a
+// host scalar (it becomes a kernel argument); float64 stays on the CPU kernel.
+#define TFA_REGISTER_ATTENTION_GPU(T)                                           \
+  REGISTER_KERNEL_BUILDER(Name("TfFastattn>Attention")                          \
+                              .Device(tfw::DEVICE_GPU)                          \
+                              .TypeConstraint<T>("T")                           \
+                              .HostMemory("seed"),                              \
+                          AttentionOp<GpuDevice>);                              \
+  REGISTER_KERNEL_BUILDER(Name("TfFastattn>AttentionGrad")                      \
+                              .Device(tfw::DEVICE_GPU)                          \
+                              .TypeConstraint<T>("T")                           \
+                              .HostMemory("seed"),                              \
+                          AttentionGradOp<GpuDevice>);
+TFA_REGISTER_ATTENTION_GPU(Eigen::half)
+TFA_REGISTER_ATTENTION_GPU(tfw::bfloat16)
+TFA_REGISTER_ATTENTION_GPU(float)
+#undef TFA_REGISTER_ATTENTION_GPU
 
 }  // namespace
 }  // namespace tf

@@ -1,5 +1,7 @@
 // TfFastattn>LayerNorm and TfFastattn>LayerNormGrad: op registration, shape
-// functions and CPU kernels over the core in csrc/kernels/cpu/layer_norm.cc.
+// functions and the CPU and GPU kernels over the core (csrc/kernels/cpu,
+// csrc/runtime). On the GPU, outputs and scratch come from TensorFlow's
+// allocator and the launch is asynchronous on the op's stream.
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tf/tf_common.h"
@@ -116,6 +118,7 @@ absl::Status check_stats_dtype(OpKernelContext* ctx, tfw::DataType t, tfw::DataT
   return absl::OkStatus();
 }
 
+template <class Device>
 class LayerNormOp : public OpKernel {
  public:
   explicit LayerNormOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -171,7 +174,11 @@ class LayerNormOp : public OpKernel {
     p.mean = mutable_ptr(mean);
     p.rstd = mutable_ptr(rstd);
     p.epsilon = epsilon_;
-    TFA_OP_REQUIRES_OK(ctx, layer_norm_fwd_cpu(p, cpu_context(ctx)));
+    if constexpr (Device::kGpu) {
+      TFA_OP_REQUIRES_OK(ctx, layer_norm_fwd_gpu(p, gpu_context(ctx)));
+    } else {
+      TFA_OP_REQUIRES_OK(ctx, layer_norm_fwd_cpu(p, cpu_context(ctx)));
+    }
   }
 
  private:
@@ -180,6 +187,7 @@ class LayerNormOp : public OpKernel {
   int num_residual_;
 };
 
+template <class Device>
 class LayerNormGradOp : public OpKernel {
  public:
   explicit LayerNormGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -233,10 +241,15 @@ class LayerNormGradOp : public OpKernel {
     p.dgamma = scale_ ? mutable_ptr(dgamma) : nullptr;
     p.dbeta = center_ ? mutable_ptr(dbeta) : nullptr;
     Tensor workspace;
-    const int64_t ws_bytes = layer_norm_bwd_workspace_bytes(rows, cols, p.dtype);
+    const int64_t ws_bytes = Device::kGpu ? layer_norm_bwd_workspace_bytes_gpu(rows, cols, p.dtype)
+                                          : layer_norm_bwd_workspace_bytes(rows, cols, p.dtype);
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(tfw::DT_INT8, TensorShape({ws_bytes}), &workspace));
     p.workspace = mutable_ptr(&workspace);
-    TFA_OP_REQUIRES_OK(ctx, layer_norm_bwd_cpu(p, cpu_context(ctx)));
+    if constexpr (Device::kGpu) {
+      TFA_OP_REQUIRES_OK(ctx, layer_norm_bwd_gpu(p, gpu_context(ctx)));
+    } else {
+      TFA_OP_REQUIRES_OK(ctx, layer_norm_bwd_cpu(p, cpu_context(ctx)));
+    }
   }
 
  private:
@@ -244,8 +257,19 @@ class LayerNormGradOp : public OpKernel {
   int num_dsum_;
 };
 
-REGISTER_KERNEL_BUILDER(Name("TfFastattn>LayerNorm").Device(tfw::DEVICE_CPU), LayerNormOp);
-REGISTER_KERNEL_BUILDER(Name("TfFastattn>LayerNormGrad").Device(tfw::DEVICE_CPU), LayerNormGradOp);
+REGISTER_KERNEL_BUILDER(Name("TfFastattn>LayerNorm").Device(tfw::DEVICE_CPU), LayerNormOp<CpuDevice>);
+REGISTER_KERNEL_BUILDER(Name("TfFastattn>LayerNormGrad").Device(tfw::DEVICE_CPU), LayerNormGradOp<CpuDevice>);
+// GPU: compiled with NVRTC at first use; not yet run on a GPU. float64 stays
+// on the CPU kernel (TensorFlow places it there).
+#define TFA_REGISTER_LAYER_NORM_GPU(T)                                                                     \
+  REGISTER_KERNEL_BUILDER(Name("TfFastattn>LayerNorm").Device(tfw::DEVICE_GPU).TypeConstraint<T>("T"),     \
+                          LayerNormOp<GpuDevice>);                                                         \
+  REGISTER_KERNEL_BUILDER(Name("TfFastattn>LayerNormGrad").Device(tfw::DEVICE_GPU).TypeConstraint<T>("T"), \
+                          LayerNormGradOp<GpuDevice>);
+TFA_REGISTER_LAYER_NORM_GPU(Eigen::half)
+TFA_REGISTER_LAYER_NORM_GPU(tfw::bfloat16)
+TFA_REGISTER_LAYER_NORM_GPU(float)
+#undef TFA_REGISTER_LAYER_NORM_GPU
 
 }  // namespace
 }  // namespace tf

@@ -11,6 +11,8 @@
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/platform/threadpool.h"
 #include "tf_fastattn/common.h"
+#include "tf_fastattn/gpu.h"
+#include "xla/stream_executor/stream.h"
 
 namespace tf_fastattn {
 namespace tf {
@@ -40,6 +42,23 @@ inline CpuContext cpu_context(tfw::OpKernelContext* ctx) {
   };
   return c;
 }
+
+// The CUDA stream TensorFlow runs this op on (an opaque handle: no CUDA
+// headers are needed to get it).
+inline GpuContext gpu_context(tfw::OpKernelContext* ctx) {
+  GpuContext g;
+  g.stream = ctx->op_device_context()->stream()->platform_specific_handle().stream;
+  return g;
+}
+
+// Device tags: each OpKernel is a template over the device and calls the
+// core's CPU or GPU launcher; validation, allocation and params are shared.
+struct CpuDevice {
+  static constexpr bool kGpu = false;
+};
+struct GpuDevice {
+  static constexpr bool kGpu = true;
+};
 
 inline absl::Status to_tf_status(const Status& s) {
   if (s.ok()) return absl::OkStatus();
