@@ -6,11 +6,12 @@ import keras
 from keras import ops
 
 from tf_fastattn import _loader
+from tf_fastattn.layers._fused_layer import FusedLayerMixin
 from tf_fastattn.layers.multi_head_attention import fused_layer_attention
 
 
 @keras.saving.register_keras_serializable(package="tf_fastattn")
-class GroupedQueryAttention(keras.layers.GroupQueryAttention):
+class GroupedQueryAttention(FusedLayerMixin, keras.layers.GroupQueryAttention):
     """Grouped-query attention with the fused op; same weights and config as Keras'.
 
     A subclass of `keras.layers.GroupQueryAttention` (class name
@@ -41,14 +42,7 @@ class GroupedQueryAttention(keras.layers.GroupQueryAttention):
 
     def __init__(self, *args, implementation: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
-        _loader.check_implementation(implementation)
-        self.implementation = implementation
-        self.supports_jit = implementation == "reference" or _loader.unavailable_reason() is not None
-
-    def get_config(self):
-        config = super().get_config()
-        config["implementation"] = self.implementation
-        return config
+        self._init_implementation(implementation)
 
     def call(
         self,

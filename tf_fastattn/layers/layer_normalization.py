@@ -5,12 +5,12 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from tf_fastattn import _loader
+from tf_fastattn.layers._fused_layer import FusedLayerMixin
 from tf_fastattn.layer_norm import layer_norm
 
 
 @keras.saving.register_keras_serializable(package="tf_fastattn")
-class LayerNormalization(keras.layers.LayerNormalization):
+class LayerNormalization(FusedLayerMixin, keras.layers.LayerNormalization):
     """Layer normalization with a fused residual add, same weights and config as Keras'.
 
     A subclass of `keras.layers.LayerNormalization` that keeps its class name,
@@ -43,12 +43,8 @@ class LayerNormalization(keras.layers.LayerNormalization):
 
     def __init__(self, *args, return_residual: bool = False, implementation: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
-        _loader.check_implementation(implementation)
+        self._init_implementation(implementation)
         self.return_residual = return_residual
-        self.implementation = implementation
-        # Keras turns on XLA for jit_compile="auto" when a GPU is present; XLA
-        # cannot run custom ops, so the layer opts out while the op can run.
-        self.supports_jit = implementation == "reference" or _loader.unavailable_reason() is not None
 
     def build(self, input_shape):
         if isinstance(input_shape, (list, tuple)) and input_shape and isinstance(input_shape[0], (list, tuple)):
@@ -108,5 +104,5 @@ class LayerNormalization(keras.layers.LayerNormalization):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"return_residual": self.return_residual, "implementation": self.implementation})
+        config["return_residual"] = self.return_residual
         return config

@@ -6,6 +6,7 @@ import keras
 import tensorflow as tf
 
 from tf_fastattn import _loader
+from tf_fastattn.layers._fused_layer import FusedLayerMixin
 from tf_fastattn.attention import fused_attention, seed_tensor
 
 
@@ -26,7 +27,7 @@ class _AttentionMask:
 
 
 @keras.saving.register_keras_serializable(package="tf_fastattn")
-class MultiHeadAttention(keras.layers.MultiHeadAttention):
+class MultiHeadAttention(FusedLayerMixin, keras.layers.MultiHeadAttention):
     """Multi-head attention with the fused attention op; same weights and config as Keras'.
 
     A subclass of `keras.layers.MultiHeadAttention` that keeps its class name,
@@ -77,16 +78,7 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
 
     def __init__(self, *args, implementation: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
-        _loader.check_implementation(implementation)
-        self.implementation = implementation
-        # Keras turns on XLA for jit_compile="auto" when a GPU is present; XLA
-        # cannot run custom ops, so the layer opts out while the op can run.
-        self.supports_jit = implementation == "reference" or _loader.unavailable_reason() is not None
-
-    def get_config(self):
-        config = super().get_config()
-        config["implementation"] = self.implementation
-        return config
+        self._init_implementation(implementation)
 
     def _compute_attention_mask(
         self,
