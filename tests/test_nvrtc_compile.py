@@ -35,7 +35,15 @@ JUSTIFIED_SPILLS = {
     # at the 255-register limit; 8 B on sm_80, 88 B on sm_90. A 2-warp-per-16-
     # rows split of the output columns is the planned fix.
     "tfa_attention_mma_fwd": "head dim 256: 128 output accumulators per thread",
+    # Head dim 256, tensor-core backward dK/dV: each of its two passes (dV,
+    # then dK) keeps 128 float32 accumulators per thread plus the S^T and dS^T
+    # tiles at the 255-register limit; 80..116 B on sm_80..sm_90 (the 64/128
+    # buckets must not spill: test_hot_variants_do_not_spill).
+    "tfa_attention_mma_bwd_dkdv": "head dim 256: 128 dK or dV accumulators per thread per pass",
 }
+
+# Variants whose kernels must not spill at all on sm_80, justified or not.
+HOT_HEAD_DIMS = (64, 128)
 
 _info = gpu.runtime_info()
 if _info["nvrtc"] is None:
@@ -101,6 +109,17 @@ def test_compiles(compiled, job):
             assert k["function"] in JUSTIFIED_SPILLS, (
                 f"{k['function']} spills {k['spill_store_bytes']} B / loads {k['spill_load_bytes']} B on "
                 f"sm_{job[0]}: fix it or justify it in JUSTIFIED_SPILLS"
+            )
+
+
+def test_hot_variants_do_not_spill(compiled):
+    hot = [v["name"] for v in gpu.variants(FULL_ARCH) if v["op"] == "attention" and v["family"] == "tensor_core"
+           and v["head_dim"] in HOT_HEAD_DIMS]
+    assert {v.split("TFA_BACKWARD=")[1][0] for v in hot} == {"0", "1"}, "forward and backward both checked"
+    for name in hot:
+        for k in compiled[(FULL_ARCH, name)].get("kernels", []):
+            assert not (k["spill_store_bytes"] or k["spill_load_bytes"]), (
+                f"{name} {k['function']} spills {k['spill_store_bytes']} B / loads {k['spill_load_bytes']} B on sm_80"
             )
 
 

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "kernels/cuda/attention_args.h"
+#include "kernels/cuda/attention_mma_bwd_args.h"
 #include "runtime/modules.h"
 #include "runtime/variants.h"
 #include "tf_fastattn/gpu.h"
@@ -102,11 +103,8 @@ Status attention_bwd_gpu(const AttentionBwdParams& p, const GpuContext& ctx) {
   if (s.batch * s.num_heads_kv * s.seqlen_k == 0 && s.batch * s.num_heads * s.seqlen_q == 0) return Status::OK();
   gpu::DeviceInfo dev;
   TFA_RETURN_IF_ERROR(gpu::device_for_stream(ctx.stream, &dev));
-  // The backward runs in the SIMT family for now: the tensor-core backward is
-  // not written yet, so `family` only validates the request.
   AttentionFamily family;
   TFA_RETURN_IF_ERROR(gpu::resolve_attention_family(dev.arch, p.dtype, ctx.attention_family, &family));
-  const gpu::KernelVariant v = gpu::attention_variant(AttentionFamily::kSimt, p.dtype, bucket, true);
   tfa::AttentionArgs a = make_args(p);
   a.o = const_cast<void*>(p.o);
   a.lse = const_cast<void*>(p.lse);
@@ -115,6 +113,29 @@ Status attention_bwd_gpu(const AttentionBwdParams& p, const GpuContext& ctx) {
   a.dk = p.dk;
   a.dv = p.dv;
   a.delta = static_cast<float*>(p.workspace);
+  // ---- tensor-core backward (attention_mma_bwd.cu; compiled, not yet run on a GPU) ----
+  if (family == AttentionFamily::kTensorCore) {
+    const gpu::KernelVariant mv = gpu::attention_variant(AttentionFamily::kTensorCore, p.dtype, bucket, true);
+    const int dq_smem = tfa::mma_bwd_dq_smem_bytes(bucket), kv_smem = tfa::mma_bwd_kv_smem_bytes(bucket);
+    gpu::CUfunction delta_fn, dq_fn, dkdv_fn;
+    TFA_RETURN_IF_ERROR(gpu::get_kernel(dev, mv, "tfa_attention_mma_bwd_delta", 0, &delta_fn));
+    TFA_RETURN_IF_ERROR(gpu::get_kernel(dev, mv, "tfa_attention_mma_bwd_dq", dq_smem, &dq_fn));
+    TFA_RETURN_IF_ERROR(gpu::get_kernel(dev, mv, "tfa_attention_mma_bwd_dkdv", kv_smem, &dkdv_fn));
+    const Dim3 block{static_cast<unsigned>(tfa::kMmaBwdThreads)};
+    const int64_t rows = s.batch * s.seqlen_q * s.num_heads;
+    if (rows > 0) {
+      TFA_RETURN_IF_ERROR(gpu::launch(dev, delta_fn, Dim3{static_cast<unsigned>(ceil_div(rows, tfa::kMmaBwdDeltaRows))},
+                                      block, 0, ctx.stream, &a));
+      const int64_t dq_blocks = s.batch * s.num_heads * ceil_div(s.seqlen_q, tfa::kMmaBwdDqRows);
+      TFA_RETURN_IF_ERROR(
+          gpu::launch(dev, dq_fn, Dim3{static_cast<unsigned>(dq_blocks)}, block, dq_smem, ctx.stream, &a));
+    }
+    const int64_t kv_blocks = s.batch * s.num_heads_kv * ceil_div(s.seqlen_k, tfa::kMmaBwdKvKeys);
+    if (kv_blocks == 0) return Status::OK();
+    return gpu::launch(dev, dkdv_fn, Dim3{static_cast<unsigned>(kv_blocks)}, block, kv_smem, ctx.stream, &a);
+  }
+  // ---- end of the tensor-core backward ----
+  const gpu::KernelVariant v = gpu::attention_variant(AttentionFamily::kSimt, p.dtype, bucket, true);
   const char* pre = prefix(AttentionFamily::kSimt);
   const Dim3 block{static_cast<unsigned>(tfa::kSimtThreads)};
   const int64_t rows = s.batch * s.seqlen_q * s.num_heads;

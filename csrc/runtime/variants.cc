@@ -51,7 +51,11 @@ KernelVariant layer_norm_variant(DType dtype) {
 }
 
 KernelVariant attention_variant(AttentionFamily family, DType dtype, int head_dim_bucket, bool backward) {
-  return {family == AttentionFamily::kTensorCore ? "attention_mma.cu" : "attention_simt.cu",
+  // Tensor-core backward: its own file (attention_mma_bwd.cu), same defines.
+  const char* file = family != AttentionFamily::kTensorCore ? "attention_simt.cu"
+                     : backward                             ? "attention_mma_bwd.cu"
+                                                            : "attention_mma.cu";
+  return {file,
           {"TFA_DTYPE=" + std::to_string(static_cast<int>(dtype)), "TFA_HEAD_DIM=" + std::to_string(head_dim_bucket),
            std::string("TFA_BACKWARD=") + (backward ? "1" : "0")}};
 }
@@ -66,9 +70,6 @@ std::vector<VariantInfo> all_variants(int arch) {
       if (f == AttentionFamily::kTensorCore && !tensor_core_supported(arch, t)) continue;
       for (int hd : attention_head_dim_buckets()) {
         for (bool bwd : {false, true}) {
-          // The tensor-core backward is not written yet: the SIMT backward
-          // serves every dtype (attention_gpu.cc).
-          if (f == AttentionFamily::kTensorCore && bwd) continue;
           out.push_back({attention_variant(f, t, hd, bwd), "attention",
                          f == AttentionFamily::kTensorCore ? "tensor_core" : "simt", dtype_name(t),
                          bwd ? "bwd" : "fwd", hd});

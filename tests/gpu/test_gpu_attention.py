@@ -2,8 +2,10 @@
 
 Every dtype x causal x mask x GQA x awkward shape, forward and backward, for
 the automatically chosen family and for the SIMT family forced (on sm_80+
-that checks the tensor-core family against the other one); dropout masks equal
-to the CPU kernel's for the same seed. Skipped without a GPU.
+"auto" is the tensor-core family for float16/bfloat16, forward and backward
+(attention_mma.cu, attention_mma_bwd.cu), checked against the same float64
+reference); dropout masks equal to the CPU kernel's for the same seed, and the
+tensor-core backward's dropout equal to the SIMT one's. Skipped without a GPU.
 """
 
 from __future__ import annotations
@@ -104,6 +106,30 @@ def test_dropout_mask_equals_cpu(C, causal, family):
                               seed=1234, family=family)
     for a, b in zip(cpu_grads, gpu_grads):
         np.testing.assert_allclose(b.cpu().numpy(), a, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "full_with_empty_rows"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+def test_tensor_core_backward_dropout_equals_simt(C, dtype, causal, mask_kind):
+    # The tensor-core backward (attention_mma_bwd.cu) regenerates the forward's
+    # Philox mask exactly as the SIMT backward does, also on fully masked rows
+    # (dv only): with the same seed both give the same gradients to 16-bit
+    # rounding (a different mask would differ by O(1)). GQA group 2, 97 rows,
+    # 70 keys, H 80 / Hv 64 (128 bucket, partial tiles everywhere).
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the tensor-core family needs sm_80 or newer")
+    q, k, v, mask = make_inputs((1, 97, 70, 4, 2, 80, 64), 2, dtype, mask_kind)
+    o, lse = attention_fwd(C, q, k, v, mask, causal, dropout=0.2, seed=77, family="simt")
+    d_o = torch.randn_like(o)
+    tc = attention_bwd(C, q, k, v, o, lse, d_o, mask, causal, dropout=0.2, seed=77, family="tensor_core")
+    simt = attention_bwd(C, q, k, v, o, lse, d_o, mask, causal, dropout=0.2, seed=77, family="simt")
+    torch.cuda.synchronize()
+    rel = 2e-2 if dtype == torch.float16 else 6e-2
+    for name, a, b in zip(("dq", "dk", "dv"), tc, simt):
+        assert torch.isfinite(a).all(), f"{name}: non-finite (unwritten output?)"
+        err = (a.double() - b.double()).abs().max().item()
+        assert err <= rel * b.double().abs().max().item() + 1e-3, f"{name}: tensor core vs SIMT max diff {err:.3g}"
 
 
 def test_errors_name_the_argument(C):
