@@ -6,7 +6,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from conftest import requires_ops
+from tfa_helpers import requires_ops
 from test_multi_head_attention import SEQ, VOCAB, classification_data, classifier
 
 import tf_fastattn

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import assert_close_to_reference, requires_ops
+from tfa_helpers import assert_close_to_reference, requires_ops
 from tf_fastattn import layers
 
 pytestmark = requires_ops

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import tf_fastattn
-from conftest import DTYPES, assert_close_to_reference, random_tensor, requires_ops
+from tfa_helpers import DTYPES, assert_close_to_reference, random_tensor, requires_ops
 from tf_fastattn import _loader, reference
 
 pytestmark = requires_ops

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import DTYPES, assert_close_to_reference, random_tensor, requires_ops
+from tfa_helpers import DTYPES, assert_close_to_reference, random_tensor, requires_ops
 
 from tf_fastattn.layers import MultiHeadAttention
 
