@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pathlib
 
 import pytest
 
@@ -48,9 +49,16 @@ def _gpu_reason():
 _REASON = _gpu_reason()
 
 
+_HERE = pathlib.Path(__file__).resolve().parent
+
+
 def pytest_collection_modifyitems(config, items):
+    # This hook sees every collected item of the session (also when the whole
+    # tests/ tree runs): mark and skip only the ones in this folder.
     skip = pytest.mark.skip(reason=_REASON) if _REASON else None
     for item in items:
+        if _HERE not in pathlib.Path(item.path).resolve().parents:
+            continue
         item.add_marker(pytest.mark.gpu)
         if skip:
             item.add_marker(skip)
