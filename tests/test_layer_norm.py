@@ -335,3 +335,15 @@ def test_gpu_kernels_registered_for_half_bfloat16_float_only():
         gpu = [k for k in kernels.get_registered_kernels_for_op(op).kernel if k.device_type == "GPU"]
         types = {tf.dtypes.as_dtype(c.allowed_values.list.type[0]) for k in gpu for c in k.constraint}
         assert types == {tf.float16, tf.bfloat16, tf.float32}, (op, types)
+
+
+@pytest.mark.parametrize("cols", [1024, 1040])
+def test_large_float32_outputs(rng, cols):
+    # >= 8 MiB of float32 output takes the streaming-store path when the
+    # columns are a multiple of 16 (1024), the regular one otherwise (1040).
+    x, r, g, b = make_inputs(rng, (2113,), cols, tf.float32)
+    y, s = tf_fastattn.layer_norm(x, g, b, residual=r, return_residual=True, implementation="fused")
+    naive = reference.layer_norm(x, g, b, residual=r)
+    ref = reference.layer_norm(*cast64(x + r, g, b))[0]
+    assert_close_to_reference(y, naive[0], ref, tf.float32)
+    np.testing.assert_array_equal(s.numpy(), (x + r).numpy())

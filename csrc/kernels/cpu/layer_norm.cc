@@ -7,7 +7,13 @@
 // still uses AVX2/AVX-512 where the CPU has them.
 #include <algorithm>
 #include <type_traits>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define TFA_LN_X86 1
+#endif
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "kernels/cpu/convert.h"
@@ -68,11 +74,15 @@ __attribute__((always_inline)) inline void lane_sums(int64_t n, F term, double* 
   *out1 = s1;
 }
 
+// `row_sum` is the row's sum when the caller already has it (the residual add
+// computes it on the way), else NaN.
 template <typename A>
-__attribute__((always_inline)) inline void row_stats_impl(const A* s, int64_t n, double eps, A* mean_out,
-                                                          A* rstd_out) {
-  double sum, unused;
-  lane_sums<A>(n, [&](int64_t i, double* a, double* b) { *a = s[i]; *b = 0; }, &sum, &unused);
+__attribute__((always_inline)) inline void row_stats_impl(const A* s, int64_t n, double eps, double row_sum,
+                                                          A* mean_out, A* rstd_out) {
+  double sum = row_sum, unused;
+  if (std::isnan(row_sum)) {
+    lane_sums<A>(n, [&](int64_t i, double* a, double* b) { *a = s[i]; *b = 0; }, &sum, &unused);
+  }
   const A mean = static_cast<A>(sum / static_cast<double>(n));
   double sq;
   lane_sums<A>(n, [&](int64_t i, double* a, double* b) {
@@ -83,11 +93,11 @@ __attribute__((always_inline)) inline void row_stats_impl(const A* s, int64_t n,
   *mean_out = mean;
   *rstd_out = static_cast<A>(1.0 / std::sqrt(sq / static_cast<double>(n) + eps));
 }
-TFA_CLONES void row_stats(const float* s, int64_t n, double eps, float* m, float* r) {
-  row_stats_impl(s, n, eps, m, r);
+TFA_CLONES void row_stats(const float* s, int64_t n, double eps, double row_sum, float* m, float* r) {
+  row_stats_impl(s, n, eps, row_sum, m, r);
 }
-TFA_CLONES void row_stats(const double* s, int64_t n, double eps, double* m, double* r) {
-  row_stats_impl(s, n, eps, m, r);
+TFA_CLONES void row_stats(const double* s, int64_t n, double eps, double row_sum, double* m, double* r) {
+  row_stats_impl(s, n, eps, row_sum, m, r);
 }
 
 // y = (s - mean) * rstd * gamma + beta, into the float buffer `y`.
@@ -150,6 +160,64 @@ TFA_CLONES void row_backward(const double* s, const double* dy, const double* ds
   row_backward_impl(s, dy, dsum, n, m, r, g, ds, dga, dba);
 }
 
+// ---- float32 rows with streaming stores (AVX-512) ------------------------
+//
+// For outputs larger than the caches, the sum and y are written with
+// non-temporal stores: a plain store first reads the line it writes (for
+// ownership), so 2 reads + 2 writes per element cost the memory bus 6 line
+// transfers instead of 4. Measured on a 2-in/2-out stream of 8192x1024
+// float32, one thread: 3.7 ms with stores, 2.4 ms with streaming stores.
+// Used only when both outputs are 64-byte aligned row by row (cols % 16 == 0
+// and aligned bases, which TensorFlow's allocator gives).
+#ifdef TFA_LN_X86
+constexpr int64_t kStreamMinBytes = 8 << 20;  // smaller outputs stay in cache for their consumer
+
+__attribute__((target("avx512f"))) double add_rows_stream(const float* x, const float* r, int64_t n, float* s,
+                                                           float* sum_out) {
+  __m512d acc[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512 v0 = _mm512_add_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(r + i));
+    const __m512 v1 = _mm512_add_ps(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(r + i + 16));
+    _mm512_storeu_ps(s + i, v0);
+    _mm512_storeu_ps(s + i + 16, v1);
+    _mm512_stream_ps(sum_out + i, v0);
+    _mm512_stream_ps(sum_out + i + 16, v1);
+    acc[0] = _mm512_add_pd(acc[0], _mm512_cvtps_pd(_mm512_castps512_ps256(v0)));
+    acc[1] = _mm512_add_pd(acc[1], _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v0), 1))));
+    acc[2] = _mm512_add_pd(acc[2], _mm512_cvtps_pd(_mm512_castps512_ps256(v1)));
+    acc[3] = _mm512_add_pd(acc[3], _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v1), 1))));
+  }
+  for (; i < n; i += 16) {  // n % 16 == 0
+    const __m512 v = _mm512_add_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(r + i));
+    _mm512_storeu_ps(s + i, v);
+    _mm512_stream_ps(sum_out + i, v);
+    acc[0] = _mm512_add_pd(acc[0], _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+    acc[1] = _mm512_add_pd(acc[1], _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+  }
+  return _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(acc[0], acc[1]), _mm512_add_pd(acc[2], acc[3])));
+}
+
+// y = (s - mean) * rstd * gamma + beta with streaming stores (gamma, beta may be null).
+__attribute__((target("avx512f"))) void normalize_stream(const float* s, int64_t n, float mean, float rstd,
+                                                          const float* gamma, const float* beta, float* y) {
+  const __m512 m = _mm512_set1_ps(mean), rs = _mm512_set1_ps(rstd);
+  for (int64_t i = 0; i < n; i += 16) {
+    __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i), m), rs);
+    if (gamma) v = _mm512_mul_ps(v, _mm512_loadu_ps(gamma + i));
+    if (beta) v = _mm512_add_ps(v, _mm512_loadu_ps(beta + i));
+    _mm512_stream_ps(y + i, v);
+  }
+}
+
+bool use_streaming_stores(const LayerNormFwdParams& p) {
+  static const bool has_avx512 = __builtin_cpu_supports("avx512f");
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 64 == 0; };
+  return has_avx512 && p.dtype == DType::kFloat32 && p.residual && p.sum && p.cols % 16 == 0 &&
+         p.rows * p.cols * 4 >= kStreamMinBytes && aligned(p.y) && aligned(p.sum);
+}
+#endif
+
 // ---- loads and stores between element types and float buffers ------------
 
 template <typename T, typename A>
@@ -171,6 +239,26 @@ inline void store_row(const float* src, int64_t n, bfloat16_t* dst) {
   cpu::store_from_float(src, n, DType::kBFloat16, dst);
 }
 
+// s = x + r, also stored to `sum_out` (the sum output); returns sum(s), so
+// the statistics need one pass less.
+template <typename A>
+__attribute__((always_inline)) inline double add_rows_impl(const A* x, const A* r, int64_t n, A* s, A* sum_out) {
+  double total, unused;
+  lane_sums<A>(n, [&](int64_t i, double* a, double* b) {
+    const A v = x[i] + r[i];
+    s[i] = v;
+    sum_out[i] = v;
+    *a = v;
+    *b = 0;
+  }, &total, &unused);
+  return total;
+}
+TFA_CLONES double add_rows(const float* x, const float* r, int64_t n, float* s, float* sum_out) {
+  return add_rows_impl(x, r, n, s, sum_out);
+}
+TFA_CLONES double add_rows(const double* x, const double* r, int64_t n, double* s, double* sum_out) {
+  return add_rows_impl(x, r, n, s, sum_out);
+}
 TFA_CLONES void add_rows(float* a, const float* b, int64_t n) {
   for (int64_t i = 0; i < n; ++i) a[i] += b[i];
 }
@@ -223,6 +311,9 @@ void forward(const LayerNormFwdParams& p, const CpuContext& ctx) {
   T* sum = static_cast<T*>(p.sum);
   A* mean = static_cast<A*>(p.mean);
   A* rstd = static_cast<A*>(p.rstd);
+#ifdef TFA_LN_X86
+  const bool stream = use_streaming_stores(p);
+#endif
   ctx.parallel_for(p.rows, 12 * n, [&](int64_t begin, int64_t end) {
     std::vector<A> buf(3 * n);
     A* s = buf.data();
@@ -230,16 +321,46 @@ void forward(const LayerNormFwdParams& p, const CpuContext& ctx) {
     A* tmp = out + n;
     for (int64_t r = begin; r < end; ++r) {
       const int64_t off = r * n;
+#ifdef TFA_LN_X86
+      if constexpr (std::is_same<T, float>::value) {
+        if (stream) {
+          const double row_sum = add_rows_stream(x + off, res + off, n, s, sum + off);
+          row_stats(s, n, p.epsilon, row_sum, &mean[r], &rstd[r]);
+          normalize_stream(s, n, mean[r], rstd[r], g, b, y + off);
+          continue;
+        }
+      }
+#endif
+      if constexpr (std::is_same<T, A>::value) {
+        // float32/float64 rows need no conversion: read x (and r) once,
+        // write the sum and y straight to their outputs. The staged version
+        // (copy in, normalise into a buffer, copy out) ran at half the speed
+        // of a plain 2-in/2-out stream (8.0 vs 4.0 ms for 8192x1024, 1 thread).
+        const A* row = x + off;
+        double row_sum = std::numeric_limits<double>::quiet_NaN();
+        if (res) {
+          row_sum = add_rows(x + off, res + off, n, s, sum ? sum + off : tmp);
+          row = s;
+        } else if (sum) {
+          std::copy(x + off, x + off + n, sum + off);
+        }
+        row_stats(row, n, p.epsilon, row_sum, &mean[r], &rstd[r]);
+        row_normalize(row, n, mean[r], rstd[r], g, b, y + off);
+        continue;
+      }
       if (res) {
         load_sum(x + off, res + off, n, s, sum ? sum + off : nullptr, tmp);
       } else {
         load_row(x + off, n, s);
         if (sum) std::copy(x + off, x + off + n, sum + off);
       }
-      row_stats(s, n, p.epsilon, &mean[r], &rstd[r]);
+      row_stats(s, n, p.epsilon, std::numeric_limits<double>::quiet_NaN(), &mean[r], &rstd[r]);
       row_normalize(s, n, mean[r], rstd[r], g, b, out);
       store_row(out, n, y + off);
     }
+#ifdef TFA_LN_X86
+    if (stream) _mm_sfence();  // streaming stores are weakly ordered: publish them before returning
+#endif
   });
 }
 
