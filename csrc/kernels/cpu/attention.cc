@@ -341,21 +341,7 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
 
         // Online softmax (FlashAttention-2): running max m and normaliser l
         // without dropout; acc holds the unnormalised output.
-        for (int64_t r = 0; r < nr; ++r) {
-          Acc* sr = st.data() + r * kBc;
-          const Acc m_new = std::max(m[r], mk.row_max(sr, nc));
-          if (m_new == neg_inf) {  // nothing allowed so far in this row
-            std::fill(sr, sr + nc, Acc(0));
-            continue;
-          }
-          const Acc corr = std::exp(m[r] - m_new);  // exp(-inf) = 0 on the first allowed tile
-          l[r] = l[r] * corr + mk.exp_shift_sum(sr, nc, m_new);
-          m[r] = m_new;
-          if (corr != Acc(1)) {
-            Acc* ar = acc.data() + r * Hvp;
-            for (int64_t h = 0; h < Hv; ++h) ar[h] *= corr;
-          }
-        }
+        mk.softmax_step(nr, nc, st.data(), kBc, m.data(), l.data(), acc.data(), Hvp, Hv);
         if (drop.on) {
           for (int64_t r = 0; r < nr; ++r) dropout_factors(drop, b, n, t0 + r, s0, nc, dm.data() + r * kBc, int64_t(1));
           for (int64_t i = 0; i < nr * kBc; ++i) st[i] *= dm[i];

@@ -48,6 +48,13 @@ struct MicroKernels {
   // decided the gradient's error.
   void (*ds_wide)(int64_t m, int64_t n, int64_t k, const Acc* a, int64_t lda, const Acc* b, int64_t ldb,
                   const Acc* p, const Acc* f, const double* delta, Acc* ds, int64_t ldp);
+  // The forward's online-softmax step on one tile of logits s [nr][nc] (lds):
+  // per row r, m_new = max(m[r], max_j s[r][j]); a row with m_new = -inf is
+  // set to 0; otherwise corr = exp(m[r] - m_new), s[r][j] = exp(s[r][j] -
+  // m_new), l[r] = l[r] corr + sum_j s[r][j], m[r] = m_new, and the output
+  // accumulator row acc[r][0..hv) (ldacc) is multiplied by corr unless it is 1.
+  void (*softmax_step)(int64_t nr, int64_t nc, Acc* s, int64_t lds, Acc* m, Acc* l, Acc* acc, int64_t ldacc,
+                       int64_t hv);
 };
 
 // ---------------------------------------------------------------------------
@@ -118,10 +125,33 @@ void exp_shift_vec_portable(Acc* x, int64_t n, const Acc* shift) {
 }
 
 template <typename Acc>
+void softmax_step_portable(int64_t nr, int64_t nc, Acc* s, int64_t lds, Acc* m, Acc* l, Acc* acc, int64_t ldacc,
+                           int64_t hv) {
+  const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+  for (int64_t r = 0; r < nr; ++r) {
+    Acc* sr = s + r * lds;
+    const Acc m_new = std::max(m[r], row_max_portable(sr, nc));
+    if (m_new == neg_inf) {  // nothing allowed so far in this row
+      std::fill(sr, sr + nc, Acc(0));
+      continue;
+    }
+    // exp(-inf) = 0 on the first allowed tile; exp(0) = 1 needs no call.
+    const Acc corr = m_new == m[r] ? Acc(1) : std::exp(m[r] - m_new);
+    l[r] = l[r] * corr + exp_shift_sum_portable(sr, nc, m_new);
+    m[r] = m_new;
+    if (corr != Acc(1)) {
+      Acc* ar = acc + r * ldacc;
+      for (int64_t h = 0; h < hv; ++h) ar[h] *= corr;
+    }
+  }
+}
+
+template <typename Acc>
 const MicroKernels<Acc>& portable_kernels() {
   static const MicroKernels<Acc> k = {gemm_portable<Acc, false>,    gemm_portable<Acc, true>,
                                       row_max_portable<Acc>,        exp_shift_sum_portable<Acc>,
-                                      exp_shift_vec_portable<Acc>,  ds_wide_portable<Acc>};
+                                      exp_shift_vec_portable<Acc>,  ds_wide_portable<Acc>,
+                                      softmax_step_portable<Acc>};
   return k;
 }
 
@@ -362,6 +392,57 @@ TFA_AVX512 inline void exp_shift_vec_avx512(float* x, int64_t n, const float* sh
   }
 }
 
+// Full 64-column rows (kBc of the forward) unrolled without masks; the same
+// arithmetic, in the same order, as row_max_avx512 and exp_shift_sum_avx512.
+TFA_AVX512 inline void softmax_step_avx512(int64_t nr, int64_t nc, float* s, int64_t lds, float* m, float* l,
+                                           float* acc, int64_t ldacc, int64_t hv) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < nr; ++r) {
+    float* sr = s + r * lds;
+    float rmax, rsum;
+    float m_new;
+    if (nc == 64) {
+      const __m512 x0 = _mm512_loadu_ps(sr), x1 = _mm512_loadu_ps(sr + 16), x2 = _mm512_loadu_ps(sr + 32),
+                   x3 = _mm512_loadu_ps(sr + 48);
+      rmax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(_mm512_max_ps(_mm512_max_ps(_mm512_set1_ps(neg_inf), x0), x1), x2), x3));
+      m_new = std::max(m[r], rmax);
+      if (m_new == neg_inf) {
+        std::fill(sr, sr + nc, 0.0f);
+        continue;
+      }
+      const __m512 sh = _mm512_set1_ps(m_new);
+      const __m512 e0 = exp_avx512(_mm512_sub_ps(x0, sh)), e1 = exp_avx512(_mm512_sub_ps(x1, sh)),
+                   e2 = exp_avx512(_mm512_sub_ps(x2, sh)), e3 = exp_avx512(_mm512_sub_ps(x3, sh));
+      _mm512_storeu_ps(sr, e0);
+      _mm512_storeu_ps(sr + 16, e1);
+      _mm512_storeu_ps(sr + 32, e2);
+      _mm512_storeu_ps(sr + 48, e3);
+      rsum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(_mm512_add_ps(e0, e1), e2), e3));
+    } else {
+      m_new = std::max(m[r], row_max_avx512(sr, nc));
+      if (m_new == neg_inf) {
+        std::fill(sr, sr + nc, 0.0f);
+        continue;
+      }
+      rsum = exp_shift_sum_avx512(sr, nc, m_new);
+    }
+    const float corr = m_new == m[r] ? 1.0f : std::exp(m[r] - m_new);
+    // Rounded product, then the sum (as the portable tier): no FMA contraction.
+    float lc = l[r] * corr;
+    __asm__("" : "+v"(lc));
+    l[r] = lc + rsum;
+    m[r] = m_new;
+    if (corr != 1.0f) {
+      float* ar = acc + r * ldacc;
+      const __m512 c = _mm512_set1_ps(corr);
+      for (int64_t h = 0; h < hv; h += 16) {
+        const __mmask16 mk = tail_mask(hv - h);
+        _mm512_mask_storeu_ps(ar + h, mk, _mm512_mul_ps(c, _mm512_maskz_loadu_ps(mk, ar + h)));
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------
 // AVX512-BF16 tier: tile products of bfloat16 operands with vdpbf16ps, which
 // multiplies 32 bf16 pairs exactly and adds them to 16 float accumulators, so
@@ -466,7 +547,8 @@ template <>
 inline const MicroKernels<float>& micro_kernels<float>() {
 #if TFA_HAVE_X86_DISPATCH
   static const MicroKernels<float> avx512 = {gemm_avx512<false>,   gemm_avx512<true>,    row_max_avx512,
-                                             exp_shift_sum_avx512, exp_shift_vec_avx512, ds_wide_avx512};
+                                             exp_shift_sum_avx512, exp_shift_vec_avx512, ds_wide_avx512,
+                                             softmax_step_avx512};
   static const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
                                  __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
   if (has_avx512) return avx512;
