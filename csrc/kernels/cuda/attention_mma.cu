@@ -13,6 +13,8 @@
 // product O += P V (FlashAttention-2's register reuse), so P never touches
 // shared memory.
 #include "attention_args.h"
+#include "attention_common.cuh"
+#include "mma.cuh"
 #include "common.cuh"
 #include "tf_fastattn/philox.h"
 
@@ -30,31 +32,6 @@ constexpr int kThreads = 32 * kMmaWarps;
 constexpr int kOT = kHp / 8;  // output n-tiles per warp
 constexpr float kLn2 = 0.6931471805599453f;
 
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if TFA_DTYPE == 0
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
-
-// Two floats as one 16-bit pair, `lo` in the low half (the lower column).
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  uint32_t r;
-#if TFA_DTYPE == 0
-  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-#else
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-#endif
-  return r;
-}
-
-__device__ __forceinline__ uint32_t ld32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
-
 // [rows, cols] 16-bit tile (global row stride ld) into shared memory, row
 // stride sld, or transposed (element (r, c) at c * sld + r); zero outside
 // rows_valid x cols_valid.
@@ -66,15 +43,6 @@ __device__ __forceinline__ void load_tile(uint16_t* dst, int sld, const uint16_t
     const uint16_t v = (r < rows_valid && c < cols_valid) ? src[r * ld + c] : uint16_t(0);
     dst[kTranspose ? c * sld + r : r * sld + c] = v;
   }
-}
-
-__device__ __forceinline__ bool allowed(const AttentionArgs& a, int64_t b, int64_t n, int64_t t, int64_t s) {
-  if (t >= a.seqlen_q || s >= a.seqlen_k) return false;
-  if (a.causal && s > t) return false;
-  if (a.mask && !a.mask[b * a.mask_stride_b + n * a.mask_stride_n + t * a.mask_stride_t + s * a.mask_stride_s]) {
-    return false;
-  }
-  return true;
 }
 
 // o += P Vt^T for one key tile; p holds P in the C layout of kBN / 8 n-tiles.

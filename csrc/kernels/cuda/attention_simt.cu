@@ -18,6 +18,7 @@
 // mask), whose output is the uniform average over all S keys (Keras'
 // semantics): such rows take a separate pass over V.
 #include "attention_args.h"
+#include "attention_common.cuh"
 #include "common.cuh"
 #include "tf_fastattn/philox.h"
 
@@ -46,15 +47,6 @@ __device__ __forceinline__ void load_tile(float* dst, int sld, const T* src, int
 }
 
 // mask && causal && in range.
-__device__ __forceinline__ bool allowed(const AttentionArgs& a, int64_t b, int64_t n, int64_t t, int64_t s) {
-  if (t >= a.seqlen_q || s >= a.seqlen_k) return false;
-  if (a.causal && s > t) return false;
-  if (a.mask && !a.mask[b * a.mask_stride_b + n * a.mask_stride_n + t * a.mask_stride_t + s * a.mask_stride_s]) {
-    return false;
-  }
-  return true;
-}
-
 __device__ __forceinline__ float keep_factor(const AttentionArgs& a, bool keep) { return keep ? a.inv_keep : 0.f; }
 
 struct Coords {
