@@ -1,10 +1,10 @@
 """GPU tests: loading _C without TensorFlow, the `gpu` mark, skipping without a GPU.
 
-The GPU machines have PyTorch and no TensorFlow, so these tests never import
-tf_fastattn (its __init__ imports TensorFlow): _C is loaded from TFA_C_PATH
-(the .so that benchmarks/gpu_run.sh builds with -DTFA_BUILD_TF_OPS=OFF), or
-from an installed tf_fastattn. Run with --confcutdir=tests/gpu so that
-tests/conftest.py (TensorFlow) is not loaded.
+The GPU machines have PyTorch and no TensorFlow. _C is loaded from TFA_C_PATH
+(the .so that benchmarks/gpu_run.sh builds with -DTFA_BUILD_TF_OPS=OFF, which
+is not an installed package), or from an installed tf_fastattn (importable
+without TensorFlow). Run with --confcutdir=tests/gpu so that tests/conftest.py
+(TensorFlow) is not loaded.
 """
 
 from __future__ import annotations
