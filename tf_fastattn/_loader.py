@@ -88,20 +88,15 @@ def ops():
     return state()["ops"]
 
 
-def gpu_runtime_info() -> dict:
-    """What tf_fastattn's GPU runtime found (driver, NVRTC, kernel cache), from _C."""
-    from tf_fastattn import _C
-
-    return _C.gpu_runtime_info()
-
-
 def _gpu_reason() -> str | None:
     # TensorFlow places the ops on a visible GPU; their kernels then need the
     # CUDA driver and NVRTC. Without them the reference math runs instead.
     if "gpu_reason" not in _state:
         reason = None
         if tf.config.list_physical_devices("GPU"):
-            info = gpu_runtime_info()
+            from tf_fastattn import gpu
+
+            info = gpu.runtime_info()
             if not info["ok"]:
                 reason = f"a GPU is visible but tf_fastattn's GPU runtime is unavailable: {info['reason']}"
         _state["gpu_reason"] = reason
@@ -187,7 +182,9 @@ def build_info() -> dict:
         "kernels": kernels,
     }
     try:
-        gpu = gpu_runtime_info()
+        from tf_fastattn import gpu as gpu_runtime
+
+        gpu = gpu_runtime.runtime_info()
         info["gpu_runtime"] = "ok" if gpu["ok"] else f"unavailable ({gpu['reason']})"
         info["gpu_nvrtc"] = gpu["nvrtc"]
         info["gpu_kernel_cache"] = gpu["cache_dir"]

@@ -230,14 +230,6 @@ absl::Status read_seed(OpKernelContext* ctx, int index, uint64_t* seed) {
   return absl::OkStatus();
 }
 
-absl::Status check_stats_dtype(tfw::DataType t, tfw::DataType s) {
-  if (s != stats_tf_dtype(t)) {
-    return invalid_argument("lse dtype S must be ", tfw::DataTypeString(stats_tf_dtype(t)), " for ",
-                           tfw::DataTypeString(t), " inputs, got ", tfw::DataTypeString(s));
-  }
-  return absl::OkStatus();
-}
-
 // Input indices: query 0, key 1, value 2, then num_mask masks, then num_seed
 // seeds, then (backward) out, lse, d_out.
 template <class Device>
@@ -251,7 +243,7 @@ class AttentionOp : public OpKernel {
     const Tensor& v = ctx->input(2);
     AttentionFwdParams p;
     OP_REQUIRES_OK(ctx, attention_shape(q, k, v, &p.shape));
-    OP_REQUIRES_OK(ctx, check_stats_dtype(q.dtype(), ctx->expected_output_dtype(1)));
+    OP_REQUIRES_OK(ctx, check_stats_dtype("lse", q.dtype(), ctx->expected_output_dtype(1)));
     if (attrs_.num_mask) OP_REQUIRES_OK(ctx, mask_view(ctx->input(3), p.shape, &p.mask, &p.mask_strides));
     if (attrs_.num_seed) OP_REQUIRES_OK(ctx, read_seed(ctx, 3 + attrs_.num_mask, &p.seed));
     const AttentionShape& s = p.shape;
@@ -305,7 +297,7 @@ class AttentionGradOp : public OpKernel {
     OP_REQUIRES(ctx, lse.shape() == lse_shape,
                 invalid_argument("lse must have shape [B, N, T] = ", lse_shape.DebugString(), ", got ",
                                 shape_string(lse)));
-    OP_REQUIRES_OK(ctx, check_stats_dtype(q.dtype(), lse.dtype()));
+    OP_REQUIRES_OK(ctx, check_stats_dtype("lse", q.dtype(), lse.dtype()));
     if (attrs_.num_mask) OP_REQUIRES_OK(ctx, mask_view(ctx->input(3), s, &p.mask, &p.mask_strides));
     if (attrs_.num_seed) OP_REQUIRES_OK(ctx, read_seed(ctx, 3 + attrs_.num_mask, &p.seed));
 

@@ -110,14 +110,6 @@ absl::Status check_param(const Tensor& p, const char* name, bool used, int64_t c
   return absl::OkStatus();
 }
 
-absl::Status check_stats_dtype(OpKernelContext* ctx, tfw::DataType t, tfw::DataType s) {
-  if (s != stats_tf_dtype(t)) {
-    return invalid_argument("statistics dtype S must be ", tfw::DataTypeString(stats_tf_dtype(t)), " for ",
-                           tfw::DataTypeString(t), " inputs, got ", tfw::DataTypeString(s));
-  }
-  return absl::OkStatus();
-}
-
 template <class Device>
 class LayerNormOp : public OpKernel {
  public:
@@ -145,7 +137,7 @@ class LayerNormOp : public OpKernel {
     }
     OP_REQUIRES_OK(ctx, check_param(gamma, "gamma", scale_, cols));
     OP_REQUIRES_OK(ctx, check_param(beta, "beta", center_, cols));
-    OP_REQUIRES_OK(ctx, check_stats_dtype(ctx, x.dtype(), ctx->expected_output_dtype(2)));
+    OP_REQUIRES_OK(ctx, check_stats_dtype("statistics", x.dtype(), ctx->expected_output_dtype(2)));
 
     TensorShape stats_shape = x.shape();
     stats_shape.RemoveLastDims(1);
@@ -218,7 +210,7 @@ class LayerNormGradOp : public OpKernel {
     OP_REQUIRES(ctx, mean.NumElements() == rows && rstd.NumElements() == rows,
                 invalid_argument("mean and rstd must have ", rows, " elements, got ", mean.NumElements(), " and ",
                                 rstd.NumElements()));
-    OP_REQUIRES_OK(ctx, check_stats_dtype(ctx, dy.dtype(), mean.dtype()));
+    OP_REQUIRES_OK(ctx, check_stats_dtype("statistics", dy.dtype(), mean.dtype()));
     OP_REQUIRES_OK(ctx, check_param(gamma, "gamma", scale_, cols));
 
     Tensor *dx, *dgamma, *dbeta;

@@ -74,6 +74,16 @@ absl::Status invalid_argument(const Args&... args) {
 inline const void* ptr(const tfw::Tensor& t) { return t.NumElements() ? t.data() : nullptr; }
 inline void* mutable_ptr(tfw::Tensor* t) { return t->NumElements() ? t->data() : nullptr; }
 
+// Statistics (layer-norm mean/rstd, attention lse) are float32, float64 for
+// float64 inputs; `what` names them in the error.
+inline absl::Status check_stats_dtype(const char* what, tfw::DataType t, tfw::DataType s) {
+  if (s != stats_tf_dtype(t)) {
+    return invalid_argument(what, " dtype S must be ", tfw::DataTypeString(stats_tf_dtype(t)), " for ",
+                            tfw::DataTypeString(t), " inputs, got ", tfw::DataTypeString(s));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace tf
 }  // namespace tf_fastattn
 
