@@ -1,5 +1,13 @@
-"""What the fused Keras layers share: the serialised `implementation` choice
-and opting out of XLA while the fused op can run."""
+"""What the fused Keras layers share: the `implementation` choice and opting
+out of XLA while the fused op can run.
+
+The fused behaviour of each layer lives in a mixin (`FusedMultiHeadAttentionMixin`,
+...) that overrides only the methods doing the math. The public layers
+(`tf_fastattn.layers.MultiHeadAttention`, ...) put a mixin in front of the
+Keras class and add `implementation` to the constructor and config;
+`convert_model` and `patch_keras` put the same mixin in front of an existing
+layer's own class (`tf_fastattn.layers.fused_class`), which keeps its config.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +15,11 @@ from tf_fastattn import _loader
 
 
 class FusedLayerMixin:
-    """Mixed into each fused layer before its Keras base class."""
+    """Mixed in before a Keras attention or layer-norm class."""
+
+    # Class default, so a layer whose class was switched after construction
+    # (no `__init__` of ours ran) reads "auto".
+    implementation = "auto"
 
     def _init_implementation(self, implementation: str) -> None:
         _loader.check_implementation(implementation)
@@ -16,6 +28,10 @@ class FusedLayerMixin:
         # honours jit_compile=True only if every layer supports it); XLA cannot
         # run custom ops, so the layer opts out while the op can run.
         self.supports_jit = implementation == "reference" or _loader.unavailable_reason() is not None
+
+
+class SerializedImplementation:
+    """The public layers' `implementation` constructor argument, kept in the config."""
 
     def get_config(self):
         return {**super().get_config(), "implementation": self.implementation}

@@ -6,43 +6,12 @@ import keras
 from keras import ops
 
 from tf_fastattn import _loader
-from tf_fastattn.layers._fused_layer import FusedLayerMixin
+from tf_fastattn.layers._fused_layer import FusedLayerMixin, SerializedImplementation
 from tf_fastattn.layers.multi_head_attention import fused_layer_attention
 
 
-@keras.saving.register_keras_serializable(package="tf_fastattn")
-class GroupedQueryAttention(FusedLayerMixin, keras.layers.GroupQueryAttention):
-    """Grouped-query attention with the fused op; same weights and config as Keras'.
-
-    A subclass of `keras.layers.GroupQueryAttention` (class name
-    `GroupedQueryAttention`, as Keras') that keeps its constructor, call
-    signature, weights and config. Keras repeats every key/value head
-    `num_query_heads / num_key_value_heads` times before attending; this layer
-    hands the unrepeated `[B, S, Nkv, H]` keys and values to the op, which
-    reads each kv head once per group:
-
-        o = softmax(q k^T / sqrt(head_dim) + mask) v     (no T x S tensor, no repeat)
-
-    `use_causal_mask=True` reaches the op as `is_causal`; query/value/key masks,
-    `attention_mask` and `sliding_window` are merged into one boolean mask as
-    Keras does; dropout is fused and seeded from the layer's seed generator.
-    Rows with no allowed key follow Keras: the uniform average of the values
-    without dropout, zeros with dropout. `return_attention_scores=True` uses
-    Keras' own computation, as does code traced for XLA.
-
-    Args:
-      (every argument of `keras.layers.GroupQueryAttention`), plus
-      implementation: "auto", "fused" or "reference" (serialised in the config).
-
-    Example:
-      >>> from tf_fastattn.layers import GroupedQueryAttention
-      >>> gqa = GroupedQueryAttention(head_dim=64, num_query_heads=8, num_key_value_heads=2)
-      >>> y = gqa(x, x, use_causal_mask=True)
-    """
-
-    def __init__(self, *args, implementation: str = "auto", **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_implementation(implementation)
+class FusedGroupedQueryAttentionMixin(FusedLayerMixin):
+    """The fused path of `GroupQueryAttention` and its subclasses: overrides `call`."""
 
     def call(
         self,
@@ -100,3 +69,40 @@ class GroupedQueryAttention(FusedLayerMixin, keras.layers.GroupQueryAttention):
             q, k, v, mask, bool(use_causal_mask), dropout=self.dropout, seed_generator=seed_generator, training=training
         )
         return self._output_dense(ops.multiply(out, gate) if gate is not None else out)
+
+
+@keras.saving.register_keras_serializable(package="tf_fastattn")
+class GroupedQueryAttention(
+    FusedGroupedQueryAttentionMixin, SerializedImplementation, keras.layers.GroupQueryAttention
+):
+    """Grouped-query attention with the fused op; same weights and config as Keras'.
+
+    A subclass of `keras.layers.GroupQueryAttention` (class name
+    `GroupedQueryAttention`, as Keras') that keeps its constructor, call
+    signature, weights and config. Keras repeats every key/value head
+    `num_query_heads / num_key_value_heads` times before attending; this layer
+    hands the unrepeated `[B, S, Nkv, H]` keys and values to the op, which
+    reads each kv head once per group:
+
+        o = softmax(q k^T / sqrt(head_dim) + mask) v     (no T x S tensor, no repeat)
+
+    `use_causal_mask=True` reaches the op as `is_causal`; query/value/key masks,
+    `attention_mask` and `sliding_window` are merged into one boolean mask as
+    Keras does; dropout is fused and seeded from the layer's seed generator.
+    Rows with no allowed key follow Keras: the uniform average of the values
+    without dropout, zeros with dropout. `return_attention_scores=True` uses
+    Keras' own computation, as does code traced for XLA.
+
+    Args:
+      (every argument of `keras.layers.GroupQueryAttention`), plus
+      implementation: "auto", "fused" or "reference" (serialised in the config).
+
+    Example:
+      >>> from tf_fastattn.layers import GroupedQueryAttention
+      >>> gqa = GroupedQueryAttention(head_dim=64, num_query_heads=8, num_key_value_heads=2)
+      >>> y = gqa(x, x, use_causal_mask=True)
+    """
+
+    def __init__(self, *args, implementation: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_implementation(implementation)

@@ -5,51 +5,19 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from tf_fastattn.layers._fused_layer import FusedLayerMixin
+from tf_fastattn.layers._fused_layer import FusedLayerMixin, SerializedImplementation
 from tf_fastattn.layer_norm import layer_norm
 
 
-@keras.saving.register_keras_serializable(package="tf_fastattn")
-class LayerNormalization(FusedLayerMixin, keras.layers.LayerNormalization):
-    """Layer normalization with a fused residual add, same weights and config as Keras'.
+class FusedLayerNormalizationMixin(FusedLayerMixin):
+    """The fused path of `LayerNormalization` and its subclasses: overrides `call`.
 
-    A subclass of `keras.layers.LayerNormalization` that keeps its class name,
-    constructor, weights (`gamma`, `beta`) and config, so models and
-    `.weights.h5` files written with the stock layer load unchanged. Over the
-    last axis it runs the fused `TfFastattn>LayerNorm` op:
-
-        s = x + residual            (when called on [x, residual])
-        y = (s - mean(s)) / sqrt(var(s) + epsilon) * gamma + beta
-
-    in one pass over memory with float32 statistics. Other axes, and
-    `rms_scaling=True`, use Keras' own computation.
-
-    Args:
-      (every argument of `keras.layers.LayerNormalization`), plus
-      return_residual: when True, `call` returns `(y, s)`: the normalized
-        output and the sum, for pre-norm residual streams.
-      implementation: "auto" (fused op when available, else the reference with
-        a one-time warning), "fused" (raise if the op cannot run) or
-        "reference".
-
-    Call arguments:
-      inputs: `x`, or `[x, residual]` with the same shape.
-
-    Example:
-      >>> from tf_fastattn.layers import LayerNormalization
-      >>> ln = LayerNormalization(epsilon=1e-6)
-      >>> y = ln([attention_output, x])   # LN(x + attention_output), fused
+    `call` also takes `[x, residual]` (the fused residual add) and returns
+    `(y, x + residual)` when `return_residual` is set; only the public layer
+    (and `convert_model`'s residual fusion) calls it so.
     """
 
-    def __init__(self, *args, return_residual: bool = False, implementation: str = "auto", **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_implementation(implementation)
-        self.return_residual = return_residual
-
-    def build(self, input_shape):
-        if isinstance(input_shape, (list, tuple)) and input_shape and isinstance(input_shape[0], (list, tuple)):
-            input_shape = input_shape[0]
-        super().build(input_shape)
+    return_residual = False  # class default for layers switched after construction
 
     def _fused_axis_reason(self, rank):
         if self.rms_scaling:
@@ -90,6 +58,49 @@ class LayerNormalization(FusedLayerMixin, keras.layers.LayerNormalization):
             y = super().call(s)
         y = tf.cast(y, self.compute_dtype)
         return (y, s) if self.return_residual else y
+
+
+@keras.saving.register_keras_serializable(package="tf_fastattn")
+class LayerNormalization(FusedLayerNormalizationMixin, SerializedImplementation, keras.layers.LayerNormalization):
+    """Layer normalization with a fused residual add, same weights and config as Keras'.
+
+    A subclass of `keras.layers.LayerNormalization` that keeps its class name,
+    constructor, weights (`gamma`, `beta`) and config, so models and
+    `.weights.h5` files written with the stock layer load unchanged. Over the
+    last axis it runs the fused `TfFastattn>LayerNorm` op:
+
+        s = x + residual            (when called on [x, residual])
+        y = (s - mean(s)) / sqrt(var(s) + epsilon) * gamma + beta
+
+    in one pass over memory with float32 statistics. Other axes, and
+    `rms_scaling=True`, use Keras' own computation.
+
+    Args:
+      (every argument of `keras.layers.LayerNormalization`), plus
+      return_residual: when True, `call` returns `(y, s)`: the normalized
+        output and the sum, for pre-norm residual streams.
+      implementation: "auto" (fused op when available, else the reference with
+        a one-time warning), "fused" (raise if the op cannot run) or
+        "reference".
+
+    Call arguments:
+      inputs: `x`, or `[x, residual]` with the same shape.
+
+    Example:
+      >>> from tf_fastattn.layers import LayerNormalization
+      >>> ln = LayerNormalization(epsilon=1e-6)
+      >>> y = ln([attention_output, x])   # LN(x + attention_output), fused
+    """
+
+    def __init__(self, *args, return_residual: bool = False, implementation: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_implementation(implementation)
+        self.return_residual = return_residual
+
+    def build(self, input_shape):
+        if isinstance(input_shape, (list, tuple)) and input_shape and isinstance(input_shape[0], (list, tuple)):
+            input_shape = input_shape[0]
+        super().build(input_shape)
 
     def compute_output_shape(self, input_shape):
         if isinstance(input_shape, (list, tuple)) and input_shape and isinstance(input_shape[0], (list, tuple)):

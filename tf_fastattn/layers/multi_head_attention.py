@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 
 from tf_fastattn import _loader
-from tf_fastattn.layers._fused_layer import FusedLayerMixin
+from tf_fastattn.layers._fused_layer import FusedLayerMixin, SerializedImplementation
 from tf_fastattn.attention import fused_attention, seed_tensor
 
 
@@ -26,59 +26,13 @@ class _AttentionMask:
         self.is_causal = is_causal
 
 
-@keras.saving.register_keras_serializable(package="tf_fastattn")
-class MultiHeadAttention(FusedLayerMixin, keras.layers.MultiHeadAttention):
-    """Multi-head attention with the fused attention op; same weights and config as Keras'.
+class FusedMultiHeadAttentionMixin(FusedLayerMixin):
+    """The fused attention path of `MultiHeadAttention` and its subclasses.
 
-    A subclass of `keras.layers.MultiHeadAttention` that keeps its class name,
-    constructor, call signature, weights (`query`, `key`, `value`,
-    `attention_output` EinsumDense kernels and biases) and config, so that
-    changing `from keras.layers import MultiHeadAttention` to
-    `from tf_fastattn.layers import MultiHeadAttention` is the only edit a model
-    needs, and `.weights.h5` files written with the stock layer load. With the
-    projections `q = x W_q`, `k = y W_k`, `v = y W_v` (shapes `[B, T, N, H]`,
-    `[B, S, N, H]`, `[B, S, N, Hv]`):
-
-        o = softmax(q k^T / sqrt(H) + mask) v          (fused, no T x S tensor)
-        output = o W_o
-
-    What reaches the op:
-      - `use_causal_mask=True` becomes the op's `is_causal` (top-left aligned,
-        as Keras), never a dense mask;
-      - the query/key/value Keras masks and `attention_mask` are merged as
-        Keras does into one boolean `[B, T, S]` mask;
-      - attention dropout (`dropout > 0`, `training=True`) is fused, drawn
-        from the layer's seed generator (a new mask every step, reproducible
-        with `seed=`). The keep mask is not the one Keras' `Dropout` would draw.
-
-    Masked rows: a query row with no allowed key averages value uniformly over
-    all keys, as Keras' `dot_product_attention` path does. Keras takes another
-    path when `dropout > 0` (masked softmax), where such rows are zeros; this
-    layer matches that too, so outputs equal the stock layer's in both cases.
-
-    `return_attention_scores=True` and non-default `attention_axes` run Keras'
-    own computation (the op never forms the scores). So does code traced for
-    XLA (`jit_compile=True`): XLA cannot run custom ops. While the op can run,
-    the layer sets `supports_jit = False`, so Keras' `jit_compile="auto"`
-    leaves XLA off.
-
-    Args:
-      (every argument of `keras.layers.MultiHeadAttention`), plus
-      implementation: "auto" (fused op when available, else Keras' math with a
-        one-time warning), "fused" (raise ValueError if the op cannot run) or
-        "reference" (always Keras' math). Serialized in the config.
-
-    Call arguments: those of `keras.layers.MultiHeadAttention`.
-
-    Example:
-      >>> from tf_fastattn.layers import MultiHeadAttention
-      >>> mha = MultiHeadAttention(num_heads=8, key_dim=64, dropout=0.1)
-      >>> y = mha(x, x, use_causal_mask=True)      # x: [B, T, 512] -> [B, T, 512]
+    Overrides only `_compute_attention_mask` and `_compute_attention`, so a
+    subclass with its own `call` (keras-hub's `CachedMultiHeadAttention`, whose
+    cached decoding calls `_compute_attention` with a dense mask) keeps it.
     """
-
-    def __init__(self, *args, implementation: str = "auto", **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_implementation(implementation)
 
     def _compute_attention_mask(
         self,
@@ -147,6 +101,61 @@ class MultiHeadAttention(FusedLayerMixin, keras.layers.MultiHeadAttention):
         return fused_layer_attention(
             query, key, value, mask, is_causal, dropout=self._dropout, seed_generator=seed_generator, training=training
         )
+
+
+@keras.saving.register_keras_serializable(package="tf_fastattn")
+class MultiHeadAttention(FusedMultiHeadAttentionMixin, SerializedImplementation, keras.layers.MultiHeadAttention):
+    """Multi-head attention with the fused attention op; same weights and config as Keras'.
+
+    A subclass of `keras.layers.MultiHeadAttention` that keeps its class name,
+    constructor, call signature, weights (`query`, `key`, `value`,
+    `attention_output` EinsumDense kernels and biases) and config, so that
+    changing `from keras.layers import MultiHeadAttention` to
+    `from tf_fastattn.layers import MultiHeadAttention` is the only edit a model
+    needs, and `.weights.h5` files written with the stock layer load. With the
+    projections `q = x W_q`, `k = y W_k`, `v = y W_v` (shapes `[B, T, N, H]`,
+    `[B, S, N, H]`, `[B, S, N, Hv]`):
+
+        o = softmax(q k^T / sqrt(H) + mask) v          (fused, no T x S tensor)
+        output = o W_o
+
+    What reaches the op:
+      - `use_causal_mask=True` becomes the op's `is_causal` (top-left aligned,
+        as Keras), never a dense mask;
+      - the query/key/value Keras masks and `attention_mask` are merged as
+        Keras does into one boolean `[B, T, S]` mask;
+      - attention dropout (`dropout > 0`, `training=True`) is fused, drawn
+        from the layer's seed generator (a new mask every step, reproducible
+        with `seed=`). The keep mask is not the one Keras' `Dropout` would draw.
+
+    Masked rows: a query row with no allowed key averages value uniformly over
+    all keys, as Keras' `dot_product_attention` path does. Keras takes another
+    path when `dropout > 0` (masked softmax), where such rows are zeros; this
+    layer matches that too, so outputs equal the stock layer's in both cases.
+
+    `return_attention_scores=True` and non-default `attention_axes` run Keras'
+    own computation (the op never forms the scores). So does code traced for
+    XLA (`jit_compile=True`): XLA cannot run custom ops. While the op can run,
+    the layer sets `supports_jit = False`, so Keras' `jit_compile="auto"`
+    leaves XLA off.
+
+    Args:
+      (every argument of `keras.layers.MultiHeadAttention`), plus
+      implementation: "auto" (fused op when available, else Keras' math with a
+        one-time warning), "fused" (raise ValueError if the op cannot run) or
+        "reference" (always Keras' math). Serialized in the config.
+
+    Call arguments: those of `keras.layers.MultiHeadAttention`.
+
+    Example:
+      >>> from tf_fastattn.layers import MultiHeadAttention
+      >>> mha = MultiHeadAttention(num_heads=8, key_dim=64, dropout=0.1)
+      >>> y = mha(x, x, use_causal_mask=True)      # x: [B, T, 512] -> [B, T, 512]
+    """
+
+    def __init__(self, *args, implementation: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_implementation(implementation)
 
 
 def fused_layer_attention(query, key, value, mask, is_causal, *, dropout, seed_generator, training):
