@@ -1,7 +1,11 @@
-"""tf_fastattn.convert_model: layer swaps, Add + LayerNormalization fusion,
-weights carried over, outputs equal, original untouched, report."""
+"""tf_fastattn.convert_model and patch_keras: instances switched to fused
+subclasses of their own class (nested, subclassed, Sequential, functional and
+subclassed models), in place or on a structural copy, Add + LayerNormalization
+fusion on plain functional copies, the report, and the Keras patch."""
 
 from __future__ import annotations
+
+import warnings
 
 import keras
 import numpy as np
@@ -10,17 +14,24 @@ from tfa_helpers import requires_ops
 from test_multi_head_attention import SEQ, VOCAB, classification_data, classifier
 
 import tf_fastattn
-from tf_fastattn.layers import GroupedQueryAttention, LayerNormalization, MultiHeadAttention
+from tf_fastattn.layers import LayerNormalization, is_fused
 
 pytestmark = requires_ops
 
+STOCK = (keras.layers.MultiHeadAttention, keras.layers.GroupQueryAttention, keras.layers.LayerNormalization)
 
-def _types(model):
-    return [type(layer) for layer in model.layers]
+
+def _all_layers(model):
+    return model._flatten_layers(include_self=True, recursive=True)
+
+
+def _stock_left(model):
+    return [layer.name for layer in _all_layers(model) if isinstance(layer, STOCK) and not is_fused(layer)]
 
 
 def _weights_equal(a, b):
-    return all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))
+    wa, wb = a.get_weights(), b.get_weights()
+    return len(wa) == len(wb) and all(np.array_equal(x, y) for x, y in zip(wa, wb))
 
 
 def test_post_norm_classifier():
@@ -29,18 +40,18 @@ def test_post_norm_classifier():
     original_weights = model.get_weights()
     converted, report = tf_fastattn.convert_model(model, return_report=True)
 
-    assert MultiHeadAttention in _types(converted) and LayerNormalization in _types(converted)
-    stock = (keras.layers.MultiHeadAttention, keras.layers.LayerNormalization)
-    assert not any(type(layer) in stock for layer in converted.layers)
+    assert report.copy == "copy" and converted is not model
+    assert _stock_left(converted) == []
+    assert sorted(kind for _, kind in report.replaced) == ["LayerNormalization"] * 2 + ["MultiHeadAttention"]
     # Both post-norm residual adds became fused layer norms: no Add is left.
     assert not any(isinstance(layer, keras.layers.Add) for layer in converted.layers)
-    assert len(report.fused_residual) == 2 and ("multi_head_attention" in report.replaced[0][0])
+    assert len(report.fused_residual) == 2
     assert report.skipped == []
 
     x, _ = classification_data(64)
     np.testing.assert_allclose(converted.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
     # The original is untouched and shares no weights with the copy.
-    assert all(type(layer).__module__.startswith("keras") for layer in model.layers)
+    assert _stock_left(model) and not any(is_fused(layer) for layer in _all_layers(model))
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), original_weights))
     converted.layers[-1].kernel.assign(converted.layers[-1].kernel * 0)
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), original_weights))
@@ -83,9 +94,10 @@ def test_causal_decoder_with_gqa_and_pre_norm():
     kinds = [kind for _, kind in report.replaced]
     assert kinds.count("MultiHeadAttention") == 2
     assert kinds.count("GroupedQueryAttention") == 1
-    assert any(isinstance(layer, GroupedQueryAttention) for layer in converted.layers)
+    assert kinds.count("LayerNormalization") == 3
     skipped = dict(report.skipped)
-    assert any("axis=[1] is not the last axis" in reason for reason in skipped.values())
+    assert list(skipped.values()) == ["axis=[1] is not the last axis of a rank-3 input"]
+    assert _stock_left(converted) == [layer.name for layer in converted.layers[-2:-1]]
     # The block-1 sum feeds block 2's norm and block 2's residual: fused with
     # return_residual; the GQA block's add is post-norm: fused plainly.
     fused_norms = [layer for layer in converted.layers if isinstance(layer, LayerNormalization)]
@@ -100,19 +112,116 @@ def test_sequential_model():
     )
     converted = tf_fastattn.convert_model(model)
     assert isinstance(converted, keras.Sequential)
-    assert type(converted.layers[1]) is LayerNormalization
+    assert is_fused(converted.layers[1]) and isinstance(converted.layers[1], keras.layers.LayerNormalization)
     assert all(_weights_equal(a, b) for a, b in zip(model.layers, converted.layers))
     x = np.random.default_rng(0).standard_normal((5, 7, 12)).astype("float32")
     np.testing.assert_allclose(converted(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_unsupported_models_raise():
-    class Sub(keras.Model):
-        def call(self, x):
-            return x
+class _Block(keras.layers.Layer):
+    """A custom layer without get_config, holding attention and a norm."""
 
-    with pytest.raises(ValueError, match="built"):
-        tf_fastattn.convert_model(Sub())
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.att = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4, dropout=0.0)
+        self.norm = keras.layers.LayerNormalization()
+
+    def call(self, x):
+        return self.norm(x + self.att(x, x, use_causal_mask=True))
+
+
+class _SubclassedModel(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.embed = keras.layers.Embedding(VOCAB, 8)
+        self.blocks = [_Block(), _Block()]
+        self.head = keras.layers.Dense(3)
+
+    def call(self, inputs):
+        h = self.embed(inputs["tokens"])
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+def test_subclassed_model_with_nested_layers_converts_fully():
+    keras.utils.set_random_seed(2)
+    model = _SubclassedModel()
+    x = {"tokens": classification_data(8)[0]}
+    expected = model(x)
+    converted, report = tf_fastattn.convert_model(model, return_report=True)
+    assert type(converted) is _SubclassedModel and report.copy == "copy"
+    assert len(report.replaced) == 4 and report.skipped == [] and _stock_left(converted) == []
+    paths = [path for path, _ in report.replaced]
+    assert any("att" in p for p in paths) and any("norm" in p for p in paths)
+    np.testing.assert_allclose(converted(x), expected, rtol=1e-5, atol=1e-5)
+    # Same variables, in the same order, as the original's (copied values).
+    assert [v.path for v in converted.weights] == [v.path for v in model.weights]
+    assert _weights_equal(converted, model)
+
+
+def test_inplace_keeps_every_object():
+    keras.utils.set_random_seed(3)
+    model = _SubclassedModel()
+    x = {"tokens": classification_data(4)[0]}
+    expected = model(x)
+    att = model.blocks[0].att
+    variables = list(model.weights)
+    config = att.get_config()
+    converted, report = tf_fastattn.convert_model(model, inplace=True, return_report=True)
+    assert converted is model and report.copy == "in place"
+    assert converted.blocks[0].att is att and is_fused(att)
+    assert all(a is b for a, b in zip(converted.weights, variables))
+    assert att.get_config() == config
+    # A fused instance is still an instance of its own class, named as before.
+    assert isinstance(att, keras.layers.MultiHeadAttention) and type(att).__name__ == "MultiHeadAttention"
+    np.testing.assert_allclose(converted(x), expected, rtol=1e-5, atol=1e-5)
+    # Converting again finds them fused already.
+    _, again = tf_fastattn.convert_model(model, inplace=True, return_report=True)
+    assert again.replaced == [] and all("already fused" in reason for _, reason in again.skipped)
+    assert len(again.skipped) == 4
+
+
+def test_subclass_with_its_own_math_is_left_with_a_reason():
+    class TemperatureAttention(keras.layers.MultiHeadAttention):
+        def _compute_attention(self, query, *args, **kwargs):
+            return super()._compute_attention(query * 0.5, *args, **kwargs)
+
+    class KeepsStockPath(keras.layers.LayerNormalization):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.extra = 1  # no override of the computation: fused
+
+    x_in = keras.Input((SEQ, 8))
+    h = TemperatureAttention(num_heads=2, key_dim=4)(x_in, x_in)
+    h = KeepsStockPath()(h)
+    h = keras.layers.LayerNormalization(rms_scaling=True)(h)
+    model = keras.Model(x_in, h)
+    converted, report = tf_fastattn.convert_model(model, return_report=True)
+    skipped = dict(report.skipped)
+    assert any("overrides MultiHeadAttention._compute_attention" in r for r in skipped.values())
+    assert any("rms_scaling=True" in r for r in skipped.values())
+    assert [kind for _, kind in report.replaced] == ["KeepsStockPath"]
+    x = np.random.default_rng(0).standard_normal((2, SEQ, 8)).astype("float32")
+    np.testing.assert_allclose(converted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_uncopyable_model_is_converted_in_place_with_a_warning():
+    class Uncopyable(_Block):
+        def __deepcopy__(self, memo):
+            raise RuntimeError("this layer holds a resource that cannot be copied")
+
+    x_in = keras.Input((SEQ, 8))
+    model = keras.Model(x_in, Uncopyable()(x_in))
+    with pytest.warns(UserWarning, match="could not copy .*converting it in place"):
+        converted, report = tf_fastattn.convert_model(model, return_report=True)
+    assert converted is model and report.copy.startswith("in place: no copy could be made (RuntimeError")
+    assert _stock_left(model) == [] and len(report.replaced) == 2
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(TypeError, match="model must be a Keras model or layer, got ndarray"):
+        tf_fastattn.convert_model(np.zeros(3))
     with pytest.raises(ValueError, match="implementation"):
         tf_fastattn.convert_model(classifier(), implementation="fast")
 
@@ -120,3 +229,75 @@ def test_unsupported_models_raise():
 def test_fuse_residual_off_keeps_adds():
     converted = tf_fastattn.convert_model(classifier(), fuse_residual=False)
     assert sum(isinstance(layer, keras.layers.Add) for layer in converted.layers) == 2
+    assert _stock_left(converted) == []
+
+
+def test_inplace_functional_keeps_graph_and_says_why():
+    model = classifier()
+    converted, report = tf_fastattn.convert_model(model, inplace=True, return_report=True)
+    assert converted is model and report.fused_residual == []
+    reasons = [reason for _, reason in report.skipped]
+    assert reasons == ["residual add not fused: in-place conversion keeps the graph"] * 2
+
+
+def test_converted_config_and_saved_file_are_the_stock_ones(tmp_path):
+    keras.utils.set_random_seed(4)
+    model = classifier()
+    converted = tf_fastattn.convert_model(model, fuse_residual=False)
+    assert converted.get_config() == model.get_config()
+    # The file loads as stock Keras layers, without the fused classes.
+    converted.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert not any(is_fused(layer) for layer in _all_layers(loaded))
+    x, _ = classification_data(8)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), converted.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
+
+
+# --- patch_keras ---------------------------------------------------------------
+
+
+def test_patch_keras_context_manager_fuses_layers_built_inside():
+    assert not tf_fastattn.patch.is_patched()
+    with tf_fastattn.patch_keras():
+        assert tf_fastattn.patch.is_patched()
+        model = _SubclassedModel()
+        functional = classifier()
+    outside = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)
+    assert not tf_fastattn.patch.is_patched() and not is_fused(outside)
+    assert _stock_left(model) == [] and _stock_left(functional) == []
+    # The classes Keras sees are unchanged: configs and names are the stock ones.
+    att = model.blocks[0].att
+    assert type(att).__name__ == "MultiHeadAttention" and "implementation" not in att.get_config()
+    assert not is_fused(keras.layers.MultiHeadAttention.from_config(att.get_config()))
+    x = {"tokens": classification_data(4)[0]}
+    assert model(x).shape == (4, SEQ, 3)
+
+
+def test_patch_keras_loads_saved_models_fused(tmp_path):
+    keras.utils.set_random_seed(5)
+    model = classifier()
+    model.save(tmp_path / "m.keras")
+    x, _ = classification_data(8)
+    with tf_fastattn.patch_keras(implementation="fused"):
+        loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert _stock_left(loaded) == []
+    assert all(layer.implementation == "fused" for layer in _all_layers(loaded) if is_fused(layer))
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
+
+
+def test_patch_and_unpatch_calls():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tf_fastattn.patch_keras()
+        try:
+            tf_fastattn.patch_keras(implementation="reference")  # a second call changes the implementation
+            layer = keras.layers.LayerNormalization()
+            assert is_fused(layer) and layer.implementation == "reference"
+        finally:
+            tf_fastattn.unpatch_keras()
+    assert not tf_fastattn.patch.is_patched()
+    assert not is_fused(keras.layers.LayerNormalization())
+    assert keras.layers.LayerNormalization.__init__.__module__.startswith("keras")
+    with pytest.raises(ValueError, match="implementation"):
+        tf_fastattn.patch_keras(implementation="fast")
+    assert not tf_fastattn.patch.is_patched()

@@ -15,10 +15,24 @@ else:
     from tf_fastattn.attention import dot_product_attention
     from tf_fastattn.convert import convert_model
     from tf_fastattn.layer_norm import layer_norm
+    from tf_fastattn.patch import patch_keras, unpatch_keras
+
+    # Registers the layers with Keras, so a .keras file holding them loads
+    # after `import tf_fastattn` alone.
+    from tf_fastattn import layers  # noqa: E402
 
     # Load the op library at import: a SavedModel containing the ops can only
     # be restored once they are registered, and `import tf_fastattn` is what
     # users do.
     _loader.state()
 
-    __all__ = ["build_info", "convert_model", "dot_product_attention", "layer_norm", "__version__"]
+    __all__ = [
+        "build_info",
+        "convert_model",
+        "dot_product_attention",
+        "layer_norm",
+        "layers",
+        "patch_keras",
+        "unpatch_keras",
+        "__version__",
+    ]

@@ -1,10 +1,11 @@
-"""`tf_fastattn.convert_model`: swap a built Keras model's attention and layer
-norms for the fused layers, and fuse residual adds into the layer norms."""
+"""`tf_fastattn.convert_model`: make a Keras model's attention and layer norms
+run the fused ops, wherever they are nested, without rebuilding the model."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 
 import keras
 
@@ -12,237 +13,243 @@ from tf_fastattn import _loader
 
 logger = logging.getLogger("tf_fastattn.convert")
 
-# Attention layers that look convertible but are not (their math or weights differ).
-_UNCONVERTED_ATTENTION = tuple(
-    cls
-    for cls in (
-        keras.layers.Attention,
-        keras.layers.AdditiveAttention,
-    )
-    if cls is not None
-)
-
 
 @dataclasses.dataclass
 class ConversionReport:
-    """What `convert_model` did.
+    """What `convert_model` found and did.
 
-    replaced: `(layer name, "MultiHeadAttention" | "GroupedQueryAttention" | "LayerNormalization")` for each
-      stock layer swapped for the fused one.
-    fused_residual: `(add layer name, layer norm name)` for each
-      `LayerNormalization(Add([x, y]))` that became one fused residual layer norm.
-    skipped: `(layer name, reason)` for layers and patterns left as they were.
+    replaced: `(layer path, class name)` for each attention or layer-norm
+      layer now running the fused ops.
+    fused_residual: `(add layer path, layer norm path)` for each
+      `LayerNormalization(Add([a, b]))` that became one fused residual layer norm.
+    skipped: `(layer path, reason)` for each attention or layer-norm layer
+      (and residual add) left as it was.
+    copy: how the model that was converted relates to the one passed in:
+      "in place", "copy", or why a copy was impossible.
     """
 
     replaced: list = dataclasses.field(default_factory=list)
     fused_residual: list = dataclasses.field(default_factory=list)
     skipped: list = dataclasses.field(default_factory=list)
+    copy: str = "in place"
 
     def __str__(self):
-        lines = [f"tf_fastattn.convert_model: {len(self.replaced)} layers replaced, "
-                 f"{len(self.fused_residual)} residual adds fused, {len(self.skipped)} left as they were"]
-        lines += [f"  replaced {name} ({kind})" for name, kind in self.replaced]
-        lines += [f"  fused {add} + {ln}" for add, ln in self.fused_residual]
-        lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
+        lines = [
+            f"tf_fastattn.convert_model ({self.copy}): {len(self.replaced)} layers fused, "
+            f"{len(self.fused_residual)} residual adds fused, {len(self.skipped)} left as they were"
+        ]
+        lines += [f"  fused {path} ({kind})" for path, kind in self.replaced]
+        lines += [f"  fused add {add} + {ln}" for add, ln in self.fused_residual]
+        lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
         return "\n".join(lines)
 
 
-def _normalized_axes(axis, rank):
-    axes = axis if isinstance(axis, (list, tuple)) else [axis]
-    return sorted(a % rank for a in axes) if rank else None
+def _path(layer):
+    return getattr(layer, "path", None) or layer.name
 
 
-def _layer_norm_unsupported(layer, rank):
-    """Why a stock LayerNormalization would not run fused, or None."""
-    if getattr(layer, "rms_scaling", False):
-        return "rms_scaling=True is not fused"
-    if rank is None or _normalized_axes(layer.axis, rank) != [rank - 1]:
-        return f"axis={layer.axis} is not the last axis"
+def _layer_norm_axis_reason(layer):
+    """Why a layer norm would not run fused because of its axis, or None."""
+    axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    if list(axes) == [-1]:
+        return None
+    shapes = list((getattr(layer, "_build_shapes_dict", None) or {}).values())
+    rank = len(shapes[0]) if shapes and shapes[0] is not None else None
+    if rank is None:
+        return f"axis={layer.axis}: cannot tell whether it is the last axis before the layer is built"
+    if sorted(a % rank for a in axes) != [rank - 1]:
+        return f"axis={layer.axis} is not the last axis of a rank-{rank} input"
     return None
 
 
-class _Converter:
-    def __init__(self, implementation, fuse_residual):
-        self.implementation = implementation
-        self.fuse_residual = fuse_residual
-        self.report = ConversionReport()
-        self.new_layers = {}  # id(old layer) -> new layer (shared layers stay shared)
-        self.weight_pairs = []  # (old, new) whose weights are copied once built
+def _why_not_fused(layer):
+    """Why an attention or layer-norm instance stays as it is, or None."""
+    from tf_fastattn.layers import _switch
 
-    def _record_skip(self, layer, reason):
-        entry = (layer.name, reason)
-        if entry not in self.report.skipped:
-            self.report.skipped.append(entry)
-
-    def convert_layer(self, layer, rank=None):
-        """The replacement of one layer: fused where supported, else a clone."""
-        if id(layer) in self.new_layers:
-            return self.new_layers[id(layer)]
-        from tf_fastattn.layers import GroupedQueryAttention, LayerNormalization, MultiHeadAttention
-
-        if not isinstance(layer, keras.layers.Layer):
-            return layer  # a stateless keras.ops operation in the graph: reused as is
-        config = layer.get_config()
-        if type(layer) is keras.layers.MultiHeadAttention:
-            new = MultiHeadAttention.from_config({**config, "implementation": self.implementation})
-            self.report.replaced.append((layer.name, "MultiHeadAttention"))
-        elif type(layer) is keras.layers.GroupQueryAttention:
-            new = GroupedQueryAttention.from_config({**config, "implementation": self.implementation})
-            self.report.replaced.append((layer.name, "GroupedQueryAttention"))
-        elif type(layer) is keras.layers.LayerNormalization and _layer_norm_unsupported(layer, rank) is None:
-            new = LayerNormalization.from_config({**config, "implementation": self.implementation})
-            self.report.replaced.append((layer.name, "LayerNormalization"))
+    reason = _switch.unfused_reason(type(layer))
+    if reason is None and isinstance(layer, keras.layers.LayerNormalization):
+        if layer.rms_scaling:
+            reason = "rms_scaling=True is not fused"
         else:
-            if isinstance(layer, (keras.layers.MultiHeadAttention, keras.layers.GroupQueryAttention)):
-                self._record_skip(layer, f"{type(layer).__name__} subclasses a Keras attention layer; not replaced")
-            elif isinstance(layer, keras.layers.LayerNormalization):
-                reason = _layer_norm_unsupported(layer, rank) or "a LayerNormalization subclass"
-                self._record_skip(layer, f"{type(layer).__name__}: {reason}")
-            elif isinstance(layer, _UNCONVERTED_ATTENTION):
-                self._record_skip(layer, f"{type(layer).__name__} has no fused replacement")
-            elif isinstance(layer, keras.Model):
-                self._record_skip(layer, "nested model: cloned, not converted (convert it separately)")
-            new = layer.__class__.from_config(config)
-        self.new_layers[id(layer)] = new
-        self.weight_pairs.append((layer, new))
-        return new
-
-    def copy_weights(self):
-        for old, new in self.weight_pairs:
-            if old.weights:
-                new.set_weights(old.get_weights())
+            reason = _layer_norm_axis_reason(layer)
+    return reason
 
 
-def _residual_layer_norm_pairs(model, conv):
-    """Finds `LayerNormalization(Add([a, b]))` nodes that can become one fused call.
+def _convert_layers(model, implementation, report):
+    from tf_fastattn.layers import _switch
 
-    Returns {id(add node): (ln node, whether the sum is also used elsewhere)}.
+    layers = model._flatten_layers(include_self=True, recursive=True)
+    for layer in layers:
+        if _switch.stock_class(type(layer)) is None:
+            if isinstance(layer, (keras.layers.Attention, keras.layers.AdditiveAttention)):
+                report.skipped.append((_path(layer), f"{type(layer).__name__} has no fused counterpart"))
+            continue
+        if _switch.is_fused(layer):
+            report.skipped.append((_path(layer), f"already fused ({type(layer).__name__})"))
+            continue
+        reason = _why_not_fused(layer)
+        if reason is not None:
+            report.skipped.append((_path(layer), reason))
+            continue
+        _switch.switch_to_fused(layer, implementation)
+        report.replaced.append((_path(layer), type(layer).__name__))
+
+
+def _is_plain_functional(model):
+    # Only a plain functional model can be rebuilt from its graph; a subclass
+    # (a keras-hub task, say) has an __init__ and methods of its own.
+    return type(model) in (keras.Model, keras.src.models.functional.Functional)
+
+
+def _residual_layer_norm_pairs(model):
+    """Finds `LayerNormalization(Add([a, b]))` nodes of a functional graph.
+
+    Returns ({id(add node): (ln node, whether the sum is also used elsewhere)},
+    [(add path, reason)] for the pairs that cannot be fused).
     """
-    consumers = {}
-    for nodes in model._nodes_by_depth.values():
-        for node in nodes:
-            for t in node.input_tensors:
-                consumers.setdefault(id(t), []).append(node)
-    outputs = {id(t) for t in model.outputs}
-    layer_calls = {}
-    for nodes in model._nodes_by_depth.values():
-        for node in nodes:
-            layer_calls[id(node.operation)] = layer_calls.get(id(node.operation), 0) + 1
+    from tf_fastattn.layers import _switch
 
-    pairs = {}
-    for nodes in model._nodes_by_depth.values():
-        for ln_node in nodes:
-            ln = ln_node.operation
-            if type(ln) is not keras.layers.LayerNormalization or len(ln_node.input_tensors) != 1:
-                continue
-            (s,) = ln_node.input_tensors
-            add, _, _ = s._keras_history
-            if type(add) is not keras.layers.Add:
-                continue
-            add_node = add._inbound_nodes[s._keras_history[1]]
-            a_b = add_node.input_tensors
-            rank = len(s.shape)
-            if len(a_b) != 2 or tuple(a_b[0].shape) != tuple(a_b[1].shape):
-                conv._record_skip(add, f"Add of {len(a_b)} tensors or of broadcast shapes: not fused into {ln.name}")
-                continue
-            reason = _layer_norm_unsupported(ln, rank)
-            if reason is not None:
-                conv._record_skip(ln, f"not fused with {add.name}: {reason}")
-                continue
-            if layer_calls[id(ln)] > 1:
-                conv._record_skip(ln, "called more than once (shared): residual add not fused")
-                continue
+    nodes = [node for depth in model._nodes_by_depth.values() for node in depth]
+    consumers = {}
+    calls = {}
+    for node in nodes:
+        calls[id(node.operation)] = calls.get(id(node.operation), 0) + 1
+        for t in node.input_tensors:
+            consumers.setdefault(id(t), []).append(node)
+    outputs = {id(t) for t in model.outputs}
+
+    pairs, skipped = {}, []
+    for ln_node in nodes:
+        ln = ln_node.operation
+        if _switch.original_class(type(ln)) is not keras.layers.LayerNormalization or len(ln_node.input_tensors) != 1:
+            continue
+        (s,) = ln_node.input_tensors
+        add, node_index, _ = s._keras_history
+        if type(add) is not keras.layers.Add:
+            continue
+        add_node = add._inbound_nodes[node_index]
+        a_b = add_node.input_tensors
+        if len(a_b) != 2 or tuple(a_b[0].shape) != tuple(a_b[1].shape):
+            skipped.append((_path(add), f"Add of {len(a_b)} tensors or of broadcast shapes: not fused into {ln.name}"))
+        elif not _switch.is_fused(ln):
+            skipped.append((_path(add), f"not fused with {ln.name}, which is not fused"))
+        elif calls[id(ln)] > 1:
+            skipped.append((_path(add), f"{ln.name} is called more than once (shared): residual add not fused"))
+        else:
             other_uses = len(consumers.get(id(s), [])) > 1 or id(s) in outputs
             pairs[id(add_node)] = (ln_node, other_uses)
-    return pairs
+    return pairs, skipped
 
 
-def _convert_functional(model, conv):
+def _fuse_residual_adds(model, pairs, implementation, report):
+    """A new functional model computing `model` with each Add + LayerNormalization
+    pair as one fused layer norm. Layers are the model's own (not clones)."""
     from tf_fastattn.layers import LayerNormalization
 
-    pairs = _residual_layer_norm_pairs(model, conv) if conv.fuse_residual else {}
     done = set()  # ids of LN nodes already computed with their Add
-    tensors = {}
-    new_inputs = []
-    for t in model.inputs:
-        new = keras.Input(batch_shape=t.shape, dtype=t.dtype, sparse=getattr(t, "sparse", False),
-                          name=t._keras_history[0].name)
-        tensors[id(t)] = new
-        new_inputs.append(new)
-
-    for depth in sorted(model._nodes_by_depth, reverse=True):
-        for node in model._nodes_by_depth[depth]:
+    tensors = {id(t): t for t in model.inputs}
+    nodes_by_depth = {depth: list(nodes) for depth, nodes in model._nodes_by_depth.items()}
+    # `model` is a copy whose graph is replaced: its layers forget their old
+    # calls, so that each layer's first node is the one made here (Keras
+    # reads a layer's output structure from its first node, and a fused
+    # residual norm returns two tensors where the norm returned one).
+    for operation in model._operations:
+        operation._outbound_nodes = []
+        if not isinstance(operation, keras.layers.InputLayer):
+            operation._inbound_nodes = []
+    for depth in sorted(nodes_by_depth, reverse=True):
+        for node in nodes_by_depth[depth]:
             if node.is_input or id(node) in done:
                 continue
             args, kwargs = node.arguments.fill_in(tensors)
             if id(node) in pairs:
                 ln_node, keep_sum = pairs[id(node)]
                 ln = ln_node.operation
-                fused = LayerNormalization.from_config(
-                    {**ln.get_config(), "return_residual": keep_sum, "implementation": conv.implementation}
-                )
-                conv.new_layers[id(ln)] = fused
-                conv.weight_pairs.append((ln, fused))
-                conv.report.fused_residual.append((node.operation.name, ln.name))
+                # The public layer takes [x, residual] and serialises as
+                # tf_fastattn>LayerNormalization with return_residual.
+                ln.__class__ = LayerNormalization
+                ln._init_implementation(implementation)
+                ln.return_residual = keep_sum
+                report.fused_residual.append((_path(node.operation), _path(ln)))
                 inputs = args[0] if args else kwargs["inputs"]
-                result = fused(list(inputs))
+                result = ln(list(inputs))
                 y, s = result if keep_sum else (result, None)
                 tensors[id(ln_node.outputs[0])] = y
                 if keep_sum:
                     tensors[id(node.outputs[0])] = s
                 done.add(id(ln_node))
                 continue
-            rank = len(node.input_tensors[0].shape) if node.input_tensors else None
-            layer = conv.convert_layer(node.operation, rank)
-            outputs = layer(*args, **kwargs)
+            outputs = node.operation(*args, **kwargs)
             for old, new in zip(node.outputs, keras.tree.flatten(outputs)):
                 tensors[id(old)] = new
 
-    new_outputs = keras.tree.pack_sequence_as(model._outputs_struct, [tensors[id(t)] for t in model.outputs])
-    return keras.Model(new_inputs, new_outputs, name=model.name)
+    outputs = keras.tree.pack_sequence_as(model._outputs_struct, [tensors[id(t)] for t in model.outputs])
+    fused = keras.Model(model._inputs_struct, outputs, name=model.name)
+    if getattr(model, "compiled", False):
+        fused.compile_from_config(model.get_compile_config())
+    return fused
 
 
-def _input_rank(layer):
+def _copy(model):
+    """A deep copy of `model` (`tf_fastattn._copy.structural_copy`), or None and why it could not be made."""
+    from tf_fastattn._copy import structural_copy
+
     try:
-        return len(layer.input.shape)
-    except (AttributeError, ValueError):  # not called yet, or called more than once
-        return None
+        return structural_copy(model), None
+    except Exception as e:  # noqa: BLE001 - any failure means: no copy
+        return None, f"{type(e).__name__}: {e}"
 
 
-def convert_model(model, *, implementation: str = "auto", fuse_residual: bool = True, return_report: bool = False):
-    """A copy of a built Keras model running the fused attention and layer norm.
+def convert_model(
+    model,
+    *,
+    inplace: bool = False,
+    implementation: str = "auto",
+    fuse_residual: bool = True,
+    return_report: bool = False,
+):
+    """Makes every Keras attention and layer norm in `model` run the fused ops.
 
-    Every stock `keras.layers.MultiHeadAttention` becomes
-    `tf_fastattn.layers.MultiHeadAttention`, every stock
-    `keras.layers.GroupQueryAttention` becomes
-    `tf_fastattn.layers.GroupedQueryAttention` (keys and values no longer
-    repeated per query head), and every stock
-    `keras.layers.LayerNormalization` over the last axis becomes
-    `tf_fastattn.layers.LayerNormalization`, with their weights. In functional
-    models, each
+    Walks every layer, however deeply nested (inside custom layers, keras-hub
+    backbones and tasks, Sequential, functional and subclassed models), and
+    switches each instance of `keras.layers.MultiHeadAttention`,
+    `keras.layers.GroupQueryAttention` and `keras.layers.LayerNormalization`
+    (over the last axis) - and of their subclasses, such as keras-hub's
+    `CachedMultiHeadAttention` - to a fused subclass of its own class. Nothing
+    is cloned or rebuilt: weights, tied and shared variables, seed generators,
+    names, the model's class and methods (`generate()`), inputs (dicts stay
+    dicts), outputs and compiled state are those of the model converted, and
+    its config and saved files are unchanged (they load without tf_fastattn,
+    as the stock layers). Outputs equal the original's within floating-point
+    tolerance; attention dropout draws its masks inside the fused op, so they
+    differ from Keras' (same rate, same seed generator, reproducible).
+
+    In a plain functional model (a `keras.Model(inputs, outputs)`), each
 
         y = LayerNormalization()(Add()([a, b]))
 
-    (the post-norm residual block of the original Transformer and BERT)
-    becomes one fused residual layer norm, `y = LN(a + b)` in one pass; when the
-    sum is also used elsewhere (pre-norm residual streams) the fused layer
-    returns it too (`return_residual=True`). Other layers are cloned with their
-    weights; the original model is not modified. Outputs equal the original's
-    within floating-point tolerance.
+    (post-norm residual blocks) also becomes one fused residual layer norm,
+    `y = LN(a + b)` in one pass, and the sum is returned too where it is used
+    elsewhere (pre-norm residual streams). That rewrites the graph, so it
+    happens only on a copy (`inplace=False`): the result is a new functional
+    model over the copy's layers, whose fused layer norms serialise as
+    `tf_fastattn>LayerNormalization`.
 
-    Left as they are, and listed in the report: subclasses of the stock
-    layers, layer norms with `rms_scaling` or over other axes,
-    `Attention`, `AdditiveAttention`, nested models
-    (cloned; convert them separately), residual adds of broadcast shapes or
-    of more than two tensors, and layer norms shared between several calls
-    (not fused with their add).
+    Left as they are, each listed in the report with the reason: subclasses
+    that override the methods the fused path replaces, layer norms with
+    `rms_scaling` or over other axes, `Attention` and `AdditiveAttention`,
+    residual adds that cannot be fused.
 
     Args:
-      model: a built `keras.Sequential` or functional `keras.Model`
-        (subclassed models have no graph to rewrite: ValueError).
-      implementation: passed to the fused layers ("auto", "fused",
-        "reference").
-      fuse_residual: fuse `LayerNormalization(Add([a, b]))` (functional only).
+      model: a Keras model or layer.
+      inplace: convert `model` itself. With False (default) a deep copy is
+        made first, object by object (no `get_config` needed: variables,
+        seed states, optimizer slots, compiled state and the model's own
+        attributes are copied, tied weights stay tied); if no copy can be
+        made, `model` itself is converted, with a warning saying why.
+      implementation: passed to the fused layers ("auto", "fused", "reference").
+      fuse_residual: fuse `LayerNormalization(Add([a, b]))` (plain functional
+        models, not in place).
       return_report: also return the `ConversionReport`.
 
     Returns:
@@ -250,24 +257,40 @@ def convert_model(model, *, implementation: str = "auto", fuse_residual: bool = 
       The report is also logged (logger "tf_fastattn.convert", INFO).
 
     Example:
-      >>> fast = tf_fastattn.convert_model(bert_like_model)
-      >>> fast.compile(...); fast.fit(...)
+      >>> classifier = keras_hub.models.BertTextClassifier.from_preset(...)
+      >>> classifier = tf_fastattn.convert_model(classifier)
+      >>> classifier.fit(dataset)       # same model, same dict inputs, fused
     """
     _loader.check_implementation(implementation)
-    if not model.built or not getattr(model, "inputs", None):
-        raise ValueError(
-            "convert_model: model must be a built Sequential or functional Keras model with known inputs, "
-            f"got {type(model).__name__} (built={model.built})"
-        )
-    if not isinstance(model, keras.Sequential) and not hasattr(model, "_nodes_by_depth"):
-        raise ValueError(f"convert_model: a subclassed model ({type(model).__name__}) has no layer graph to rewrite")
-    conv = _Converter(implementation, fuse_residual)
-    if isinstance(model, keras.Sequential):
-        converted = keras.models.clone_model(
-            model, clone_function=lambda layer: conv.convert_layer(layer, rank=_input_rank(layer))
-        )
-    else:
-        converted = _convert_functional(model, conv)
-    conv.copy_weights()
-    logger.info("%s", conv.report)
-    return (converted, conv.report) if return_report else converted
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(f"convert_model: model must be a Keras model or layer, got {type(model).__name__}")
+    report = ConversionReport()
+    if not inplace:
+        copied, why_not = _copy(model)
+        if copied is None:
+            report.copy = f"in place: no copy could be made ({why_not})"
+            warnings.warn(
+                f"tf_fastattn.convert_model: could not copy {model.name} ({why_not}); converting it in place",
+                stacklevel=2,
+            )
+        else:
+            model, report.copy = copied, "copy"
+    _convert_layers(model, implementation, report)
+    if fuse_residual and hasattr(model, "_nodes_by_depth"):
+        pairs, skipped = _residual_layer_norm_pairs(model)
+        if pairs and report.copy != "copy":
+            skipped += [(_path(node.operation), "residual add not fused: in-place conversion keeps the graph")
+                        for node in _add_nodes(model, pairs)]
+        elif pairs and not _is_plain_functional(model):
+            skipped += [(_path(node.operation), f"residual add not fused: {type(model).__name__} is a "
+                         "subclass of the functional Model; its graph is kept")
+                        for node in _add_nodes(model, pairs)]
+        elif pairs:
+            model = _fuse_residual_adds(model, pairs, implementation, report)
+        report.skipped += skipped
+    logger.info("%s", report)
+    return (model, report) if return_report else model
+
+
+def _add_nodes(model, pairs):
+    return [node for depth in model._nodes_by_depth.values() for node in depth if id(node) in pairs]
