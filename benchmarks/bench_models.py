@@ -1,0 +1,81 @@
+"""Whole-model training steps on the CPU: keras-hub models as built (stock)
+and after `tf_fastattn.convert_model` (fused), same weights, same batch.
+
+- BERT-base-shaped `BertTextClassifier` fine-tuning: hidden 768, 12 heads,
+  intermediate 3072, vocabulary 30522, 2 layers (of BERT-base's 12, to keep
+  the run short; each layer has BERT-base's shape), T in {128, 512}.
+- GPT2-small-shaped `GPT2CausalLM`: hidden 768, 12 heads, intermediate 3072,
+  vocabulary 50257 (the LM head is the tied embedding), 2 layers, T = 512.
+
+Each with attention dropout 0.1 (keras-hub's default) and 0. One timed
+round is one `train_on_batch` (forward, backward, Adam update).
+
+Run:  pytest benchmarks/bench_models.py --benchmark-json=models.json \
+          --benchmark-columns=median,min --benchmark-sort=name
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import tf_fastattn  # noqa: E402
+
+keras_hub = pytest.importorskip("keras_hub")
+
+SHAPE = dict(num_heads=12, hidden_dim=768, intermediate_dim=3072, num_layers=2)
+CASES = {
+    # name: (builder, vocabulary, batch, T)
+    "bert_base_T128": ("bert", 30522, 16, 128),
+    "bert_base_T512": ("bert", 30522, 4, 512),
+    "gpt2_small_T512": ("gpt2", 50257, 4, 512),
+}
+
+
+def _model(kind, vocabulary, T, dropout):
+    if kind == "bert":
+        backbone = keras_hub.models.BertBackbone(
+            vocabulary_size=vocabulary, max_sequence_length=T, dropout=dropout, **SHAPE
+        )
+        model = keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None)
+    else:
+        backbone = keras_hub.models.GPT2Backbone(
+            vocabulary_size=vocabulary, max_sequence_length=T, dropout=dropout, **SHAPE
+        )
+        model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-5),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def _batch(kind, vocabulary, batch, T):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(T // 2, T + 1, (batch,))
+    padding = np.arange(T)[None, :] < lengths[:, None]
+    tokens = np.where(padding, rng.integers(1, vocabulary, (batch, T)), 0).astype("int32")
+    if kind == "bert":
+        x = {"token_ids": tokens, "segment_ids": np.zeros_like(tokens), "padding_mask": padding}
+        return x, rng.integers(0, 2, (batch,))
+    return {"token_ids": tokens, "padding_mask": padding}, np.roll(tokens, -1, axis=1)
+
+
+@pytest.mark.parametrize("impl", ["fused", "stock"])
+@pytest.mark.parametrize("dropout", [0.1, 0.0])
+@pytest.mark.parametrize("case", CASES)
+def test_train_step(benchmark, case, dropout, impl):
+    kind, vocabulary, batch, T = CASES[case]
+    keras.utils.set_random_seed(0)
+    model = _model(kind, vocabulary, T, dropout)
+    if impl == "fused":
+        model, report = tf_fastattn.convert_model(model, inplace=True, implementation="fused", return_report=True)
+        assert len(report.replaced) == 3 * SHAPE["num_layers"] + 1 and not report.skipped
+    x, y = _batch(kind, vocabulary, batch, T)
+    model.train_on_batch(x, y)  # trace and build the optimizer
+    benchmark.group = f"{case} dropout={dropout}"
+    benchmark.extra_info["tokens"] = batch * T
+    benchmark.pedantic(lambda: model.train_on_batch(x, y), rounds=5, iterations=1, warmup_rounds=1)
