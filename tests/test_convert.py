@@ -118,7 +118,7 @@ def test_sequential_model():
     np.testing.assert_allclose(converted(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-class _Block(keras.layers.Layer):
+class Block(keras.layers.Layer):
     """A custom layer without get_config, holding attention and a norm."""
 
     def __init__(self, **kwargs):
@@ -130,11 +130,11 @@ class _Block(keras.layers.Layer):
         return self.norm(x + self.att(x, x, use_causal_mask=True))
 
 
-class _SubclassedModel(keras.Model):
+class SubclassedModel(keras.Model):
     def __init__(self):
         super().__init__()
         self.embed = keras.layers.Embedding(VOCAB, 8)
-        self.blocks = [_Block(), _Block()]
+        self.blocks = [Block(), Block()]
         self.head = keras.layers.Dense(3)
 
     def call(self, inputs):
@@ -146,11 +146,11 @@ class _SubclassedModel(keras.Model):
 
 def test_subclassed_model_with_nested_layers_converts_fully():
     keras.utils.set_random_seed(2)
-    model = _SubclassedModel()
+    model = SubclassedModel()
     x = {"tokens": classification_data(8)[0]}
     expected = model(x)
     converted, report = tf_fastattn.convert_model(model, return_report=True)
-    assert type(converted) is _SubclassedModel and report.copy == "copy"
+    assert type(converted) is SubclassedModel and report.copy == "copy"
     assert len(report.replaced) == 4 and report.skipped == [] and _stock_left(converted) == []
     paths = [path for path, _ in report.replaced]
     assert any("att" in p for p in paths) and any("norm" in p for p in paths)
@@ -162,7 +162,7 @@ def test_subclassed_model_with_nested_layers_converts_fully():
 
 def test_inplace_keeps_every_object():
     keras.utils.set_random_seed(3)
-    model = _SubclassedModel()
+    model = SubclassedModel()
     x = {"tokens": classification_data(4)[0]}
     expected = model(x)
     att = model.blocks[0].att
@@ -207,7 +207,7 @@ def test_subclass_with_its_own_math_is_left_with_a_reason():
 
 
 def test_uncopyable_model_is_converted_in_place_with_a_warning():
-    class Uncopyable(_Block):
+    class Uncopyable(Block):
         def __deepcopy__(self, memo):
             raise RuntimeError("this layer holds a resource that cannot be copied")
 
@@ -260,7 +260,7 @@ def test_patch_keras_context_manager_fuses_layers_built_inside():
     assert not tf_fastattn.patch.is_patched()
     with tf_fastattn.patch_keras():
         assert tf_fastattn.patch.is_patched()
-        model = _SubclassedModel()
+        model = SubclassedModel()
         functional = classifier()
     outside = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)
     assert not tf_fastattn.patch.is_patched() and not is_fused(outside)

@@ -118,6 +118,27 @@ def test_gpt2_keeps_its_task_tied_embedding_and_cached_generation():
     np.testing.assert_allclose(task.predict(x, verbose=0), converted.predict(x, verbose=0), rtol=1e-6, atol=1e-6)
 
 
+def test_inplace_conversion_of_a_model_that_ran_retraces_fused(monkeypatch):
+    """fit/predict/generate functions traced before the conversion used the
+    stock layers: after an in-place conversion they are traced again."""
+    from tf_fastattn.layers import multi_head_attention
+
+    model, (x, y) = _trained("keras_hub_gpt2_causal_lm")
+    prompt = {"token_ids": x["token_ids"][:2], "padding_mask": x["padding_mask"][:2]}
+    model.predict(x, verbose=0)
+    model.generate(prompt, stop_token_ids=None)
+    calls = []
+    original = multi_head_attention.fused_layer_attention
+    monkeypatch.setattr(multi_head_attention, "fused_layer_attention",
+                        lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    assert tf_fastattn.convert_model(model, inplace=True) is model
+    for run in (lambda: model.fit(x, y, epochs=1, verbose=0), lambda: model.predict(x, verbose=0),
+                lambda: model.generate(prompt, stop_token_ids=None)):
+        calls.clear()
+        run()
+        assert calls, "a function traced before the conversion ran the stock layers"
+
+
 def test_dropout_training_is_reproducible_across_conversion():
     """Attention dropout on: the fused op draws its own masks (not Keras'),
     from the layer's seed generator, which the copy carries over."""

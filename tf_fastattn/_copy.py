@@ -43,6 +43,17 @@ def _is_traced_function(value, depth: int = 2) -> bool:
     return False
 
 
+def forget_traced_functions(obj) -> list:
+    """Drops the traced functions `obj` (a layer or model) keeps in its
+    attributes (`train_function`, `predict_function`, keras-hub's
+    `generate_function`...), which Keras and keras-hub rebuild on next use.
+    Returns the names dropped."""
+    names = [name for name, value in vars(obj).items() if _is_traced_function(value)]
+    for name in names:
+        setattr(obj, name, None)
+    return names
+
+
 def _refers_to(function, obj) -> bool:
     for cell in function.__closure__ or ():
         try:

@@ -93,6 +93,13 @@ def _convert_layers(model, implementation, report):
             continue
         _switch.switch_to_fused(layer, implementation)
         report.replaced.append((_path(layer), type(layer).__name__))
+    if report.replaced:
+        # A model converted in place after it ran holds functions traced with
+        # the stock layers: they must be traced again.
+        from tf_fastattn._copy import forget_traced_functions
+
+        for layer in layers:
+            forget_traced_functions(layer)
 
 
 def _is_plain_functional(model):
