@@ -191,11 +191,10 @@ for case in cases:
     assert all(not isinstance(l, stock) or tf_fastattn.layers.is_fused(l)
                for l in fused._flatten_layers(include_self=True, recursive=True)), case["keras"]
     np.testing.assert_allclose(fused.predict(x, verbose=0), expected, rtol=1e-5, atol=2e-6, err_msg=case["keras"])
-    if case.get("saved_model"):
-        served = tf.saved_model.load(case["saved_model"])
-        args = {k: tf.constant(v) for k, v in x.items()} if isinstance(x, dict) else tf.constant(x)
-        got = served.serve(args)
-        np.testing.assert_allclose(np.array(got), expected, rtol=1e-5, atol=2e-6, err_msg=case["saved_model"])
+    served = tf.saved_model.load(case["saved_model"])
+    args = {k: tf.constant(v) for k, v in x.items()} if isinstance(x, dict) else tf.constant(x)
+    got = served.serve(args)
+    np.testing.assert_allclose(np.array(got), expected, rtol=1e-5, atol=2e-6, err_msg=case["saved_model"])
     print("reloaded", case["keras"], flush=True)
 """
 
@@ -216,11 +215,10 @@ def test_saved_files_of_converted_models_reload_in_a_fresh_process(tmp_path):
         x = keras.tree.map_structure(lambda t, v: np.asarray(v).astype(t.dtype), converted._inputs_struct, x)
         case = {"keras": str(tmp_path / f"{name}.keras"), "data": str(tmp_path / f"{name}.npz")}
         converted.save(case["keras"])
-        if not isinstance(converted, keras_hub.models.Task):
-            # keras-hub tasks export their own serving signatures; the
-            # functional models export with Keras' defaults.
-            case["saved_model"] = str(tmp_path / f"{name}_saved_model")
-            converted.export(case["saved_model"], verbose=False)
+        case["saved_model"] = str(tmp_path / f"{name}_saved_model")
+        converted.export(case["saved_model"], verbose=False)
+        graph = (tmp_path / f"{name}_saved_model" / "saved_model.pb").read_bytes()
+        assert b"TfFastattn>Attention" in graph and b"TfFastattn>LayerNorm" in graph, name
         np.savez(case["data"], x=np.array(x, dtype=object) if isinstance(x, dict) else x,
                  expected=converted.predict(x, verbose=0))
         cases.append(case)
