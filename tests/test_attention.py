@@ -190,6 +190,16 @@ def test_dropout_keep_rate_and_scaling():
     assert abs(kept.mean() - (1 - rate)) < 5 * np.sqrt(rate * (1 - rate) / n)
 
 
+@pytest.mark.parametrize("S", [4, 61, 64, 150, 250])
+def test_dropout_mask_is_philox_bit_for_bit(S):
+    # Every key of long and ragged rows (the CPU generates 64 keys per
+    # vectorised call, key tiles of 64): the keep mask is philox.h's.
+    B, N, T, rate, seed = 2, 3, 5, 0.3, 2**64 - 2**33 + 977
+    q, k, v, fn = _dropout_probe(B, N, T, S, rate, seed=seed)
+    kept = tf.transpose(fn(q, k, v), [0, 2, 1, 3]).numpy() != 0  # [B, N, T, S]
+    np.testing.assert_array_equal(kept, philox_keep_mask(seed, rate, B, N, T, S))
+
+
 def test_dropout_independent_across_heads_and_batches():
     B, N, T, S, rate = 2, 4, 64, 256, 0.5
     q, k, v, fn = _dropout_probe(B, N, T, S, rate, seed=7)

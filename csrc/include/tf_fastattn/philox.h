@@ -23,6 +23,15 @@ struct Philox4 {
   uint32_t x[4];
 };
 
+// Philox4x32's multipliers and Weyl key increments (also used by the CPU's
+// vectorised generator, attention_microkernels.h).
+enum : uint32_t {
+  kPhiloxM0 = 0xD2511F53u,
+  kPhiloxM1 = 0xCD9E8D57u,
+  kPhiloxW0 = 0x9E3779B9u,
+  kPhiloxW1 = 0xBB67AE85u,
+};
+
 TFA_HOST_DEVICE void philox_mulhilo(uint32_t a, uint32_t b, uint32_t* hi, uint32_t* lo) {
   uint64_t p = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
   *hi = static_cast<uint32_t>(p >> 32);
@@ -34,16 +43,16 @@ TFA_HOST_DEVICE Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uin
                                       uint32_t k1) {
   for (int round = 0; round < 10; ++round) {
     uint32_t hi0, lo0, hi1, lo1;
-    philox_mulhilo(0xD2511F53u, c0, &hi0, &lo0);
-    philox_mulhilo(0xCD9E8D57u, c2, &hi1, &lo1);
+    philox_mulhilo(kPhiloxM0, c0, &hi0, &lo0);
+    philox_mulhilo(kPhiloxM1, c2, &hi1, &lo1);
     uint32_t n0 = hi1 ^ c1 ^ k0;
     uint32_t n2 = hi0 ^ c3 ^ k1;
     c0 = n0;
     c1 = lo1;
     c2 = n2;
     c3 = lo0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
   }
   Philox4 r;
   r.x[0] = c0;

@@ -210,15 +210,28 @@ Dropout make_dropout(double rate, uint64_t seed) {
 }
 
 // out[c * step] = keep(b, n, t, s0 + c) / (1 - rate) or 0, for c < nc; s0 % 4 == 0,
-// so one Philox call covers four consecutive keys.
+// so one Philox call covers four consecutive keys. With apply, out[c * step]
+// is multiplied by that factor instead.
 template <typename Acc>
 void dropout_factors(const Dropout& d, int64_t b, int64_t n, int64_t t, int64_t s0, int64_t nc, Acc* out,
-                     int64_t step) {
+                     int64_t step, bool apply = false) {
   const Acc kept = static_cast<Acc>(d.inv_keep);
+  if constexpr (std::is_same<Acc, float>::value) {
+    static const cpu::DropoutRowFn vectorised = cpu::dropout_row_kernel();
+    if (vectorised != nullptr && step == 1) {
+      vectorised(d.seed, d.threshold, kept, static_cast<uint32_t>(b), static_cast<uint32_t>(n),
+                 static_cast<uint32_t>(t), s0, nc, out, apply);
+      return;
+    }
+  }
   for (int64_t c = 0; c < nc; c += 4) {
     const Philox4 w = dropout_words(d.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(n), static_cast<uint32_t>(t),
                                     static_cast<uint32_t>((s0 + c) >> 2));
-    for (int64_t u = 0; u < 4 && c + u < nc; ++u) out[(c + u) * step] = w.x[u] >= d.threshold ? kept : Acc(0);
+    for (int64_t u = 0; u < 4 && c + u < nc; ++u) {
+      Acc& x = out[(c + u) * step];
+      const Acc f = w.x[u] >= d.threshold ? kept : Acc(0);
+      x = apply ? x * f : f;
+    }
   }
 }
 
@@ -293,7 +306,7 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
   ctx.parallel_for(items, cost, [&](int64_t begin, int64_t end) {
     // Per-chunk scratch; zero-initialised so that padding lanes are finite.
     std::vector<Acc> qs(bk ? 0 : kBr * Hp, 0), kt(bk ? 0 : slots * Hp * kBc, 0), vt(slots * kBc * Hvp, 0),
-        st(kBr * kBc, 0), acc(kBr * Hvp, 0), dm(kBr * kBc, 0), m(kBr), l(kBr);
+        st(kBr * kBc, 0), acc(kBr * Hvp, 0), m(kBr), l(kBr);
     std::vector<uint16_t> qb(bk ? kBr * Hp2 : 0, 0), ktb(bk ? slots * Hp2 * kBc : 0, 0);
     int64_t cached_bh = -1, cached_tiles = 0;  // (b * Nkv + hk) whose first cached_tiles tiles are in kt, vt
     for (int64_t w = begin; w < end; ++w) {
@@ -343,8 +356,7 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
         // without dropout; acc holds the unnormalised output.
         mk.softmax_step(nr, nc, st.data(), kBc, m.data(), l.data(), acc.data(), Hvp, Hv);
         if (drop.on) {
-          for (int64_t r = 0; r < nr; ++r) dropout_factors(drop, b, n, t0 + r, s0, nc, dm.data() + r * kBc, int64_t(1));
-          for (int64_t i = 0; i < nr * kBc; ++i) st[i] *= dm[i];
+          for (int64_t r = 0; r < nr; ++r) dropout_factors(drop, b, n, t0 + r, s0, nc, st.data() + r * kBc, int64_t(1), true);
         }
         mk.gemm(nr, Hvp, nc, st.data(), kBc, vtile, Hvp, acc.data(), Hvp, true);
       }
