@@ -190,11 +190,11 @@ def test_dropout_keep_rate_and_scaling():
     assert abs(kept.mean() - (1 - rate)) < 5 * np.sqrt(rate * (1 - rate) / n)
 
 
-@pytest.mark.parametrize("S", [4, 61, 64, 150, 250])
-def test_dropout_mask_is_philox_bit_for_bit(S):
-    # Every key of long and ragged rows (the CPU generates 64 keys per
-    # vectorised call, key tiles of 64): the keep mask is philox.h's.
-    B, N, T, rate, seed = 2, 3, 5, 0.3, 2**64 - 2**33 + 977
+@pytest.mark.parametrize("T, S", [(5, 4), (6, 61), (7, 64), (5, 150), (3, 250), (70, 100)])
+def test_dropout_mask_is_philox_bit_for_bit(T, S):
+    # Every key of long and ragged rows and every row count (the CPU draws
+    # 64 keys of up to 4 rows at once, in tiles of 64 x 64): philox.h's mask.
+    B, N, rate, seed = 2, 3, 0.3, 2**64 - 2**33 + 977
     q, k, v, fn = _dropout_probe(B, N, T, S, rate, seed=seed)
     kept = tf.transpose(fn(q, k, v), [0, 2, 1, 3]).numpy() != 0  # [B, N, T, S]
     np.testing.assert_array_equal(kept, philox_keep_mask(seed, rate, B, N, T, S))

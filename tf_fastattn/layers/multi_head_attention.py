@@ -176,7 +176,7 @@ def fused_layer_attention(query, key, value, mask, is_causal, *, dropout, seed_g
             mask = tf.expand_dims(mask, axis=-3)
     dropout_rate = float(dropout) if (training and dropout > 0) else 0.0
     seed = seed_tensor(seed_generator) if dropout_rate > 0 else None
-    out, _ = fused_attention(
+    out, lse = fused_attention(
         query,
         key,
         value,
@@ -188,12 +188,8 @@ def fused_layer_attention(query, key, value, mask, is_causal, *, dropout, seed_g
     )
     if mask is not None and dropout > 0:
         # With dropout configured, Keras computes a masked softmax that
-        # zeroes rows with no allowed key (instead of averaging them).
-        allowed = mask
-        if is_causal:
-            t, s = tf.shape(query)[1], tf.shape(key)[1]
-            allowed = tf.logical_and(allowed, tf.linalg.band_part(tf.ones([t, s], tf.bool), -1, 0))
-        any_allowed = tf.reduce_any(allowed, axis=-1)  # [B|1, N|1, T]
-        any_allowed = tf.transpose(any_allowed, [0, 2, 1])[..., None]  # [B|1, T, N|1, 1]
+        # zeroes rows with no allowed key (instead of averaging them). The op
+        # marks those rows with lse = +inf: no [T, S] tensor is needed.
+        any_allowed = tf.transpose(tf.not_equal(lse, float("inf")), [0, 2, 1])[..., None]  # [B, T, N, 1]
         out = tf.where(any_allowed, out, tf.zeros([], out.dtype))
     return out

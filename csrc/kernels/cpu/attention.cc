@@ -210,28 +210,41 @@ Dropout make_dropout(double rate, uint64_t seed) {
 }
 
 // out[c * step] = keep(b, n, t, s0 + c) / (1 - rate) or 0, for c < nc; s0 % 4 == 0,
-// so one Philox call covers four consecutive keys. With apply, out[c * step]
-// is multiplied by that factor instead.
+// so one Philox call covers four consecutive keys.
 template <typename Acc>
 void dropout_factors(const Dropout& d, int64_t b, int64_t n, int64_t t, int64_t s0, int64_t nc, Acc* out,
-                     int64_t step, bool apply = false) {
+                     int64_t step) {
   const Acc kept = static_cast<Acc>(d.inv_keep);
-  if constexpr (std::is_same<Acc, float>::value) {
-    static const cpu::DropoutRowFn vectorised = cpu::dropout_row_kernel();
-    if (vectorised != nullptr && step == 1) {
-      vectorised(d.seed, d.threshold, kept, static_cast<uint32_t>(b), static_cast<uint32_t>(n),
-                 static_cast<uint32_t>(t), s0, nc, out, apply);
-      return;
-    }
-  }
   for (int64_t c = 0; c < nc; c += 4) {
     const Philox4 w = dropout_words(d.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(n), static_cast<uint32_t>(t),
                                     static_cast<uint32_t>((s0 + c) >> 2));
-    for (int64_t u = 0; u < 4 && c + u < nc; ++u) {
-      Acc& x = out[(c + u) * step];
-      const Acc f = w.x[u] >= d.threshold ? kept : Acc(0);
-      x = apply ? x * f : f;
+    for (int64_t u = 0; u < 4 && c + u < nc; ++u) out[(c + u) * step] = w.x[u] >= d.threshold ? kept : Acc(0);
+  }
+}
+
+// The same for the tile of rows t0 .. t0 + nr - 1 and keys s0 .. s0 + nc - 1:
+// out[r * ld + c] = factor, or with apply out[r * ld + c] *= factor (a product
+// by the factor, the same rounding either way).
+template <typename Acc>
+void dropout_tile(const Dropout& d, int64_t b, int64_t n, int64_t t0, int64_t nr, int64_t s0, int64_t nc, Acc* out,
+                  int64_t ld, bool apply) {
+  if constexpr (std::is_same<Acc, float>::value) {
+    static const cpu::DropoutTileFn vectorised = cpu::dropout_tile_kernel();
+    if (vectorised != nullptr) {
+      vectorised(d.seed, d.threshold, static_cast<float>(d.inv_keep), static_cast<uint32_t>(b),
+                 static_cast<uint32_t>(n), static_cast<uint32_t>(t0), nr, s0, nc, out, ld, apply);
+      return;
     }
+  }
+  std::vector<Acc> f(apply ? nc : 0);
+  for (int64_t r = 0; r < nr; ++r) {
+    Acc* row = out + r * ld;
+    if (!apply) {
+      dropout_factors(d, b, n, t0 + r, s0, nc, row, int64_t(1));
+      continue;
+    }
+    dropout_factors(d, b, n, t0 + r, s0, nc, f.data(), int64_t(1));
+    for (int64_t c = 0; c < nc; ++c) row[c] *= f[c];
   }
 }
 
@@ -356,7 +369,7 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
         // without dropout; acc holds the unnormalised output.
         mk.softmax_step(nr, nc, st.data(), kBc, m.data(), l.data(), acc.data(), Hvp, Hv);
         if (drop.on) {
-          for (int64_t r = 0; r < nr; ++r) dropout_factors(drop, b, n, t0 + r, s0, nc, st.data() + r * kBc, int64_t(1), true);
+          dropout_tile(drop, b, n, t0, nr, s0, nc, st.data(), kBc, true);
         }
         mk.gemm(nr, Hvp, nc, st.data(), kBc, vtile, Hvp, acc.data(), Hvp, true);
       }
@@ -455,9 +468,7 @@ struct BwdTile {
       if (use_bf) bf->bk->gemm(nr, ncp, bf->Hvp2 / 2, bf->do_, bf->Hvp2, bf->vt, 2 * kBc, dsb.data(), kBc, false);
     }
     if (wide && !use_bf) {
-      if (drop.on) {
-        for (int64_t r = 0; r < nr; ++r) dropout_factors(drop, b, n, t0 + r, s0, nc, dm.data() + r * kBc, int64_t(1));
-      }
+      if (drop.on) dropout_tile(drop, b, n, t0, nr, s0, nc, dm.data(), kBc, false);
       mk.ds_wide(nr, ncp, Hv, do_, Hvp, vt_, kBc, pb.data(), drop.on ? dm.data() : nullptr, delta_, dsb.data(), kBc);
       if (drop.on) {
         for (int64_t r = 0; r < nr; ++r) {
@@ -469,13 +480,13 @@ struct BwdTile {
       return;
     }
     if (!use_bf) mk.gemm(nr, ncp, Hv, do_, Hvp, vt_, kBc, dsb.data(), kBc, false);
+    if (drop.on) dropout_tile(drop, b, n, t0, nr, s0, nc, dm.data(), kBc, false);
     for (int64_t r = 0; r < nr; ++r) {
       Acc* pr = pb.data() + r * kBc;
       Acc* dr = dsb.data() + r * kBc;
       const Acc dl = static_cast<Acc>(delta_[r]);
       if (drop.on) {
-        Acc* fr = dm.data() + r * kBc;
-        dropout_factors(drop, b, n, t0 + r, s0, nc, fr, int64_t(1));
+        const Acc* fr = dm.data() + r * kBc;
         for (int64_t c = 0; c < nc; ++c) {
           dr[c] = pr[c] * (fr[c] * dr[c] - dl);
           pr[c] *= fr[c];

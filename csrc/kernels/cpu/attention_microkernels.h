@@ -445,64 +445,97 @@ TFA_AVX512 inline void softmax_step_avx512(int64_t nr, int64_t nc, float* s, int
   }
 }
 
-// Dropout with Philox4x32-10 on 16 counters at once (64 keys per call;
-// philox.h's generator, bit for bit). For c < nc, with f = kept where the word
-// of key s0 + c is >= threshold and 0 otherwise: out[c] = f, or with apply,
-// out[c] = out[c] * f (the product rounded as out[c] * kept). s0 % 4 == 0.
-// The counters (s / 4, t, n, b) of 16 consecutive key quads run in the lanes.
+// Dropout with Philox4x32-10 on 16 counters at once (64 keys of a row per
+// vector; philox.h's generator, bit for bit). For rows r < nr and keys c < nc,
+// with f = kept where the word of key s0 + c of row t0 + r is >= threshold
+// and 0 otherwise: out[r * ld + c] = f, or with apply, out[r * ld + c] *= f
+// (rounded as out * kept). s0 % 4 == 0. The counters (s / 4, t, n, b) of 16
+// consecutive key quads run in the lanes; R rows at once keep the multiplier
+// busy while each round waits for the last one's products.
+//
+// 32 x 32 -> 64-bit products of the even and odd lanes, split into their
+// high and low words with one two-source permute each.
 TFA_AVX512 inline void philox_mulhilo_avx512(__m512i a, __m512i m, __m512i* hi, __m512i* lo) {
   const __m512i even = _mm512_mul_epu32(a, m);                         // lanes 0, 2, ...: 64-bit products
   const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);  // lanes 1, 3, ...
-  *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  const __m512i lo_words = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+  const __m512i hi_words = _mm512_setr_epi32(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  *lo = _mm512_permutex2var_epi32(even, lo_words, odd);
+  *hi = _mm512_permutex2var_epi32(even, hi_words, odd);
 }
 
-TFA_AVX512 inline void dropout_row_avx512(uint64_t seed, uint32_t threshold, float kept, uint32_t b, uint32_t n,
-                                          uint32_t t, int64_t s0, int64_t nc, float* out, bool apply) {
+template <int R>
+TFA_AVX512 inline void dropout_rows_avx512(uint64_t seed, uint32_t threshold, float kept, uint32_t b, uint32_t n,
+                                           uint32_t t0, int64_t s0, int64_t nc, float* out, int64_t ld, bool apply) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
-  // Unsigned w >= threshold as a signed compare of both biased by 2^31.
-  const __m512i bias = _mm512_set1_epi32(static_cast<int>(0x80000000u));
-  const __m512i thr = _mm512_xor_si512(_mm512_set1_epi32(static_cast<int>(threshold)), bias);
+  const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
   const __m512 kv = _mm512_set1_ps(kept);
   for (int64_t c = 0; c < nc; c += 64) {
-    __m512i x0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>((s0 + c) >> 2)), lane);
-    __m512i x1 = _mm512_set1_epi32(static_cast<int>(t));
-    __m512i x2 = _mm512_set1_epi32(static_cast<int>(n));
-    __m512i x3 = _mm512_set1_epi32(static_cast<int>(b));
+    const __m512i quad = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>((s0 + c) >> 2)), lane);
+    __m512i x0[R], x1[R], x2[R], x3[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      x0[r] = quad;
+      x1[r] = _mm512_set1_epi32(static_cast<int>(t0 + r));
+      x2[r] = _mm512_set1_epi32(static_cast<int>(n));
+      x3[r] = _mm512_set1_epi32(static_cast<int>(b));
+    }
     uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
 #pragma GCC unroll 10
     for (int round = 0; round < 10; ++round) {
-      __m512i hi0, lo0, hi1, lo1;
-      philox_mulhilo_avx512(x0, m0, &hi0, &lo0);
-      philox_mulhilo_avx512(x2, m1, &hi1, &lo1);
-      x0 = _mm512_xor_si512(_mm512_xor_si512(hi1, x1), _mm512_set1_epi32(static_cast<int>(k0)));
-      x2 = _mm512_xor_si512(_mm512_xor_si512(hi0, x3), _mm512_set1_epi32(static_cast<int>(k1)));
-      x1 = lo1;
-      x3 = lo0;
+      const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0)), key1 = _mm512_set1_epi32(static_cast<int>(k1));
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        __m512i hi0, lo0, hi1, lo1;
+        philox_mulhilo_avx512(x0[r], m0, &hi0, &lo0);
+        philox_mulhilo_avx512(x2[r], m1, &hi1, &lo1);
+        x0[r] = _mm512_ternarylogic_epi32(hi1, x1[r], key0, 0x96);  // hi1 ^ x1 ^ k0
+        x2[r] = _mm512_ternarylogic_epi32(hi0, x3[r], key1, 0x96);  // hi0 ^ x3 ^ k1
+        x1[r] = lo1;
+        x3[r] = lo0;
+      }
       k0 += kPhiloxW0;
       k1 += kPhiloxW1;
     }
-    // Word u of lane i decides key 4 i + u: transpose the 4 x 16 words into
-    // key order (within 128-bit lanes, then across them).
-    const __m512i a = _mm512_unpacklo_epi32(x0, x1), bq = _mm512_unpacklo_epi32(x2, x3);
-    const __m512i cq = _mm512_unpackhi_epi32(x0, x1), d = _mm512_unpackhi_epi32(x2, x3);
-    const __m512i r0 = _mm512_unpacklo_epi64(a, bq), r1 = _mm512_unpackhi_epi64(a, bq);
-    const __m512i r2 = _mm512_unpacklo_epi64(cq, d), r3 = _mm512_unpackhi_epi64(cq, d);
-    const __m512i t0 = _mm512_shuffle_i32x4(r0, r1, 0x44), t1 = _mm512_shuffle_i32x4(r2, r3, 0x44);
-    const __m512i t2 = _mm512_shuffle_i32x4(r0, r1, 0xEE), t3 = _mm512_shuffle_i32x4(r2, r3, 0xEE);
-    const __m512i w[4] = {_mm512_shuffle_i32x4(t0, t1, 0x88), _mm512_shuffle_i32x4(t0, t1, 0xDD),
-                          _mm512_shuffle_i32x4(t2, t3, 0x88), _mm512_shuffle_i32x4(t2, t3, 0xDD)};
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      const int64_t at = c + 16 * j;
-      if (at >= nc) break;
-      const __mmask16 keep = _mm512_cmpge_epi32_mask(_mm512_xor_si512(w[j], bias), thr);
-      const __mmask16 tail = tail_mask(nc - at);
-      const __m512 f = apply ? _mm512_maskz_mul_ps(keep, _mm512_maskz_loadu_ps(tail, out + at), kv)
-                             : _mm512_maskz_mov_ps(keep, kv);
-      _mm512_mask_storeu_ps(out + at, tail, f);
+    for (int r = 0; r < R; ++r) {
+      // Word u of lane i decides key 4 i + u: transpose the 4 x 16 words
+      // into key order (within 128-bit lanes, then across them).
+      const __m512i a = _mm512_unpacklo_epi32(x0[r], x1[r]), bq = _mm512_unpacklo_epi32(x2[r], x3[r]);
+      const __m512i cq = _mm512_unpackhi_epi32(x0[r], x1[r]), d = _mm512_unpackhi_epi32(x2[r], x3[r]);
+      const __m512i q0 = _mm512_unpacklo_epi64(a, bq), q1 = _mm512_unpackhi_epi64(a, bq);
+      const __m512i q2 = _mm512_unpacklo_epi64(cq, d), q3 = _mm512_unpackhi_epi64(cq, d);
+      const __m512i u0 = _mm512_shuffle_i32x4(q0, q1, 0x44), u1 = _mm512_shuffle_i32x4(q2, q3, 0x44);
+      const __m512i u2 = _mm512_shuffle_i32x4(q0, q1, 0xEE), u3 = _mm512_shuffle_i32x4(q2, q3, 0xEE);
+      const __m512i w[4] = {_mm512_shuffle_i32x4(u0, u1, 0x88), _mm512_shuffle_i32x4(u0, u1, 0xDD),
+                            _mm512_shuffle_i32x4(u2, u3, 0x88), _mm512_shuffle_i32x4(u2, u3, 0xDD)};
+      float* row = out + r * ld;
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const int64_t at = c + 16 * j;
+        if (at >= nc) break;
+        const __mmask16 keep = _mm512_cmpge_epu32_mask(w[j], thr);
+        const __mmask16 tail = tail_mask(nc - at);
+        const __m512 f = apply ? _mm512_maskz_mul_ps(keep, _mm512_maskz_loadu_ps(tail, row + at), kv)
+                               : _mm512_maskz_mov_ps(keep, kv);
+        _mm512_mask_storeu_ps(row + at, tail, f);
+      }
     }
+  }
+}
+
+TFA_AVX512 inline void dropout_tile_avx512(uint64_t seed, uint32_t threshold, float kept, uint32_t b, uint32_t n,
+                                           uint32_t t0, int64_t nr, int64_t s0, int64_t nc, float* out, int64_t ld,
+                                           bool apply) {
+  int64_t r = 0;
+  for (; r + 4 <= nr; r += 4)
+    dropout_rows_avx512<4>(seed, threshold, kept, b, n, t0 + r, s0, nc, out + r * ld, ld, apply);
+  switch (nr - r) {
+    case 3: dropout_rows_avx512<3>(seed, threshold, kept, b, n, t0 + r, s0, nc, out + r * ld, ld, apply); break;
+    case 2: dropout_rows_avx512<2>(seed, threshold, kept, b, n, t0 + r, s0, nc, out + r * ld, ld, apply); break;
+    case 1: dropout_rows_avx512<1>(seed, threshold, kept, b, n, t0 + r, s0, nc, out + r * ld, ld, apply); break;
+    default: break;
   }
 }
 
@@ -606,16 +639,16 @@ inline const Bf16Kernels* bf16_kernels() {
   return nullptr;
 }
 
-// Dropout of keys s0 .. s0 + nc - 1 of row (b, n, t) (see
-// dropout_row_avx512), or null where the CPU lacks AVX-512 (the kernels then
+// Dropout of rows t0 .. t0 + nr - 1 x keys s0 .. s0 + nc - 1 (see
+// dropout_tile_avx512), or null where the CPU lacks AVX-512 (the kernels then
 // call philox.h's generator once per 4 keys).
-using DropoutRowFn = void (*)(uint64_t seed, uint32_t threshold, float kept, uint32_t b, uint32_t n, uint32_t t,
-                              int64_t s0, int64_t nc, float* out, bool apply);
-inline DropoutRowFn dropout_row_kernel() {
+using DropoutTileFn = void (*)(uint64_t seed, uint32_t threshold, float kept, uint32_t b, uint32_t n, uint32_t t0,
+                               int64_t nr, int64_t s0, int64_t nc, float* out, int64_t ld, bool apply);
+inline DropoutTileFn dropout_tile_kernel() {
 #if TFA_HAVE_X86_DISPATCH
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-  if (ok) return dropout_row_avx512;
+  if (ok) return dropout_tile_avx512;
 #endif
   return nullptr;
 }

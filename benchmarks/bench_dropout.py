@@ -1,0 +1,96 @@
+"""Attention dropout on the CPU, forward + backward: the fused op and
+tf_fastattn.layers.MultiHeadAttention against Keras in the same run.
+
+- op: `tf_fastattn.dot_product_attention(..., dropout_rate=p)` vs Keras'
+  attention math with dropout (what keras.layers.MultiHeadAttention computes
+  between its projections: einsum, softmax, `keras.random.dropout`, einsum).
+- layer: `MultiHeadAttention(num_heads=N, key_dim=H, dropout=p)`, fused vs
+  stock, same weights, training=True.
+
+dropout in {0, 0.1, 0.25}, T = S in {512, 2048}, H in {64, 256}, float32 and
+bfloat16; B = 1, N = 4.
+
+Run:  pytest benchmarks/bench_dropout.py --benchmark-json=dropout.json
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import tf_fastattn  # noqa: E402
+import tf_fastattn.layers  # noqa: E402
+
+B, N = 1, 4
+DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16}
+
+
+def _keras_attention(q, k, v, rate, seed_generator):
+    scale = 1.0 / float(q.shape[-1]) ** 0.5
+    scores = tf.einsum("btnh,bsnh->bnts", q * tf.cast(scale, q.dtype), k)
+    p = keras.ops.softmax(scores, axis=-1)
+    if rate > 0:
+        p = keras.random.dropout(p, rate, seed=seed_generator)
+    return tf.einsum("bnts,bsnh->btnh", p, v)
+
+
+def _op_fn(impl, T, H, dtype, rate):
+    q, k, v, d_out = (tf.cast(tf.random.normal([B, T, N, H]), dtype) for _ in range(4))
+    seed_generator = keras.random.SeedGenerator(1)
+    if impl == "fused":
+
+        def forward(q, k, v):
+            return tf_fastattn.dot_product_attention(q, k, v, dropout_rate=rate, seed=seed_generator,
+                                                     implementation="fused")
+
+    else:
+
+        def forward(q, k, v):
+            return _keras_attention(q, k, v, rate, seed_generator)
+
+    @tf.function
+    def fwd_bwd(q, k, v):
+        with tf.GradientTape() as tape:
+            tape.watch([q, k, v])
+            out = forward(q, k, v)
+        return tape.gradient(out, [q, k, v], output_gradients=d_out)
+
+    return lambda: fwd_bwd(q, k, v)[0][0, 0, 0, 0].numpy()
+
+
+def _layer_fn(impl, T, H, dtype, rate):
+    policy = None if dtype == tf.float32 else f"mixed_{dtype.name}"
+    cls = tf_fastattn.layers.MultiHeadAttention if impl == "fused" else keras.layers.MultiHeadAttention
+    layer = cls(num_heads=N, key_dim=H, dropout=rate, dtype=policy)
+    layer.build((None, None, N * H), (None, None, N * H))
+    keras.utils.set_random_seed(0)
+    reference = keras.layers.MultiHeadAttention(num_heads=N, key_dim=H)
+    reference.build((None, None, N * H), (None, None, N * H))
+    layer.set_weights(reference.get_weights())
+    x = tf.random.normal([B, T, N * H])
+    dy = tf.cast(tf.random.normal([B, T, N * H]), layer.compute_dtype)
+
+    @tf.function
+    def fwd_bwd(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, x, training=True)
+        return tape.gradient(y, [x] + layer.trainable_weights, output_gradients=dy)
+
+    return lambda: fwd_bwd(x)[0][0, 0, 0].numpy()
+
+
+@pytest.mark.parametrize("impl", ["fused", "keras"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1, 0.25])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H", [64, 256])
+@pytest.mark.parametrize("T", [512, 2048])
+@pytest.mark.parametrize("what", ["op", "layer"])
+def test_dropout_fwd_bwd(benchmark, what, T, H, dtype, dropout, impl):
+    fn = (_op_fn if what == "op" else _layer_fn)(impl, T, H, DTYPES[dtype], dropout)
+    fn()  # trace
+    benchmark.group = f"{what} fwd_bwd {dtype} T={T} H={H} dropout={dropout}"
+    benchmark.pedantic(fn, rounds=5, iterations=1, warmup_rounds=1)
