@@ -3,6 +3,8 @@
 - keras.io "Text classification with Transformer": a `TransformerBlock` layer
   holding MultiHeadAttention and two LayerNormalization, a
   `TokenAndPositionEmbedding` layer.
+- keras.io "Timeseries classification with a Transformer model": functional
+  encoder blocks with attention dropout 0.25.
 - keras.io "English-to-Spanish translation with a sequence-to-sequence
   Transformer": `PositionalEmbedding` (padding masks from token 0),
   `TransformerEncoder`, `TransformerDecoder` (causal self-attention and
@@ -228,6 +230,45 @@ def translator_data(rng, n=16):
     return x, rng.integers(0, VOCAB, (n, SEQ))
 
 
+# --- keras.io: Timeseries classification with a Transformer model ------------
+# The example's functions as published (Keras 3 version); the benchmark uses
+# its sizes (T = 500, head_size 256, 4 heads, 4 blocks, dropout 0.25), the
+# tests small ones.
+
+
+def transformer_encoder(inputs, head_size, num_heads, ff_dim, dropout=0):
+    x = layers.MultiHeadAttention(key_dim=head_size, num_heads=num_heads, dropout=dropout)(inputs, inputs)
+    x = layers.Dropout(dropout)(x)
+    x = layers.LayerNormalization(epsilon=1e-6)(x)
+    res = x + inputs
+    x = layers.Conv1D(filters=ff_dim, kernel_size=1, activation="relu")(res)
+    x = layers.Dropout(dropout)(x)
+    x = layers.Conv1D(filters=inputs.shape[-1], kernel_size=1)(x)
+    x = layers.LayerNormalization(epsilon=1e-6)(x)
+    return x + res
+
+
+def timeseries_classifier(input_shape=(SEQ, 1), head_size=8, num_heads=2, ff_dim=4, num_transformer_blocks=2,
+                          mlp_units=(16,), dropout=0.25, mlp_dropout=0.4, n_classes=2):
+    inputs = keras.Input(shape=input_shape)
+    x = inputs
+    for _ in range(num_transformer_blocks):
+        x = transformer_encoder(x, head_size, num_heads, ff_dim, dropout)
+    x = layers.GlobalAveragePooling1D(data_format="channels_last")(x)
+    for dim in mlp_units:
+        x = layers.Dense(dim, activation="relu")(x)
+        x = layers.Dropout(mlp_dropout)(x)
+    outputs = layers.Dense(n_classes, activation="softmax")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(loss="sparse_categorical_crossentropy", optimizer=keras.optimizers.Adam(learning_rate=1e-4),
+                  metrics=["sparse_categorical_accuracy"])
+    return model
+
+
+def timeseries_data(rng, n=16, length=SEQ):
+    return rng.standard_normal((n, length, 1)).astype("float32"), rng.integers(0, 2, (n,))
+
+
 # --- keras-hub ---------------------------------------------------------------
 
 
@@ -302,6 +343,7 @@ def hub_encoder_decoder_data(rng, n=16):
 MODELS = {
     "keras_io_text_classifier": (text_classifier, text_classifier_data),
     "keras_io_translator": (translator, translator_data),
+    "keras_io_timeseries": (timeseries_classifier, timeseries_data),
     "keras_hub_bert_classifier": (bert_classifier, bert_data),
     "keras_hub_gpt2_causal_lm": (gpt2_causal_lm, gpt2_data),
     "keras_hub_encoder_decoder": (hub_encoder_decoder, hub_encoder_decoder_data),
@@ -311,6 +353,7 @@ MODELS = {
 EXPECTED_FUSED = {
     "keras_io_text_classifier": {"MultiHeadAttention": 1, "LayerNormalization": 2},
     "keras_io_translator": {"MultiHeadAttention": 3, "LayerNormalization": 5},
+    "keras_io_timeseries": {"MultiHeadAttention": 2, "LayerNormalization": 4},
     "keras_hub_bert_classifier": {"MultiHeadAttention": 2, "LayerNormalization": 5},
     "keras_hub_gpt2_causal_lm": {"CachedMultiHeadAttention": 2, "LayerNormalization": 5},
     "keras_hub_encoder_decoder": {"MultiHeadAttention": 1, "CachedMultiHeadAttention": 2, "LayerNormalization": 5},
