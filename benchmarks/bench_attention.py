@@ -46,6 +46,13 @@ def _op_fns(impl, T, dtype, causal):
             return keras.ops.dot_product_attention(q, k, v, is_causal=causal)
 
     fwd = tf.function(forward)
+    fwd_bwd = attention_fwd_bwd(forward, d_out)
+    return (lambda: fwd(q, k, v)[0, 0, 0, 0].numpy()), (lambda: fwd_bwd(q, k, v)[0][0, 0, 0, 0].numpy())
+
+
+def attention_fwd_bwd(forward, d_out):
+    """A tf.function giving the gradients of `forward(q, k, v)` w.r.t. q, k, v
+    for the output gradient `d_out`."""
 
     @tf.function
     def fwd_bwd(q, k, v):
@@ -54,28 +61,33 @@ def _op_fns(impl, T, dtype, causal):
             out = forward(q, k, v)
         return tape.gradient(out, [q, k, v], output_gradients=d_out)
 
-    return (lambda: fwd(q, k, v)[0, 0, 0, 0].numpy()), (lambda: fwd_bwd(q, k, v)[0][0, 0, 0, 0].numpy())
+    return fwd_bwd
 
 
-def _layer_fns(impl, T, dtype, causal):
+def layer_fns(impl, T, dtype, causal=False, *, batch=B, heads=N, head_dim=H, dropout=0.0):
+    """Forward and forward + backward of MultiHeadAttention(x, x), fused or
+    stock ("keras"), with the same weights and inputs for both; with dropout
+    the calls are in training mode."""
     policy = None if dtype == tf.float32 else f"mixed_{dtype.name}"
     layer_cls = tf_fastattn.layers.MultiHeadAttention if impl == "fused" else keras.layers.MultiHeadAttention
-    layer = layer_cls(num_heads=N, key_dim=H, dtype=policy)
-    layer.build((None, None, N * H), (None, None, N * H))
+    width = heads * head_dim
+    layer = layer_cls(num_heads=heads, key_dim=head_dim, dropout=dropout, dtype=policy)
+    layer.build((None, None, width), (None, None, width))
     keras.utils.set_random_seed(0)  # the same weights and inputs for the fused and Keras rows
-    reference = keras.layers.MultiHeadAttention(num_heads=N, key_dim=H)
-    reference.build((None, None, N * H), (None, None, N * H))
+    reference = keras.layers.MultiHeadAttention(num_heads=heads, key_dim=head_dim)
+    reference.build((None, None, width), (None, None, width))
     layer.set_weights(reference.get_weights())
-    x = tf.random.normal([B, T, N * H])
-    dy = tf.cast(tf.random.normal([B, T, N * H]), layer.compute_dtype)
+    x = tf.random.normal([batch, T, width])
+    dy = tf.cast(tf.random.normal([batch, T, width]), layer.compute_dtype)
+    training = True if dropout > 0 else None
 
-    fwd = tf.function(lambda x: layer(x, x, use_causal_mask=causal))
+    fwd = tf.function(lambda x: layer(x, x, use_causal_mask=causal, training=training))
 
     @tf.function
     def fwd_bwd(x):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            y = layer(x, x, use_causal_mask=causal)
+            y = layer(x, x, use_causal_mask=causal, training=training)
         return tape.gradient(y, [x] + layer.trainable_weights, output_gradients=dy)
 
     return (lambda: fwd(x)[0, 0, 0].numpy()), (lambda: fwd_bwd(x)[0][0, 0, 0].numpy())
@@ -108,7 +120,7 @@ def test_attention_op(benchmark, T, dtype, causal, impl, direction):
 @pytest.mark.parametrize("dtype", DTYPES.keys())
 @pytest.mark.parametrize("T", LENGTHS)
 def test_multi_head_attention_layer(benchmark, T, dtype, causal, impl, direction):
-    _run(benchmark, _layer_fns(impl, T, DTYPES[dtype], causal), "layer", T, dtype, causal, direction)
+    _run(benchmark, layer_fns(impl, T, DTYPES[dtype], causal), "layer", T, dtype, causal, direction)
 
 
 @pytest.mark.parametrize("impl", ["fused", "reference"])

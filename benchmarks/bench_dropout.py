@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_fastattn  # noqa: E402
-import tf_fastattn.layers  # noqa: E402
+from bench_attention import attention_fwd_bwd, layer_fns  # noqa: E402
 
 B, N = 1, 4
 DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16}
@@ -51,36 +51,12 @@ def _op_fn(impl, T, H, dtype, rate):
         def forward(q, k, v):
             return _keras_attention(q, k, v, rate, seed_generator)
 
-    @tf.function
-    def fwd_bwd(q, k, v):
-        with tf.GradientTape() as tape:
-            tape.watch([q, k, v])
-            out = forward(q, k, v)
-        return tape.gradient(out, [q, k, v], output_gradients=d_out)
-
+    fwd_bwd = attention_fwd_bwd(forward, d_out)
     return lambda: fwd_bwd(q, k, v)[0][0, 0, 0, 0].numpy()
 
 
 def _layer_fn(impl, T, H, dtype, rate):
-    policy = None if dtype == tf.float32 else f"mixed_{dtype.name}"
-    cls = tf_fastattn.layers.MultiHeadAttention if impl == "fused" else keras.layers.MultiHeadAttention
-    layer = cls(num_heads=N, key_dim=H, dropout=rate, dtype=policy)
-    layer.build((None, None, N * H), (None, None, N * H))
-    keras.utils.set_random_seed(0)
-    reference = keras.layers.MultiHeadAttention(num_heads=N, key_dim=H)
-    reference.build((None, None, N * H), (None, None, N * H))
-    layer.set_weights(reference.get_weights())
-    x = tf.random.normal([B, T, N * H])
-    dy = tf.cast(tf.random.normal([B, T, N * H]), layer.compute_dtype)
-
-    @tf.function
-    def fwd_bwd(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = layer(x, x, training=True)
-        return tape.gradient(y, [x] + layer.trainable_weights, output_gradients=dy)
-
-    return lambda: fwd_bwd(x)[0][0, 0, 0].numpy()
+    return layer_fns(impl, T, dtype, batch=B, heads=N, head_dim=H, dropout=rate)[1]
 
 
 @pytest.mark.parametrize("impl", ["fused", "keras"])
