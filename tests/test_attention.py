@@ -496,3 +496,65 @@ def test_peak_memory_long_sequences(T, limit_gib):
     # one T x S float32 score matrix alone would be 8 GiB (32 GiB at 32768).
     growth = peak_rss_growth("fused", 1, 8, T, 64)
     assert growth < limit_gib * 2**30, f"peak RSS grew by {growth / 2**30:.2f} GiB (limit {limit_gib} GiB)"
+
+
+# ---------------------------------------------------------------------------
+# bfloat16 products on AMX tiles and with AVX512-BF16: both meet the criterion.
+
+AMX_OFF_SCRIPT = r"""
+import os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+os.environ["TF_FASTATTN_CPU_AMX"] = "0"
+import numpy as np
+import tensorflow as tf
+import tf_fastattn
+assert "amx-bf16" not in tf_fastattn.build_info()["cpu_features"]
+data = dict(np.load(sys.argv[1]))
+out = {}
+for case in sorted({k.split(":")[0] for k in data}):
+    q, k, v, d_out, causal = (tf.constant(data[f"{case}:{n}"]) for n in ("q", "k", "v", "d_out", "causal"))
+    q, k, v, d_out = (tf.cast(t, tf.bfloat16) for t in (q, k, v, d_out))
+    with tf.GradientTape() as tape:
+        tape.watch([q, k, v])
+        o = tf_fastattn.dot_product_attention(q, k, v, is_causal=bool(causal.numpy()), implementation="fused")
+    for name, t in zip(("out", "dq", "dk", "dv"), [o] + tape.gradient(o, [q, k, v], output_gradients=d_out)):
+        out[f"{case}:{name}"] = tf.cast(t, tf.float32).numpy()
+np.savez(sys.argv[2], **out)
+"""
+
+
+@pytest.mark.skipif("amx-bf16" not in tf_fastattn.build_info().get("cpu_features", []),
+                    reason="the CPU (or the OS) gives no AMX-BF16 tiles; the AVX512-BF16 path is the one tested")
+def test_bfloat16_with_and_without_amx_meets_the_criterion(rng, tmp_path):
+    # (T, S, N, Nkv, H, causal): head dims with pair tails past a multiple
+    # of 16 pairs (40, 100) and row counts past a multiple of 16 (37, 70).
+    cases = {"a": (37, 70, 2, 1, 40, True), "b": (64, 64, 2, 2, 64, False), "c": (70, 33, 4, 2, 100, False),
+             "d": (130, 130, 1, 1, 256, True)}
+    data, ref = {}, {}
+    for name, (T, S, N, Nkv, H, causal) in cases.items():
+        q64, k64, v64 = (random_tensor(rng, (2, L, heads, H), tf.float64) for L, heads in ((T, N), (S, Nkv), (S, Nkv)))
+        q, k, v = (tf.cast(tf.cast(t, tf.bfloat16), tf.float64) for t in (q64, k64, v64))  # exactly representable
+        d_out = tf.cast(tf.cast(random_tensor(rng, (2, T, N, H), tf.float64), tf.bfloat16), tf.float64)
+        data.update({f"{name}:q": q.numpy(), f"{name}:k": k.numpy(), f"{name}:v": v.numpy(),
+                     f"{name}:d_out": d_out.numpy(), f"{name}:causal": np.array(causal)})
+        ref[name] = forward_backward(lambda *a: reference.attention(*a, is_causal=causal), q, k, v, d_out)
+        naive = forward_backward(lambda *a: reference.attention(*a, is_causal=causal),
+                                 *[tf.cast(t, tf.bfloat16) for t in (q, k, v, d_out)])
+        amx = forward_backward(lambda *a: tf_fastattn.dot_product_attention(*a, is_causal=causal, implementation="fused"),
+                               *[tf.cast(t, tf.bfloat16) for t in (q, k, v, d_out)])
+        ref[name] = (ref[name], naive)
+        for label, f, n, r in zip(("out", "dq", "dk", "dv"), [amx[0], *amx[1]], [naive[0], *naive[1]],
+                                  [ref[name][0][0], *ref[name][0][1]]):
+            assert_close_to_reference(f, n, r, tf.bfloat16, f"AMX {name} {label}")
+    np.savez(tmp_path / "in.npz", **data)
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", AMX_OFF_SCRIPT, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    off = np.load(tmp_path / "out.npz")
+    for name in cases:
+        (r_out, r_grads), naive = ref[name]
+        for label, r, n in zip(("out", "dq", "dk", "dv"), [r_out, *r_grads], [naive[0], *naive[1]]):
+            assert_close_to_reference(tf.constant(off[f"{name}:{label}"]), n, r, tf.bfloat16, f"AVX512-BF16 {name} {label}")

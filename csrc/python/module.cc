@@ -3,6 +3,7 @@
 #include <sstream>
 #include <thread>
 
+#include "kernels/cpu/attention_microkernels.h"
 #include "python/common.h"
 
 namespace tf_fastattn {
@@ -87,6 +88,9 @@ PYBIND11_MODULE(_C, m) {
     if (__builtin_cpu_supports("fma")) f.push_back("fma");
     if (__builtin_cpu_supports("avx512f")) f.push_back("avx512f");
     if (__builtin_cpu_supports("avx512bf16")) f.push_back("avx512bf16");
+    // The attention's bfloat16 products on AMX tiles (granted by the OS,
+    // not turned off by TF_FASTATTN_CPU_AMX=0).
+    if (tf_fastattn::cpu::amx_enabled()) f.push_back("amx-bf16");
 #endif
     return f;
   }, "CPU features the kernels can dispatch on, as detected on this machine.");

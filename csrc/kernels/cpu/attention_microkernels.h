@@ -9,13 +9,19 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
 #include "tf_fastattn/philox.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
 #include <immintrin.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #define TFA_HAVE_X86_DISPATCH 1
 #else
 #define TFA_HAVE_X86_DISPATCH 0
@@ -615,6 +621,104 @@ TFA_AVX512BF16 inline void to_bf16_avx512(const float* x, int64_t n, uint16_t* o
   }
 }
 
+// ---------------------------------------------------------------------------
+// AMX-BF16 tier: the same products (B pair-interleaved, as tdpbf16ps wants
+// it) on the tile unit. C blocks of 32 x 32 in four 16 x 16 float tiles,
+// A as two 16-row x 16-pair tiles, B as two 16-pair x 16-column tiles; the
+// rows past a multiple of 16 and the pairs past a multiple of 16 go through
+// the AVX512-BF16 kernel. tdpbf16ps multiplies bf16 pairs exactly and adds
+// them to float32 accumulators (denormals flushed). The tile configuration is
+// loaded on entry and released on exit of every call: other code on the same
+// thread (oneDNN's matrix products) configures the tiles its own way.
+
+#define TFA_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512dq,avx512vl,avx512bw,avx512bf16,fma")))
+
+struct alignas(64) AmxTileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// C tiles 0-3, A tiles 4-5, B tiles 6-7; all 16 rows x 64 bytes.
+TFA_AMX inline void amx_block(int64_t kp16, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float* c,
+                              int64_t ldc, bool accumulate, int mt, int nt) {
+  // mt, nt: 1 or 2 tiles of 16 rows / 16 columns.
+  const int64_t sa = lda * 2, sb = ldb * 2, sc = ldc * 4;  // strides in bytes
+  if (accumulate) {
+    _tile_loadd(0, c, sc);
+    if (nt > 1) _tile_loadd(1, c + 16, sc);
+    if (mt > 1) _tile_loadd(2, c + 16 * ldc, sc);
+    if (mt > 1 && nt > 1) _tile_loadd(3, c + 16 * ldc + 16, sc);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t p = 0; p < kp16; p += 16) {
+    _tile_loadd(4, a + 2 * p, sa);
+    _tile_loadd(6, b + p * ldb, sb);
+    _tile_dpbf16ps(0, 4, 6);
+    if (nt > 1) {
+      _tile_loadd(7, b + p * ldb + 32, sb);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if (mt > 1) {
+      _tile_loadd(5, a + 16 * lda + 2 * p, sa);
+      _tile_dpbf16ps(2, 5, 6);
+      if (nt > 1) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, sc);
+  if (nt > 1) _tile_stored(1, c + 16, sc);
+  if (mt > 1) _tile_stored(2, c + 16 * ldc, sc);
+  if (mt > 1 && nt > 1) _tile_stored(3, c + 16 * ldc + 16, sc);
+}
+
+// C[m][n] (+)= A[m][2 kp] * B[2 kp][n], as gemm_bf16_avx512.
+TFA_AMX inline void gemm_bf16_amx(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b,
+                                  int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  const int64_t m16 = m / 16 * 16, kp16 = kp / 16 * 16;
+  if (m16 > 0 && kp16 > 0) {
+    AmxTileConfig cfg;
+    for (int t = 0; t < 8; ++t) {
+      cfg.colsb[t] = 64;
+      cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+    for (int64_t i = 0; i < m16; i += 32) {
+      const int mt = m16 - i >= 32 ? 2 : 1;
+      for (int64_t j = 0; j < n; j += 32) {
+        const int nt = n - j >= 32 ? 2 : 1;
+        amx_block(kp16, a + i * lda, lda, b + 2 * j, ldb, c + i * ldc + j, ldc, accumulate, mt, nt);
+      }
+    }
+    _tile_release();
+    // The pairs past kp16, added to the rows just computed.
+    if (kp16 < kp) gemm_bf16_avx512(m16, n, kp - kp16, a + 2 * kp16, lda, b + kp16 * ldb, ldb, c, ldc, true);
+  } else {
+    gemm_bf16_avx512(m16, n, kp, a, lda, b, ldb, c, ldc, accumulate);
+  }
+  if (m16 < m) gemm_bf16_avx512(m - m16, n, kp, a + m16 * lda, lda, b, ldb, c + m16 * ldc, ldc, accumulate);
+}
+
+#undef TFA_AMX
+
+// Whether this CPU has AMX-BF16 and the OS lets this process use the tiles
+// (Linux asks each process to request the tile state first).
+inline bool amx_bf16_usable() {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool amx_tile = (edx >> 24) & 1, amx_bf16 = (edx >> 22) & 1;
+  if (!amx_tile || !amx_bf16) return false;
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
 #undef TFA_AVX512BF16
 #undef TFA_AVX512
 #pragma GCC diagnostic pop
@@ -628,15 +732,34 @@ struct Bf16Kernels {
 
 // The bf16 tile products, or null where the CPU lacks AVX512-BF16 (the
 // kernels then convert bfloat16 to float32 and use the float32 products).
+inline bool amx_enabled();
+
 inline const Bf16Kernels* bf16_kernels() {
 #if TFA_HAVE_X86_DISPATCH
-  static const Bf16Kernels k = {gemm_bf16_avx512, to_bf16_avx512};
+  static const Bf16Kernels avx512 = {gemm_bf16_avx512, to_bf16_avx512};
+  static const Bf16Kernels amx = {gemm_bf16_amx, to_bf16_avx512};
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                          __builtin_cpu_supports("avx512bf16");
-  if (ok) return &k;
+  if (ok) return amx_enabled() ? &amx : &avx512;
 #endif
   return nullptr;
+}
+
+// Whether the bf16 products run on AMX tiles: the CPU has AMX-BF16 and
+// AVX512-BF16, the OS granted the tile state, and TF_FASTATTN_CPU_AMX is not
+// "0". Decided once per process.
+inline bool amx_enabled() {
+#if TFA_HAVE_X86_DISPATCH
+  static const bool on = [] {
+    const char* env = std::getenv("TF_FASTATTN_CPU_AMX");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+    return __builtin_cpu_supports("avx512bf16") && amx_bf16_usable();
+  }();
+  return on;
+#else
+  return false;
+#endif
 }
 
 // Dropout of rows t0 .. t0 + nr - 1 x keys s0 .. s0 + nc - 1 (see
