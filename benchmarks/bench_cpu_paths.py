@@ -1,0 +1,72 @@
+"""The CPU paths the attention kernels dispatch on, and the fused op against
+Keras with XLA off and on, in one run.
+
+Records `tf_fastattn.build_info()["cpu_features"]` (which of AVX-512,
+AVX512-BF16 and AMX-BF16 the kernels use here; without AVX-512 they run
+portable loops) in each benchmark's extra_info.
+B = 1, N = 8, H = 64, float32 and bfloat16, causal and not, T = S in
+{256, 512, 2048} (and 8192 with TFA_BENCH_LARGE=1), forward and forward +
+backward; impl: fused, keras (`keras.ops.dot_product_attention` in a
+tf.function), keras_xla (the same with jit_compile=True).
+
+Run:  pytest benchmarks/bench_cpu_paths.py --benchmark-json=cpu_paths.json
+      TF_FASTATTN_CPU_AMX=0 pytest benchmarks/bench_cpu_paths.py ...   # bfloat16 without AMX
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import tf_fastattn  # noqa: E402
+from tf_fastattn._timing import attention_flops  # noqa: E402
+
+LARGE = os.environ.get("TFA_BENCH_LARGE", "") not in ("", "0")
+LENGTHS = [256, 512, 2048] + ([8192] if LARGE else [])
+DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16}
+B, N, H = 1, 8, 64
+CPU_FEATURES = tf_fastattn.build_info().get("cpu_features")
+
+
+def _fns(impl, T, dtype, causal):
+    q, k, v, d_out = (tf.cast(tf.random.normal([B, T, N, H]), dtype) for _ in range(4))
+    if impl == "fused":
+
+        def forward(q, k, v):
+            return tf_fastattn.dot_product_attention(q, k, v, is_causal=causal, implementation="fused")
+
+    else:
+
+        def forward(q, k, v):
+            return keras.ops.dot_product_attention(q, k, v, is_causal=causal)
+
+    jit = impl == "keras_xla"
+    fwd = tf.function(forward, jit_compile=jit)
+
+    def grads(q, k, v):
+        with tf.GradientTape() as tape:
+            tape.watch([q, k, v])
+            out = forward(q, k, v)
+        return tape.gradient(out, [q, k, v], output_gradients=d_out)
+
+    fwd_bwd = tf.function(grads, jit_compile=jit)
+    return (lambda: fwd(q, k, v)[0, 0, 0, 0].numpy()), (lambda: fwd_bwd(q, k, v)[0][0, 0, 0, 0].numpy())
+
+
+@pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("impl", ["fused", "keras", "keras_xla"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", LENGTHS)
+def test_attention_cpu_paths(benchmark, T, dtype, causal, impl, direction):
+    fwd, fwd_bwd = _fns(impl, T, DTYPES[dtype], causal)
+    fn = fwd if direction == "fwd" else fwd_bwd
+    fn()  # trace (and compile)
+    benchmark.group = f"{direction} {dtype} T={T} {'causal' if causal else 'full'}"
+    benchmark.pedantic(fn, rounds=5 if T <= 2048 else 3, iterations=1, warmup_rounds=1)
+    flops = attention_flops(B, N, T, T, H, causal, backward=direction == "fwd_bwd")
+    benchmark.extra_info["GFLOP/s"] = flops / benchmark.stats.stats.median / 1e9
+    benchmark.extra_info["cpu_features"] = CPU_FEATURES
