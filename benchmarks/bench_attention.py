@@ -33,7 +33,10 @@ DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16}
 B, N, H = 1, 8, 64
 
 
-def _op_fns(impl, T, dtype, causal):
+def op_fns(impl, T, dtype, causal, *, jit_compile=False):
+    """Forward and forward + backward of the fused op ("fused") or
+    keras.ops.dot_product_attention ("keras"), each a tf.function (XLA with
+    jit_compile), on B x T x N x H inputs."""
     q, k, v, d_out = (tf.cast(tf.random.normal([B, T, N, H]), dtype) for _ in range(4))
     if impl == "fused":
 
@@ -45,23 +48,22 @@ def _op_fns(impl, T, dtype, causal):
         def forward(q, k, v):
             return keras.ops.dot_product_attention(q, k, v, is_causal=causal)
 
-    fwd = tf.function(forward)
-    fwd_bwd = attention_fwd_bwd(forward, d_out)
+    fwd = tf.function(forward, jit_compile=jit_compile)
+    fwd_bwd = attention_fwd_bwd(forward, d_out, jit_compile=jit_compile)
     return (lambda: fwd(q, k, v)[0, 0, 0, 0].numpy()), (lambda: fwd_bwd(q, k, v)[0][0, 0, 0, 0].numpy())
 
 
-def attention_fwd_bwd(forward, d_out):
+def attention_fwd_bwd(forward, d_out, jit_compile=False):
     """A tf.function giving the gradients of `forward(q, k, v)` w.r.t. q, k, v
     for the output gradient `d_out`."""
 
-    @tf.function
     def fwd_bwd(q, k, v):
         with tf.GradientTape() as tape:
             tape.watch([q, k, v])
             out = forward(q, k, v)
         return tape.gradient(out, [q, k, v], output_gradients=d_out)
 
-    return fwd_bwd
+    return tf.function(fwd_bwd, jit_compile=jit_compile)
 
 
 def layer_fns(impl, T, dtype, causal=False, *, batch=B, heads=N, head_dim=H, dropout=0.0):
@@ -111,7 +113,7 @@ def _run(benchmark, fns, what, T, dtype, causal, direction):
 @pytest.mark.parametrize("dtype", DTYPES.keys())
 @pytest.mark.parametrize("T", LENGTHS)
 def test_attention_op(benchmark, T, dtype, causal, impl, direction):
-    _run(benchmark, _op_fns(impl, T, DTYPES[dtype], causal), "op", T, dtype, causal, direction)
+    _run(benchmark, op_fns(impl, T, DTYPES[dtype], causal), "op", T, dtype, causal, direction)
 
 
 @pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])

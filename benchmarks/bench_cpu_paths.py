@@ -17,43 +17,17 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_fastattn  # noqa: E402
 from tf_fastattn._timing import attention_flops  # noqa: E402
+from bench_attention import B, H, N, op_fns  # noqa: E402
 
 LARGE = os.environ.get("TFA_BENCH_LARGE", "") not in ("", "0")
 LENGTHS = [256, 512, 2048] + ([8192] if LARGE else [])
 DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16}
-B, N, H = 1, 8, 64
 CPU_FEATURES = tf_fastattn.build_info().get("cpu_features")
-
-
-def _fns(impl, T, dtype, causal):
-    q, k, v, d_out = (tf.cast(tf.random.normal([B, T, N, H]), dtype) for _ in range(4))
-    if impl == "fused":
-
-        def forward(q, k, v):
-            return tf_fastattn.dot_product_attention(q, k, v, is_causal=causal, implementation="fused")
-
-    else:
-
-        def forward(q, k, v):
-            return keras.ops.dot_product_attention(q, k, v, is_causal=causal)
-
-    jit = impl == "keras_xla"
-    fwd = tf.function(forward, jit_compile=jit)
-
-    def grads(q, k, v):
-        with tf.GradientTape() as tape:
-            tape.watch([q, k, v])
-            out = forward(q, k, v)
-        return tape.gradient(out, [q, k, v], output_gradients=d_out)
-
-    fwd_bwd = tf.function(grads, jit_compile=jit)
-    return (lambda: fwd(q, k, v)[0, 0, 0, 0].numpy()), (lambda: fwd_bwd(q, k, v)[0][0, 0, 0, 0].numpy())
 
 
 @pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])
@@ -62,7 +36,8 @@ def _fns(impl, T, dtype, causal):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", LENGTHS)
 def test_attention_cpu_paths(benchmark, T, dtype, causal, impl, direction):
-    fwd, fwd_bwd = _fns(impl, T, DTYPES[dtype], causal)
+    fwd, fwd_bwd = op_fns("fused" if impl == "fused" else "keras", T, DTYPES[dtype], causal,
+                          jit_compile=impl == "keras_xla")
     fn = fwd if direction == "fwd" else fwd_bwd
     fn()  # trace (and compile)
     benchmark.group = f"{direction} {dtype} T={T} {'causal' if causal else 'full'}"
