@@ -103,7 +103,8 @@ def _run(benchmark, fns, what, T, dtype, causal, direction):
     benchmark.group = f"{what} {direction} {dtype} T={T} {'causal' if causal else 'full'}"
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
     flops = attention_flops(B, N, T, T, H, causal, backward=direction == "fwd_bwd")
-    benchmark.extra_info["GFLOP/s"] = flops / benchmark.stats.stats.median / 1e9
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["GFLOP/s"] = flops / benchmark.stats.stats.median / 1e9
     benchmark.extra_info["flops"] = flops
 
 

@@ -43,5 +43,6 @@ def test_attention_cpu_paths(benchmark, T, dtype, causal, impl, direction):
     benchmark.group = f"{direction} {dtype} T={T} {'causal' if causal else 'full'}"
     benchmark.pedantic(fn, rounds=5 if T <= 2048 else 3, iterations=1, warmup_rounds=1)
     flops = attention_flops(B, N, T, T, H, causal, backward=direction == "fwd_bwd")
-    benchmark.extra_info["GFLOP/s"] = flops / benchmark.stats.stats.median / 1e9
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["GFLOP/s"] = flops / benchmark.stats.stats.median / 1e9
     benchmark.extra_info["cpu_features"] = CPU_FEATURES
