@@ -20,6 +20,8 @@ import types
 
 import tensorflow as tf
 from keras.src.layers.layer import Layer
+from keras.src.ops.function import Function
+from keras.src.optimizers.base_optimizer import BaseOptimizer
 from keras.src.saving.keras_saveable import KerasSaveable
 from keras.src.utils.tracking import Tracker
 
@@ -98,9 +100,6 @@ def _deepcopy_keras_object(self, memo):
 
 def _rekey(new, memo):
     """Refreshes what Keras keys by object identity, which changed in the copy."""
-    from keras.src.ops.function import Function
-    from keras.src.optimizers.base_optimizer import BaseOptimizer
-
     if isinstance(new, Function) and isinstance(new.__dict__.get("_nodes"), set):
         # Functional models name their nodes "<id(operation)>_ib-<index>".
         rekeyed = set()

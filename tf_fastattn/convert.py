@@ -48,18 +48,20 @@ def _path(layer):
     return getattr(layer, "path", None) or layer.name
 
 
-def _layer_norm_axis_reason(layer):
-    """Why a layer norm would not run fused because of its axis, or None."""
+def _layer_norm_reason(layer):
+    """Why a layer norm would not run fused, or None: the layer's own rule
+    (`_fused_axis_reason`), with the input rank from its build."""
+    from tf_fastattn.layers.layer_normalization import FusedLayerNormalizationMixin
+
     axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
-    if list(axes) == [-1]:
-        return None
-    shapes = list((getattr(layer, "_build_shapes_dict", None) or {}).values())
-    rank = len(shapes[0]) if shapes and shapes[0] is not None else None
-    if rank is None:
-        return f"axis={layer.axis}: cannot tell whether it is the last axis before the layer is built"
-    if sorted(a % rank for a in axes) != [rank - 1]:
-        return f"axis={layer.axis} is not the last axis of a rank-{rank} input"
-    return None
+    if list(axes) == [-1] or layer.rms_scaling:
+        rank = 1  # the last axis of any input; or refused for rms_scaling whatever the rank
+    else:
+        shapes = list((getattr(layer, "_build_shapes_dict", None) or {}).values())
+        rank = len(shapes[0]) if shapes and shapes[0] is not None else None
+        if rank is None:
+            return f"axis={layer.axis}: cannot tell whether it is the last axis before the layer is built"
+    return FusedLayerNormalizationMixin._fused_axis_reason(layer, rank)
 
 
 def _why_not_fused(layer):
@@ -68,10 +70,7 @@ def _why_not_fused(layer):
 
     reason = _switch.unfused_reason(type(layer))
     if reason is None and isinstance(layer, keras.layers.LayerNormalization):
-        if layer.rms_scaling:
-            reason = "rms_scaling=True is not fused"
-        else:
-            reason = _layer_norm_axis_reason(layer)
+        reason = _layer_norm_reason(layer)
     return reason
 
 
