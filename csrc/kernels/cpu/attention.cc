@@ -210,21 +210,25 @@ Dropout make_dropout(double rate, uint64_t seed) {
 }
 
 // out[c * step] = keep(b, n, t, s0 + c) / (1 - rate) or 0, for c < nc; s0 % 4 == 0,
-// so one Philox call covers four consecutive keys.
+// so one Philox call covers four consecutive keys. With apply, out[c * step]
+// is multiplied by that factor instead.
 template <typename Acc>
 void dropout_factors(const Dropout& d, int64_t b, int64_t n, int64_t t, int64_t s0, int64_t nc, Acc* out,
-                     int64_t step) {
+                     int64_t step, bool apply = false) {
   const Acc kept = static_cast<Acc>(d.inv_keep);
   for (int64_t c = 0; c < nc; c += 4) {
     const Philox4 w = dropout_words(d.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(n), static_cast<uint32_t>(t),
                                     static_cast<uint32_t>((s0 + c) >> 2));
-    for (int64_t u = 0; u < 4 && c + u < nc; ++u) out[(c + u) * step] = w.x[u] >= d.threshold ? kept : Acc(0);
+    for (int64_t u = 0; u < 4 && c + u < nc; ++u) {
+      Acc& x = out[(c + u) * step];
+      const Acc f = w.x[u] >= d.threshold ? kept : Acc(0);
+      x = apply ? x * f : f;
+    }
   }
 }
 
-// The same for the tile of rows t0 .. t0 + nr - 1 and keys s0 .. s0 + nc - 1:
-// out[r * ld + c] = factor, or with apply out[r * ld + c] *= factor (a product
-// by the factor, the same rounding either way).
+// The same for the tile of rows t0 .. t0 + nr - 1 and keys s0 .. s0 + nc - 1
+// (row r at out + r * ld), with the vectorised generator where there is one.
 template <typename Acc>
 void dropout_tile(const Dropout& d, int64_t b, int64_t n, int64_t t0, int64_t nr, int64_t s0, int64_t nc, Acc* out,
                   int64_t ld, bool apply) {
@@ -236,16 +240,7 @@ void dropout_tile(const Dropout& d, int64_t b, int64_t n, int64_t t0, int64_t nr
       return;
     }
   }
-  std::vector<Acc> f(apply ? nc : 0);
-  for (int64_t r = 0; r < nr; ++r) {
-    Acc* row = out + r * ld;
-    if (!apply) {
-      dropout_factors(d, b, n, t0 + r, s0, nc, row, int64_t(1));
-      continue;
-    }
-    dropout_factors(d, b, n, t0 + r, s0, nc, f.data(), int64_t(1));
-    for (int64_t c = 0; c < nc; ++c) row[c] *= f[c];
-  }
+  for (int64_t r = 0; r < nr; ++r) dropout_factors(d, b, n, t0 + r, s0, nc, out + r * ld, int64_t(1), apply);
 }
 
 // A row with no allowed key: the uniform average of v (with dropout) over all S

@@ -679,26 +679,26 @@ TFA_AMX inline void amx_block(int64_t kp16, const uint16_t* a, int64_t lda, cons
 TFA_AMX inline void gemm_bf16_amx(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b,
                                   int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   const int64_t m16 = m / 16 * 16, kp16 = kp / 16 * 16;
-  if (m16 > 0 && kp16 > 0) {
-    AmxTileConfig cfg;
-    for (int t = 0; t < 8; ++t) {
-      cfg.colsb[t] = 64;
-      cfg.rows[t] = 16;
-    }
-    _tile_loadconfig(&cfg);
-    for (int64_t i = 0; i < m16; i += 32) {
-      const int mt = m16 - i >= 32 ? 2 : 1;
-      for (int64_t j = 0; j < n; j += 32) {
-        const int nt = n - j >= 32 ? 2 : 1;
-        amx_block(kp16, a + i * lda, lda, b + 2 * j, ldb, c + i * ldc + j, ldc, accumulate, mt, nt);
-      }
-    }
-    _tile_release();
-    // The pairs past kp16, added to the rows just computed.
-    if (kp16 < kp) gemm_bf16_avx512(m16, n, kp - kp16, a + 2 * kp16, lda, b + kp16 * ldb, ldb, c, ldc, true);
-  } else {
-    gemm_bf16_avx512(m16, n, kp, a, lda, b, ldb, c, ldc, accumulate);
+  if (m16 == 0 || kp16 == 0) {  // no whole tile
+    gemm_bf16_avx512(m, n, kp, a, lda, b, ldb, c, ldc, accumulate);
+    return;
   }
+  AmxTileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+  for (int64_t i = 0; i < m16; i += 32) {
+    const int mt = m16 - i >= 32 ? 2 : 1;
+    for (int64_t j = 0; j < n; j += 32) {
+      const int nt = n - j >= 32 ? 2 : 1;
+      amx_block(kp16, a + i * lda, lda, b + 2 * j, ldb, c + i * ldc + j, ldc, accumulate, mt, nt);
+    }
+  }
+  _tile_release();
+  // The pairs past kp16, added to the rows just computed; then the rows past m16.
+  if (kp16 < kp) gemm_bf16_avx512(m16, n, kp - kp16, a + 2 * kp16, lda, b + kp16 * ldb, ldb, c, ldc, true);
   if (m16 < m) gemm_bf16_avx512(m - m16, n, kp, a + m16 * lda, lda, b, ldb, c + m16 * ldc, ldc, accumulate);
 }
 
@@ -730,22 +730,6 @@ struct Bf16Kernels {
   void (*to_bf16)(const float* x, int64_t n, uint16_t* out);
 };
 
-// The bf16 tile products, or null where the CPU lacks AVX512-BF16 (the
-// kernels then convert bfloat16 to float32 and use the float32 products).
-inline bool amx_enabled();
-
-inline const Bf16Kernels* bf16_kernels() {
-#if TFA_HAVE_X86_DISPATCH
-  static const Bf16Kernels avx512 = {gemm_bf16_avx512, to_bf16_avx512};
-  static const Bf16Kernels amx = {gemm_bf16_amx, to_bf16_avx512};
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                         __builtin_cpu_supports("avx512bf16");
-  if (ok) return amx_enabled() ? &amx : &avx512;
-#endif
-  return nullptr;
-}
-
 // Whether the bf16 products run on AMX tiles: the CPU has AMX-BF16 and
 // AVX512-BF16, the OS granted the tile state, and TF_FASTATTN_CPU_AMX is not
 // "0". Decided once per process.
@@ -760,6 +744,20 @@ inline bool amx_enabled() {
 #else
   return false;
 #endif
+}
+
+// The bf16 tile products, or null where the CPU lacks AVX512-BF16 (the
+// kernels then convert bfloat16 to float32 and use the float32 products).
+inline const Bf16Kernels* bf16_kernels() {
+#if TFA_HAVE_X86_DISPATCH
+  static const Bf16Kernels avx512 = {gemm_bf16_avx512, to_bf16_avx512};
+  static const Bf16Kernels amx = {gemm_bf16_amx, to_bf16_avx512};
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("avx512bf16");
+  if (ok) return amx_enabled() ? &amx : &avx512;
+#endif
+  return nullptr;
 }
 
 // Dropout of rows t0 .. t0 + nr - 1 x keys s0 .. s0 + nc - 1 (see
