@@ -25,6 +25,7 @@ else:
     # be restored once they are registered, and `import tf_fastattn` is what
     # users do.
     _loader.state()
+    _loader.check_cpu_isa_env()
 
     __all__ = [
         "build_info",

@@ -27,6 +27,9 @@ def _print_build_info(info: dict) -> None:
         print(f"  {device} ops: {', '.join(names)}")
     features = info.get("cpu_features")
     print(f"  CPU features: {', '.join(features) if isinstance(features, list) else features}")
+    paths = info.get("cpu_attention_paths")
+    if paths:
+        print("  CPU attention paths: " + ", ".join(f"{case} {path}" for case, path in paths.items()))
     for key in ("gpus_visible", "gpu_runtime", "gpu_nvrtc", "gpu_kernel_cache"):
         if key in info:
             print(f"  {key}: {info[key]}")

@@ -157,6 +157,8 @@ def build_info() -> dict:
     `tf_version_running`, `ops_loaded` (bool), `ops_library` (path or None),
     `reason` (why the ops did not load, or None), `kernels` (op names
     registered for each device), `cpu_features` the CPU kernels dispatch on,
+    `cpu_attention_paths` (the CPU attention's micro-kernel tier for float32
+    products, bfloat16 products and dropout),
     `gpu_runtime` (whether the CUDA driver and NVRTC were found, and why not),
     `gpu_nvrtc`, `gpu_kernel_cache` and `gpus_visible`.
     """
@@ -195,6 +197,18 @@ def build_info() -> dict:
         from tf_fastattn import _C
 
         info["cpu_features"] = _C.cpu_features()
+        info["cpu_attention_paths"] = _C.cpu_attention_paths()
     except ImportError as e:
         info["cpu_features"] = f"unavailable: {e}"
     return info
+
+
+CPU_ISA_VALUES = ("avx512", "avx2", "portable")
+
+
+def check_cpu_isa_env() -> None:
+    """Warns when TF_FASTATTN_CPU_ISA holds a value the kernels ignore."""
+    value = os.environ.get("TF_FASTATTN_CPU_ISA")
+    if value is not None and value not in CPU_ISA_VALUES:
+        warnings.warn(f"TF_FASTATTN_CPU_ISA={value!r} is ignored: expected one of {', '.join(CPU_ISA_VALUES)} "
+                      "(the CPU attention then uses the best tier this CPU has)", RuntimeWarning, stacklevel=2)

@@ -1,5 +1,7 @@
 // tf_fastattn._C: the kernel core on NumPy arrays, without TensorFlow.
 #include <algorithm>
+#include <map>
+#include <string>
 #include <sstream>
 #include <thread>
 
@@ -94,6 +96,18 @@ PYBIND11_MODULE(_C, m) {
 #endif
     return f;
   }, "CPU features the kernels can dispatch on, as detected on this machine.");
+  m.def("cpu_attention_paths", [] {
+    namespace cpu = tf_fastattn::cpu;
+    const std::string tier = cpu::cpu_tier_name(cpu::cpu_tier());
+    std::map<std::string, std::string> paths;
+    paths["float32"] = tier;
+    paths["dropout"] = tier;
+    paths["bfloat16"] = cpu::amx_enabled()                  ? "amx-bf16"
+                        : cpu::bf16_kernels() != nullptr    ? "avx512-bf16"
+                                                            : "float32 products (" + tier + ")";
+    return paths;
+  }, "The CPU attention's micro-kernel tier per case (float32 products, bfloat16 products, dropout): "
+     "the best this CPU has, capped by TF_FASTATTN_CPU_ISA=avx512|avx2|portable.");
   tf_fastattn::python::register_layer_norm(m);
   tf_fastattn::python::register_attention(m);
   tf_fastattn::python::register_gpu(m);

@@ -1,9 +1,10 @@
 // Micro-kernels of the CPU attention (the only code that differs per SIMD tier).
 //
-// The build targets a portable x86-64 baseline, so the AVX-512 versions carry
-// their own target attribute and are picked at run time from the CPU's
-// features; the portable versions are plain loops that are always correct
-// (and the only ones for float64).
+// The build targets a portable x86-64 baseline, so the AVX-512 and AVX2
+// (attention_avx2.h) versions carry their own target attributes and are
+// picked at run time from the CPU's features (cpu_tier()); the portable
+// versions are plain loops that are always correct (and the only ones for
+// float64).
 #pragma once
 
 #include <algorithm>
@@ -721,8 +722,48 @@ inline bool amx_bf16_usable() {
 
 #undef TFA_AVX512BF16
 #undef TFA_AVX512
+
+// ---------------------------------------------------------------------------
+// AVX2 tier (float32; bitwise the AVX-512 tier's results).
+#include "attention_avx2.h"
+
 #pragma GCC diagnostic pop
 #endif  // TFA_HAVE_X86_DISPATCH
+
+// The float32 micro-kernel tier in use: the best one this CPU has, capped by
+// TF_FASTATTN_CPU_ISA ("avx512", "avx2" or "portable"; other values are
+// ignored, and tf_fastattn warns about them). Decided once per process.
+enum class CpuTier { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline CpuTier cpu_tier_cap(const char* env) {
+  if (env == nullptr) return CpuTier::kAvx512;
+  if (std::strcmp(env, "portable") == 0) return CpuTier::kPortable;
+  if (std::strcmp(env, "avx2") == 0) return CpuTier::kAvx2;
+  return CpuTier::kAvx512;
+}
+
+inline CpuTier cpu_tier() {
+  static const CpuTier tier = [] {
+    CpuTier best = CpuTier::kPortable;
+#if TFA_HAVE_X86_DISPATCH
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
+      best = CpuTier::kAvx512;
+    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      best = CpuTier::kAvx2;
+#endif
+    return std::min(best, cpu_tier_cap(std::getenv("TF_FASTATTN_CPU_ISA")));
+  }();
+  return tier;
+}
+
+inline const char* cpu_tier_name(CpuTier t) {
+  switch (t) {
+    case CpuTier::kAvx512: return "avx512";
+    case CpuTier::kAvx2: return "avx2";
+    default: return "portable";
+  }
+}
 
 struct Bf16Kernels {
   void (*gemm)(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
@@ -738,7 +779,7 @@ inline bool amx_enabled() {
   static const bool on = [] {
     const char* env = std::getenv("TF_FASTATTN_CPU_AMX");
     if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-    return __builtin_cpu_supports("avx512bf16") && amx_bf16_usable();
+    return cpu_tier() == CpuTier::kAvx512 && __builtin_cpu_supports("avx512bf16") && amx_bf16_usable();
   }();
   return on;
 #else
@@ -752,24 +793,24 @@ inline const Bf16Kernels* bf16_kernels() {
 #if TFA_HAVE_X86_DISPATCH
   static const Bf16Kernels avx512 = {gemm_bf16_avx512, to_bf16_avx512};
   static const Bf16Kernels amx = {gemm_bf16_amx, to_bf16_avx512};
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                         __builtin_cpu_supports("avx512bf16");
+  static const bool ok = cpu_tier() == CpuTier::kAvx512 && __builtin_cpu_supports("avx512bf16");
   if (ok) return amx_enabled() ? &amx : &avx512;
 #endif
   return nullptr;
 }
 
 // Dropout of rows t0 .. t0 + nr - 1 x keys s0 .. s0 + nc - 1 (see
-// dropout_tile_avx512), or null where the CPU lacks AVX-512 (the kernels then
-// call philox.h's generator once per 4 keys).
+// dropout_tile_avx512), or null on the portable tier (the kernels then call
+// philox.h's generator once per 4 keys).
 using DropoutTileFn = void (*)(uint64_t seed, uint32_t threshold, float kept, uint32_t b, uint32_t n, uint32_t t0,
                                int64_t nr, int64_t s0, int64_t nc, float* out, int64_t ld, bool apply);
 inline DropoutTileFn dropout_tile_kernel() {
 #if TFA_HAVE_X86_DISPATCH
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-  if (ok) return dropout_tile_avx512;
+  switch (cpu_tier()) {
+    case CpuTier::kAvx512: return dropout_tile_avx512;
+    case CpuTier::kAvx2: return dropout_tile_avx2;
+    default: break;
+  }
 #endif
   return nullptr;
 }
@@ -780,9 +821,14 @@ inline const MicroKernels<float>& micro_kernels<float>() {
   static const MicroKernels<float> avx512 = {gemm_avx512<false>,   gemm_avx512<true>,    row_max_avx512,
                                              exp_shift_sum_avx512, exp_shift_vec_avx512, ds_wide_avx512,
                                              softmax_step_avx512};
-  static const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                                 __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-  if (has_avx512) return avx512;
+  static const MicroKernels<float> avx2 = {gemm_avx2<false>,   gemm_avx2<true>,    row_max_avx2,
+                                           exp_shift_sum_avx2, exp_shift_vec_avx2, ds_wide_avx2,
+                                           softmax_step_avx2};
+  switch (cpu_tier()) {
+    case CpuTier::kAvx512: return avx512;
+    case CpuTier::kAvx2: return avx2;
+    default: break;
+  }
 #endif
   return portable_kernels<float>();
 }
