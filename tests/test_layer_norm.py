@@ -328,6 +328,19 @@ def test_build_info_reports_loaded_library():
     assert "gpu_runtime" in info and "gpus_visible" in info
 
 
+def test_cli_info_is_quiet_and_lists_the_cpu_paths():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_FASTATTN_CPU_ISA")}
+    res = subprocess.run([sys.executable, "-m", "tf_fastattn", "--info"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.stdout.startswith(f"tf_fastattn {tf_fastattn.__version__}\n"), res.stdout
+    assert "CPU attention paths: " in res.stdout and "float32 " in res.stdout
+    # TensorFlow's start-up lines ("I0000 ... oneDNN custom operations are on") are hidden.
+    assert res.stderr == "", res.stderr[-4000:]
+
+
 def test_gpu_kernels_registered_for_half_bfloat16_float_only():
     from tensorflow.python.framework import kernels
 

@@ -183,3 +183,18 @@ def test_precompile_cli(tmp_path, monkeypatch, capsys):
     assert status == 0, out
     assert "compiled 1 of 1 variants" in out and "tfa_layer_norm_bwd_reduce" in out
     assert len(os.listdir(tmp_path)) == 1
+
+
+@pytest.mark.parametrize("spelling, archs", [("80", [80]), ("sm_80", [80]), ("sm_80,sm_90", [80, 90]),
+                                             ("75, SM_86", [75, 86])])
+def test_precompile_arch_spellings(spelling, archs):
+    assert gpu._parse_archs(spelling) == archs
+
+
+@pytest.mark.parametrize("spelling", ["sm_81", "compute_80", "80;90", ""])
+def test_precompile_rejects_unknown_arch_naming_it(spelling, capsys):
+    with pytest.raises(SystemExit) as e:
+        gpu.precompile_main(["--arch", spelling])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--arch" in err and "is not a supported architecture: expected one of 60, 70, 75, 80, 86, 89, 90" in err

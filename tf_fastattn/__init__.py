@@ -3,8 +3,35 @@ TensorFlow and Keras, as custom ops with CPU and CUDA kernels."""
 
 __version__ = "0.1.0"
 
+import contextlib as _contextlib
+import os as _os
+import sys as _sys
+
+
+@_contextlib.contextmanager
+def _quiet_cli_start():
+    """`python -m tf_fastattn` hides TensorFlow's start-up log lines (written
+    to file descriptor 2 while TensorFlow loads, before its log level applies)
+    unless --verbose is given or TF_CPP_MIN_LOG_LEVEL is set. Python runs a
+    package's __init__ with sys.argv[0] == "-m" while it locates __main__."""
+    if _sys.argv[:1] != ["-m"] or "--verbose" in _sys.argv or "TF_CPP_MIN_LOG_LEVEL" in _os.environ:
+        yield
+        return
+    _os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    _sys.stderr.flush()
+    saved, devnull = _os.dup(2), _os.open(_os.devnull, _os.O_WRONLY)
+    _os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        _os.dup2(saved, 2)
+        _os.close(saved)
+        _os.close(devnull)
+
+
 try:
-    import tensorflow as _tf  # noqa: F401
+    with _quiet_cli_start():
+        import tensorflow as _tf  # noqa: F401
 except ImportError:
     # Without TensorFlow only the kernel module tf_fastattn._C is usable (the
     # GPU test machines run the kernels through it with PyTorch tensors).

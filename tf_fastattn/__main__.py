@@ -144,6 +144,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller shapes (seconds instead of a minute)")
     parser.add_argument("--info", action="store_true", help="print build info only")
+    parser.add_argument("--verbose", action="store_true",
+                        help="keep TensorFlow's start-up log lines (hidden by default)")
     args = parser.parse_args(argv)
 
     import tf_fastattn

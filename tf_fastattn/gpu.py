@@ -110,14 +110,29 @@ def resource_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _parse_archs(text: str) -> list[int]:
+    """'80', 'sm_80', 'sm_80,sm_90' or '80,90' -> [80, 90]; any other spelling is an argparse error."""
+    archs = []
+    for part in text.split(","):
+        token = part.strip().lower()
+        token = token[3:] if token.startswith("sm_") else token
+        if not token.isdigit() or int(token) not in ARCHS:
+            raise argparse.ArgumentTypeError(
+                f"{part.strip()!r} is not a supported architecture: expected one of "
+                f"{', '.join(str(a) for a in ARCHS)} (or sm_<n>), comma-separated")
+        archs.append(int(token))
+    return archs
+
+
 def precompile_main(argv=None) -> int:
     """`python -m tf_fastattn precompile`: warm the kernel cache. Returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="python -m tf_fastattn precompile",
         description="Compile tf_fastattn's GPU kernels with NVRTC into the on-disk cache (no GPU needed).",
     )
-    parser.add_argument("--arch", type=int, action="append", required=True,
-                        help=f"compute capability as 80 for sm_80; repeatable ({', '.join(map(str, ARCHS))})")
+    parser.add_argument("--arch", type=_parse_archs, action="append", required=True,
+                        help="compute capabilities: 80, sm_80 or a comma list such as sm_80,sm_90; repeatable "
+                             f"({', '.join(map(str, ARCHS))})")
     parser.add_argument("--dtype", action="append", choices=("float16", "bfloat16", "float32", "float64"),
                         help="repeatable; default: all")
     parser.add_argument("--head-dim", type=int, action="append", help="attention head dims; default: all buckets")
@@ -130,7 +145,8 @@ def precompile_main(argv=None) -> int:
     if info["nvrtc"] is None:
         print(f"error: {info['nvrtc_error']}", file=sys.stderr)
         return 1
-    jobs = [(a, v["name"]) for a in args.arch for v in select_variants(a, args.dtype, args.head_dim, args.op)]
+    archs = list(dict.fromkeys(a for group in args.arch for a in group))
+    jobs = [(a, v["name"]) for a in archs for v in select_variants(a, args.dtype, args.head_dim, args.op)]
     start = time.perf_counter()
     results = compile_variants(jobs, args.threads)
     failed = [r for r in results if "error" in r]
