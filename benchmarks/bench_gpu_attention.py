@@ -1,6 +1,6 @@
 """Attention on the GPU: tf_fastattn's kernels against PyTorch's SDPA backends and a naive einsum.
 
-TFLOP/s by FlashAttention's count (DESIGN.md): forward 4 B N T S H, halved when
+TFLOP/s by FlashAttention's count: forward 4 B N T S H, halved when
 causal; backward 2.5x the forward; fwd+bwd 3.5x. Layout [B, T, N, H]; PyTorch
 gets [B, N, T, H] views of the same tensors. Prints one line per case and
 writes JSON (--json). Needs a GPU, PyTorch and _C (TFA_C_PATH or installed).

@@ -1,7 +1,7 @@
 """Fused residual-add + layer norm on the GPU: GB/s against a device-to-device copy and
 torch.nn.functional.layer_norm(x + r).
 
-Bytes moved (DESIGN.md): forward reads x, r, gamma, beta and writes y, sum,
+Bytes moved: forward reads x, r, gamma, beta and writes y, sum,
 mean, rstd; backward reads dy, s, gamma, mean, rstd and writes dx, dgamma, dbeta.
 """
 

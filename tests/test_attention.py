@@ -253,12 +253,10 @@ def test_dropout_equals_reference_with_philox_mask(dtype, rng):
     v = tf.cast(random_tensor(rng, (B, S, Nkv, Hv), tf.float64), dtype)
     d_out = random_tensor(rng, (B, T, N, Hv), dtype)
     keep = tf.constant(philox_keep_mask(seed, rate, B, N, T, S))
-    # The op's dropout_rate is a float32 attribute: it scales by 1 / (1 - float32(rate)).
-    rate32 = float(np.float32(rate))
     fused = forward_backward(
         lambda *a: tf_fastattn.dot_product_attention(*a, is_causal=True, dropout_rate=rate, seed=seed), q, k, v, d_out
     )
-    ref_kw = dict(is_causal=True, dropout_rate=rate32, keep_mask=keep)
+    ref_kw = dict(is_causal=True, dropout_rate=rate, keep_mask=keep)
     naive = forward_backward(lambda *a: reference.attention(*a, **ref_kw), q, k, v, d_out)
     c64 = [tf.cast(t, tf.float64) for t in (q, k, v, d_out)]
     ref = forward_backward(lambda *a: reference.attention(*a, **ref_kw), *c64)
@@ -266,7 +264,7 @@ def test_dropout_equals_reference_with_philox_mask(dtype, rng):
     for name, f, n, r in zip(("dq", "dk", "dv"), fused[1], naive[1], ref[1]):
         assert_close_to_reference(f, n, r, dtype, name)
     # And the NumPy reference's gradients agree with TF's float64 reference.
-    np_grads = np_attention_bwd(*[t.numpy() for t in c64], is_causal=True, keep=keep.numpy(), rate=rate32)
+    np_grads = np_attention_bwd(*[t.numpy() for t in c64], is_causal=True, keep=keep.numpy(), rate=rate)
     for g, r in zip(np_grads, ref[1]):
         np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-12)
 
@@ -558,3 +556,30 @@ def test_bfloat16_with_and_without_amx_meets_the_criterion(rng, tmp_path):
         (r_out, r_grads), naive = ref[name]
         for label, r, n in zip(("out", "dq", "dk", "dv"), [r_out, *r_grads], [naive[0], *naive[1]]):
             assert_close_to_reference(tf.constant(off[f"{name}:{label}"]), n, r, tf.bfloat16, f"AVX512-BF16 {name} {label}")
+
+
+# ---------------------------------------------------------------------------
+# float64: scale and dropout_rate reach the kernel exactly (the *_bits
+# attributes), not rounded to float32.
+
+
+def test_float64_scale_and_dropout_rate_are_exact(rng):
+    B, T, S, N, H = 1, 9, 13, 2, 8
+    q, k, v = (rng.standard_normal(shape) for shape in ((B, T, N, H), (B, S, N, H), (B, S, N, H)))
+    scale, rate, seed = 0.1, 0.1, 12345  # neither is a float32 value
+    keep = philox_keep_mask(seed, rate, B, N, T, S)  # threshold from the float64 rate
+    ref = np_attention_fwd(q, k, v, scale=scale, keep=keep, rate=rate)[0]
+    out = tf_fastattn.dot_product_attention(*(tf.constant(t) for t in (q, k, v)), scale=scale, dropout_rate=rate,
+                                            seed=seed, implementation="fused")
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-13, atol=1e-14)
+    # The gradient op reads the same exact attributes.
+    qt, kt, vt = (tf.constant(t) for t in (q, k, v))
+    d_out = rng.standard_normal((B, T, N, H))
+    with tf.GradientTape() as tape:
+        tape.watch([qt, kt, vt])
+        o = tf_fastattn.dot_product_attention(qt, kt, vt, scale=scale, dropout_rate=rate, seed=seed,
+                                              implementation="fused")
+    grads = tape.gradient(o, [qt, kt, vt], output_gradients=tf.constant(d_out))
+    for g, r in zip(grads, np_attention_bwd(q, k, v, d_out, scale=scale, keep=keep, rate=rate)):
+        np.testing.assert_allclose(g.numpy(), r, rtol=1e-12, atol=1e-13)
+

@@ -115,7 +115,7 @@ def np_attention_bwd(q, k, v, d_out, mask=None, scale=None, is_causal=False, kee
 
 
 def check_close(fused, naive, ref, dtype_name, name):
-    """DESIGN.md's criterion: max|fused - ref| <= 2 max|naive - ref| + floor."""
+    """The accuracy criterion (README): max|fused - ref| <= 2 max|naive - ref| + floor."""
     fused, naive, ref = (np.asarray(x, np.float64) for x in (fused, naive, ref))
     assert fused.shape == ref.shape, f"{name}: shape {fused.shape} != {ref.shape}"
     assert np.isfinite(fused).all(), f"{name}: non-finite values"
@@ -243,6 +243,44 @@ def test_deterministic_across_thread_counts(dtype_name):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("dtype_name", list(NP_DTYPES))
+@pytest.mark.parametrize("shape, causal, rate", [((2, 1, 1, 2, 2, 8, 8), False, 0.0),
+                                                 ((1, 97, 7, 4, 2, 40, 24), True, 0.0),
+                                                 ((2, 7, 97, 2, 1, 72, 72), False, 0.3),
+                                                 ((1, 130, 130, 2, 2, 256, 200), True, 0.1)],
+                         ids=["tiny", "T97_S7_causal", "T7_S97_dropout", "H256_causal_dropout"])
+def test_outputs_fully_written(dtype_name, shape, causal, rate):
+    # Every element of out, lse, dq, dk, dv is written, including rows with no
+    # allowed key: outputs poisoned with NaN come back bitwise equal to
+    # freshly allocated ones.
+    rng = np.random.default_rng(17)
+    B, T, S, N, Nkv, H, Hv = shape
+    q, k, v, d_out = make_inputs(rng, *shape, NP_DTYPES[dtype_name])
+    mask = rng.random((B, 1, T, S)) < 0.7
+    mask[:, :, ::4] = False  # rows with no allowed key
+    kw = dict(mask=mask, is_causal=causal, dropout_rate=rate, seed=99)
+    fresh = _C.attention_fwd(q, k, v, **kw)
+    poisoned = tuple(np.full_like(t, np.nan) for t in fresh)
+    got = _C.attention_fwd(q, k, v, outputs=poisoned, **kw)
+    assert all(a is p for a, p in zip(got, poisoned))
+    for name, a, f in zip(("out", "lse"), got, fresh):
+        assert a.tobytes() == f.tobytes(), name
+    fresh_b = _C.attention_bwd(q, k, v, *fresh, d_out, **kw)
+    poisoned_b = tuple(np.full_like(t, np.nan) for t in fresh_b)
+    got_b = _C.attention_bwd(q, k, v, *fresh, d_out, outputs=poisoned_b, **kw)
+    for name, a, f in zip(("dq", "dk", "dv"), got_b, fresh_b):
+        assert a.tobytes() == f.tobytes(), name
+
+
+def test_outputs_argument_is_checked():
+    q = np.ones((1, 3, 2, 8), np.float32)
+    with pytest.raises(ValueError, match=r"attention_fwd: outputs\[1\] \(lse\) must have shape \[1, 2, 3\], got \[1, 3, 2\]"):
+        _C.attention_fwd(q, q, q, outputs=(np.empty_like(q), np.empty((1, 3, 2), np.float32)))
+    with pytest.raises(ValueError, match=r"attention_bwd: outputs must hold 3 arrays \(dquery, dkey, dvalue\), got 1"):
+        o, lse = _C.attention_fwd(q, q, q)
+        _C.attention_bwd(q, q, q, o, lse, o, outputs=(np.empty_like(q),))
 
 
 def test_empty_sequences():

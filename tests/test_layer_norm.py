@@ -110,6 +110,25 @@ def test_matches_keras_layer_on_sum(rng, dtype):
     assert_close_to_reference(y, tf.cast(keras_out, dtype), ref, dtype)
 
 
+@pytest.mark.parametrize("epsilon", [1e-3, 1e-5, 1e-12, 0.1])
+def test_float64_matches_keras_layer_with_exact_epsilon(rng, epsilon):
+    # Epsilon reaches the kernel as a float64 (epsilon_bits), not rounded to
+    # float32: with a float32 epsilon the two differed by about 2e-8 at 1e-5.
+    x = tf.constant(rng.standard_normal((8, 64)) * 1e-2, tf.float64)  # small variance: epsilon matters
+    layer = keras.layers.LayerNormalization(epsilon=epsilon, dtype="float64")
+    keras_out = layer(x)
+    y = tf_fastattn.layer_norm(x, layer.gamma, layer.beta, epsilon=epsilon, implementation="fused")
+    np.testing.assert_allclose(y.numpy(), keras_out.numpy(), rtol=1e-13, atol=1e-13)
+
+
+def test_epsilon_bits_must_describe_the_epsilon_attribute():
+    x = tf.ones([2, 4], tf.float64)
+    ops = _loader.ops()
+    with pytest.raises(tf.errors.InvalidArgumentError, match="epsilon_bits holds 0.5, which does not round to epsilon"):
+        ops.tf_fastattn_layer_norm(x=x, residual=[], gamma=tf.ones([4], tf.float64), beta=tf.zeros([4], tf.float64),
+                                   S=tf.float64, epsilon=1e-3, epsilon_bits=_loader.float64_bits(0.5))
+
+
 def test_no_residual_forwards_x_as_sum(rng):
     x, _, g, b = make_inputs(rng, (5,), 71, tf.float32, residual=False)
     y, s = tf_fastattn.layer_norm(x, g, b, return_residual=True, implementation="fused")

@@ -85,15 +85,43 @@ def test_bitwise_equal_across_thread_counts(threads):
         np.testing.assert_array_equal(a, c)
 
 
-def test_outputs_fully_written():
-    # Outputs are allocated uninitialised; run twice on different inputs of the
-    # same shape and compare with the reference each time, so stale memory shows.
+@pytest.mark.parametrize("dtype", NP_DTYPES.keys())
+@pytest.mark.parametrize("shape", [(1, 1), (33, 97), (2, 3, 1040)], ids=str)
+def test_outputs_fully_written(dtype, shape):
+    # Every element of every output is written: outputs poisoned with NaN
+    # come back equal, bit for bit, to freshly allocated ones.
     rng = np.random.default_rng(5)
-    for _ in range(2):
-        x = rng.standard_normal((33, 97)).astype(np.float32)
-        y, _, _, _ = _C.layer_norm_fwd(x)
-        yr = numpy_reference(x, np.zeros_like(x), 1.0, 0.0, 1e-3)[0]
-        check("y", y, yr, "float32")
+    dt = NP_DTYPES[dtype]
+    x, r, dy, dsum = (rng.standard_normal(shape).astype(dt) for _ in range(4))
+    g, b = (rng.standard_normal(shape[-1:]).astype(np.float32) for _ in range(2))
+    fresh = _C.layer_norm_fwd(x, g, b, residual=r)
+    poisoned = tuple(np.full_like(t, np.nan) for t in fresh)
+    got = _C.layer_norm_fwd(x, g, b, residual=r, outputs=poisoned)
+    assert all(a is p for a, p in zip(got, poisoned))
+    for name, a, f in zip(("y", "sum", "mean", "rstd"), got, fresh):
+        assert a.tobytes() == f.tobytes(), name
+    _, s, mean, rstd = fresh
+    fresh_b = _C.layer_norm_bwd(dy, s, mean, rstd, gamma=g, dsum=dsum)
+    poisoned_b = tuple(np.full_like(t, np.nan) for t in fresh_b)
+    got_b = _C.layer_norm_bwd(dy, s, mean, rstd, gamma=g, dsum=dsum, outputs=poisoned_b)
+    for name, a, f in zip(("dx", "dgamma", "dbeta"), got_b, fresh_b):
+        assert a.tobytes() == f.tobytes(), name
+
+
+def test_outputs_argument_is_checked():
+    x = np.ones((4, 8), np.float32)
+    good = [np.empty((4, 8), np.float32), np.empty((4, 8), np.float32), np.empty(4, np.float32),
+            np.empty(4, np.float32)]
+    with pytest.raises(ValueError, match=r"layer_norm_fwd: outputs must hold 4 arrays \(y, sum, mean, rstd\), got 2"):
+        _C.layer_norm_fwd(x, outputs=tuple(good[:2]))
+    with pytest.raises(ValueError, match=r"outputs\[2\] \(mean\) must have shape \[4\], got \[8\]"):
+        _C.layer_norm_fwd(x, outputs=(good[0], good[1], np.empty(8, np.float32), good[3]))
+    with pytest.raises(ValueError, match=r"outputs\[0\] \(y\) must be float32, got float64"):
+        _C.layer_norm_fwd(x, outputs=(np.empty((4, 8)), *good[1:]))
+    read_only = np.empty((4, 8), np.float32)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match=r"outputs\[1\] \(sum\) must be writeable"):
+        _C.layer_norm_fwd(x, outputs=(good[0], read_only, *good[2:]))
 
 
 def test_large_row():

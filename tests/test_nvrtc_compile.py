@@ -2,7 +2,10 @@
 
 Compiles all variants for sm_80, and for each of sm_60..sm_90 a set that
 covers every family x dtype x direction the dispatcher can choose there (one
-head-dim bucket), in parallel. Writes a registers / shared memory / spills
+head-dim bucket), in parallel; the quick suite compiles a subset of sm_80 (one
+per family x dtype x direction, and the hot tensor-core head dims), the rest
+is marked slow. Compiles are cached (build/nvrtc-test-cache, or
+$TFA_NVRTC_TEST_CACHE) with the runtime's cache key. Writes a registers / shared memory / spills
 report (TFA_NVRTC_REPORT, default build/nvrtc_report.txt) and fails on any
 compile error and on spills not justified in JUSTIFIED_SPILLS.
 
@@ -68,17 +71,52 @@ def _jobs():
 JOBS = _jobs()
 
 
+def _quick_jobs():
+    """sm_80: one variant per op x family x dtype x direction (head dim 64),
+    and every tensor-core variant of the hot head dims (the no-spill check)."""
+    seen, jobs = set(), []
+    for v in gpu.variants(FULL_ARCH):
+        key = (v["op"], v["family"], v["dtype"], v["direction"])
+        hot = v["op"] == "attention" and v["family"] == "tensor_core" and v["head_dim"] in HOT_HEAD_DIMS
+        if hot or (v["head_dim"] in (0, 64) and key not in seen):
+            seen.add(key)
+            jobs.append((FULL_ARCH, v["name"]))
+    return jobs
+
+
+QUICK_JOBS = set(_quick_jobs())
+# The compiled images and logs are cached on disk like the runtime's kernel
+# cache (same key: source, options, arch, NVRTC version), so a rerun only
+# compiles what changed.
+CACHE_DIR = os.environ.get("TFA_NVRTC_TEST_CACHE", os.path.join("build", "nvrtc-test-cache"))
+
+
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    start = time.perf_counter()
-    results = gpu.compile_variants(JOBS, use_cache=False)
-    seconds = time.perf_counter() - start
+def compiled(request):
+    # The quick set, plus the slow jobs of the test_compiles cases selected.
+    wanted = set(QUICK_JOBS)
+    for item in request.session.items:
+        if getattr(item, "originalname", None) == "test_compiles":
+            wanted.add(item.callspec.params["job"])
+    jobs = [j for j in JOBS if j in wanted]
+    saved = os.environ.get("TF_FASTATTN_CACHE_DIR")
+    os.environ["TF_FASTATTN_CACHE_DIR"] = os.path.abspath(CACHE_DIR)
+    try:
+        start = time.perf_counter()
+        results = gpu.compile_variants(jobs, use_cache=True)
+        seconds = time.perf_counter() - start
+    finally:
+        if saved is None:
+            os.environ.pop("TF_FASTATTN_CACHE_DIR")
+        else:
+            os.environ["TF_FASTATTN_CACHE_DIR"] = saved
+    cached = sum(1 for r in results if r.get("from_cache"))
     report = os.environ.get("TFA_NVRTC_REPORT", os.path.join("build", "nvrtc_report.txt"))
     os.makedirs(os.path.dirname(report) or ".", exist_ok=True)
     with open(report, "w") as f:
-        f.write(f"# {len(JOBS)} variants compiled in {seconds:.1f} s with {_info['nvrtc']}\n")
+        f.write(f"# {len(jobs)} variants ({cached} from the cache) in {seconds:.1f} s with {_info['nvrtc']}\n")
         f.write(gpu.resource_table(results) + "\n")
-    print(f"\n{len(JOBS)} variants compiled in {seconds:.1f} s; report: {report}")
+    print(f"\n{len(jobs)} variants ({cached} from {CACHE_DIR}) in {seconds:.1f} s; report: {report}")
     return {(r["arch"], r["name"]): r for r in results}
 
 
@@ -96,7 +134,8 @@ def test_variant_sets_cover_the_dispatcher():
     assert families[86] == families[89] == families[90] == {"simt", "tensor_core"}
 
 
-@pytest.mark.parametrize("job", JOBS, ids=[f"sm_{a}-{n}" for a, n in JOBS])
+@pytest.mark.parametrize("job", [pytest.param(j, id=f"sm_{j[0]}-{j[1]}", marks=() if j in QUICK_JOBS else pytest.mark.slow)
+                                 for j in JOBS])
 def test_compiles(compiled, job):
     r = compiled[job]
     assert "error" not in r, r.get("error")

@@ -199,6 +199,7 @@ for case in cases:
 """
 
 
+@pytest.mark.slow
 def test_saved_files_of_converted_models_reload_in_a_fresh_process(tmp_path):
     from test_convert import classifier
     from test_multi_head_attention import classification_data

@@ -1,4 +1,4 @@
-"""Shared test helpers: the accuracy criterion of DESIGN.md and input makers.
+"""Shared test helpers: the accuracy criterion (README) and input makers.
 
 A module of its own (not conftest.py): tests/gpu has a conftest too, and two
 modules named conftest cannot both be imported by name."""

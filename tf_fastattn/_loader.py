@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import struct
 import threading
 import warnings
 
@@ -201,6 +202,15 @@ def build_info() -> dict:
     except ImportError as e:
         info["cpu_features"] = f"unavailable: {e}"
     return info
+
+
+def float64_bits(x) -> int:
+    """The IEEE-754 binary64 bits of x as a signed int64: the `*_bits` op
+    attributes that carry epsilon, scale and dropout_rate exactly (float
+    attributes hold float32 only). 0 for 0.0 and for None (attribute absent)."""
+    if x is None:
+        return 0
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
 CPU_ISA_VALUES = ("avx512", "avx2", "portable")

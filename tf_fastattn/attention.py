@@ -219,6 +219,8 @@ def fused_attention(query, key, value, mask=None, scale=None, is_causal=False, d
         is_causal=bool(is_causal),
         scale=float("nan") if scale is None else float(scale),
         dropout_rate=float(dropout_rate),
+        scale_bits=_loader.float64_bits(scale),
+        dropout_rate_bits=_loader.float64_bits(dropout_rate),
     )
 
 
@@ -244,5 +246,7 @@ def _attention_grad(op, d_out, _d_lse):
         is_causal=op.get_attr("is_causal"),
         scale=op.get_attr("scale"),
         dropout_rate=op.get_attr("dropout_rate"),
+        scale_bits=op.get_attr("scale_bits"),
+        dropout_rate_bits=op.get_attr("dropout_rate_bits"),
     )
     return [dq, dk, dv] + [None] * (num_mask + num_seed)

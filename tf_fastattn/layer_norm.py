@@ -115,6 +115,7 @@ def _fused(x, gamma, beta, residual, epsilon, center, scale):
         beta=b,
         S=reference.compute_dtype(x.dtype),
         epsilon=float(epsilon),
+        epsilon_bits=_loader.float64_bits(epsilon),
         center=center,
         scale=scale,
     )

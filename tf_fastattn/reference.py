@@ -27,7 +27,9 @@ def layer_norm(x, gamma=None, beta=None, *, residual=None, epsilon=1e-3):
     ct = compute_dtype(x.dtype)
     sf = tf.cast(s, ct)
     mean, variance = tf.nn.moments(sf, axes=[-1], keepdims=True)
-    inv = tf.math.rsqrt(variance + tf.cast(epsilon, ct))
+    # tf.constant, not tf.cast: casting a Python float goes through float32.
+    eps = tf.constant(epsilon, ct) if isinstance(epsilon, (int, float)) else tf.cast(epsilon, ct)
+    inv = tf.math.rsqrt(variance + eps)
     if gamma is not None:
         inv = inv * tf.cast(gamma, ct)
     res = -mean * inv

@@ -74,7 +74,8 @@ double resolve_scale(std::optional<double> scale, const AttentionShape& s) {
 
 py::tuple attention_fwd(const py::array& q, const py::array& k, const py::array& v, std::optional<py::array> mask,
                         std::optional<double> scale, bool is_causal, double dropout_rate, uint64_t seed,
-                        int num_threads) {
+                        int num_threads, std::optional<py::tuple> outputs) {
+  const Outputs out_arrays(outputs, "attention_fwd", {"out", "lse"});
   AttentionFwdParams p;
   p.shape = shape_of(q, k, v);
   p.dtype = dtype_of(q, "query");
@@ -87,8 +88,8 @@ py::tuple attention_fwd(const py::array& q, const py::array& k, const py::array&
   p.k = k.data();
   p.v = v.data();
   const AttentionShape& s = p.shape;
-  py::array o = empty_like_dtype(q, {s.batch, s.seqlen_q, s.num_heads, s.head_dim_v});
-  py::array lse = empty_of(stats_dtype(p.dtype), {s.batch, s.num_heads, s.seqlen_q});
+  py::array o = out_arrays.take(0, q.dtype(), {s.batch, s.seqlen_q, s.num_heads, s.head_dim_v});
+  py::array lse = out_arrays.take(1, stats_dtype(p.dtype), {s.batch, s.num_heads, s.seqlen_q});
   p.o = o.mutable_data();
   p.lse = lse.mutable_data();
   Status st;
@@ -103,7 +104,8 @@ py::tuple attention_fwd(const py::array& q, const py::array& k, const py::array&
 py::tuple attention_bwd(const py::array& q, const py::array& k, const py::array& v, const py::array& o,
                         const py::array& lse, const py::array& d_o, std::optional<py::array> mask,
                         std::optional<double> scale, bool is_causal, double dropout_rate, uint64_t seed,
-                        int num_threads) {
+                        int num_threads, std::optional<py::tuple> outputs) {
+  const Outputs out_arrays(outputs, "attention_bwd", {"dquery", "dkey", "dvalue"});
   AttentionBwdParams p;
   p.shape = shape_of(q, k, v);
   p.dtype = dtype_of(q, "query");
@@ -138,9 +140,9 @@ py::tuple attention_bwd(const py::array& q, const py::array& k, const py::array&
   p.o = o.data();
   p.lse = lse.data();
   p.do_ = d_o.data();
-  py::array dq = empty_like_dtype(q, {s.batch, s.seqlen_q, s.num_heads, s.head_dim});
-  py::array dk = empty_like_dtype(k, {s.batch, s.seqlen_k, s.num_heads_kv, s.head_dim});
-  py::array dv = empty_like_dtype(v, {s.batch, s.seqlen_k, s.num_heads_kv, s.head_dim_v});
+  py::array dq = out_arrays.take(0, q.dtype(), {s.batch, s.seqlen_q, s.num_heads, s.head_dim});
+  py::array dk = out_arrays.take(1, k.dtype(), {s.batch, s.seqlen_k, s.num_heads_kv, s.head_dim});
+  py::array dv = out_arrays.take(2, v.dtype(), {s.batch, s.seqlen_k, s.num_heads_kv, s.head_dim_v});
   p.dq = dq.mutable_data();
   p.dk = dk.mutable_data();
   p.dv = dv.mutable_data();
@@ -163,13 +165,15 @@ void register_attention(py::module_& m) {
   m.def("attention_fwd", &attention_fwd,
         "Fused scaled-dot-product attention on the CPU.\n\n"
         "query [B, T, N, H], key [B, S, Nkv, H], value [B, S, Nkv, Hv]; mask: bool, rank 4, broadcastable\n"
-        "to [B, N, T, S] (True = attend). Returns (out [B, T, N, Hv], lse [B, N, T]).",
+        "to [B, N, T, S] (True = attend). Returns (out [B, T, N, Hv], lse [B, N, T]), written into\n"
+        "`outputs` (a tuple of two preallocated C-contiguous arrays) when given.",
         "query"_a, "key"_a, "value"_a, "mask"_a = py::none(), "scale"_a = py::none(), "is_causal"_a = false,
-        "dropout_rate"_a = 0.0, "seed"_a = 0, "num_threads"_a = 0);
+        "dropout_rate"_a = 0.0, "seed"_a = 0, "num_threads"_a = 0, "outputs"_a = py::none());
   m.def("attention_bwd", &attention_bwd,
-        "Backward of attention_fwd: returns (dquery, dkey, dvalue), recomputing probabilities from lse.",
+        "Backward of attention_fwd: returns (dquery, dkey, dvalue), recomputing probabilities from lse;\n"
+        "written into `outputs` (a tuple of three preallocated C-contiguous arrays) when given.",
         "query"_a, "key"_a, "value"_a, "out"_a, "lse"_a, "d_out"_a, "mask"_a = py::none(), "scale"_a = py::none(),
-        "is_causal"_a = false, "dropout_rate"_a = 0.0, "seed"_a = 0, "num_threads"_a = 0);
+        "is_causal"_a = false, "dropout_rate"_a = 0.0, "seed"_a = 0, "num_threads"_a = 0, "outputs"_a = py::none());
 }
 
 }  // namespace python

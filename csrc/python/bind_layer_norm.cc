@@ -43,7 +43,9 @@ void require_param(const py::array& p, const char* name, int64_t cols, DType dty
 std::vector<py::ssize_t> shape_of(const py::array& a) { return {a.shape(), a.shape() + a.ndim()}; }
 
 py::tuple layer_norm_fwd(const py::array& x, std::optional<py::array> gamma, std::optional<py::array> beta,
-                         std::optional<py::array> residual, double epsilon, int num_threads) {
+                         std::optional<py::array> residual, double epsilon, int num_threads,
+                         std::optional<py::tuple> outputs) {
+  const Outputs out_arrays(outputs, "layer_norm_fwd", {"y", "sum", "mean", "rstd"});
   require_contiguous(x, "x");
   LayerNormFwdParams p;
   p.dtype = dtype_of(x, "x");
@@ -67,11 +69,11 @@ py::tuple layer_norm_fwd(const py::array& x, std::optional<py::array> gamma, std
   }
   p.x = x.data();
   p.epsilon = epsilon;
-  py::array y = empty_like_dtype(x, shape_of(x));
-  py::array sum = empty_like_dtype(x, shape_of(x));
+  py::array y = out_arrays.take(0, x.dtype(), shape_of(x));
+  py::array sum = out_arrays.take(1, x.dtype(), shape_of(x));
   std::vector<py::ssize_t> stat_shape(x.shape(), x.shape() + x.ndim() - 1);
-  py::array mean = empty_of(stats_dtype(p.dtype), stat_shape);
-  py::array rstd = empty_of(stats_dtype(p.dtype), stat_shape);
+  py::array mean = out_arrays.take(2, stats_dtype(p.dtype), stat_shape);
+  py::array rstd = out_arrays.take(3, stats_dtype(p.dtype), stat_shape);
   p.y = y.mutable_data();
   p.sum = sum.mutable_data();
   p.mean = mean.mutable_data();
@@ -87,7 +89,8 @@ py::tuple layer_norm_fwd(const py::array& x, std::optional<py::array> gamma, std
 
 py::tuple layer_norm_bwd(const py::array& dy, const py::array& sum, const py::array& mean, const py::array& rstd,
                          std::optional<py::array> gamma, std::optional<py::array> dsum, bool center,
-                         std::optional<py::array> param_like, int num_threads) {
+                         std::optional<py::array> param_like, int num_threads, std::optional<py::tuple> outputs) {
+  const Outputs out_arrays(outputs, "layer_norm_bwd", {"dx", "dgamma", "dbeta"});
   require_contiguous(dy, "dy");
   require_contiguous(sum, "sum");
   require_contiguous(mean, "mean");
@@ -121,9 +124,9 @@ py::tuple layer_norm_bwd(const py::array& dy, const py::array& sum, const py::ar
   p.sum = sum.data();
   p.mean = mean.data();
   p.rstd = rstd.data();
-  py::array dx = empty_like_dtype(dy, shape_of(dy));
-  py::array dgamma = empty_of(p.param_dtype, {static_cast<py::ssize_t>(p.cols)});
-  py::array dbeta = empty_of(p.param_dtype, {static_cast<py::ssize_t>(p.cols)});
+  py::array dx = out_arrays.take(0, dy.dtype(), shape_of(dy));
+  py::array dgamma = out_arrays.take(1, p.param_dtype, {static_cast<py::ssize_t>(p.cols)});
+  py::array dbeta = out_arrays.take(2, p.param_dtype, {static_cast<py::ssize_t>(p.cols)});
   std::vector<char> workspace(layer_norm_bwd_workspace_bytes(p.rows, p.cols, p.dtype));
   p.dx = dx.mutable_data();
   p.dgamma = gamma ? dgamma.mutable_data() : nullptr;
@@ -145,15 +148,17 @@ void register_layer_norm(py::module_& m) {
   m.def("layer_norm_fwd", &layer_norm_fwd,
         "Fused residual-add + layer norm over the last axis on the CPU.\n\n"
         "Returns (y, sum, mean, rstd): y = (s - mean) * rstd * gamma + beta with s = x + residual;\n"
-        "mean and rstd are float32 (float64 for float64 x) of shape x.shape[:-1].",
+        "mean and rstd are float32 (float64 for float64 x) of shape x.shape[:-1]. `outputs`: optional\n"
+        "tuple of four preallocated C-contiguous arrays to write them into.",
         "x"_a, "gamma"_a = py::none(), "beta"_a = py::none(), "residual"_a = py::none(), "epsilon"_a = 1e-3,
-        "num_threads"_a = 0);
+        "num_threads"_a = 0, "outputs"_a = py::none());
   m.def("layer_norm_bwd", &layer_norm_bwd,
         "Backward of layer_norm_fwd. Returns (dx, dgamma, dbeta); dx is also the residual's gradient and\n"
         "includes dsum (the gradient reaching the sum output). dgamma is None without gamma, dbeta None\n"
-        "when center is False. param_like gives the dtype of dgamma/dbeta when gamma is None.",
+        "when center is False. param_like gives the dtype of dgamma/dbeta when gamma is None. `outputs`:\n"
+        "optional tuple of three preallocated arrays (dx, dgamma, dbeta; the last two of shape [cols]).",
         "dy"_a, "sum"_a, "mean"_a, "rstd"_a, "gamma"_a = py::none(), "dsum"_a = py::none(), "center"_a = true,
-        "param_like"_a = py::none(), "num_threads"_a = 0);
+        "param_like"_a = py::none(), "num_threads"_a = 0, "outputs"_a = py::none());
 }
 
 }  // namespace python

@@ -20,9 +20,27 @@ namespace py = pybind11;
 // (the type TensorFlow's .numpy() returns).
 DType dtype_of(const py::array& a, const char* name);
 
-// A NumPy array of the same dtype as `like` (bfloat16 included) and `shape`.
-py::array empty_like_dtype(const py::array& like, const std::vector<py::ssize_t>& shape);
+// A new NumPy array of dtype t (bfloat16 from ml_dtypes) and `shape`.
 py::array empty_of(DType t, const std::vector<py::ssize_t>& shape);
+
+// Caller-provided output arrays (the `outputs` argument of the CPU
+// functions): a tuple of `count` arrays, or None. Tests fill them with NaN
+// first, so an element a kernel fails to write shows up.
+class Outputs {
+ public:
+  Outputs(const std::optional<py::tuple>& given, const char* function, std::vector<const char*> names);
+  // Output i: the given array, checked against `dtype` and `shape`
+  // (C-contiguous, writeable), or a new array of that dtype and shape.
+  py::array take(size_t i, const py::dtype& dtype, const std::vector<py::ssize_t>& shape) const;
+  py::array take(size_t i, DType dtype, const std::vector<py::ssize_t>& shape) const;
+
+ private:
+  std::optional<py::tuple> given_;
+  std::string function_;
+  std::vector<const char*> names_;
+};
+
+py::dtype dtype_object(DType t);
 
 // Requires a C-contiguous array; raises ValueError naming the argument.
 void require_contiguous(const py::array& a, const char* name);

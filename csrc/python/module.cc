@@ -21,21 +21,52 @@ DType dtype_of(const py::array& a, const char* name) {
   throw py::value_error(std::string(name) + " must be float16, bfloat16, float32 or float64, got " + n);
 }
 
-py::array empty_like_dtype(const py::array& like, const std::vector<py::ssize_t>& shape) {
-  return py::array(like.dtype(), shape);
-}
-
-py::array empty_of(DType t, const std::vector<py::ssize_t>& shape) {
+py::dtype dtype_object(DType t) {
   switch (t) {
-    case DType::kFloat16: return py::array(py::dtype("float16"), shape);
-    case DType::kFloat32: return py::array(py::dtype("float32"), shape);
-    case DType::kFloat64: return py::array(py::dtype("float64"), shape);
-    case DType::kBFloat16: {
-      py::object bf16 = py::module_::import("ml_dtypes").attr("bfloat16");
-      return py::array(py::dtype::from_args(bf16), shape);
-    }
+    case DType::kFloat16: return py::dtype("float16");
+    case DType::kFloat32: return py::dtype("float32");
+    case DType::kFloat64: return py::dtype("float64");
+    case DType::kBFloat16: return py::dtype::from_args(py::module_::import("ml_dtypes").attr("bfloat16"));
   }
   throw py::value_error("unknown dtype");
+}
+
+py::array empty_of(DType t, const std::vector<py::ssize_t>& shape) { return py::array(dtype_object(t), shape); }
+
+Outputs::Outputs(const std::optional<py::tuple>& given, const char* function, std::vector<const char*> names)
+    : given_(given), function_(function), names_(std::move(names)) {
+  if (given_ && given_->size() != names_.size()) {
+    std::string list;
+    for (size_t i = 0; i < names_.size(); ++i) list += (i ? ", " : "") + std::string(names_[i]);
+    throw py::value_error(function_ + ": outputs must hold " + std::to_string(names_.size()) + " arrays (" + list +
+                          "), got " + std::to_string(given_->size()));
+  }
+}
+
+py::array Outputs::take(size_t i, const py::dtype& dtype, const std::vector<py::ssize_t>& shape) const {
+  if (!given_) return py::array(dtype, shape);
+  const std::string name = function_ + ": outputs[" + std::to_string(i) + "] (" + names_[i] + ")";
+  py::object obj = (*given_)[i];
+  if (!py::isinstance<py::array>(obj)) throw py::value_error(name + " must be a NumPy array");
+  py::array a = obj.cast<py::array>();
+  const std::string want = py::str(dtype.attr("name")), got = py::str(a.dtype().attr("name"));
+  if (want != got) throw py::value_error(name + " must be " + want + ", got " + got);
+  bool same = a.ndim() == static_cast<py::ssize_t>(shape.size());
+  for (size_t d = 0; same && d < shape.size(); ++d) same = a.shape(d) == shape[d];
+  if (!same) {
+    std::ostringstream os;
+    os << "[";
+    for (size_t d = 0; d < shape.size(); ++d) os << (d ? ", " : "") << shape[d];
+    os << "]";
+    throw py::value_error(name + " must have shape " + os.str() + ", got " + shape_str(a));
+  }
+  require_contiguous(a, name.c_str());
+  if (!a.writeable()) throw py::value_error(name + " must be writeable");
+  return a;
+}
+
+py::array Outputs::take(size_t i, DType dtype, const std::vector<py::ssize_t>& shape) const {
+  return take(i, dtype_object(dtype), shape);
 }
 
 void require_contiguous(const py::array& a, const char* name) {

@@ -64,6 +64,8 @@ REGISTER_OP("TfFastattn>Attention")
     .Attr("is_causal: bool = false")
     .Attr("scale: float = nan")
     .Attr("dropout_rate: float = 0")
+    .Attr("scale_bits: int = 0")
+    .Attr("dropout_rate_bits: int = 0")
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle q, k, v;
       TF_RETURN_IF_ERROR(attention_shapes(c, &q, &k, &v));
@@ -108,6 +110,8 @@ REGISTER_OP("TfFastattn>AttentionGrad")
     .Attr("is_causal: bool = false")
     .Attr("scale: float = nan")
     .Attr("dropout_rate: float = 0")
+    .Attr("scale_bits: int = 0")
+    .Attr("dropout_rate_bits: int = 0")
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle q, k, v;
       TF_RETURN_IF_ERROR(attention_shapes(c, &q, &k, &v));
@@ -129,15 +133,15 @@ struct AttentionAttrs {
   int num_mask = 0;
   int num_seed = 0;
   bool is_causal = false;
-  float scale = 0;
-  float dropout_rate = 0;
+  double scale = 0;         // nan: 1/sqrt(H)
+  double dropout_rate = 0;  // both exact: see get_exact_attr
 
   explicit AttentionAttrs(OpKernelConstruction* ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("num_mask", &num_mask));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("num_seed", &num_seed));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("is_causal", &is_causal));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("dropout_rate", &dropout_rate));
+    OP_REQUIRES_OK(ctx, get_exact_attr(ctx, "scale", &scale));
+    OP_REQUIRES_OK(ctx, get_exact_attr(ctx, "dropout_rate", &dropout_rate));
     OP_REQUIRES(ctx, num_mask <= 1, invalid_argument("num_mask must be 0 or 1, got ", num_mask));
     OP_REQUIRES(ctx, num_seed <= 1, invalid_argument("num_seed must be 0 or 1, got ", num_seed));
     // nan selects the default; any other non-finite scale is an error.
@@ -149,11 +153,10 @@ struct AttentionAttrs {
                 invalid_argument("dropout_rate > 0 needs a seed input, got none"));
   }
 
-  // The scale the kernel uses: 1/sqrt(H) in double precision by default, so a
-  // float64 computation is not limited by the float32 attribute.
+  // The scale the kernel uses: 1/sqrt(H) in double precision by default.
   double resolved_scale(int64_t head_dim) const {
     if (std::isnan(scale)) return 1.0 / std::sqrt(static_cast<double>(head_dim > 0 ? head_dim : 1));
-    return static_cast<double>(scale);
+    return scale;
   }
 };
 

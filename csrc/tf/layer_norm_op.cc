@@ -43,6 +43,7 @@ REGISTER_OP("TfFastattn>LayerNorm")
     .Attr("S: {float, double} = DT_FLOAT")
     .Attr("num_residual: int >= 0 = 0")
     .Attr("epsilon: float = 0.001")
+    .Attr("epsilon_bits: int = 0")
     .Attr("center: bool = true")
     .Attr("scale: bool = true")
     .SetShapeFn([](InferenceContext* c) {
@@ -114,7 +115,7 @@ template <class Device>
 class LayerNormOp : public OpKernel {
  public:
   explicit LayerNormOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("epsilon", &epsilon_));
+    OP_REQUIRES_OK(ctx, get_exact_attr(ctx, "epsilon", &epsilon_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("center", &center_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("num_residual", &num_residual_));
@@ -174,7 +175,7 @@ class LayerNormOp : public OpKernel {
   }
 
  private:
-  float epsilon_;
+  double epsilon_;  // exact: see get_exact_attr
   bool center_, scale_;
   int num_residual_;
 };

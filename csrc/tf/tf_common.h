@@ -2,6 +2,8 @@
 // This directory is the only place TensorFlow headers appear.
 #pragma once
 
+#include <cmath>
+#include <cstring>
 #include <string>
 
 #include "absl/status/status.h"
@@ -26,6 +28,32 @@ inline DType to_dtype(tfw::DataType t) {
     case tfw::DT_DOUBLE: return DType::kFloat64;
     default: return DType::kFloat32;
   }
+}
+
+// A float attribute `name` with its exact float64 value in the int attribute
+// `name`_bits (the IEEE-754 binary64 bits; TensorFlow's float attributes hold
+// only float32, which made float64 results depend on float32 rounding of
+// epsilon, scale and dropout_rate). Bits of 0 mean "absent" (graphs built
+// before the attribute existed): the float32 value is used. Otherwise the
+// float64 value must round to the float32 one.
+inline absl::Status get_exact_attr(tfw::OpKernelConstruction* ctx, const std::string& name, double* out) {
+  float f = 0;
+  int64_t bits = 0;
+  TF_RETURN_IF_ERROR(ctx->GetAttr(name, &f));
+  TF_RETURN_IF_ERROR(ctx->GetAttr(name + "_bits", &bits));
+  if (bits == 0) {
+    *out = static_cast<double>(f);
+    return absl::OkStatus();
+  }
+  double d;
+  std::memcpy(&d, &bits, sizeof(d));
+  const bool same = std::isnan(d) ? std::isnan(f) : static_cast<float>(d) == f;
+  if (!same) {
+    return absl::InvalidArgumentError(absl::StrCat("attribute ", name, "_bits holds ", d, ", which does not round to ",
+                                                   name, " = ", f, " (the two must describe one value)"));
+  }
+  *out = d;
+  return absl::OkStatus();
 }
 
 inline tfw::DataType stats_tf_dtype(tfw::DataType t) { return t == tfw::DT_DOUBLE ? tfw::DT_DOUBLE : tfw::DT_FLOAT; }

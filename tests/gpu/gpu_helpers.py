@@ -1,4 +1,4 @@
-"""GPU test helpers: _C on PyTorch tensors, float64 references, DESIGN.md's criterion."""
+"""GPU test helpers: _C on PyTorch tensors, float64 references, the accuracy criterion."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-# DESIGN.md: max|fused - ref| <= 2 max|naive - ref| + floor (floors as tests/conftest.py).
+# The accuracy criterion: max|fused - ref| <= 2 max|naive - ref| + floor (floors as tests/conftest.py).
 ATOL_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-6}
 
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}

@@ -1,4 +1,4 @@
-"""Attention CUDA kernels against a float64 reference (DESIGN.md's criterion).
+"""Attention CUDA kernels against a float64 reference (the accuracy criterion).
 
 Every dtype x causal x mask x GQA x awkward shape, forward and backward, for
 the automatically chosen family and for the SIMT family forced (on sm_80+

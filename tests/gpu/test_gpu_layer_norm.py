@@ -1,4 +1,4 @@
-"""Layer norm CUDA kernels against a float64 reference (DESIGN.md's criterion).
+"""Layer norm CUDA kernels against a float64 reference (the accuracy criterion).
 
 Every dtype x awkward and large C (warp-per-row, block-per-row and streaming
 paths; aligned and odd C) x residual x gamma/beta dtype, forward and backward,

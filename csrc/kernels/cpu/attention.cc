@@ -406,7 +406,7 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
 // pair-interleaved every K tile per query tile; with the K^T tiles of a head
 // cached per chunk it is faster, and forward and backward logits now agree.) P V, dS^T Q, dS K
 // stay float32: rounding P to bf16 before P V (as GPU flash kernels do) made
-// the test harness fail DESIGN.md's criterion (dq, dk up to 1.45x the bound at
+// the test harness fail the accuracy criterion (dq, dk up to 1.45x the bound at
 // T=S=7, dropout 0.3) because delta = dO . o then drifts from the recomputed P.
 struct Bf16Ops {
   const cpu::Bf16Kernels* bk = nullptr;

@@ -234,16 +234,6 @@ TFA_AVX2 inline float exp_shift_sum_avx2(float* x, int64_t n, float shift) {
   return reduce_add16_avx2(lo, hi);
 }
 
-TFA_AVX2 inline void exp_shift_vec_avx2(float* x, int64_t n, const float* shift) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(x + i, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(shift + i))));
-  if (i < n) {
-    const __m256i mk = tail_mask8(n - i);
-    _mm256_maskstore_ps(x + i, mk, exp_avx2(_mm256_sub_ps(_mm256_maskload_ps(x + i, mk), _mm256_maskload_ps(shift + i, mk))));
-  }
-}
-
 // softmax_step_avx512's arithmetic, with its one-pass path for full 64-column
 // rows (8 registers of logits held between the maximum and the exponentials).
 TFA_AVX2 inline void softmax_step_avx2(int64_t nr, int64_t nc, float* s, int64_t lds, float* m, float* l, float* acc,

@@ -41,12 +41,8 @@ struct MicroKernels {
   // Lets the backward form P^T dO and dS^T Q from row-major P and dS.
   void (*gemm_tn)(int64_t m, int64_t n, int64_t k, const Acc* a, int64_t lda, const Acc* b, int64_t ldb, Acc* c,
                   int64_t ldc, bool accumulate);
-  // max(x[0..n)), -inf when n == 0.
-  Acc (*row_max)(const Acc* x, int64_t n);
   // x[i] = exp(x[i] - shift) for i < n; returns their sum. x may hold -inf.
   Acc (*exp_shift_sum)(Acc* x, int64_t n, Acc shift);
-  // x[i] = exp(x[i] - shift[i]) for i < n.
-  void (*exp_shift_vec)(Acc* x, int64_t n, const Acc* shift);
   // The float32 backward's dS tile with a wide dP = dO V^T:
   //   ds[i][j] = Acc(p[i][j] * (f[i][j] * (A B)[i][j] - delta[i]))
   // for i < m, j < n (n a multiple of 16), A [m][k] and B [k][n] row-major,
@@ -129,11 +125,6 @@ Acc exp_shift_sum_portable(Acc* x, int64_t n, Acc shift) {
 }
 
 template <typename Acc>
-void exp_shift_vec_portable(Acc* x, int64_t n, const Acc* shift) {
-  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i] - shift[i]);
-}
-
-template <typename Acc>
 void softmax_step_portable(int64_t nr, int64_t nc, Acc* s, int64_t lds, Acc* m, Acc* l, Acc* acc, int64_t ldacc,
                            int64_t hv) {
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
@@ -157,10 +148,8 @@ void softmax_step_portable(int64_t nr, int64_t nc, Acc* s, int64_t lds, Acc* m, 
 
 template <typename Acc>
 const MicroKernels<Acc>& portable_kernels() {
-  static const MicroKernels<Acc> k = {gemm_portable<Acc, false>,    gemm_portable<Acc, true>,
-                                      row_max_portable<Acc>,        exp_shift_sum_portable<Acc>,
-                                      exp_shift_vec_portable<Acc>,  ds_wide_portable<Acc>,
-                                      softmax_step_portable<Acc>};
+  static const MicroKernels<Acc> k = {gemm_portable<Acc, false>, gemm_portable<Acc, true>, exp_shift_sum_portable<Acc>,
+                                      ds_wide_portable<Acc>, softmax_step_portable<Acc>};
   return k;
 }
 
@@ -252,9 +241,10 @@ TFA_AVX512 inline void gemm_avx512(int64_t m, int64_t n, int64_t k, const float*
 // chunk's partial sums (about kKc / k of |dP| when the terms add up
 // coherently, as they do when dP ~ delta). Measured (float32 backward,
 // B=1, N=8, T=S=2048, H=64, 2 threads): +6% (full) and +2% (causal) over the
-// float32 product, against +20% for a float64-FMA product; kKc = 16 was
-// about 1% faster than 8. 4 rows x 32 columns: 8 float32 and 16 float64
-// accumulators, 2 B vectors and 1 broadcast of A.
+// float32 product, against +20% for a float64-FMA product. kKc = 16 measured
+// about 1% faster than 8, within noise; 8 is kept for the shorter float32
+// partial sums. 4 rows x 32 columns: 8 float32 and 16 float64 accumulators,
+// 2 B vectors and 1 broadcast of A.
 constexpr int kKc = 8;
 
 TFA_AVX512 inline __m512d lo_pd(__m512 x) { return _mm512_cvtps_pd(_mm512_castps512_ps256(x)); }
@@ -391,14 +381,6 @@ TFA_AVX512 inline float exp_shift_sum_avx512(float* x, int64_t n, float shift) {
     sum = _mm512_mask_add_ps(sum, mk, sum, e);
   }
   return _mm512_reduce_add_ps(sum);
-}
-
-TFA_AVX512 inline void exp_shift_vec_avx512(float* x, int64_t n, const float* shift) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mk = tail_mask(n - i);
-    const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, x + i), _mm512_maskz_loadu_ps(mk, shift + i)));
-    _mm512_mask_storeu_ps(x + i, mk, e);
-  }
 }
 
 // Full 64-column rows (kBc of the forward) unrolled without masks; the same
@@ -818,11 +800,9 @@ inline DropoutTileFn dropout_tile_kernel() {
 template <>
 inline const MicroKernels<float>& micro_kernels<float>() {
 #if TFA_HAVE_X86_DISPATCH
-  static const MicroKernels<float> avx512 = {gemm_avx512<false>,   gemm_avx512<true>,    row_max_avx512,
-                                             exp_shift_sum_avx512, exp_shift_vec_avx512, ds_wide_avx512,
-                                             softmax_step_avx512};
-  static const MicroKernels<float> avx2 = {gemm_avx2<false>,   gemm_avx2<true>,    row_max_avx2,
-                                           exp_shift_sum_avx2, exp_shift_vec_avx2, ds_wide_avx2,
+  static const MicroKernels<float> avx512 = {gemm_avx512<false>, gemm_avx512<true>, exp_shift_sum_avx512,
+                                             ds_wide_avx512, softmax_step_avx512};
+  static const MicroKernels<float> avx2 = {gemm_avx2<false>, gemm_avx2<true>, exp_shift_sum_avx2, ds_wide_avx2,
                                            softmax_step_avx2};
   switch (cpu_tier()) {
     case CpuTier::kAvx512: return avx512;

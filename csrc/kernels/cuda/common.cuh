@@ -4,7 +4,7 @@
 // plain 16-bit storage types converted with PTX `cvt` (float16) or bit
 // arithmetic (bfloat16), so a kernel compiles wherever NVRTC runs and needs no
 // toolkit include directory. <cstdint> is an in-memory header the runtime
-// provides (csrc/runtime/nvrtc_compiler.cc).
+// provides (csrc/runtime/compiler.cc).
 #pragma once
 
 #include <cstdint>
