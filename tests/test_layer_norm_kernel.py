@@ -147,3 +147,16 @@ def test_large_row():
 def test_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_error_kinds_map_to_python_exceptions():
+    # Bad input is a ValueError; a missing CUDA driver is not the caller's
+    # input: RuntimeError (the core's Unavailable code), naming what is missing.
+    with pytest.raises(ValueError, match="epsilon"):
+        _C.layer_norm_fwd(np.ones((2, 4), np.float32), epsilon=-1.0)
+    info = _C.gpu_runtime_info()
+    if info["driver_error"] is None:
+        pytest.skip("a CUDA driver is present: the unavailable-driver error cannot occur here")
+    with pytest.raises(RuntimeError, match=r"libcuda\.so\.1"):
+        _C.layer_norm_fwd_gpu(x=1, residual=0, gamma=0, beta=0, y=2, sum=0, mean=3, rstd=4, rows=1, cols=8,
+                              dtype="float32", param_dtype="float32", epsilon=1e-3)

@@ -63,7 +63,7 @@ py::dict compile(int arch, const std::string& name, bool use_cache) {
     s = gpu::compile_variant(*found, arch, use_cache, &c);
   }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  if (!s.ok()) throw std::runtime_error(s.message());
+  check(s);
   py::dict d;
   d["name"] = name;
   d["target"] = c.target;

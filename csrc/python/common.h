@@ -51,7 +51,8 @@ std::string shape_str(const py::array& a);
 // (0 = hardware concurrency).
 CpuContext thread_context(int num_threads);
 
-// Raises ValueError with the message of a failed Status.
+// Raises the Python error of a failed Status: ValueError for an invalid
+// argument, RuntimeError for an unavailable resource or an internal failure.
 void check(const Status& s);
 
 void register_layer_norm(py::module_& m);

@@ -106,7 +106,13 @@ CpuContext thread_context(int num_threads) {
 }
 
 void check(const Status& s) {
-  if (!s.ok()) throw py::value_error(s.message());
+  switch (s.code()) {
+    case StatusCode::kOk: return;
+    case StatusCode::kInvalidArgument: throw py::value_error(s.message());
+    case StatusCode::kUnavailable:
+    case StatusCode::kInternal: break;
+  }
+  throw std::runtime_error(s.message());
 }
 
 }  // namespace python

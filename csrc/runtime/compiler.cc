@@ -70,7 +70,7 @@ Status make_dirs(const std::string& path) {
     if (part.empty()) continue;
     cur += part + "/";
     if (::mkdir(cur.c_str(), 0755) != 0 && errno != EEXIST) {
-      return Status::Invalid("cannot create the kernel cache directory " + cur + ": " + std::strerror(errno));
+      return Status::Unavailable("cannot create the kernel cache directory " + cur + ": " + std::strerror(errno));
     }
   }
   return Status::OK();
@@ -164,7 +164,7 @@ Status run_nvrtc(const Nvrtc& nv, const KernelVariant& v, const std::string& sou
   nvrtcProgram prog = nullptr;
   int r = nv.nvrtcCreateProgram(&prog, source.c_str(), v.source.c_str(), static_cast<int>(header_names.size()),
                                 header_texts.data(), header_names.data());
-  if (r != 0) return Status::Invalid(std::string("nvrtcCreateProgram failed: ") + nv.nvrtcGetErrorString(r));
+  if (r != 0) return Status::Internal(std::string("nvrtcCreateProgram failed: ") + nv.nvrtcGetErrorString(r));
   std::vector<const char*> opts;
   for (const std::string& o : options) opts.push_back(o.c_str());
   r = nv.nvrtcCompileProgram(prog, static_cast<int>(opts.size()), opts.data());
@@ -176,7 +176,7 @@ Status run_nvrtc(const Nvrtc& nv, const KernelVariant& v, const std::string& sou
   out->log = log;
   if (r != 0) {
     nv.nvrtcDestroyProgram(&prog);
-    return Status::Invalid("NVRTC " + std::to_string(nv.major) + "." + std::to_string(nv.minor) +
+    return Status::Internal("NVRTC " + std::to_string(nv.major) + "." + std::to_string(nv.minor) +
                            " failed to compile " + v.name() + " for " + out->target + ":\n" + log);
   }
   size_t size = 0;
@@ -242,7 +242,7 @@ std::vector<KernelResources> parse_ptxas_log(const std::string& log) {
 
 Status compile_variant(const KernelVariant& v, int arch, bool use_cache, CompiledVariant* out) {
   const EmbeddedSource* src = find_source(v.source);
-  if (!src) return Status::Invalid("no embedded kernel source named " + v.source);
+  if (!src) return Status::Internal("no embedded kernel source named " + v.source);
   const Nvrtc* nv = nullptr;
   TFA_RETURN_IF_ERROR(nvrtc_for_arch(arch, &nv));
   *out = CompiledVariant();

@@ -54,7 +54,7 @@ DriverState& driver_state() {
 void load_driver(DriverState* s) {
   void* lib = ::dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
   if (!lib) {
-    s->status = Status::Invalid(std::string("the CUDA driver (libcuda.so.1) could not be loaded: ") + ::dlerror() +
+    s->status = Status::Unavailable(std::string("the CUDA driver (libcuda.so.1) could not be loaded: ") + ::dlerror() +
                                 "; GPU kernels need an NVIDIA driver (the CPU kernels work without one)");
     return;
   }
@@ -75,7 +75,7 @@ void load_driver(DriverState* s) {
   sym(lib, "cuLaunchKernel", &d.cuLaunchKernel, &missing);
   sym(lib, "cuMemsetD8Async", &d.cuMemsetD8Async, &missing);
   if (!missing.empty()) {
-    s->status = Status::Invalid("libcuda.so.1 lacks " + missing + " (driver too old for CUDA 12?)");
+    s->status = Status::Unavailable("libcuda.so.1 lacks " + missing + " (driver too old for CUDA 12?)");
     return;
   }
   const CUresult r = d.cuInit(0);
@@ -180,7 +180,7 @@ Status driver(const Driver** out) {
 Status driver_error(const Driver& d, CUresult r, const char* what) {
   const char* msg = nullptr;
   if (d.cuGetErrorString) d.cuGetErrorString(r, &msg);
-  return Status::Invalid(std::string(what) + " failed with CUDA error " + std::to_string(r) +
+  return Status::Internal(std::string(what) + " failed with CUDA error " + std::to_string(r) +
                          (msg ? std::string(" (") + msg + ")" : std::string()));
 }
 
@@ -218,12 +218,12 @@ Status nvrtc_for_arch(int arch, const Nvrtc** out) {
   std::string tried;
   for (const auto& e : s.errors) tried += "\n  " + e.first + ": " + e.second;
   if (newest) {
-    return Status::Invalid("no NVRTC found can compile for sm_" + std::to_string(arch) + " (newest found: " +
-                           newest->path + ", version " + std::to_string(newest->major) + "." +
-                           std::to_string(newest->minor) + "; CUDA 13 dropped sm_60 and sm_70: install "
-                           "nvidia-cuda-nvrtc-cu12)");
+    return Status::Unavailable("no NVRTC found can compile for sm_" + std::to_string(arch) + " (newest found: " +
+                               newest->path + ", version " + std::to_string(newest->major) + "." +
+                               std::to_string(newest->minor) + "; CUDA 13 dropped sm_60 and sm_70: install "
+                               "nvidia-cuda-nvrtc-cu12)");
   }
-  return Status::Invalid(
+  return Status::Unavailable(
       "NVRTC (libnvrtc.so.12 or .13) was not found; GPU kernels are compiled at run time and need it: "
       "pip install nvidia-cuda-nvrtc-cu12 (or tensorflow[and-cuda]), or set TF_FASTATTN_NVRTC to the library "
       "path. Tried:" + tried);

@@ -50,7 +50,7 @@ Status device_for_stream(void* stream, DeviceInfo* out) {
   CUresult r = d->cuStreamGetCtx(static_cast<CUstream>(stream), &ctx);
   if (r != 0 || !ctx) {
     if (r != 0) return driver_error(*d, r, "cuStreamGetCtx");
-    return Status::Invalid("no current CUDA context for the default stream: initialise the device first");
+    return Status::Unavailable("no current CUDA context for the default stream: initialise the device first");
   }
   Table& t = table();
   std::lock_guard<std::mutex> lock(t.mu);
@@ -71,7 +71,7 @@ Status device_for_stream(void* stream, DeviceInfo* out) {
   d->cuDeviceGetAttribute(&info.max_smem_optin, kAttrMaxSharedMemoryPerBlockOptin, dev);
   info.arch = 10 * major + minor;
   if (info.arch < 60) {
-    return Status::Invalid("tf_fastattn GPU kernels need compute capability 6.0 or newer, the device has " +
+    return Status::Unavailable("tf_fastattn GPU kernels need compute capability 6.0 or newer, the device has " +
                            std::to_string(major) + "." + std::to_string(minor));
   }
   t.devices[ctx] = info;
@@ -108,7 +108,7 @@ Status get_kernel(const DeviceInfo& dev, const KernelVariant& v, const char* fun
   }
   if (dynamic_smem > fit->second.second) {
     if (dynamic_smem > dev.max_smem_optin) {
-      return Status::Invalid(std::string(function) + " needs " + std::to_string(dynamic_smem) +
+      return Status::Internal(std::string(function) + " needs " + std::to_string(dynamic_smem) +
                              " bytes of shared memory, the device allows " + std::to_string(dev.max_smem_optin));
     }
     ScopedContext scope(*d, dev.context);

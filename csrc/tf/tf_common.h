@@ -89,8 +89,13 @@ struct GpuDevice {
 };
 
 inline absl::Status to_tf_status(const Status& s) {
-  if (s.ok()) return absl::OkStatus();
-  return absl::InvalidArgumentError(s.message());
+  switch (s.code()) {
+    case StatusCode::kOk: return absl::OkStatus();
+    case StatusCode::kInvalidArgument: return absl::InvalidArgumentError(s.message());
+    case StatusCode::kUnavailable: return absl::UnavailableError(s.message());
+    case StatusCode::kInternal: break;
+  }
+  return absl::InternalError(s.message());
 }
 
 // An InvalidArgument error whose message concatenates `args` (absl::StrCat).

@@ -38,19 +38,31 @@ inline int64_t dtype_size(DType t) {
 // every input dtype except float64, where they are float64.
 inline DType stats_dtype(DType t) { return t == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32; }
 
-// Result of a validation or a launch. Front ends turn a failed Status into
-// their own error (TensorFlow: InvalidArgument, pybind11: ValueError).
+// Result of a validation or a launch, with a code that says whose problem it
+// is. Front ends map the codes to their own errors:
+//   kInvalidArgument  bad input (shape, dtype, attribute)   TF InvalidArgument, Python ValueError
+//   kUnavailable      something missing from the machine    TF Unavailable,     Python RuntimeError
+//                     (CUDA driver, NVRTC, a device the
+//                     kernels support, a writable cache)
+//   kInternal         a failure that is not the caller's    TF Internal,        Python RuntimeError
+//                     (NVRTC compile error, CUDA driver
+//                     call failing, a kernel resource limit)
+enum class StatusCode : int { kOk = 0, kInvalidArgument = 1, kUnavailable = 2, kInternal = 3 };
+
 class Status {
  public:
   Status() = default;
   static Status OK() { return Status(); }
-  static Status Invalid(std::string message) { return Status(std::move(message)); }
-  bool ok() const { return !failed_; }
+  static Status Invalid(std::string message) { return Status(StatusCode::kInvalidArgument, std::move(message)); }
+  static Status Unavailable(std::string message) { return Status(StatusCode::kUnavailable, std::move(message)); }
+  static Status Internal(std::string message) { return Status(StatusCode::kInternal, std::move(message)); }
+  bool ok() const { return code_ == StatusCode::kOk; }
+  StatusCode code() const { return code_; }
   const std::string& message() const { return message_; }
 
  private:
-  explicit Status(std::string message) : failed_(true), message_(std::move(message)) {}
-  bool failed_ = false;
+  Status(StatusCode code, std::string message) : code_(code), message_(std::move(message)) {}
+  StatusCode code_ = StatusCode::kOk;
   std::string message_;
 };
 
