@@ -503,36 +503,59 @@ struct BwdTile {
 // T x S. Above this many floats it falls back to the three-pass form.
 constexpr int64_t kFusedBwdMaxFloats = int64_t(1) << 24;  // 64 MiB of float32
 
+// Everything the backward passes share: sizes, typed pointers, micro-kernels,
+// mask, dropout and delta = rowsum(dO * O); the passes are its members.
 template <typename T>
-void bwd_impl(const AttentionBwdParams& p, const CpuContext& ctx) {
+struct BwdProblem {
   using Acc = typename cpu::AccType<T>::type;
-  const MicroKernels<Acc>& mk = cpu::micro_kernels<Acc>();
-  const AttentionShape& sh = p.shape;
-  const int64_t B = sh.batch, T_ = sh.seqlen_q, S = sh.seqlen_k, N = sh.num_heads, Nkv = sh.num_heads_kv;
-  const int64_t H = sh.head_dim, Hv = sh.head_dim_v, group = Nkv > 0 ? N / Nkv : 0;
-  const int64_t Hp = round_up(H, kPad), Hvp = round_up(Hv, kPad);
-  const int64_t nqt = ceil_div(T_, kBr), nkt = ceil_div(S, kBc);
-
-  const T* q = static_cast<const T*>(p.q);
-  const T* k = static_cast<const T*>(p.k);
-  const T* v = static_cast<const T*>(p.v);
-  const T* o = static_cast<const T*>(p.o);
-  const T* dout = static_cast<const T*>(p.do_);
-  const Acc* lse = static_cast<const Acc*>(p.lse);
-  T* dq = static_cast<T*>(p.dq);
-  T* dk = static_cast<T*>(p.dk);
-  T* dv = static_cast<T*>(p.dv);
-  double* delta = static_cast<double*>(p.workspace);
   // float32: dP and dS in float64 (see BwdTile).
-  constexpr bool kWide = std::is_same<T, float>::value;
-  const MaskView mv{p.mask, p.mask_strides, p.is_causal};
-  const Dropout drop = make_dropout(p.dropout_rate, p.seed);
-  const Acc scale = static_cast<Acc>(p.scale);
-  const Acc inf = std::numeric_limits<Acc>::infinity();
+  static constexpr bool kWide = std::is_same<T, float>::value;
+
+  const AttentionBwdParams& p;
+  const MicroKernels<Acc>& mk;
+  int64_t B, T_, S, N, Nkv, H, Hv, group, Hp, Hvp, nqt, nkt;
+  const T *q, *k, *v, *o, *dout;
+  const Acc* lse;
+  T *dq, *dk, *dv;
+  double* delta;
+  MaskView mv;
+  Dropout drop;
+  Acc scale, inf;
+
+  explicit BwdProblem(const AttentionBwdParams& p_)
+      : p(p_),
+        mk(cpu::micro_kernels<Acc>()),
+        B(p_.shape.batch),
+        T_(p_.shape.seqlen_q),
+        S(p_.shape.seqlen_k),
+        N(p_.shape.num_heads),
+        Nkv(p_.shape.num_heads_kv),
+        H(p_.shape.head_dim),
+        Hv(p_.shape.head_dim_v),
+        group(Nkv > 0 ? N / Nkv : 0),
+        Hp(round_up(H, kPad)),
+        Hvp(round_up(Hv, kPad)),
+        nqt(ceil_div(T_, kBr)),
+        nkt(ceil_div(S, kBc)),
+        q(static_cast<const T*>(p_.q)),
+        k(static_cast<const T*>(p_.k)),
+        v(static_cast<const T*>(p_.v)),
+        o(static_cast<const T*>(p_.o)),
+        dout(static_cast<const T*>(p_.do_)),
+        lse(static_cast<const Acc*>(p_.lse)),
+        dq(static_cast<T*>(p_.dq)),
+        dk(static_cast<T*>(p_.dk)),
+        dv(static_cast<T*>(p_.dv)),
+        delta(static_cast<double*>(p_.workspace)),
+        mv{p_.mask, p_.mask_strides, p_.is_causal},
+        drop(make_dropout(p_.dropout_rate, p_.seed)),
+        scale(static_cast<Acc>(p_.scale)),
+        inf(std::numeric_limits<Acc>::infinity()) {}
 
   // delta[b, n, t] = do . o
-  const int64_t rows = B * T_ * N;
-  if (rows > 0) {
+  void compute_delta(const CpuContext& ctx) const {
+    const int64_t rows = B * T_ * N;
+    if (rows == 0) return;
     ctx.parallel_for(rows, 2 * Hv, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {  // i = (b * T + t) * N + n
         const int64_t n = i % N, t = (i / N) % T_, b = i / (N * T_);
@@ -552,19 +575,19 @@ void bwd_impl(const AttentionBwdParams& p, const CpuContext& ctx) {
   }
 
   // Loads q (pre-scaled like the forward), dO, lse and delta of one query tile.
-  auto load_query_tile = [&](BwdTile<Acc>& tile, int64_t b, int64_t n, int64_t t0, int64_t nr) {
+  void load_query_tile(BwdTile<Acc>& tile, int64_t b, int64_t n, int64_t t0, int64_t nr) const {
     load_tile(q + ((b * T_ + t0) * N + n) * H, N * H, nr, H, scale, tile.qs.data(), Hp);
     load_tile(dout + ((b * T_ + t0) * N + n) * Hv, N * Hv, nr, Hv, Acc(1), tile.dob.data(), Hvp);
     for (int64_t r = 0; r < nr; ++r) {
       tile.lse_r[r] = lse[(b * N + n) * T_ + t0 + r];
       tile.delta_r[r] = delta[(b * N + n) * T_ + t0 + r];
     }
-  };
+  }
 
   // Fully masked rows (lse = +inf) of query tile [t0, t0+nr), wherever they
   // are (also in causally skipped tiles): p = 1/S adds (1/S) D_s do to dv_s.
-  auto uniform_rows_dv = [&](int64_t b, int64_t n, int64_t t0, int64_t nr, int64_t s0, int64_t nc, Acc* dv_tile,
-                             Acc* fm, Acc* uni) {
+  void uniform_rows_dv(int64_t b, int64_t n, int64_t t0, int64_t nr, int64_t s0, int64_t nc, Acc* dv_tile, Acc* fm,
+                       Acc* uni) const {
     const Acc* lse_tile = lse + (b * N + n) * T_ + t0;
     for (int64_t r = 0; r < nr; ++r) {
       if (lse_tile[r] != inf) continue;
@@ -579,7 +602,13 @@ void bwd_impl(const AttentionBwdParams& p, const CpuContext& ctx) {
         for (int64_t h = 0; h < Hv; ++h) dvr[h] += f * uni[h];
       }
     }
-  };
+  }
+
+  // Whole-sequence floats one fused work item keeps (see kFusedBwdMaxFloats).
+  int64_t fused_floats(const cpu::Bf16Kernels* bk) const {
+    const int64_t Sp = nkt * kBc, Tp = nqt * kBr, Hp2 = round_up(H, 2), Hvp2 = round_up(Hv, 2);
+    return Sp * (3 * Hp + 2 * Hvp) + Tp * (2 * Hp + Hvp + 3) + (bk ? (Sp + Tp) * (Hp2 + Hvp2) / 2 : 0);
+  }
 
   // Fused pass: one item per (b, kv head) computes dq, dk and dv together, 5
   // tile GEMMs per (query tile, key tile) instead of the 7 of the three-pass
@@ -589,20 +618,12 @@ void bwd_impl(const AttentionBwdParams& p, const CpuContext& ctx) {
   // tile), with the same micro-kernel calls on the same values, so both forms
   // give bitwise-identical results and the choice may depend on the thread
   // count. Measured at B=1, N=8, T=S=2048, H=64, 2 threads: see the commit.
-  const int64_t Sp = nkt * kBc, Tp = nqt * kBr, heads_kv = B * Nkv;
-  // bfloat16 with AVX512-BF16: logits and dP from the bf16 inputs (fused pass only).
-  constexpr bool kBf = std::is_same<T, bfloat16_t>::value;
-  const cpu::Bf16Kernels* bk = kBf ? cpu::bf16_kernels() : nullptr;
-  const int64_t Hp2 = round_up(H, 2), Hvp2 = round_up(Hv, 2);
-  const int64_t fused_floats =
-      Sp * (3 * Hp + 2 * Hvp) + Tp * (2 * Hp + Hvp + 3) + (bk ? (Sp + Tp) * (Hp2 + Hvp2) / 2 : 0);
-  const int64_t nthreads = std::max(1, ctx.num_threads);
-  // (b, kv head) items are few: only fuse when they still spread evenly. The
-  // bf16 products exist only in the fused pass, so with them the choice must
-  // not depend on the thread count (determinism): fuse whenever memory allows.
-  const bool fused = heads_kv > 0 && T_ > 0 && S > 0 && fused_floats <= kFusedBwdMaxFloats &&
-                     (bk != nullptr || heads_kv % nthreads == 0 || heads_kv >= 4 * nthreads);
-  if (fused) {
+  // bk: the bf16 products (bfloat16 with AVX512-BF16 or AMX: logits and dP
+  // from the bf16 inputs), or null.
+  void fused_pass(const cpu::Bf16Kernels* bk, const CpuContext& ctx) const {
+    constexpr bool kBf = std::is_same<T, bfloat16_t>::value;
+    const int64_t Sp = nkt * kBc, Tp = nqt * kBr, heads_kv = B * Nkv;
+    const int64_t Hp2 = round_up(H, 2), Hvp2 = round_up(Hv, 2);
     const int64_t cost = std::max<int64_t>(S, 1) * T_ * group * (3 * H + 2 * Hv) * 2;
     ctx.parallel_for(heads_kv, cost, [&](int64_t begin, int64_t end) {
       BwdTile<Acc> tile(Hp, Hvp, kWide);
@@ -686,79 +707,98 @@ void bwd_impl(const AttentionBwdParams& p, const CpuContext& ctx) {
         }
       }
     });
-    return;
   }
 
   // Three-pass form (few kv heads for the threads, or very long sequences).
-  // dk, dv: one item per (b, kv head, key tile), looping over every query head
-  // of the group and every query tile, so the group sum needs no atomics.
-  const int64_t kv_items = B * Nkv * nkt;
-  if (kv_items > 0) {
-    const int64_t cost = kBc * std::max<int64_t>(T_, 1) * group * (2 * H + 2 * Hv);
-    ctx.parallel_for(kv_items, cost, [&](int64_t begin, int64_t end) {
-      BwdTile<Acc> tile(Hp, Hvp, kWide);
-      std::vector<Acc> dk_acc(kBc * Hp, 0), dv_acc(kBc * Hvp, 0), fm(kBc), uni(Hv);
-      for (int64_t w = begin; w < end; ++w) {
-        const int64_t kj = interleave(w % nkt, nkt, p.is_causal);
-        const int64_t hk = (w / nkt) % Nkv, b = w / (nkt * Nkv);
-        const int64_t s0 = kj * kBc, nc = std::min(kBc, S - s0);
-        load_tile_t(k + ((b * S + s0) * Nkv + hk) * H, Nkv * H, nc, H, Acc(1), tile.kt.data(), kBc);
-        load_tile_t(v + ((b * S + s0) * Nkv + hk) * Hv, Nkv * Hv, nc, Hv, Acc(1), tile.vt.data(), kBc);
-        std::fill(dk_acc.begin(), dk_acc.end(), Acc(0));
-        std::fill(dv_acc.begin(), dv_acc.end(), Acc(0));
+  void three_pass(const CpuContext& ctx) const {
+    // dk, dv: one item per (b, kv head, key tile), looping over every query head
+    // of the group and every query tile, so the group sum needs no atomics.
+    const int64_t kv_items = B * Nkv * nkt;
+    if (kv_items > 0) {
+      const int64_t cost = kBc * std::max<int64_t>(T_, 1) * group * (2 * H + 2 * Hv);
+      ctx.parallel_for(kv_items, cost, [&](int64_t begin, int64_t end) {
+        BwdTile<Acc> tile(Hp, Hvp, kWide);
+        std::vector<Acc> dk_acc(kBc * Hp, 0), dv_acc(kBc * Hvp, 0), fm(kBc), uni(Hv);
+        for (int64_t w = begin; w < end; ++w) {
+          const int64_t kj = interleave(w % nkt, nkt, p.is_causal);
+          const int64_t hk = (w / nkt) % Nkv, b = w / (nkt * Nkv);
+          const int64_t s0 = kj * kBc, nc = std::min(kBc, S - s0);
+          load_tile_t(k + ((b * S + s0) * Nkv + hk) * H, Nkv * H, nc, H, Acc(1), tile.kt.data(), kBc);
+          load_tile_t(v + ((b * S + s0) * Nkv + hk) * Hv, Nkv * Hv, nc, Hv, Acc(1), tile.vt.data(), kBc);
+          std::fill(dk_acc.begin(), dk_acc.end(), Acc(0));
+          std::fill(dv_acc.begin(), dv_acc.end(), Acc(0));
 
-        for (int64_t n = hk * group; n < (hk + 1) * group; ++n) {
-          for (int64_t qi = 0; qi < nqt; ++qi) {
-            const int64_t t0 = qi * kBr, nr = std::min(kBr, T_ - t0);
-            if (!(p.is_causal && t0 + nr - 1 < s0)) {  // else no row of this tile sees these keys
-              load_query_tile(tile, b, n, t0, nr);
-              tile.compute(mk, mv, drop, b, n, t0, nr, s0, nc, H, Hv);
-              mk.gemm_tn(nc, Hvp, nr, tile.pb.data(), kBc, tile.dob.data(), Hvp, dv_acc.data(), Hvp, true);
-              mk.gemm_tn(nc, Hp, nr, tile.dsb.data(), kBc, tile.qs.data(), Hp, dk_acc.data(), Hp, true);
+          for (int64_t n = hk * group; n < (hk + 1) * group; ++n) {
+            for (int64_t qi = 0; qi < nqt; ++qi) {
+              const int64_t t0 = qi * kBr, nr = std::min(kBr, T_ - t0);
+              if (!(p.is_causal && t0 + nr - 1 < s0)) {  // else no row of this tile sees these keys
+                load_query_tile(tile, b, n, t0, nr);
+                tile.compute(mk, mv, drop, b, n, t0, nr, s0, nc, H, Hv);
+                mk.gemm_tn(nc, Hvp, nr, tile.pb.data(), kBc, tile.dob.data(), Hvp, dv_acc.data(), Hvp, true);
+                mk.gemm_tn(nc, Hp, nr, tile.dsb.data(), kBc, tile.qs.data(), Hp, dk_acc.data(), Hp, true);
+              }
+              uniform_rows_dv(b, n, t0, nr, s0, nc, dv_acc.data(), fm.data(), uni.data());
             }
-            uniform_rows_dv(b, n, t0, nr, s0, nc, dv_acc.data(), fm.data(), uni.data());
+          }
+          for (int64_t c = 0; c < nc; ++c) {
+            T* dkr = dk + ((b * S + s0 + c) * Nkv + hk) * H;
+            T* dvr = dv + ((b * S + s0 + c) * Nkv + hk) * Hv;
+            for (int64_t h = 0; h < H; ++h) dkr[h] = cpu::from_acc<T>(dk_acc[c * Hp + h]);
+            for (int64_t h = 0; h < Hv; ++h) dvr[h] = cpu::from_acc<T>(dv_acc[c * Hvp + h]);
           }
         }
-        for (int64_t c = 0; c < nc; ++c) {
-          T* dkr = dk + ((b * S + s0 + c) * Nkv + hk) * H;
-          T* dvr = dv + ((b * S + s0 + c) * Nkv + hk) * Hv;
-          for (int64_t h = 0; h < H; ++h) dkr[h] = cpu::from_acc<T>(dk_acc[c * Hp + h]);
-          for (int64_t h = 0; h < Hv; ++h) dvr[h] = cpu::from_acc<T>(dv_acc[c * Hvp + h]);
-        }
-      }
-    });
-  }
+      });
+    }
 
-  // dq: one item per (b, head, query tile).
-  const int64_t q_items = B * N * nqt;
-  if (q_items > 0) {
-    const int64_t cost = kBr * std::max<int64_t>(S, 1) * (2 * H + Hv) * 2;
-    ctx.parallel_for(q_items, cost, [&](int64_t begin, int64_t end) {
-      BwdTile<Acc> tile(Hp, Hvp, kWide);
-      std::vector<Acc> kb(kBc * Hp, 0), dq_acc(kBr * Hp, 0);
-      for (int64_t w = begin; w < end; ++w) {
-        const int64_t qi = interleave(w % nqt, nqt, p.is_causal);
-        const int64_t n = (w / nqt) % N, b = w / (nqt * N), hk = n / group;
-        const int64_t t0 = qi * kBr, nr = std::min(kBr, T_ - t0);
-        load_query_tile(tile, b, n, t0, nr);
-        bool any_live = false;
-        for (int64_t r = 0; r < nr; ++r) any_live = any_live || tile.lse_r[r] != inf;
-        std::fill(dq_acc.begin(), dq_acc.end(), Acc(0));
-        const int64_t s_end = !any_live ? 0 : p.is_causal ? std::min(S, t0 + nr) : S;
-        for (int64_t s0 = 0; s0 < s_end; s0 += kBc) {
-          const int64_t nc = std::min(kBc, S - s0);
-          load_tile(k + ((b * S + s0) * Nkv + hk) * H, Nkv * H, nc, H, Acc(1), kb.data(), Hp);
-          transpose(kb.data(), Hp, nc, H, tile.kt.data(), kBc);
-          load_tile_t(v + ((b * S + s0) * Nkv + hk) * Hv, Nkv * Hv, nc, Hv, Acc(1), tile.vt.data(), kBc);
-          tile.compute(mk, mv, drop, b, n, t0, nr, s0, nc, H, Hv);
-          mk.gemm(nr, Hp, nc, tile.dsb.data(), kBc, kb.data(), Hp, dq_acc.data(), Hp, true);
+    // dq: one item per (b, head, query tile).
+    const int64_t q_items = B * N * nqt;
+    if (q_items > 0) {
+      const int64_t cost = kBr * std::max<int64_t>(S, 1) * (2 * H + Hv) * 2;
+      ctx.parallel_for(q_items, cost, [&](int64_t begin, int64_t end) {
+        BwdTile<Acc> tile(Hp, Hvp, kWide);
+        std::vector<Acc> kb(kBc * Hp, 0), dq_acc(kBr * Hp, 0);
+        for (int64_t w = begin; w < end; ++w) {
+          const int64_t qi = interleave(w % nqt, nqt, p.is_causal);
+          const int64_t n = (w / nqt) % N, b = w / (nqt * N), hk = n / group;
+          const int64_t t0 = qi * kBr, nr = std::min(kBr, T_ - t0);
+          load_query_tile(tile, b, n, t0, nr);
+          bool any_live = false;
+          for (int64_t r = 0; r < nr; ++r) any_live = any_live || tile.lse_r[r] != inf;
+          std::fill(dq_acc.begin(), dq_acc.end(), Acc(0));
+          const int64_t s_end = !any_live ? 0 : p.is_causal ? std::min(S, t0 + nr) : S;
+          for (int64_t s0 = 0; s0 < s_end; s0 += kBc) {
+            const int64_t nc = std::min(kBc, S - s0);
+            load_tile(k + ((b * S + s0) * Nkv + hk) * H, Nkv * H, nc, H, Acc(1), kb.data(), Hp);
+            transpose(kb.data(), Hp, nc, H, tile.kt.data(), kBc);
+            load_tile_t(v + ((b * S + s0) * Nkv + hk) * Hv, Nkv * Hv, nc, Hv, Acc(1), tile.vt.data(), kBc);
+            tile.compute(mk, mv, drop, b, n, t0, nr, s0, nc, H, Hv);
+            mk.gemm(nr, Hp, nc, tile.dsb.data(), kBc, kb.data(), Hp, dq_acc.data(), Hp, true);
+          }
+          for (int64_t r = 0; r < nr; ++r) {
+            T* dqr = dq + ((b * T_ + t0 + r) * N + n) * H;
+            for (int64_t h = 0; h < H; ++h) dqr[h] = cpu::from_acc<T>(scale * dq_acc[r * Hp + h]);
+          }
         }
-        for (int64_t r = 0; r < nr; ++r) {
-          T* dqr = dq + ((b * T_ + t0 + r) * N + n) * H;
-          for (int64_t h = 0; h < H; ++h) dqr[h] = cpu::from_acc<T>(scale * dq_acc[r * Hp + h]);
-        }
-      }
-    });
+      });
+    }
+  }
+};
+
+template <typename T>
+void bwd_impl(const AttentionBwdParams& p, const CpuContext& ctx) {
+  const BwdProblem<T> P(p);
+  P.compute_delta(ctx);
+  const cpu::Bf16Kernels* bk = std::is_same<T, bfloat16_t>::value ? cpu::bf16_kernels() : nullptr;
+  const int64_t heads_kv = P.B * P.Nkv, nthreads = std::max(1, ctx.num_threads);
+  // (b, kv head) items are few: only fuse when they still spread evenly. The
+  // bf16 products exist only in the fused pass, so with them the choice must
+  // not depend on the thread count (determinism): fuse whenever memory allows.
+  const bool fused = heads_kv > 0 && P.T_ > 0 && P.S > 0 && P.fused_floats(bk) <= kFusedBwdMaxFloats &&
+                     (bk != nullptr || heads_kv % nthreads == 0 || heads_kv >= 4 * nthreads);
+  if (fused) {
+    P.fused_pass(bk, ctx);
+  } else {
+    P.three_pass(ctx);
   }
 }
 
