@@ -17,9 +17,9 @@ from gpu_common import load_C, time_ms
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def flops(B, N, T, S, H, causal, direction):
-    f = 4 * B * N * T * S * H / (2 if causal else 1)
-    return f * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[direction]
+def flops(C, B, N, T, S, H, causal, direction):
+    fwd = C.attention_flops(B, N, T, S, H, causal, False)  # FlashAttention's count (attention.h)
+    return fwd * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[direction]
 
 
 def ours(C, q, k, v, causal, family):
@@ -109,7 +109,7 @@ def main():
                             except Exception as e:  # noqa: BLE001
                                 print(f"skip {prov} {direction}: {type(e).__name__}: {str(e)[:80]}")
                                 continue
-                            tflops = flops(B, N, T, T, H, causal, direction) / ms / 1e9
+                            tflops = flops(C, B, N, T, T, H, causal, direction) / ms / 1e9
                             row = dict(dtype=str(dtype).split(".")[-1], H=H, T=T, B=B, N=N, causal=causal,
                                        provider=prov, direction=direction, ms=ms, tflops=tflops)
                             rows.append(row)

@@ -36,6 +36,8 @@ def layer_norm_bytes(rows: int, cols: int, itemsize: int, backward: bool) -> int
 
 
 def attention_flops(batch: int, heads: int, tq: int, tk: int, head_dim: int, causal: bool, backward: bool) -> float:
-    """FlashAttention's count: forward 4*B*N*T*S*H (halved when causal), backward 2.5x forward."""
-    fwd = 4.0 * batch * heads * tq * tk * head_dim * (0.5 if causal else 1.0)
-    return fwd * (3.5 if backward else 1.0)
+    """FlashAttention's count (csrc/include/tf_fastattn/attention.h): forward
+    4*B*N*T*S*H, halved when causal; forward + backward 3.5x that."""
+    from tf_fastattn import _C
+
+    return _C.attention_flops(batch, heads, tq, tk, head_dim, causal, backward)

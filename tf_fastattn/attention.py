@@ -7,10 +7,10 @@ import numbers
 
 import tensorflow as tf
 
-from tf_fastattn import _loader, reference
+from tf_fastattn import _C, _loader, reference
 
 _FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
-MAX_HEAD_DIM = 256  # kMaxHeadDim of csrc/include/tf_fastattn/attention.h
+MAX_HEAD_DIM = _C.MAX_HEAD_DIM  # kMaxHeadDim of csrc/include/tf_fastattn/attention.h
 
 
 def _shape_str(t) -> str:

@@ -19,7 +19,9 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-ARCHS = (60, 70, 75, 80, 86, 89, 90)
+from tf_fastattn import _C as _C_module
+
+ARCHS = _C_module.GPU_ARCHS  # known_archs() of csrc/runtime/variants.cc
 
 
 def _C():
@@ -66,10 +68,10 @@ def select_variants(arch: int, dtypes=None, head_dims=None, ops=None) -> list[di
 
 
 def _bucket(head_dim: int) -> int:
-    for b in (32, 64, 128, 256):
-        if head_dim <= b:
-            return b
-    raise ValueError(f"head dim must be <= 256, got {head_dim}")
+    bucket = _C_module.gpu_head_dim_bucket(head_dim)
+    if bucket == 0:
+        raise ValueError(f"head dim must be <= {max(_C_module.GPU_HEAD_DIM_BUCKETS)}, got {head_dim}")
+    return bucket
 
 
 def compile_variants(jobs, threads: int | None = None, use_cache: bool = True) -> list[dict]:

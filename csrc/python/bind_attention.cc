@@ -162,6 +162,10 @@ py::tuple attention_bwd(const py::array& q, const py::array& k, const py::array&
 
 void register_attention(py::module_& m) {
   using namespace pybind11::literals;
+  m.attr("MAX_HEAD_DIM") = kMaxHeadDim;
+  m.def("attention_flops", &tf_fastattn::attention_flops,
+        "FlashAttention's FLOP count: forward 4 B N T S H (halved when causal); forward + backward 3.5x.",
+        "batch"_a, "heads"_a, "seqlen_q"_a, "seqlen_k"_a, "head_dim"_a, "is_causal"_a, "backward"_a);
   m.def("attention_fwd", &attention_fwd,
         "Fused scaled-dot-product attention on the CPU.\n\n"
         "query [B, T, N, H], key [B, S, Nkv, H], value [B, S, Nkv, Hv]; mask: bool, rank 4, broadcastable\n"

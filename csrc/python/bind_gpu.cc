@@ -241,6 +241,11 @@ void register_gpu(py::module_& m) {
         "What the GPU runtime found: driver, NVRTC candidates and the one chosen, cache directory, and\n"
         "`ok`/`reason` (whether GPU kernels can run here).");
   m.def("gpu_variants", &variants, "Every kernel variant the GPU dispatchers can choose on sm_<arch>.", "arch"_a);
+  m.attr("GPU_ARCHS") = py::tuple(py::cast(gpu::known_archs()));
+  m.attr("GPU_HEAD_DIM_BUCKETS") = py::tuple(py::cast(gpu::attention_head_dim_buckets()));
+  m.def("gpu_head_dim_bucket", &gpu::attention_head_dim_bucket,
+        "The head-dim bucket whose variants serve max(head_dim, head_dim_v); 0 when above every bucket.",
+        "head_dim"_a, "head_dim_v"_a = 0);
   m.def("gpu_compile", &compile,
         "Compiles one variant (by name, see gpu_variants) for sm_<arch> with NVRTC; needs no GPU.\n"
         "Returns the target, timing, cache use, NVRTC log and per-kernel registers/smem/spills.\n"

@@ -7,6 +7,11 @@
 namespace tf_fastattn {
 namespace gpu {
 
+const std::vector<int>& known_archs() {
+  static const std::vector<int> archs = {60, 70, 75, 80, 86, 89, 90};
+  return archs;
+}
+
 const std::vector<int>& attention_head_dim_buckets() {
   // Powers of two: 40 runs in the 64 variant, 80 and 96 in the 128 one.
   static const std::vector<int> buckets = {32, 64, 128, 256};

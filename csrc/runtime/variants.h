@@ -22,6 +22,10 @@ struct VariantInfo {
   int head_dim = 0;       // attention head-dim bucket (0 for layer norm)
 };
 
+// The architectures the kernels are written and tested for (compute
+// capability x 10); precompile accepts these.
+const std::vector<int>& known_archs();
+
 // Head-dim buckets: a variant for bucket D serves max(H, Hv) <= D.
 const std::vector<int>& attention_head_dim_buckets();
 int attention_head_dim_bucket(int64_t head_dim, int64_t head_dim_v);

@@ -26,6 +26,15 @@ namespace tf_fastattn {
 
 constexpr int64_t kMaxHeadDim = 256;
 
+// FlashAttention's FLOP count, used by every benchmark: forward 4 B N T S H
+// (halved when causal), forward + backward 3.5x that (the backward 2.5x).
+inline double attention_flops(int64_t batch, int64_t heads, int64_t seqlen_q, int64_t seqlen_k, int64_t head_dim,
+                              bool is_causal, bool backward) {
+  const double fwd = 4.0 * static_cast<double>(batch) * static_cast<double>(heads) * static_cast<double>(seqlen_q) *
+                     static_cast<double>(seqlen_k) * static_cast<double>(head_dim) * (is_causal ? 0.5 : 1.0);
+  return backward ? 3.5 * fwd : fwd;
+}
+
 struct AttentionShape {
   int64_t batch = 0;         // B
   int64_t seqlen_q = 0;      // T
