@@ -429,7 +429,7 @@ def test_non_floating_inputs_raise_value_error():
 def test_op_rejects_bad_mask_and_attributes():
     q, k, v = (tf.ones(GOOD[n]) for n in "qkv")
     ops = _loader.ops()
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"mask of shape \[3,5,6\] is not broadcastable"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"mask of shape \[3, 5, 6\] is not broadcastable"):
         ops.tf_fastattn_attention(query=q, key=k, value=v, mask=[tf.ones((3, 5, 6), tf.bool)], seed=[])
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"dropout_rate must be in \[0, 1\), got 1"):
         ops.tf_fastattn_attention(query=q, key=k, value=v, mask=[], seed=[tf.constant(1, tf.int64)], dropout_rate=1.0)
@@ -437,6 +437,26 @@ def test_op_rejects_bad_mask_and_attributes():
         ops.tf_fastattn_attention(query=q, key=k, value=v, mask=[], seed=[], dropout_rate=0.5)
     with pytest.raises(tf.errors.InvalidArgumentError, match="scale must be finite, got inf"):
         ops.tf_fastattn_attention(query=q, key=k, value=v, mask=[], seed=[], scale=float("inf"))
+
+
+@pytest.mark.parametrize("shapes", [
+    dict(q=(2, 5, 3, 8)), dict(q=(2, 5, 4, 300), k=(2, 6, 2, 300), v=(2, 6, 2, 300)), dict(v=(2, 6, 2, 257)),
+    dict(k=(2, 6, 2, 16)), dict(k=(3, 6, 2, 8), v=(3, 6, 2, 8)), dict(v=(2, 7, 2, 8)), dict(q=(2, 5, 4)),
+    dict(mask=(3, 5, 6)), dict(mask=(1, 2, 4, 5, 6)),
+], ids=["heads", "head_dim", "head_dim_v", "key_head_dim", "batch", "value_seq", "rank", "mask", "mask_rank"])
+def test_op_and_C_give_the_same_message(shapes):
+    # One set of checks (csrc/core/attention_checks.cc) behind both front ends.
+    from tf_fastattn import _C
+
+    dims = dict(q=(2, 5, 4, 8), k=(2, 6, 2, 8), v=(2, 6, 2, 8), mask=None)
+    dims.update(shapes)
+    q, k, v = (np.ones(dims[n], np.float32) for n in "qkv")
+    mask = None if dims["mask"] is None else np.ones(dims["mask"], bool)
+    with pytest.raises(ValueError) as c_err:
+        _C.attention_fwd(q, k, v, mask=mask)
+    with pytest.raises(tf.errors.InvalidArgumentError) as tf_err:
+        _loader.ops().tf_fastattn_attention(query=q, key=k, value=v, mask=[] if mask is None else [mask], seed=[])
+    assert str(c_err.value) in str(tf_err.value), (str(c_err.value), str(tf_err.value))
 
 
 # ---------------------------------------------------------------------------

@@ -300,11 +300,12 @@ def test_empty_sequences():
 @pytest.mark.parametrize(
     "change, match",
     [
-        (dict(q=(2, 5, 3, 8)), "multiple of num_heads_kv"),
-        (dict(q=(2, 5, 4, 300), k=(2, 6, 2, 300)), "head_dim"),
-        (dict(v=(2, 6, 2, 257)), "head_dim_v"),
-        (dict(k=(2, 6, 2, 16)), "head dim of query"),
-        (dict(k=(3, 6, 2, 8)), "batch size"),
+        (dict(q=(2, 5, 3, 8)), r"the query heads N must be a multiple of the key/value heads Nkv, got N = 3"),
+        (dict(q=(2, 5, 4, 300), k=(2, 6, 2, 300)), r"H \(head dim of query and key\) must be in \[1, 256\], got 300"),
+        (dict(v=(2, 6, 2, 257)), r"Hv \(head dim of value\) must be in \[1, 256\], got 257"),
+        (dict(k=(2, 6, 2, 16)), r"key must have the head dim H of query \(8\), got key \[2, 6, 2, 16\]"),
+        (dict(k=(3, 6, 2, 8)), "same batch size B"),
+        (dict(q=(2, 5, 4)), r"query must have rank 4 \[B, T, N, H\], got shape \[2, 5, 4\]"),
     ],
 )
 def test_bad_shapes_raise_value_error(change, match):

@@ -1,6 +1,7 @@
 // _C.attention_fwd / _C.attention_bwd on NumPy arrays.
 #include <cmath>
 
+#include "core/attention_checks.h"
 #include "python/common.h"
 #include "tf_fastattn/attention.h"
 
@@ -8,37 +9,17 @@ namespace tf_fastattn {
 namespace python {
 namespace {
 
-void require_rank4(const py::array& a, const char* name, const char* layout) {
-  if (a.ndim() != 4) {
-    throw py::value_error(std::string(name) + " must have rank 4 " + layout + ", got shape " + shape_str(a));
-  }
-  require_contiguous(a, name);
+core::Dims dims_of(const py::array& a) {
+  return core::Dims::from(static_cast<int>(a.ndim()), [&](int i) { return a.shape(i); });
 }
 
+// The core's checks (core/attention_checks.h): the messages of every front end.
 AttentionShape shape_of(const py::array& q, const py::array& k, const py::array& v) {
-  require_rank4(q, "query", "[B, T, N, H]");
-  require_rank4(k, "key", "[B, S, Nkv, H]");
-  require_rank4(v, "value", "[B, S, Nkv, Hv]");
   AttentionShape s;
-  s.batch = q.shape(0);
-  s.seqlen_q = q.shape(1);
-  s.num_heads = q.shape(2);
-  s.head_dim = q.shape(3);
-  s.seqlen_k = k.shape(1);
-  s.num_heads_kv = k.shape(2);
-  s.head_dim_v = v.shape(3);
-  if (k.shape(0) != s.batch || v.shape(0) != s.batch) {
-    throw py::value_error("query, key and value must have the same batch size, got query " + shape_str(q) +
-                          ", key " + shape_str(k) + ", value " + shape_str(v));
-  }
-  if (k.shape(3) != s.head_dim) {
-    throw py::value_error("key must have the head dim of query (" + std::to_string(s.head_dim) + "), got key " +
-                          shape_str(k));
-  }
-  if (v.shape(1) != s.seqlen_k || v.shape(2) != s.num_heads_kv) {
-    throw py::value_error("value must match key in [B, S, Nkv], got key " + shape_str(k) + ", value " +
-                          shape_str(v));
-  }
+  check(core::attention_shape(dims_of(q), dims_of(k), dims_of(v), &s));
+  require_contiguous(q, "query");
+  require_contiguous(k, "key");
+  require_contiguous(v, "value");
   const DType t = dtype_of(q, "query");
   if (dtype_of(k, "key") != t || dtype_of(v, "value") != t) {
     throw py::value_error("query, key and value must have the same dtype");
@@ -46,23 +27,20 @@ AttentionShape shape_of(const py::array& q, const py::array& k, const py::array&
   return s;
 }
 
-// A bool mask of rank 4 whose axes are 1 (broadcast) or equal to [B, N, T, S].
+// A bool mask of rank <= 4 broadcastable to [B, N, T, S] (left-padded with
+// 1s); any strides (np.broadcast_to views included).
 const bool* mask_view(const std::optional<py::array>& mask, const AttentionShape& s, MaskStrides* st) {
   if (!mask) return nullptr;
   const py::array& m = *mask;
   if (py::str(m.dtype().attr("name")).cast<std::string>() != "bool") {
     throw py::value_error("mask must be bool, got " + py::str(m.dtype().attr("name")).cast<std::string>());
   }
-  const int64_t full[4] = {s.batch, s.num_heads, s.seqlen_q, s.seqlen_k};
-  if (m.ndim() != 4) throw py::value_error("mask must have rank 4 [B, N, T, S], got " + shape_str(m));
+  int64_t dims[4];
+  check(core::attention_mask_dims(dims_of(m), s, dims));
   int64_t strides[4];
+  const int pad = 4 - static_cast<int>(m.ndim());
   for (int i = 0; i < 4; ++i) {
-    if (m.shape(i) != full[i] && m.shape(i) != 1) {
-      throw py::value_error("mask " + shape_str(m) + " is not broadcastable to [B, N, T, S] = [" +
-                            std::to_string(full[0]) + ", " + std::to_string(full[1]) + ", " +
-                            std::to_string(full[2]) + ", " + std::to_string(full[3]) + "]");
-    }
-    strides[i] = m.shape(i) == 1 ? 0 : m.strides(i) / static_cast<py::ssize_t>(sizeof(bool));
+    strides[i] = (i < pad || dims[i] == 1) ? 0 : m.strides(i - pad) / static_cast<py::ssize_t>(sizeof(bool));
   }
   *st = MaskStrides{strides[0], strides[1], strides[2], strides[3]};
   return static_cast<const bool*>(m.data());
@@ -110,22 +88,13 @@ py::tuple attention_bwd(const py::array& q, const py::array& k, const py::array&
   p.shape = shape_of(q, k, v);
   p.dtype = dtype_of(q, "query");
   const AttentionShape& s = p.shape;
-  require_rank4(o, "out", "[B, T, N, Hv]");
-  require_rank4(d_o, "d_out", "[B, T, N, Hv]");
-  const std::vector<py::ssize_t> o_shape = {s.batch, s.seqlen_q, s.num_heads, s.head_dim_v};
-  for (int i = 0; i < 4; ++i) {
-    if (o.shape(i) != o_shape[i] || d_o.shape(i) != o_shape[i]) {
-      throw py::value_error("out and d_out must have shape [B, T, N, Hv], got " + shape_str(o) + " and " +
-                            shape_str(d_o));
-    }
-  }
+  check(core::attention_bwd_inputs(dims_of(o), dims_of(lse), dims_of(d_o), s));
+  require_contiguous(o, "out");
+  require_contiguous(d_o, "d_out");
   if (dtype_of(o, "out") != p.dtype || dtype_of(d_o, "d_out") != p.dtype) {
     throw py::value_error("out and d_out must have the dtype of query");
   }
   require_contiguous(lse, "lse");
-  if (lse.ndim() != 3 || lse.shape(0) != s.batch || lse.shape(1) != s.num_heads || lse.shape(2) != s.seqlen_q) {
-    throw py::value_error("lse must have shape [B, N, T], got " + shape_str(lse));
-  }
   if (dtype_of(lse, "lse") != stats_dtype(p.dtype)) {
     throw py::value_error(std::string("lse must be ") + dtype_name(stats_dtype(p.dtype)));
   }
@@ -168,7 +137,7 @@ void register_attention(py::module_& m) {
         "batch"_a, "heads"_a, "seqlen_q"_a, "seqlen_k"_a, "head_dim"_a, "is_causal"_a, "backward"_a);
   m.def("attention_fwd", &attention_fwd,
         "Fused scaled-dot-product attention on the CPU.\n\n"
-        "query [B, T, N, H], key [B, S, Nkv, H], value [B, S, Nkv, Hv]; mask: bool, rank 4, broadcastable\n"
+        "query [B, T, N, H], key [B, S, Nkv, H], value [B, S, Nkv, Hv]; mask: bool, rank <= 4, broadcastable\n"
         "to [B, N, T, S] (True = attend). Returns (out [B, T, N, Hv], lse [B, N, T]), written into\n"
         "`outputs` (a tuple of two preallocated C-contiguous arrays) when given.",
         "query"_a, "key"_a, "value"_a, "mask"_a = py::none(), "scale"_a = py::none(), "is_causal"_a = false,

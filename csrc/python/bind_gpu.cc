@@ -3,6 +3,7 @@
 // can be tested with PyTorch or CuPy tensors and no TensorFlow.
 #include <chrono>
 
+#include "core/attention_checks.h"
 #include "python/common.h"
 #include "runtime/compiler.h"
 #include "runtime/cuda_api.h"
@@ -129,14 +130,10 @@ AttentionShape attention_shape(const std::vector<int64_t>& s) {
   if (s.size() != 7) {
     throw py::value_error("shape must be (B, T, S, N, Nkv, H, Hv), got " + std::to_string(s.size()) + " values");
   }
+  // The core's checks, as the tensor front ends (core/attention_checks.h).
   AttentionShape a;
-  a.batch = s[0];
-  a.seqlen_q = s[1];
-  a.seqlen_k = s[2];
-  a.num_heads = s[3];
-  a.num_heads_kv = s[4];
-  a.head_dim = s[5];
-  a.head_dim_v = s[6];
+  check(core::attention_shape(core::Dims{s[0], s[1], s[3], s[5]}, core::Dims{s[0], s[2], s[4], s[5]},
+                              core::Dims{s[0], s[2], s[4], s[6]}, &a));
   return a;
 }
 

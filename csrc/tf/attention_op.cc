@@ -9,6 +9,7 @@
 
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
+#include "core/attention_checks.h"
 #include "tf/tf_common.h"
 #include "tf_fastattn/attention.h"
 
@@ -126,7 +127,6 @@ recomputed from lse (nothing T x S is stored); d_key and d_value of a kv head
 sum over the query heads of its group. Deterministic.
 )doc");
 
-std::string shape_string(const Tensor& t) { return t.shape().DebugString(); }
 
 // Attributes shared by the forward and the backward kernel.
 struct AttentionAttrs {
@@ -160,62 +160,24 @@ struct AttentionAttrs {
   }
 };
 
-// Validates q [B, T, N, H], k [B, S, Nkv, H], v [B, S, Nkv, Hv] and returns
-// their sizes. Errors name the argument, the expected and the actual shape.
+core::Dims dims_of(const Tensor& t) {
+  return core::Dims::from(t.dims(), [&](int i) { return t.dim_size(i); });
+}
+
+// q [B, T, N, H], k [B, S, Nkv, H], v [B, S, Nkv, Hv]: the core's checks
+// (core/attention_checks.h), the same messages as every front end.
 absl::Status attention_shape(const Tensor& q, const Tensor& k, const Tensor& v, AttentionShape* s) {
-  if (q.dims() != 4) return invalid_argument("query must have rank 4 [B, T, N, H], got shape ", shape_string(q));
-  if (k.dims() != 4) return invalid_argument("key must have rank 4 [B, S, Nkv, H], got shape ", shape_string(k));
-  if (v.dims() != 4) return invalid_argument("value must have rank 4 [B, S, Nkv, Hv], got shape ", shape_string(v));
-  s->batch = q.dim_size(0);
-  s->seqlen_q = q.dim_size(1);
-  s->num_heads = q.dim_size(2);
-  s->head_dim = q.dim_size(3);
-  s->seqlen_k = k.dim_size(1);
-  s->num_heads_kv = k.dim_size(2);
-  s->head_dim_v = v.dim_size(3);
-  if (k.dim_size(0) != s->batch || v.dim_size(0) != s->batch) {
-    return invalid_argument("query, key and value must have the same batch size B, got query ", shape_string(q),
-                           ", key ", shape_string(k), ", value ", shape_string(v));
-  }
-  if (k.dim_size(3) != s->head_dim) {
-    return invalid_argument("key must have the head dim H of query (", s->head_dim, "), got key ", shape_string(k));
-  }
-  if (v.dim_size(1) != s->seqlen_k || v.dim_size(2) != s->num_heads_kv) {
-    return invalid_argument("value must match key in S and Nkv, got key ", shape_string(k), ", value ",
-                           shape_string(v));
-  }
-  if (s->num_heads_kv == 0 || s->num_heads % s->num_heads_kv != 0) {
-    return invalid_argument("the query heads N must be a multiple of the key/value heads Nkv, got N = ", s->num_heads,
-                           " (query ", shape_string(q), "), Nkv = ", s->num_heads_kv, " (key ", shape_string(k),
-                           ")");
-  }
-  for (const auto& hd : {std::make_pair("H (head dim of query and key)", s->head_dim),
-                         std::make_pair("Hv (head dim of value)", s->head_dim_v)}) {
-    if (hd.second < 1 || hd.second > kMaxHeadDim) {
-      return invalid_argument(hd.first, " must be in [1, ", kMaxHeadDim, "], got ", hd.second);
-    }
-  }
-  return absl::OkStatus();
+  return to_tf_status(core::attention_shape(dims_of(q), dims_of(k), dims_of(v), s));
 }
 
 // The mask, left-padded with 1s to rank 4, must be broadcastable to
 // [B, N, T, S]; its element strides are 0 on broadcast axes.
 absl::Status mask_view(const Tensor& mask, const AttentionShape& s, const bool** data, MaskStrides* strides) {
-  const int64_t full[4] = {s.batch, s.num_heads, s.seqlen_q, s.seqlen_k};
-  const int rank = mask.dims();
-  if (rank > 4) {
-    return invalid_argument("mask must have rank <= 4 (broadcastable to [B, N, T, S]), got shape ",
-                           shape_string(mask));
-  }
-  int64_t dims[4] = {1, 1, 1, 1};
-  for (int i = 0; i < rank; ++i) dims[4 - rank + i] = mask.dim_size(i);
+  int64_t dims[4];
+  TF_RETURN_IF_ERROR(to_tf_status(core::attention_mask_dims(dims_of(mask), s, dims)));
   int64_t st[4];
   int64_t contiguous = 1;
   for (int i = 3; i >= 0; --i) {
-    if (dims[i] != 1 && dims[i] != full[i]) {
-      return invalid_argument("mask of shape ", shape_string(mask), " is not broadcastable to [B, N, T, S] = [",
-                             full[0], ", ", full[1], ", ", full[2], ", ", full[3], "]");
-    }
     st[i] = dims[i] == 1 ? 0 : contiguous;
     contiguous *= dims[i];
   }
@@ -227,7 +189,7 @@ absl::Status mask_view(const Tensor& mask, const AttentionShape& s, const bool**
 absl::Status read_seed(OpKernelContext* ctx, int index, uint64_t* seed) {
   const Tensor& t = ctx->input(index);
   if (t.NumElements() != 1) {
-    return invalid_argument("seed must be a scalar int64, got shape ", shape_string(t));
+    return invalid_argument("seed must be a scalar int64, got shape ", core::dims_string(dims_of(t)));
   }
   *seed = static_cast<uint64_t>(t.flat<int64_t>()(0));
   return absl::OkStatus();
@@ -289,17 +251,7 @@ class AttentionGradOp : public OpKernel {
     AttentionBwdParams p;
     OP_REQUIRES_OK(ctx, attention_shape(q, k, v, &p.shape));
     const AttentionShape& s = p.shape;
-    const TensorShape o_shape({s.batch, s.seqlen_q, s.num_heads, s.head_dim_v});
-    OP_REQUIRES(ctx, o.shape() == o_shape,
-                invalid_argument("out must have shape [B, T, N, Hv] = ", o_shape.DebugString(), ", got ",
-                                shape_string(o)));
-    OP_REQUIRES(ctx, d_o.shape() == o_shape,
-                invalid_argument("d_out must have shape [B, T, N, Hv] = ", o_shape.DebugString(), ", got ",
-                                shape_string(d_o)));
-    const TensorShape lse_shape({s.batch, s.num_heads, s.seqlen_q});
-    OP_REQUIRES(ctx, lse.shape() == lse_shape,
-                invalid_argument("lse must have shape [B, N, T] = ", lse_shape.DebugString(), ", got ",
-                                shape_string(lse)));
+    TFA_OP_REQUIRES_OK(ctx, core::attention_bwd_inputs(dims_of(o), dims_of(lse), dims_of(d_o), s));
     OP_REQUIRES_OK(ctx, check_stats_dtype("lse", q.dtype(), lse.dtype()));
     if (attrs_.num_mask) OP_REQUIRES_OK(ctx, mask_view(ctx->input(3), s, &p.mask, &p.mask_strides));
     if (attrs_.num_seed) OP_REQUIRES_OK(ctx, read_seed(ctx, 3 + attrs_.num_mask, &p.seed));
