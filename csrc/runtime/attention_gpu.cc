@@ -32,34 +32,6 @@ Status check_gpu_shape(DType dtype, const AttentionShape& s, int* bucket) {
   return Status::OK();
 }
 
-template <typename P>
-tfa::AttentionArgs make_args(const P& p) {
-  tfa::AttentionArgs a{};
-  a.q = p.q;
-  a.k = p.k;
-  a.v = p.v;
-  a.mask = reinterpret_cast<const uint8_t*>(p.mask);
-  a.batch = p.shape.batch;
-  a.seqlen_q = p.shape.seqlen_q;
-  a.seqlen_k = p.shape.seqlen_k;
-  a.heads = p.shape.num_heads;
-  a.heads_kv = p.shape.num_heads_kv;
-  a.head_dim = p.shape.head_dim;
-  a.head_dim_v = p.shape.head_dim_v;
-  a.mask_stride_b = p.mask_strides.batch;
-  a.mask_stride_n = p.mask_strides.head;
-  a.mask_stride_t = p.mask_strides.row;
-  a.mask_stride_s = p.mask_strides.col;
-  a.scale = static_cast<float>(p.scale);
-  a.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
-  a.dropout = p.dropout_rate > 0;
-  a.inv_keep = static_cast<float>(1.0 / (1.0 - p.dropout_rate));
-  a.dropout_threshold = dropout_threshold(p.dropout_rate);
-  a.seed = p.seed;
-  a.causal = p.is_causal;
-  return a;
-}
-
 const char* prefix(AttentionFamily f) {
   return f == AttentionFamily::kTensorCore ? "tfa_attention_mma_" : "tfa_attention_simt_";
 }
@@ -80,9 +52,8 @@ Status attention_fwd_gpu(const AttentionFwdParams& p, const GpuContext& ctx) {
   TFA_RETURN_IF_ERROR(gpu::device_for_stream(ctx.stream, &dev));
   AttentionFamily family;
   TFA_RETURN_IF_ERROR(gpu::resolve_attention_family(dev.arch, p.dtype, ctx.attention_family, &family));
-  tfa::AttentionArgs a = make_args(p);
-  a.o = p.o;
-  a.lse = p.lse;
+  AttentionFwdParams a = p;  // the kernels' argument, with the derived fields
+  a.finalize();
   const bool mma = family == AttentionFamily::kTensorCore;
   const int rows = mma ? tfa::kMmaRowTile : tfa::kSimtRowTile;
   // SIMT kernels use static shared memory only.
@@ -105,14 +76,8 @@ Status attention_bwd_gpu(const AttentionBwdParams& p, const GpuContext& ctx) {
   TFA_RETURN_IF_ERROR(gpu::device_for_stream(ctx.stream, &dev));
   AttentionFamily family;
   TFA_RETURN_IF_ERROR(gpu::resolve_attention_family(dev.arch, p.dtype, ctx.attention_family, &family));
-  tfa::AttentionArgs a = make_args(p);
-  a.o = const_cast<void*>(p.o);
-  a.lse = const_cast<void*>(p.lse);
-  a.d_o = p.do_;
-  a.dq = p.dq;
-  a.dk = p.dk;
-  a.dv = p.dv;
-  a.delta = static_cast<float*>(p.workspace);
+  AttentionBwdParams a = p;  // the kernels' argument, with the derived fields
+  a.finalize();
   // ---- tensor-core backward (attention_mma_bwd.cu; compiled, not yet run on a GPU) ----
   if (family == AttentionFamily::kTensorCore) {
     const gpu::KernelVariant mv = gpu::attention_variant(AttentionFamily::kTensorCore, p.dtype, bucket, true);

@@ -1,5 +1,17 @@
 // Fused scaled-dot-product attention (FlashAttention-style, exact).
 //
+// Glossary (one name per concept, in C++, Python, tests and benchmarks):
+//   B batch, T seqlen_q, S seqlen_k, N num_heads, Nkv num_heads_kv,
+//   H head_dim (q, k), Hv head_dim_v (v, o), g = N / Nkv query heads per kv head
+//   q query [B, T, N, H]      k key [B, S, Nkv, H]     v value [B, S, Nkv, Hv]
+//   o out [B, T, N, Hv]       lse log-sum-exp [B, N, T] (+inf: no allowed key)
+//   do d_out (upstream gradient of o; `do_` in C++), dq dk dv gradients
+//   mask bool, broadcastable to [B, N, T, S], true = attend
+//   is_causal top-left causal mask (s <= t)
+//   scale softmax scale (default 1/sqrt(H)); dropout_rate, seed (Philox key)
+//   delta rowsum(do * o) [B, N, T], the backward's workspace
+//   Params: attention_params.h (POD; the CUDA kernels take the same structs).
+//
 // Layout (Keras'): q [B, T, N, H], k [B, S, Nkv, H], v [B, S, Nkv, Hv],
 // o [B, T, N, Hv], lse [B, N, T]. N % Nkv == 0: query head n reads kv head
 // n / (N / Nkv) (multi-head, grouped-query, multi-query).
@@ -20,11 +32,10 @@
 // thread counts.
 #pragma once
 
+#include "tf_fastattn/attention_params.h"
 #include "tf_fastattn/common.h"
 
 namespace tf_fastattn {
-
-constexpr int64_t kMaxHeadDim = 256;
 
 // FlashAttention's FLOP count, used by every benchmark: forward 4 B N T S H
 // (halved when causal), forward + backward 3.5x that (the backward 2.5x).
@@ -34,59 +45,6 @@ inline double attention_flops(int64_t batch, int64_t heads, int64_t seqlen_q, in
                      static_cast<double>(seqlen_k) * static_cast<double>(head_dim) * (is_causal ? 0.5 : 1.0);
   return backward ? 3.5 * fwd : fwd;
 }
-
-struct AttentionShape {
-  int64_t batch = 0;         // B
-  int64_t seqlen_q = 0;      // T
-  int64_t seqlen_k = 0;      // S
-  int64_t num_heads = 0;     // N
-  int64_t num_heads_kv = 0;  // Nkv
-  int64_t head_dim = 0;      // H (q, k)
-  int64_t head_dim_v = 0;    // Hv (v, o)
-};
-
-// Strides in elements of a boolean mask broadcast to [B, N, T, S]; a stride of
-// 0 broadcasts that axis.
-struct MaskStrides {
-  int64_t batch = 0, head = 0, row = 0, col = 0;
-};
-
-struct AttentionFwdParams {
-  DType dtype = DType::kFloat32;  // q, k, v, o
-  AttentionShape shape;
-  const void* q = nullptr;  // [B, T, N, H] contiguous
-  const void* k = nullptr;  // [B, S, Nkv, H] contiguous
-  const void* v = nullptr;  // [B, S, Nkv, Hv] contiguous
-  const bool* mask = nullptr;  // optional, see mask_strides (true = attend)
-  MaskStrides mask_strides;
-  void* o = nullptr;    // [B, T, N, Hv] out
-  void* lse = nullptr;  // [B, N, T] stats_dtype(dtype) out
-  double scale = 0.0;   // softmax scale (the front end fills 1/sqrt(H) by default)
-  bool is_causal = false;
-  double dropout_rate = 0.0;  // in [0, 1)
-  uint64_t seed = 0;          // Philox key when dropout_rate > 0
-};
-
-struct AttentionBwdParams {
-  DType dtype = DType::kFloat32;
-  AttentionShape shape;
-  const void* q = nullptr;
-  const void* k = nullptr;
-  const void* v = nullptr;
-  const bool* mask = nullptr;
-  MaskStrides mask_strides;
-  const void* o = nullptr;    // forward output [B, T, N, Hv]
-  const void* lse = nullptr;  // forward lse [B, N, T]
-  const void* do_ = nullptr;  // [B, T, N, Hv] in
-  void* dq = nullptr;         // [B, T, N, H] out
-  void* dk = nullptr;         // [B, S, Nkv, H] out
-  void* dv = nullptr;         // [B, S, Nkv, Hv] out
-  void* workspace = nullptr;  // attention_bwd_workspace_bytes(...) bytes
-  double scale = 0.0;
-  bool is_causal = false;
-  double dropout_rate = 0.0;
-  uint64_t seed = 0;
-};
 
 Status validate(const AttentionFwdParams& p);
 Status validate(const AttentionBwdParams& p);

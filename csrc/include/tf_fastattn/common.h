@@ -2,6 +2,8 @@
 //
 // Nothing here includes TensorFlow, pybind11 or CUDA headers: the kernel core
 // sees only POD params structs, a DType tag, a Status and an execution context.
+// (Host only: the headers NVRTC compiles, dtype.h and attention_params.h,
+// include none of <string> and <functional>.)
 #pragma once
 
 #include <cstdint>
@@ -9,34 +11,9 @@
 #include <string>
 #include <utility>
 
+#include "tf_fastattn/dtype.h"
+
 namespace tf_fastattn {
-
-// Element type of a tensor that a kernel reads or writes.
-enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
-
-inline const char* dtype_name(DType t) {
-  switch (t) {
-    case DType::kFloat16: return "float16";
-    case DType::kBFloat16: return "bfloat16";
-    case DType::kFloat32: return "float32";
-    case DType::kFloat64: return "float64";
-  }
-  return "unknown";
-}
-
-inline int64_t dtype_size(DType t) {
-  switch (t) {
-    case DType::kFloat16:
-    case DType::kBFloat16: return 2;
-    case DType::kFloat32: return 4;
-    case DType::kFloat64: return 8;
-  }
-  return 0;
-}
-
-// Statistics (layer-norm mean/rstd, attention log-sum-exp) are float32 for
-// every input dtype except float64, where they are float64.
-inline DType stats_dtype(DType t) { return t == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32; }
 
 // Result of a validation or a launch, with a code that says whose problem it
 // is. Front ends map the codes to their own errors:

@@ -1,37 +1,20 @@
 // Kernel arguments and tile shapes of the attention CUDA kernels, shared by
 // the host launcher (csrc/runtime/attention_gpu.cc) and the device code
-// (attention_simt.cu, attention_mma.cu), so grids and shared-memory sizes are
-// computed from the same constants the kernels use.
+// (attention_simt.cu, attention_mma.cu, attention_mma_bwd.cu), so grids and
+// shared-memory sizes are computed from the same constants the kernels use.
 #pragma once
 
 #include <cstdint>
 
+#include "tf_fastattn/attention_params.h"
+
 namespace tfa {
 
-// Layouts as in tf_fastattn/attention.h: q [B, T, N, H], k [B, S, Nkv, H],
-// v [B, S, Nkv, Hv], o and do [B, T, N, Hv], lse and delta [B, N, T].
-struct AttentionArgs {
-  const void* q;
-  const void* k;
-  const void* v;
-  const uint8_t* mask;  // bool [B, N, T, S] with broadcast strides, or null
-  void* o;              // forward: out; backward: in
-  void* lse;            // forward: out; backward: in (float32)
-  const void* d_o;      // backward
-  void* dq;
-  void* dk;
-  void* dv;
-  float* delta;  // backward workspace: rowsum(dO * O), float32 [B, N, T]
-  int64_t batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, head_dim_v;
-  int64_t mask_stride_b, mask_stride_n, mask_stride_t, mask_stride_s;
-  float scale;       // softmax scale
-  float scale_log2;  // scale * log2(e): the kernels work with exp2
-  float inv_keep;    // 1 / (1 - dropout_rate)
-  uint32_t dropout_threshold;
-  uint64_t seed;
-  int32_t causal;
-  int32_t dropout;  // dropout_rate > 0
-};
+// The kernels take the host's params structs (tf_fastattn/attention_params.h)
+// by value, finalize()d: one definition of every field for host and device.
+using tf_fastattn::AttentionBwdParams;
+using tf_fastattn::AttentionFwdParams;
+using tf_fastattn::AttentionParams;
 
 // ---- SIMT family (float32 arithmetic, sm_60 and newer) ---------------------
 // 128 threads. Every tile fits the 48 KiB of static shared memory P100 allows

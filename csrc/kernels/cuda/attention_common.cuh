@@ -7,12 +7,15 @@
 
 namespace tfa {
 
+// The backward's workspace on the GPU: delta = rowsum(dO * O), float [B, N, T].
+__device__ __forceinline__ float* delta_of(const AttentionBwdParams& a) { return static_cast<float*>(a.workspace); }
+
 // Whether query t may attend to key s of (b, n): inside the sequence, below
 // the (top-left) causal diagonal, and allowed by the broadcast boolean mask.
-__device__ __forceinline__ bool allowed(const AttentionArgs& a, int64_t b, int64_t n, int64_t t, int64_t s) {
-  if (t >= a.seqlen_q || s >= a.seqlen_k) return false;
-  if (a.causal && s > t) return false;
-  if (a.mask && !a.mask[b * a.mask_stride_b + n * a.mask_stride_n + t * a.mask_stride_t + s * a.mask_stride_s]) {
+__device__ __forceinline__ bool allowed(const AttentionParams& a, int64_t b, int64_t n, int64_t t, int64_t s) {
+  if (t >= a.shape.seqlen_q || s >= a.shape.seqlen_k) return false;
+  if (a.is_causal && s > t) return false;
+  if (a.mask && !a.mask[b * a.mask_strides.batch + n * a.mask_strides.head + t * a.mask_strides.row + s * a.mask_strides.col]) {
     return false;
   }
   return true;

@@ -1,0 +1,89 @@
+// The attention's params structs, one per direction (names: the glossary
+// of attention.h). POD only, no standard headers beyond <cstdint>: the host
+// code (g++) and the CUDA kernels (NVRTC) include this same file, and the
+// kernels take these structs as their argument, so host and device agree on
+// every field by construction.
+#pragma once
+
+#include <cstdint>
+
+#include "tf_fastattn/dtype.h"
+#include "tf_fastattn/philox.h"
+
+namespace tf_fastattn {
+
+constexpr int64_t kMaxHeadDim = 256;
+
+struct AttentionShape {
+  int64_t batch = 0;         // B
+  int64_t seqlen_q = 0;      // T
+  int64_t seqlen_k = 0;      // S
+  int64_t num_heads = 0;     // N
+  int64_t num_heads_kv = 0;  // Nkv
+  int64_t head_dim = 0;      // H (q, k)
+  int64_t head_dim_v = 0;    // Hv (v, o)
+};
+
+// Strides in elements of a boolean mask broadcast to [B, N, T, S]; a stride of
+// 0 broadcasts that axis.
+struct MaskStrides {
+  int64_t batch = 0, head = 0, row = 0, col = 0;
+};
+
+// What both directions share: the problem, the inputs, the options, and the
+// fields finalize() derives from them.
+struct AttentionParams {
+  DType dtype = DType::kFloat32;  // q, k, v, o (and do, dq, dk, dv)
+  AttentionShape shape;
+  const void* q = nullptr;     // [B, T, N, H] contiguous
+  const void* k = nullptr;     // [B, S, Nkv, H] contiguous
+  const void* v = nullptr;     // [B, S, Nkv, Hv] contiguous
+  const bool* mask = nullptr;  // optional, see mask_strides (true = attend)
+  MaskStrides mask_strides;
+  double scale = 0.0;  // softmax scale (the front end fills 1/sqrt(H) by default)
+  bool is_causal = false;
+  double dropout_rate = 0.0;  // in [0, 1)
+  uint64_t seed = 0;          // Philox key when dropout_rate > 0
+
+  // Derived by finalize() from the fields above (the GPU kernels read these).
+  float scale_f32 = 0;             // scale rounded to float32
+  float scale_log2 = 0;            // scale * log2(e) in float32: the GPU kernels use exp2
+  float inv_keep = 1;              // 1 / (1 - dropout_rate) in float32
+  uint32_t dropout_threshold = 0;  // a key is kept when its Philox word is >= this (philox.h)
+  int32_t has_dropout = 0;         // dropout_rate > 0
+
+  // Fills the derived fields; the core calls it before launching.
+  void finalize() {
+    scale_f32 = static_cast<float>(scale);
+    scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+    has_dropout = dropout_rate > 0;
+    inv_keep = static_cast<float>(1.0 / (1.0 - dropout_rate));
+    dropout_threshold = tf_fastattn::dropout_threshold(dropout_rate);
+  }
+};
+
+struct AttentionFwdParams : AttentionParams {
+  void* o = nullptr;    // [B, T, N, Hv] out
+  void* lse = nullptr;  // [B, N, T] stats_dtype(dtype) out
+};
+
+struct AttentionBwdParams : AttentionParams {
+  const void* o = nullptr;    // the forward's out [B, T, N, Hv]
+  const void* lse = nullptr;  // the forward's lse [B, N, T]
+  const void* do_ = nullptr;  // [B, T, N, Hv] in
+  void* dq = nullptr;         // [B, T, N, H] out
+  void* dk = nullptr;         // [B, S, Nkv, H] out
+  void* dv = nullptr;         // [B, S, Nkv, Hv] out
+  void* workspace = nullptr;  // attention_bwd_workspace_bytes(...) bytes: delta (double on
+                              // the CPU, float on the GPU) [B, N, T]
+};
+
+// The layout both compilers must produce (x86-64 g++ and NVRTC's nvptx64 use
+// the same sizes and alignments for these types): a field added or reordered
+// changes these sizes, and both builds check them.
+static_assert(sizeof(AttentionShape) == 56, "AttentionShape layout");
+static_assert(sizeof(AttentionParams) == 184, "AttentionParams layout");
+static_assert(sizeof(AttentionFwdParams) == 200, "AttentionFwdParams layout");
+static_assert(sizeof(AttentionBwdParams) == 240, "AttentionBwdParams layout");
+
+}  // namespace tf_fastattn
