@@ -15,7 +15,7 @@ using gpu::Dim3;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// How a row is split over threads; see LayerNormLaunch in layer_norm_args.h.
+// How a row is split over threads; see the launch shape in layer_norm_args.h.
 struct Config {
   int vecs;             // 16-byte vectors cached per thread (0: stream the row)
   int threads_per_row;  // 32: a warp per row; = block: a block per row
@@ -86,19 +86,8 @@ Status layer_norm_fwd_gpu(const LayerNormFwdParams& p, const GpuContext& ctx) {
   gpu::CUfunction f;
   TFA_RETURN_IF_ERROR(
       gpu::get_kernel(dev, gpu::layer_norm_variant(p.dtype), kernel_name("fwd", c, aligned).c_str(), 0, &f));
-  tfa::LayerNormFwdArgs a{};
-  a.x = p.x;
-  a.residual = p.residual;
-  a.gamma = p.gamma;
-  a.beta = p.beta;
-  a.y = p.y;
-  a.sum = p.sum;
-  a.mean = p.mean;
-  a.rstd = p.rstd;
-  a.rows = p.rows;
-  a.cols = p.cols;
-  a.epsilon = p.epsilon;
-  a.param_is_float = p.param_dtype == DType::kFloat32;
+  LayerNormFwdParams a = p;  // the kernel's argument
+  a.finalize();
   a.threads_per_row = c.threads_per_row;
   const int64_t groups = c.block / c.threads_per_row;
   // Enough blocks to fill the GPU several times over; the kernel strides
@@ -128,23 +117,11 @@ Status layer_norm_bwd_gpu(const LayerNormBwdParams& p, const GpuContext& ctx) {
   TFA_RETURN_IF_ERROR(gpu::get_kernel(dev, v, kernel_name("bwd", c, aligned).c_str(), 0, &rows_fn));
   TFA_RETURN_IF_ERROR(gpu::get_kernel(dev, v, "tfa_layer_norm_bwd_reduce", 0, &reduce_fn));
   const BwdChunks chunks = bwd_chunks(p.rows, p.cols, p.dtype);
-  tfa::LayerNormBwdArgs a{};
-  a.dy = p.dy;
-  a.dsum = p.dsum;
-  a.sum = p.sum;
-  a.gamma = p.gamma;
-  a.mean = p.mean;
-  a.rstd = p.rstd;
-  a.dx = p.dx;
-  a.partial = p.workspace;
-  a.dgamma = p.dgamma;
-  a.dbeta = p.dbeta;
-  a.rows = p.rows;
-  a.cols = p.cols;
+  LayerNormBwdParams a = p;  // the kernel's argument
+  a.finalize();
+  a.threads_per_row = c.threads_per_row;
   a.rows_per_chunk = chunks.rows_per_chunk;
   a.chunks = chunks.chunks;
-  a.param_is_float = p.param_dtype == DType::kFloat32;
-  a.threads_per_row = c.threads_per_row;
   TFA_RETURN_IF_ERROR(gpu::launch(dev, rows_fn, Dim3{static_cast<unsigned>(chunks.chunks)},
                                   Dim3{static_cast<unsigned>(c.block)}, 0, ctx.stream, &a));
   if (!p.dgamma && !p.dbeta) return Status::OK();

@@ -84,7 +84,7 @@ __device__ __forceinline__ A group_sum(A v, int group_threads, A* scratch) {
 // s = x + residual rounded to T (the sum output is in T and the reference adds
 // in T), for one vector; optionally written to the sum output.
 template <bool kAligned>
-__device__ __forceinline__ void load_sum(const LayerNormFwdArgs& a, int64_t off, int64_t col0, bool write_sum,
+__device__ __forceinline__ void load_sum(const LayerNormFwdParams& a, int64_t off, int64_t col0, bool write_sum,
                                          A* s) {
   load_vec<kAligned>(static_cast<const T*>(a.x) + off, col0, a.cols, s);
   if (a.residual) {
@@ -97,7 +97,7 @@ __device__ __forceinline__ void load_sum(const LayerNormFwdArgs& a, int64_t off,
 }
 
 template <int kVecs, bool kAligned>
-__device__ void layer_norm_fwd(const LayerNormFwdArgs& a) {
+__device__ void layer_norm_fwd(const LayerNormFwdParams& a) {
   __shared__ A scratch[32];
   const int G = a.threads_per_row;
   const int lane = threadIdx.x % G;
@@ -175,7 +175,7 @@ __device__ void layer_norm_fwd(const LayerNormFwdArgs& a) {
 // Backward of one row over the vectors a thread owns; per vector: load s and
 // dy, accumulate the two row sums. Returns via mean_g / mean_gx.
 template <int kVecs, bool kAligned>
-__device__ void layer_norm_bwd(const LayerNormBwdArgs& a) {
+__device__ void layer_norm_bwd(const LayerNormBwdParams& a) {
   __shared__ A scratch[32];
   const int G = a.threads_per_row;
   const int lane = threadIdx.x % G;
@@ -185,7 +185,7 @@ __device__ void layer_norm_bwd(const LayerNormBwdArgs& a) {
   const A inv_cols = A(1) / A(cols);
   const int64_t r0 = int64_t(blockIdx.x) * a.rows_per_chunk;
   const int64_t r1 = r0 + a.rows_per_chunk < a.rows ? r0 + a.rows_per_chunk : a.rows;
-  A* partial_g = static_cast<A*>(a.partial) + int64_t(blockIdx.x) * 2 * cols;
+  A* partial_g = static_cast<A*>(a.workspace) + int64_t(blockIdx.x) * 2 * cols;
   A* partial_b = partial_g + cols;
   const T* sum_in = static_cast<const T*>(a.sum);
   const T* dy_in = static_cast<const T*>(a.dy);
@@ -287,10 +287,10 @@ __device__ void layer_norm_bwd(const LayerNormBwdArgs& a) {
 }
 
 // Column pass: dgamma/dbeta = the chunks' partials added in chunk order.
-__device__ void layer_norm_bwd_reduce(const LayerNormBwdArgs& a) {
+__device__ void layer_norm_bwd_reduce(const LayerNormBwdParams& a) {
   const int64_t col = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (col >= a.cols) return;
-  const A* partial = static_cast<const A*>(a.partial);
+  const A* partial = static_cast<const A*>(a.workspace);
   A g = A(0), b = A(0);
   for (int64_t c = 0; c < a.chunks; ++c) {
     g += partial[(2 * c) * a.cols + col];
@@ -312,17 +312,17 @@ __device__ void layer_norm_bwd_reduce(const LayerNormBwdArgs& a) {
 // Which kVecs exist per dtype follows layer_norm_max_vecs() in
 // layer_norm_args.h (the register budget is explained there).
 #define TFA_LN_FWD(N)                                                                                   \
-  extern "C" __global__ void __launch_bounds__(tfa::kLayerNormMaxThreads, 1) tfa_layer_norm_fwd_v##N##_a(tfa::LayerNormFwdArgs a) { \
+  extern "C" __global__ void __launch_bounds__(tfa::kLayerNormMaxThreads, 1) tfa_layer_norm_fwd_v##N##_a(tfa::LayerNormFwdParams a) { \
     tfa::layer_norm_fwd<N, true>(a);                                                                    \
   }                                                                                                     \
-  extern "C" __global__ void __launch_bounds__(tfa::kLayerNormMaxThreads, 1) tfa_layer_norm_fwd_v##N##_u(tfa::LayerNormFwdArgs a) { \
+  extern "C" __global__ void __launch_bounds__(tfa::kLayerNormMaxThreads, 1) tfa_layer_norm_fwd_v##N##_u(tfa::LayerNormFwdParams a) { \
     tfa::layer_norm_fwd<N, false>(a);                                                                   \
   }
 #define TFA_LN_BWD(N)                                                                                   \
-  extern "C" __global__ void __launch_bounds__(tfa::kLayerNormMaxThreads, 1) tfa_layer_norm_bwd_v##N##_a(tfa::LayerNormBwdArgs a) { \
+  extern "C" __global__ void __launch_bounds__(tfa::kLayerNormMaxThreads, 1) tfa_layer_norm_bwd_v##N##_a(tfa::LayerNormBwdParams a) { \
     tfa::layer_norm_bwd<N, true>(a);                                                                    \
   }                                                                                                     \
-  extern "C" __global__ void __launch_bounds__(tfa::kLayerNormMaxThreads, 1) tfa_layer_norm_bwd_v##N##_u(tfa::LayerNormBwdArgs a) { \
+  extern "C" __global__ void __launch_bounds__(tfa::kLayerNormMaxThreads, 1) tfa_layer_norm_bwd_v##N##_u(tfa::LayerNormBwdParams a) { \
     tfa::layer_norm_bwd<N, false>(a);                                                                   \
   }
 
@@ -342,6 +342,6 @@ TFA_LN_BWD(2)
 TFA_LN_BWD(4)
 #endif
 
-extern "C" __global__ void __launch_bounds__(256) tfa_layer_norm_bwd_reduce(tfa::LayerNormBwdArgs a) {
+extern "C" __global__ void __launch_bounds__(256) tfa_layer_norm_bwd_reduce(tfa::LayerNormBwdParams a) {
   tfa::layer_norm_bwd_reduce(a);
 }

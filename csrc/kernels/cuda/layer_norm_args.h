@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "tf_fastattn/layer_norm_params.h"
+
 namespace tfa {
 
 // Launch shape. A "row group" of `threads_per_row` threads normalises one row:
@@ -23,42 +25,9 @@ constexpr int layer_norm_max_vecs(int elem_bytes, bool backward) {
   return backward ? (elem_bytes == 8 ? 4 : 2) : (2 * elem_bytes < 8 ? 2 * elem_bytes : 8);
 }
 
-struct LayerNormFwdArgs {
-  const void* x;
-  const void* residual;  // or null
-  const void* gamma;     // or null
-  const void* beta;      // or null
-  void* y;
-  void* sum;   // or null
-  void* mean;  // stats type
-  void* rstd;  // stats type
-  int64_t rows;
-  int64_t cols;
-  double epsilon;
-  int32_t param_is_float;  // gamma/beta are float32 (else the input dtype)
-  int32_t threads_per_row;
-};
-
-// dgamma/dbeta: block c of the row pass sums its rows' dy * xhat and dy into
-// partial[c, 0, :] and partial[c, 1, :]; the column pass adds the blocks'
-// partials in block order. Fixed order everywhere: deterministic, no atomics.
-struct LayerNormBwdArgs {
-  const void* dy;
-  const void* dsum;  // or null
-  const void* sum;
-  const void* gamma;  // or null
-  const void* mean;
-  const void* rstd;
-  void* dx;
-  void* partial;  // [chunks, 2, cols] stats type
-  void* dgamma;   // or null
-  void* dbeta;    // or null
-  int64_t rows;
-  int64_t cols;
-  int64_t rows_per_chunk;
-  int64_t chunks;
-  int32_t param_is_float;
-  int32_t threads_per_row;
-};
+// The kernels take the host's params structs (tf_fastattn/layer_norm_params.h)
+// by value, finalize()d and with the launch fields filled.
+using tf_fastattn::LayerNormBwdParams;
+using tf_fastattn::LayerNormFwdParams;
 
 }  // namespace tfa

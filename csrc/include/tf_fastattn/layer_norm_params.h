@@ -1,0 +1,70 @@
+// The layer norm's params structs, one per direction. POD only, no standard
+// headers beyond <cstdint>: the host code (g++) and the CUDA kernels (NVRTC)
+// include this same file, and the kernels take these structs as their
+// argument.
+#pragma once
+
+#include <cstdint>
+
+#include "tf_fastattn/dtype.h"
+
+namespace tf_fastattn {
+
+struct LayerNormFwdParams {
+  DType dtype = DType::kFloat32;        // x, residual, y, sum
+  DType param_dtype = DType::kFloat32;  // gamma, beta: float32 or dtype
+  int64_t rows = 0;
+  int64_t cols = 0;
+  const void* x = nullptr;         // [rows, cols], contiguous, in
+  const void* residual = nullptr;  // [rows, cols] or null, in
+  const void* gamma = nullptr;     // [cols], in; null iff !scale
+  const void* beta = nullptr;      // [cols], in; null iff !center
+  void* y = nullptr;               // [rows, cols], out
+  void* sum = nullptr;             // [rows, cols] x + residual, out; may be null
+  void* mean = nullptr;            // [rows] stats_dtype(dtype), out
+  void* rstd = nullptr;            // [rows] stats_dtype(dtype), out
+  double epsilon = 1e-3;
+
+  // Derived by finalize(); read by the GPU kernels.
+  int32_t param_is_float = 1;  // gamma/beta are float32 (else the input dtype)
+  // Launch shape, filled by the GPU launcher: threads normalising one row.
+  int32_t threads_per_row = 0;
+
+  void finalize() { param_is_float = param_dtype == DType::kFloat32; }
+};
+
+struct LayerNormBwdParams {
+  DType dtype = DType::kFloat32;
+  DType param_dtype = DType::kFloat32;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  const void* dy = nullptr;     // [rows, cols], in
+  const void* dsum = nullptr;   // [rows, cols] gradient reaching the sum output, or null
+  const void* sum = nullptr;    // [rows, cols] the forward's s = x + residual, in
+  const void* gamma = nullptr;  // [cols] or null (scale=False), in
+  const void* mean = nullptr;   // [rows] stats_dtype, in
+  const void* rstd = nullptr;   // [rows] stats_dtype, in
+  void* dx = nullptr;           // [rows, cols] ds (also dresidual), out
+  void* dgamma = nullptr;       // [cols] param_dtype, out; may be null
+  void* dbeta = nullptr;        // [cols] param_dtype, out; may be null
+  void* workspace = nullptr;    // layer_norm_bwd_workspace_bytes(rows, cols, dtype) bytes: the
+                                // GPU's dgamma/dbeta partial sums [chunks, 2, cols] stats type
+
+  // Derived by finalize(); read by the GPU kernels.
+  int32_t param_is_float = 1;
+  // Launch shape, filled by the GPU launcher: row chunks of the dgamma/dbeta
+  // reduction (block c sums rows [c * rows_per_chunk, ...) into partial c;
+  // the column pass adds the chunks in order: deterministic, no atomics) and
+  // threads normalising one row.
+  int32_t threads_per_row = 0;
+  int64_t rows_per_chunk = 0;
+  int64_t chunks = 0;
+
+  void finalize() { param_is_float = param_dtype == DType::kFloat32; }
+};
+
+// The layout both compilers must produce; both builds check these sizes.
+static_assert(sizeof(LayerNormFwdParams) == 104, "LayerNormFwdParams layout");
+static_assert(sizeof(LayerNormBwdParams) == 128, "LayerNormBwdParams layout");
+
+}  // namespace tf_fastattn
