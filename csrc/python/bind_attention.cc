@@ -2,6 +2,7 @@
 #include <cmath>
 
 #include "core/attention_checks.h"
+#include "core/dispatch.h"
 #include "python/common.h"
 #include "tf_fastattn/attention.h"
 
@@ -73,7 +74,7 @@ py::tuple attention_fwd(const py::array& q, const py::array& k, const py::array&
   Status st;
   {
     py::gil_scoped_release release;
-    st = attention_fwd_cpu(p, thread_context(num_threads));
+    st = core::attention_fwd(p, cpu_exec(num_threads));
   }
   check(st);
   return py::make_tuple(o, lse);
@@ -115,13 +116,13 @@ py::tuple attention_bwd(const py::array& q, const py::array& k, const py::array&
   p.dq = dq.mutable_data();
   p.dk = dk.mutable_data();
   p.dv = dv.mutable_data();
-  const CpuContext ctx = thread_context(num_threads);
-  std::vector<char> workspace(attention_bwd_workspace_bytes(s, p.dtype, ctx.num_threads));
+  const core::ExecContext exec = cpu_exec(num_threads);
+  std::vector<char> workspace(core::attention_bwd_workspace_bytes(s, p.dtype, exec));
   p.workspace = workspace.data();
   Status st;
   {
     py::gil_scoped_release release;
-    st = attention_bwd_cpu(p, ctx);
+    st = core::attention_bwd(p, exec);
   }
   check(st);
   return py::make_tuple(dq, dk, dv);

@@ -108,11 +108,12 @@ AttentionFamily family_named(const std::string& name) {
 const void* cptr(uintptr_t p) { return reinterpret_cast<const void*>(p); }
 void* mptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
 
-GpuContext gpu_ctx(uintptr_t stream, const std::string& family = "auto") {
-  GpuContext c;
-  c.stream = mptr(stream);
-  c.attention_family = family_named(family);
-  return c;
+core::ExecContext gpu_ctx(uintptr_t stream, const std::string& family = "auto") {
+  core::ExecContext e;
+  e.backend = core::Backend::kGpu;
+  e.gpu.stream = mptr(stream);
+  e.gpu.attention_family = family_named(family);
+  return e;
 }
 
 // Launches without the GIL: a first call compiles (seconds).
@@ -159,7 +160,7 @@ void layer_norm_fwd(uintptr_t x, uintptr_t residual, uintptr_t gamma, uintptr_t 
   p.mean = mptr(mean);
   p.rstd = mptr(rstd);
   p.epsilon = epsilon;
-  run([&] { return layer_norm_fwd_gpu(p, gpu_ctx(stream)); });
+  run([&] { return core::layer_norm_fwd(p, gpu_ctx(stream)); });
 }
 
 void layer_norm_bwd(uintptr_t dy, uintptr_t dsum, uintptr_t sum, uintptr_t gamma, uintptr_t mean, uintptr_t rstd,
@@ -180,7 +181,7 @@ void layer_norm_bwd(uintptr_t dy, uintptr_t dsum, uintptr_t sum, uintptr_t gamma
   p.dgamma = mptr(dgamma);
   p.dbeta = mptr(dbeta);
   p.workspace = mptr(workspace);
-  run([&] { return layer_norm_bwd_gpu(p, gpu_ctx(stream)); });
+  run([&] { return core::layer_norm_bwd(p, gpu_ctx(stream)); });
 }
 
 void attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, const std::vector<int64_t>& strides,
@@ -201,7 +202,7 @@ void attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, const 
   p.is_causal = is_causal;
   p.dropout_rate = dropout_rate;
   p.seed = seed;
-  run([&] { return attention_fwd_gpu(p, gpu_ctx(stream, family)); });
+  run([&] { return core::attention_fwd(p, gpu_ctx(stream, family)); });
 }
 
 void attention_bwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, const std::vector<int64_t>& strides,
@@ -227,7 +228,7 @@ void attention_bwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, const 
   p.is_causal = is_causal;
   p.dropout_rate = dropout_rate;
   p.seed = seed;
-  run([&] { return attention_bwd_gpu(p, gpu_ctx(stream, family)); });
+  run([&] { return core::attention_bwd(p, gpu_ctx(stream, family)); });
 }
 
 }  // namespace

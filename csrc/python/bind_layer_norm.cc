@@ -1,4 +1,5 @@
 // _C.layer_norm_fwd / _C.layer_norm_bwd on NumPy arrays.
+#include "core/dispatch.h"
 #include "python/common.h"
 #include "tf_fastattn/layer_norm.h"
 
@@ -81,7 +82,7 @@ py::tuple layer_norm_fwd(const py::array& x, std::optional<py::array> gamma, std
   Status s;
   {
     py::gil_scoped_release release;
-    s = layer_norm_fwd_cpu(p, thread_context(num_threads));
+    s = core::layer_norm_fwd(p, cpu_exec(num_threads));
   }
   check(s);
   return py::make_tuple(y, sum, mean, rstd);
@@ -127,7 +128,8 @@ py::tuple layer_norm_bwd(const py::array& dy, const py::array& sum, const py::ar
   py::array dx = out_arrays.take(0, dy.dtype(), shape_of(dy));
   py::array dgamma = out_arrays.take(1, p.param_dtype, {static_cast<py::ssize_t>(p.cols)});
   py::array dbeta = out_arrays.take(2, p.param_dtype, {static_cast<py::ssize_t>(p.cols)});
-  std::vector<char> workspace(layer_norm_bwd_workspace_bytes(p.rows, p.cols, p.dtype));
+  const core::ExecContext exec = cpu_exec(num_threads);
+  std::vector<char> workspace(core::layer_norm_bwd_workspace_bytes(p.rows, p.cols, p.dtype, exec));
   p.dx = dx.mutable_data();
   p.dgamma = gamma ? dgamma.mutable_data() : nullptr;
   p.dbeta = center ? dbeta.mutable_data() : nullptr;
@@ -135,7 +137,7 @@ py::tuple layer_norm_bwd(const py::array& dy, const py::array& sum, const py::ar
   Status s;
   {
     py::gil_scoped_release release;
-    s = layer_norm_bwd_cpu(p, thread_context(num_threads));
+    s = core::layer_norm_bwd(p, exec);
   }
   check(s);
   return py::make_tuple(dx, gamma ? py::object(dgamma) : py::none(), center ? py::object(dbeta) : py::none());

@@ -3,6 +3,8 @@
 
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
+
+#include "core/dispatch.h"
 #include <pybind11/pybind11.h>
 
 #include <optional>
@@ -50,6 +52,10 @@ std::string shape_str(const py::array& a);
 // A CPU context that splits parallel_for ranges over `num_threads` std::threads
 // (0 = hardware concurrency).
 CpuContext thread_context(int num_threads);
+
+// The core's execution contexts for the CPU functions (thread_context) and
+// the GPU launchers (a CUstream as an int, the attention family by name).
+core::ExecContext cpu_exec(int num_threads);
 
 // Raises the Python error of a failed Status: ValueError for an invalid
 // argument, RuntimeError for an unavailable resource or an internal failure.

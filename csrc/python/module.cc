@@ -105,6 +105,13 @@ CpuContext thread_context(int num_threads) {
   return ctx;
 }
 
+core::ExecContext cpu_exec(int num_threads) {
+  core::ExecContext e;
+  e.backend = core::Backend::kCpu;
+  e.cpu = thread_context(num_threads);
+  return e;
+}
+
 void check(const Status& s) {
   switch (s.code()) {
     case StatusCode::kOk: return;

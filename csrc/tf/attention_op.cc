@@ -224,11 +224,7 @@ class AttentionOp : public OpKernel {
     p.scale = attrs_.resolved_scale(s.head_dim);
     p.is_causal = attrs_.is_causal;
     p.dropout_rate = attrs_.dropout_rate;
-    if constexpr (Device::kGpu) {
-      TFA_OP_REQUIRES_OK(ctx, attention_fwd_gpu(p, gpu_context(ctx)));
-    } else {
-      TFA_OP_REQUIRES_OK(ctx, attention_fwd_cpu(p, cpu_context(ctx)));
-    }
+    TFA_OP_REQUIRES_OK(ctx, core::attention_fwd(p, exec_context<Device>(ctx)));
   }
 
  private:
@@ -273,19 +269,12 @@ class AttentionGradOp : public OpKernel {
     p.scale = attrs_.resolved_scale(s.head_dim);
     p.is_causal = attrs_.is_causal;
     p.dropout_rate = attrs_.dropout_rate;
+    const core::ExecContext exec = exec_context<Device>(ctx);
     Tensor workspace;
-    if constexpr (Device::kGpu) {
-      const int64_t ws_bytes = attention_bwd_workspace_bytes_gpu(s, p.dtype);
-      OP_REQUIRES_OK(ctx, ctx->allocate_temp(tfw::DT_INT8, TensorShape({ws_bytes}), &workspace));
-      p.workspace = mutable_ptr(&workspace);
-      TFA_OP_REQUIRES_OK(ctx, attention_bwd_gpu(p, gpu_context(ctx)));
-    } else {
-      const CpuContext cpu = cpu_context(ctx);
-      const int64_t ws_bytes = attention_bwd_workspace_bytes(s, p.dtype, cpu.num_threads);
-      OP_REQUIRES_OK(ctx, ctx->allocate_temp(tfw::DT_INT8, TensorShape({ws_bytes}), &workspace));
-      p.workspace = mutable_ptr(&workspace);
-      TFA_OP_REQUIRES_OK(ctx, attention_bwd_cpu(p, cpu));
-    }
+    const int64_t ws_bytes = core::attention_bwd_workspace_bytes(s, p.dtype, exec);
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tfw::DT_INT8, TensorShape({ws_bytes}), &workspace));
+    p.workspace = mutable_ptr(&workspace);
+    TFA_OP_REQUIRES_OK(ctx, core::attention_bwd(p, exec));
   }
 
  private:

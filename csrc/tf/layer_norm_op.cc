@@ -167,11 +167,7 @@ class LayerNormOp : public OpKernel {
     p.mean = mutable_ptr(mean);
     p.rstd = mutable_ptr(rstd);
     p.epsilon = epsilon_;
-    if constexpr (Device::kGpu) {
-      TFA_OP_REQUIRES_OK(ctx, layer_norm_fwd_gpu(p, gpu_context(ctx)));
-    } else {
-      TFA_OP_REQUIRES_OK(ctx, layer_norm_fwd_cpu(p, cpu_context(ctx)));
-    }
+    TFA_OP_REQUIRES_OK(ctx, core::layer_norm_fwd(p, exec_context<Device>(ctx)));
   }
 
  private:
@@ -233,16 +229,12 @@ class LayerNormGradOp : public OpKernel {
     p.dx = mutable_ptr(dx);
     p.dgamma = scale_ ? mutable_ptr(dgamma) : nullptr;
     p.dbeta = center_ ? mutable_ptr(dbeta) : nullptr;
+    const core::ExecContext exec = exec_context<Device>(ctx);
     Tensor workspace;
-    const int64_t ws_bytes = Device::kGpu ? layer_norm_bwd_workspace_bytes_gpu(rows, cols, p.dtype)
-                                          : layer_norm_bwd_workspace_bytes(rows, cols, p.dtype);
+    const int64_t ws_bytes = core::layer_norm_bwd_workspace_bytes(rows, cols, p.dtype, exec);
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(tfw::DT_INT8, TensorShape({ws_bytes}), &workspace));
     p.workspace = mutable_ptr(&workspace);
-    if constexpr (Device::kGpu) {
-      TFA_OP_REQUIRES_OK(ctx, layer_norm_bwd_gpu(p, gpu_context(ctx)));
-    } else {
-      TFA_OP_REQUIRES_OK(ctx, layer_norm_bwd_cpu(p, cpu_context(ctx)));
-    }
+    TFA_OP_REQUIRES_OK(ctx, core::layer_norm_bwd(p, exec));
   }
 
  private:

@@ -12,6 +12,7 @@
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/platform/threadpool.h"
+#include "core/dispatch.h"
 #include "tf_fastattn/common.h"
 #include "tf_fastattn/gpu.h"
 #include "xla/stream_executor/stream.h"
@@ -71,6 +72,11 @@ inline CpuContext cpu_context(tfw::OpKernelContext* ctx) {
   return c;
 }
 
+// The core's execution context for an op kernel on Device (CpuDevice or
+// GpuDevice below).
+template <class Device>
+core::ExecContext exec_context(tfw::OpKernelContext* ctx);
+
 // The CUDA stream TensorFlow runs this op on (an opaque handle: no CUDA
 // headers are needed to get it).
 inline GpuContext gpu_context(tfw::OpKernelContext* ctx) {
@@ -87,6 +93,22 @@ struct CpuDevice {
 struct GpuDevice {
   static constexpr bool kGpu = true;
 };
+
+template <>
+inline core::ExecContext exec_context<CpuDevice>(tfw::OpKernelContext* ctx) {
+  core::ExecContext e;
+  e.backend = core::Backend::kCpu;
+  e.cpu = cpu_context(ctx);
+  return e;
+}
+
+template <>
+inline core::ExecContext exec_context<GpuDevice>(tfw::OpKernelContext* ctx) {
+  core::ExecContext e;
+  e.backend = core::Backend::kGpu;
+  e.gpu = gpu_context(ctx);
+  return e;
+}
 
 inline absl::Status to_tf_status(const Status& s) {
   switch (s.code()) {

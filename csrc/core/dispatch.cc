@@ -1,0 +1,33 @@
+#include "core/dispatch.h"
+
+namespace tf_fastattn {
+namespace core {
+
+Status attention_fwd(const AttentionFwdParams& p, const ExecContext& ctx) {
+  return ctx.backend == Backend::kGpu ? attention_fwd_gpu(p, ctx.gpu) : attention_fwd_cpu(p, ctx.cpu);
+}
+
+Status attention_bwd(const AttentionBwdParams& p, const ExecContext& ctx) {
+  return ctx.backend == Backend::kGpu ? attention_bwd_gpu(p, ctx.gpu) : attention_bwd_cpu(p, ctx.cpu);
+}
+
+int64_t attention_bwd_workspace_bytes(const AttentionShape& shape, DType dtype, const ExecContext& ctx) {
+  return ctx.backend == Backend::kGpu ? attention_bwd_workspace_bytes_gpu(shape, dtype)
+                                      : tf_fastattn::attention_bwd_workspace_bytes(shape, dtype, ctx.cpu.num_threads);
+}
+
+Status layer_norm_fwd(const LayerNormFwdParams& p, const ExecContext& ctx) {
+  return ctx.backend == Backend::kGpu ? layer_norm_fwd_gpu(p, ctx.gpu) : layer_norm_fwd_cpu(p, ctx.cpu);
+}
+
+Status layer_norm_bwd(const LayerNormBwdParams& p, const ExecContext& ctx) {
+  return ctx.backend == Backend::kGpu ? layer_norm_bwd_gpu(p, ctx.gpu) : layer_norm_bwd_cpu(p, ctx.cpu);
+}
+
+int64_t layer_norm_bwd_workspace_bytes(int64_t rows, int64_t cols, DType dtype, const ExecContext& ctx) {
+  return ctx.backend == Backend::kGpu ? layer_norm_bwd_workspace_bytes_gpu(rows, cols, dtype)
+                                      : tf_fastattn::layer_norm_bwd_workspace_bytes(rows, cols, dtype);
+}
+
+}  // namespace core
+}  // namespace tf_fastattn
