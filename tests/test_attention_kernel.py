@@ -12,6 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+import criterion
 from tf_fastattn import _C
 
 NP_DTYPES = {
@@ -20,7 +21,6 @@ NP_DTYPES = {
     "float32": np.float32,
     "float64": np.float64,
 }
-ATOL_FLOOR = {"float16": 1e-3, "bfloat16": 8e-3, "float32": 1e-6, "float64": 1e-12}
 
 
 # ---------------------------------------------------------------------------
@@ -115,17 +115,8 @@ def np_attention_bwd(q, k, v, d_out, mask=None, scale=None, is_causal=False, kee
 
 
 def check_close(fused, naive, ref, dtype_name, name):
-    """The accuracy criterion (README): max|fused - ref| <= 2 max|naive - ref| + floor."""
-    fused, naive, ref = (np.asarray(x, np.float64) for x in (fused, naive, ref))
-    assert fused.shape == ref.shape, f"{name}: shape {fused.shape} != {ref.shape}"
-    assert np.isfinite(fused).all(), f"{name}: non-finite values"
-    err = np.abs(fused - ref).max(initial=0)
-    naive_err = np.abs(naive - ref).max(initial=0)
-    bound = 2 * naive_err + ATOL_FLOOR[dtype_name]
-    assert err <= bound, (
-        f"{name}: max error {err:.3g} (mean {np.abs(fused - ref).mean() if fused.size else 0:.3g}) "
-        f"exceeds 2 x naive {naive_err:.3g} + floor {ATOL_FLOOR[dtype_name]:.1g}"
-    )
+    """The accuracy criterion (criterion.py)."""
+    criterion.check_close(fused, naive, ref, dtype_name, name)
 
 
 def naive_same_dtype(q, k, v, d_out, dtype, **kw):

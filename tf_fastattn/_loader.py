@@ -124,18 +124,26 @@ def check_implementation(implementation: str) -> None:
 
 
 def use_fused(op_name: str, implementation: str, unsupported: str | None = None) -> bool:
-    """Decides between the fused op and the reference math.
+    """Decides between the fused op and the reference math: the one policy of
+    every function and layer.
 
     `unsupported` is why this particular call cannot use the fused op (an
-    unsupported axis, say), or None. "reference" never uses the op; "fused"
-    raises ValueError with the reason when it cannot; "auto" falls back to the
-    reference and warns once per reason. Inside an XLA context the reference
-    math is emitted silently: XLA has no kernels for custom ops.
+    axis other than the last, return_attention_scores=True, ...), or None.
+    "reference" never uses the op. "fused" raises ValueError with the reason
+    when it cannot run. "auto" falls back: silently for `unsupported` (the
+    stock math serves that configuration, as it would without tf_fastattn),
+    with a warning once per reason when the op library cannot run here.
+    Inside an XLA context the reference math is emitted silently: XLA has no
+    kernels for custom ops.
     """
     check_implementation(implementation)
     if implementation == "reference":
         return False
-    reason = unavailable_reason() or unsupported
+    if unsupported is not None:
+        if implementation == "fused":
+            raise ValueError(f"{op_name}: implementation='fused' is not possible: {unsupported}")
+        return False
+    reason = unavailable_reason()
     if reason is None and in_xla_context():
         if implementation == "fused":
             raise ValueError(f"{op_name}: implementation='fused' cannot run inside XLA (jit_compile)")

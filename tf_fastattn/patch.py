@@ -7,8 +7,6 @@ import functools
 import inspect
 import threading
 
-import keras
-
 from tf_fastattn import _loader
 
 _lock = threading.Lock()

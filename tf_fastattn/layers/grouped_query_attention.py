@@ -40,9 +40,7 @@ class FusedGroupedQueryAttentionMixin(FusedLayerMixin):
             if return_attention_scores
             else None
         )
-        if unsupported is not None and self.implementation == "fused":
-            raise ValueError(f"GroupedQueryAttention: implementation='fused' is not possible: {unsupported}")
-        if unsupported is not None or not _loader.use_fused("GroupedQueryAttention", self.implementation):
+        if not _loader.use_fused("GroupedQueryAttention", self.implementation, unsupported=unsupported):
             return super().call(query, value, key=key, **kwargs)
 
         self._return_attention_scores = False

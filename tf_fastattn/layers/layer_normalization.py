@@ -5,8 +5,9 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from tf_fastattn.layers._fused_layer import FusedLayerMixin, SerializedImplementation
+from tf_fastattn import _loader
 from tf_fastattn.layer_norm import layer_norm
+from tf_fastattn.layers._fused_layer import FusedLayerMixin, SerializedImplementation
 
 
 class FusedLayerNormalizationMixin(FusedLayerMixin):
@@ -39,7 +40,7 @@ class FusedLayerNormalizationMixin(FusedLayerMixin):
             residual = tf.cast(residual, x.dtype)
         rank = x.shape.rank
         unsupported = self._fused_axis_reason(rank)
-        if unsupported is None and self.implementation != "reference":
+        if _loader.use_fused("LayerNormalization", self.implementation, unsupported=unsupported):
             y, s = layer_norm(
                 x,
                 self.gamma,
@@ -49,11 +50,9 @@ class FusedLayerNormalizationMixin(FusedLayerMixin):
                 center=self.center,
                 scale=self.scale,
                 return_residual=True,
-                implementation=self.implementation,
+                implementation="fused",
             )
-        else:
-            if unsupported is not None and self.implementation == "fused":
-                raise ValueError(f"LayerNormalization: implementation='fused' is not possible: {unsupported}")
+        else:  # Keras' own math on the sum
             s = x if residual is None else x + residual
             y = super().call(s)
         y = tf.cast(y, self.compute_dtype)

@@ -81,9 +81,7 @@ class FusedMultiHeadAttentionMixin(FusedLayerMixin):
         else:
             mask, is_causal = attention_mask, use_causal_mask
         unsupported = self._unfused_reason(query, return_attention_scores)
-        if unsupported is not None and self.implementation == "fused":
-            raise ValueError(f"MultiHeadAttention: implementation='fused' is not possible: {unsupported}")
-        if unsupported is None and _loader.use_fused("MultiHeadAttention", self.implementation):
+        if _loader.use_fused("MultiHeadAttention", self.implementation, unsupported=unsupported):
             return self._fused_attention(query, key, value, mask, is_causal, training), None
         return super()._compute_attention(
             query,
