@@ -173,17 +173,18 @@ def dot_product_attention(
         if static is None or static.size != 1:
             raise ValueError(f"dot_product_attention: scale must be a number or a constant scalar, got {scale!r}")
         scale = float(static)
-    _validate(query, key, value, None, scale, dropout_rate)
+    if mask is not None:
+        mask = tf.convert_to_tensor(mask)
+        if mask.dtype != tf.bool:
+            mask = tf.not_equal(mask, tf.zeros([], mask.dtype))
+    # The static checks, once (the op repeats the shape checks at run time,
+    # with the same messages as every front end: csrc/core/attention_checks.cc).
+    _validate(query, key, value, mask, scale, dropout_rate)
     if not (query.dtype == key.dtype == value.dtype):
         import keras
 
         common = keras.backend.result_type(query.dtype.name, key.dtype.name, value.dtype.name)
         query, key, value = (tf.cast(t, common) for t in (query, key, value))
-    if mask is not None:
-        mask = tf.convert_to_tensor(mask)
-        if mask.dtype != tf.bool:
-            mask = tf.not_equal(mask, tf.zeros([], mask.dtype))
-    _validate(query, key, value, mask, scale, dropout_rate)
     dropout_rate = float(dropout_rate)
 
     if _loader.use_fused("dot_product_attention", implementation):

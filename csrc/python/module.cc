@@ -1,5 +1,6 @@
 // tf_fastattn._C: the kernel core on NumPy arrays, without TensorFlow.
 #include <algorithm>
+#include <atomic>
 #include <map>
 #include <string>
 #include <sstream>
@@ -87,6 +88,10 @@ CpuContext thread_context(int num_threads) {
   if (num_threads <= 0) num_threads = std::max(1u, std::thread::hardware_concurrency());
   CpuContext ctx;
   ctx.num_threads = num_threads;
+  // Dynamic scheduling: the workers claim runs of about total / (4 workers)
+  // units from a shared counter, so a worker on a busy core takes fewer of
+  // them instead of holding everyone up (the kernels' results do not depend
+  // on the split).
   ctx.parallel_for = [num_threads](int64_t total, int64_t, const std::function<void(int64_t, int64_t)>& fn) {
     if (total <= 0) return;
     const int64_t workers = std::min<int64_t>(num_threads, total);
@@ -94,12 +99,15 @@ CpuContext thread_context(int num_threads) {
       fn(0, total);
       return;
     }
+    const int64_t grain = std::max<int64_t>(1, total / (4 * workers));
+    std::atomic<int64_t> next{0};
+    const auto work = [&] {
+      for (int64_t begin; (begin = next.fetch_add(grain)) < total;) fn(begin, std::min(total, begin + grain));
+    };
     std::vector<std::thread> threads;
     threads.reserve(workers - 1);
-    for (int64_t w = 1; w < workers; ++w) {
-      threads.emplace_back([=, &fn] { fn(total * w / workers, total * (w + 1) / workers); });
-    }
-    fn(0, total / workers);
+    for (int64_t w = 1; w < workers; ++w) threads.emplace_back(work);
+    work();
     for (auto& t : threads) t.join();
   };
   return ctx;
