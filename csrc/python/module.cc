@@ -136,18 +136,18 @@ void check(const Status& s) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "tf_fastattn kernel core on NumPy arrays (no TensorFlow)";
   m.def("cpu_features", [] {
+    // The kernels' own detection (cpu::cpu_features).
+    const tf_fastattn::cpu::CpuFeatures& c = tf_fastattn::cpu::cpu_features();
     std::vector<std::string> f;
-#if defined(__x86_64__) && defined(__GNUC__)
-    if (__builtin_cpu_supports("avx2")) f.push_back("avx2");
-    if (__builtin_cpu_supports("fma")) f.push_back("fma");
-    if (__builtin_cpu_supports("avx512f")) f.push_back("avx512f");
-    if (__builtin_cpu_supports("avx512bf16")) f.push_back("avx512bf16");
+    if (c.avx2) f.push_back("avx2");
+    if (c.fma) f.push_back("fma");
+    if (c.avx512) f.push_back("avx512f");
+    if (c.avx512bf16) f.push_back("avx512bf16");
     // The attention's bfloat16 products on AMX tiles (granted by the OS,
     // not turned off by TF_FASTATTN_CPU_AMX=0).
     if (tf_fastattn::cpu::amx_enabled()) f.push_back("amx-bf16");
-#endif
     return f;
-  }, "CPU features the kernels can dispatch on, as detected on this machine.");
+  }, "CPU features the kernels dispatch on, from the kernels' own detection.");
   m.def("cpu_attention_paths", [] {
     namespace cpu = tf_fastattn::cpu;
     const std::string tier = cpu::cpu_tier_name(cpu::cpu_tier());

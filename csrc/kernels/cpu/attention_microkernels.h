@@ -724,16 +724,33 @@ inline CpuTier cpu_tier_cap(const char* env) {
   return CpuTier::kAvx512;
 }
 
+// What this CPU offers the kernels: the one detection behind every dispatch
+// decision and behind build_info()'s cpu_features.
+struct CpuFeatures {
+  bool avx2 = false, fma = false;
+  bool avx512 = false;  // F, DQ, BW and VL
+  bool avx512bf16 = false;
+};
+
+inline const CpuFeatures& cpu_features() {
+  static const CpuFeatures f = [] {
+    CpuFeatures c;
+#if TFA_HAVE_X86_DISPATCH
+    c.avx2 = __builtin_cpu_supports("avx2");
+    c.fma = __builtin_cpu_supports("fma");
+    c.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    c.avx512bf16 = c.avx512 && __builtin_cpu_supports("avx512bf16");
+#endif
+    return c;
+  }();
+  return f;
+}
+
 inline CpuTier cpu_tier() {
   static const CpuTier tier = [] {
-    CpuTier best = CpuTier::kPortable;
-#if TFA_HAVE_X86_DISPATCH
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
-      best = CpuTier::kAvx512;
-    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      best = CpuTier::kAvx2;
-#endif
+    const CpuFeatures& f = cpu_features();
+    const CpuTier best = f.avx512 && f.fma ? CpuTier::kAvx512 : f.avx2 && f.fma ? CpuTier::kAvx2 : CpuTier::kPortable;
     return std::min(best, cpu_tier_cap(std::getenv("TF_FASTATTN_CPU_ISA")));
   }();
   return tier;
@@ -761,7 +778,7 @@ inline bool amx_enabled() {
   static const bool on = [] {
     const char* env = std::getenv("TF_FASTATTN_CPU_AMX");
     if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-    return cpu_tier() == CpuTier::kAvx512 && __builtin_cpu_supports("avx512bf16") && amx_bf16_usable();
+    return cpu_tier() == CpuTier::kAvx512 && cpu_features().avx512bf16 && amx_bf16_usable();
   }();
   return on;
 #else
@@ -775,7 +792,7 @@ inline const Bf16Kernels* bf16_kernels() {
 #if TFA_HAVE_X86_DISPATCH
   static const Bf16Kernels avx512 = {gemm_bf16_avx512, to_bf16_avx512};
   static const Bf16Kernels amx = {gemm_bf16_amx, to_bf16_avx512};
-  static const bool ok = cpu_tier() == CpuTier::kAvx512 && __builtin_cpu_supports("avx512bf16");
+  static const bool ok = cpu_tier() == CpuTier::kAvx512 && cpu_features().avx512bf16;
   if (ok) return amx_enabled() ? &amx : &avx512;
 #endif
   return nullptr;
