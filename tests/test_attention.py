@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tfa_helpers import DTYPES, assert_close_to_reference, random_tensor, requires_ops
-from test_attention_kernel import np_attention_bwd, np_attention_fwd, philox_keep_mask
+from numpy_reference import np_attention_bwd, np_attention_fwd, philox_keep_mask
 
 import tf_fastattn
 from tf_fastattn import _loader, reference

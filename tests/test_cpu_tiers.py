@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from tf_fastattn import _C
-from test_attention_kernel import (NP_DTYPES, check_close, make_inputs, naive_same_dtype, np_attention_bwd,
-                                   np_attention_fwd, philox_keep_mask)
+from numpy_reference import naive_same_dtype, np_attention_bwd, np_attention_fwd, philox_keep_mask
+from test_attention_kernel import NP_DTYPES, check_close, make_inputs
 
 FEATURES = set(_C.cpu_features())
 TIERS = {
