@@ -118,10 +118,10 @@ def test_large_row():
     "call,match",
     [
         (lambda: _C.layer_norm_fwd(np.zeros((2, 3), np.int32)), "x must be float16, bfloat16, float32 or float64, got int32"),
-        (lambda: _C.layer_norm_fwd(np.zeros((2, 3), np.float32), np.ones(4, np.float32)), r"gamma must have shape \[3\], got \[4\]"),
+        (lambda: _C.layer_norm_fwd(np.zeros((2, 3), np.float32), np.ones(4, np.float32)), r"gamma must have shape \[3\] \(the last axis of x\), got \[4\]"),
         (lambda: _C.layer_norm_fwd(np.zeros((2, 3), np.float32), residual=np.zeros((2, 4), np.float32)), r"residual must have the shape of x \[2, 3\], got \[2, 4\]"),
         (lambda: _C.layer_norm_fwd(np.zeros((2, 3), np.float32), epsilon=0.0), "epsilon must be a finite number > 0"),
-        (lambda: _C.layer_norm_fwd(np.zeros((2, 0), np.float32)), "normalized axis must have size >= 1"),
+        (lambda: _C.layer_norm_fwd(np.zeros((2, 0), np.float32)), r"the last axis of x must be non-empty, got shape \[2, 0\]"),
         (lambda: _C.layer_norm_fwd(np.zeros((4, 3), np.float32)[::2]), "x must be C-contiguous"),
         (lambda: _C.layer_norm_fwd(np.zeros((), np.float32)), r"x must have rank >= 1"),
     ],
@@ -143,3 +143,24 @@ def test_error_kinds_map_to_python_exceptions():
     with pytest.raises(RuntimeError, match=r"libcuda\.so\.1"):
         _C.layer_norm_fwd_gpu(x=1, residual=0, gamma=0, beta=0, y=2, sum=0, mean=3, rstd=4, rows=1, cols=8,
                               dtype="float32", param_dtype="float32", epsilon=1e-3)
+
+
+@pytest.mark.parametrize("case", ["rank0", "empty_axis", "gamma", "beta", "residual"])
+def test_op_and_C_give_the_same_message(case):
+    # One set of checks (csrc/core/layer_norm_checks.cc) behind both front ends.
+    import tensorflow as tf
+
+    from tf_fastattn import _loader
+
+    x = np.zeros({"rank0": (), "empty_axis": (2, 0)}.get(case, (2, 3)), np.float32)
+    cols = x.shape[-1] if x.ndim else 1
+    gamma = np.ones(4 if case == "gamma" else cols, np.float32)
+    beta = np.zeros(5 if case == "beta" else cols, np.float32)
+    residual = np.zeros((3, 3), np.float32) if case == "residual" else None
+    with pytest.raises(ValueError) as c_err:
+        _C.layer_norm_fwd(x, gamma, beta, residual=residual)
+    with pytest.raises(tf.errors.InvalidArgumentError) as tf_err:
+        _loader.ops().tf_fastattn_layer_norm(x=x, residual=[] if residual is None else [residual], gamma=gamma,
+                                             beta=beta)
+    assert str(c_err.value) in str(tf_err.value), (str(c_err.value), str(tf_err.value))
+

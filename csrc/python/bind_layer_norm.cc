@@ -1,5 +1,6 @@
 // _C.layer_norm_fwd / _C.layer_norm_bwd on NumPy arrays.
 #include "core/dispatch.h"
+#include "core/layer_norm_checks.h"
 #include "python/common.h"
 #include "tf_fastattn/layer_norm.h"
 
@@ -7,33 +8,28 @@ namespace tf_fastattn {
 namespace python {
 namespace {
 
+core::Dims dims_of(const py::array& a) {
+  return core::Dims::from(static_cast<int>(a.ndim()), [&](int i) { return a.shape(i); });
+}
+
 struct RowView {
   int64_t rows = 0, cols = 0;
 };
 
+// The core's checks (core/layer_norm_checks.h): the messages of every front end.
 RowView row_view(const py::array& x, const char* name) {
-  if (x.ndim() < 1) throw py::value_error(std::string(name) + " must have rank >= 1, got shape []");
   RowView v;
-  v.cols = x.shape(x.ndim() - 1);
-  v.rows = v.cols ? x.size() / v.cols : 0;
+  check(core::layer_norm_rows(dims_of(x), name, &v.rows, &v.cols));
   return v;
 }
 
 void require_same_shape(const py::array& a, const char* a_name, const py::array& b, const char* b_name) {
-  bool same = a.ndim() == b.ndim();
-  for (py::ssize_t i = 0; same && i < a.ndim(); ++i) same = a.shape(i) == b.shape(i);
-  if (!same) {
-    throw py::value_error(std::string(b_name) + " must have the shape of " + a_name + " " + shape_str(a) +
-                          ", got " + shape_str(b));
-  }
+  check(core::same_shape_as(dims_of(b), b_name, dims_of(a), a_name));
 }
 
 void require_param(const py::array& p, const char* name, int64_t cols, DType dtype, DType* param_dtype) {
+  check(core::layer_norm_param(dims_of(p), name, cols));
   require_contiguous(p, name);
-  if (p.ndim() != 1 || p.shape(0) != cols) {
-    throw py::value_error(std::string(name) + " must have shape [" + std::to_string(cols) + "], got " +
-                          shape_str(p));
-  }
   const DType t = dtype_of(p, name);
   if (*param_dtype != t && *param_dtype != dtype) {
     throw py::value_error("gamma and beta must have the same dtype");
@@ -103,10 +99,7 @@ py::tuple layer_norm_bwd(const py::array& dy, const py::array& sum, const py::ar
   const RowView v = row_view(dy, "dy");
   p.rows = v.rows;
   p.cols = v.cols;
-  if (mean.size() != p.rows || rstd.size() != p.rows) {
-    throw py::value_error("mean and rstd must have " + std::to_string(p.rows) + " elements, got " +
-                          std::to_string(mean.size()) + " and " + std::to_string(rstd.size()));
-  }
+  check(core::layer_norm_stats(dims_of(mean), dims_of(rstd), p.rows));
   if (dtype_of(mean, "mean") != stats_dtype(p.dtype) || dtype_of(rstd, "rstd") != stats_dtype(p.dtype)) {
     throw py::value_error(std::string("mean and rstd must be ") + dtype_name(stats_dtype(p.dtype)));
   }

@@ -4,6 +4,7 @@
 // allocator and the launch is asynchronous on the op's stream.
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
+#include "core/layer_norm_checks.h"
 #include "tf/tf_common.h"
 #include "tf_fastattn/layer_norm.h"
 
@@ -100,15 +101,14 @@ REGISTER_OP("TfFastattn>LayerNormGrad")
     })
     .Doc("Gradient of TfFastattn>LayerNorm: dx (also the residual's gradient, including dsum), dgamma, dbeta.");
 
-std::string shape_string(const Tensor& t) { return t.shape().DebugString(); }
+core::Dims dims_of(const Tensor& t) {
+  return core::Dims::from(t.dims(), [&](int i) { return t.dim_size(i); });
+}
 
-// gamma/beta must be [C] when used; their dtype is float32 or T.
+// gamma/beta must be [C] when used (core/layer_norm_checks.h); their dtype is float32 or T.
 absl::Status check_param(const Tensor& p, const char* name, bool used, int64_t cols) {
   if (!used) return absl::OkStatus();
-  if (p.dims() != 1 || p.dim_size(0) != cols) {
-    return invalid_argument(name, " must have shape [", cols, "] (the last axis of x), got ", shape_string(p));
-  }
-  return absl::OkStatus();
+  return to_tf_status(core::layer_norm_param(dims_of(p), name, cols));
 }
 
 template <class Device>
@@ -125,16 +125,13 @@ class LayerNormOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
-    OP_REQUIRES(ctx, x.dims() >= 1, invalid_argument("x must have rank >= 1, got shape ", shape_string(x)));
-    const int64_t cols = x.dim_size(x.dims() - 1);
-    OP_REQUIRES(ctx, cols >= 1, invalid_argument("the last axis of x must be non-empty, got shape ", shape_string(x)));
+    int64_t rows = 0, cols = 0;
+    TFA_OP_REQUIRES_OK(ctx, core::layer_norm_rows(dims_of(x), "x", &rows, &cols));
     const Tensor* residual = num_residual_ ? &ctx->input(1) : nullptr;
     const Tensor& gamma = ctx->input(1 + num_residual_);
     const Tensor& beta = ctx->input(2 + num_residual_);
     if (residual) {
-      OP_REQUIRES(ctx, residual->shape() == x.shape(),
-                  invalid_argument("residual must have the shape of x ", shape_string(x), ", got ",
-                                  shape_string(*residual)));
+      TFA_OP_REQUIRES_OK(ctx, core::same_shape_as(dims_of(*residual), "residual", dims_of(x), "x"));
     }
     OP_REQUIRES_OK(ctx, check_param(gamma, "gamma", scale_, cols));
     OP_REQUIRES_OK(ctx, check_param(beta, "beta", center_, cols));
@@ -156,7 +153,7 @@ class LayerNormOp : public OpKernel {
     LayerNormFwdParams p;
     p.dtype = to_dtype(x.dtype());
     p.param_dtype = to_dtype(gamma.dtype());
-    p.rows = x.NumElements() / cols;
+    p.rows = rows;
     p.cols = cols;
     p.x = ptr(x);
     p.residual = residual ? ptr(*residual) : nullptr;
@@ -193,20 +190,11 @@ class LayerNormGradOp : public OpKernel {
     const Tensor& rstd = ctx->input(3);
     const Tensor& gamma = ctx->input(4);
     const Tensor* dsum = num_dsum_ ? &ctx->input(5) : nullptr;
-    OP_REQUIRES(ctx, dy.dims() >= 1, invalid_argument("dy must have rank >= 1, got shape ", shape_string(dy)));
-    OP_REQUIRES(ctx, sum.shape() == dy.shape(),
-                invalid_argument("sum must have the shape of dy ", shape_string(dy), ", got ", shape_string(sum)));
-    if (dsum) {
-      OP_REQUIRES(ctx, dsum->shape() == dy.shape(),
-                  invalid_argument("dsum must have the shape of dy ", shape_string(dy), ", got ",
-                                  shape_string(*dsum)));
-    }
-    const int64_t cols = dy.dim_size(dy.dims() - 1);
-    OP_REQUIRES(ctx, cols >= 1, invalid_argument("the last axis of dy must be non-empty"));
-    const int64_t rows = dy.NumElements() / cols;
-    OP_REQUIRES(ctx, mean.NumElements() == rows && rstd.NumElements() == rows,
-                invalid_argument("mean and rstd must have ", rows, " elements, got ", mean.NumElements(), " and ",
-                                rstd.NumElements()));
+    int64_t rows = 0, cols = 0;
+    TFA_OP_REQUIRES_OK(ctx, core::layer_norm_rows(dims_of(dy), "dy", &rows, &cols));
+    TFA_OP_REQUIRES_OK(ctx, core::same_shape_as(dims_of(sum), "sum", dims_of(dy), "dy"));
+    if (dsum) TFA_OP_REQUIRES_OK(ctx, core::same_shape_as(dims_of(*dsum), "dsum", dims_of(dy), "dy"));
+    TFA_OP_REQUIRES_OK(ctx, core::layer_norm_stats(dims_of(mean), dims_of(rstd), rows));
     OP_REQUIRES_OK(ctx, check_stats_dtype("statistics", dy.dtype(), mean.dtype()));
     OP_REQUIRES_OK(ctx, check_param(gamma, "gamma", scale_, cols));
 
