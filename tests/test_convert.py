@@ -85,6 +85,25 @@ def decoder(num_blocks=2):
     return keras.Model(tokens, keras.layers.Dense(VOCAB)(h))
 
 
+def test_attention_over_other_axes_is_reported_not_converted():
+    # The layer's own rule (attention over the sequence axis only) decides
+    # for convert_model too; the stock layers left in place still compute.
+    x3, x4 = keras.Input((5, 8)), keras.Input((3, 4, 8))
+    seq = keras.layers.MultiHeadAttention(2, 8, name="seq")(x3, x3)
+    img = keras.layers.MultiHeadAttention(2, 8, name="img")(x4, x4)  # default axes of a rank-4 input: (1, 2)
+    axis2 = keras.layers.MultiHeadAttention(2, 8, attention_axes=(2,), name="axis2")(x4, x4)
+    model = keras.Model([x3, x4], [seq, img, axis2])
+    converted, report = tf_fastattn.convert_model(model, return_report=True)
+    assert [kind for _, kind in report.replaced] == ["MultiHeadAttention"]
+    assert dict(report.skipped) == {
+        "img": "attention_axes=(1, 2) (only attention over the sequence axis is fused)",
+        "axis2": "attention_axes=(2,) (only attention over the sequence axis is fused)",
+    }
+    inputs = [np.random.default_rng(0).standard_normal((2,) + s).astype("float32") for s in ((5, 8), (3, 4, 8))]
+    for a, b in zip(converted.predict(inputs, verbose=0), model.predict(inputs, verbose=0)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_causal_decoder_with_gqa_and_pre_norm():
     keras.utils.set_random_seed(1)
     model = decoder()

@@ -64,6 +64,17 @@ def _layer_norm_reason(layer):
     return FusedLayerNormalizationMixin._fused_axis_reason(layer, rank)
 
 
+def _attention_axes_reason(layer):
+    """Why a MultiHeadAttention would never run fused, or None: the layer's own
+    rule (`_fused_axes_reason`), with the query's rank from its build (a rank-3
+    input, projected to rank 4, when it is not built yet)."""
+    from tf_fastattn.layers.multi_head_attention import FusedMultiHeadAttentionMixin
+
+    query_shape = (getattr(layer, "_build_shapes_dict", None) or {}).get("query_shape")
+    projected_rank = len(query_shape) + 1 if query_shape is not None else 4
+    return FusedMultiHeadAttentionMixin._fused_axes_reason(layer, projected_rank)
+
+
 def _why_not_fused(layer):
     """Why an attention or layer-norm instance stays as it is, or None."""
     from tf_fastattn.layers import _switch
@@ -71,6 +82,8 @@ def _why_not_fused(layer):
     reason = _switch.unfused_reason(type(layer))
     if reason is None and isinstance(layer, keras.layers.LayerNormalization):
         reason = _layer_norm_reason(layer)
+    if reason is None and isinstance(layer, keras.layers.MultiHeadAttention):
+        reason = _attention_axes_reason(layer)
     return reason
 
 
@@ -243,8 +256,9 @@ def convert_model(
 
     Left as they are, each listed in the report with the reason: subclasses
     that override the methods the fused path replaces, layer norms with
-    `rms_scaling` or over other axes, `Attention` and `AdditiveAttention`,
-    residual adds that cannot be fused.
+    `rms_scaling` or over other axes, multi-head attention over axes other
+    than the sequence (the layers' own rules decide), `Attention` and
+    `AdditiveAttention`, residual adds that cannot be fused.
 
     Args:
       model: a Keras model or layer.

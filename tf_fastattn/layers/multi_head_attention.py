@@ -59,12 +59,20 @@ class FusedMultiHeadAttentionMixin(FusedLayerMixin):
         )
         return _AttentionMask(mask, bool(use_causal_mask))
 
+    def _fused_axes_reason(self, projected_rank=4):
+        """The configuration rule, shared with convert_model: only attention
+        over the sequence axis of [B, T, N, H] projections is fused."""
+        axes = self._attention_axes
+        if axes is None:  # Keras' default: every axis between batch and heads
+            axes = tuple(range(1, projected_rank - 2))
+        if projected_rank != 4 or tuple(a % projected_rank for a in axes) != (1,):
+            return f"attention_axes={self._attention_axes} (only attention over the sequence axis is fused)"
+        return None
+
     def _unfused_reason(self, query, return_attention_scores):
         if return_attention_scores:
             return "return_attention_scores=True needs the attention scores, which the fused op never forms"
-        if len(query.shape) != 4 or tuple(self._attention_axes) != (1,):
-            return f"attention_axes={self._attention_axes} (only attention over the sequence axis is fused)"
-        return None
+        return self._fused_axes_reason(len(query.shape))
 
     def _compute_attention(
         self,
