@@ -18,8 +18,9 @@ DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def flops(C, B, N, T, S, H, causal, direction):
-    fwd = C.attention_flops(B, N, T, S, H, causal, False)  # FlashAttention's count (attention.h)
-    return fwd * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[direction]
+    # FlashAttention's count (attention.h); the backward is the difference.
+    fwd, both = (C.attention_flops(B, N, T, S, H, causal, backward) for backward in (False, True))
+    return {"fwd": fwd, "bwd": both - fwd, "fwd+bwd": both}[direction]
 
 
 def ours(C, q, k, v, causal, family):

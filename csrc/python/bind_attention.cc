@@ -10,10 +10,6 @@ namespace tf_fastattn {
 namespace python {
 namespace {
 
-core::Dims dims_of(const py::array& a) {
-  return core::Dims::from(static_cast<int>(a.ndim()), [&](int i) { return a.shape(i); });
-}
-
 // The core's checks (core/attention_checks.h): the messages of every front end.
 AttentionShape shape_of(const py::array& q, const py::array& k, const py::array& v) {
   AttentionShape s;

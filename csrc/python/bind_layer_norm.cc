@@ -8,10 +8,6 @@ namespace tf_fastattn {
 namespace python {
 namespace {
 
-core::Dims dims_of(const py::array& a) {
-  return core::Dims::from(static_cast<int>(a.ndim()), [&](int i) { return a.shape(i); });
-}
-
 struct RowView {
   int64_t rows = 0, cols = 0;
 };

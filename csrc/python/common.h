@@ -2,14 +2,15 @@
 #pragma once
 
 #include <pybind11/numpy.h>
-#include <pybind11/stl.h>
-
-#include "core/dispatch.h"
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <optional>
 #include <string>
 #include <vector>
+
+#include "core/attention_checks.h"
+#include "core/dispatch.h"
 
 #include "tf_fastattn/common.h"
 
@@ -43,6 +44,9 @@ class Outputs {
 };
 
 py::dtype dtype_object(DType t);
+
+// An array's shape for the core's argument checks (core/attention_checks.h).
+core::Dims dims_of(const py::array& a);
 
 // Requires a C-contiguous array; raises ValueError naming the argument.
 void require_contiguous(const py::array& a, const char* name);

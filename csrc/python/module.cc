@@ -34,6 +34,10 @@ py::dtype dtype_object(DType t) {
 
 py::array empty_of(DType t, const std::vector<py::ssize_t>& shape) { return py::array(dtype_object(t), shape); }
 
+core::Dims dims_of(const py::array& a) {
+  return core::Dims::from(static_cast<int>(a.ndim()), [&](int i) { return a.shape(i); });
+}
+
 Outputs::Outputs(const std::optional<py::tuple>& given, const char* function, std::vector<const char*> names)
     : given_(given), function_(function), names_(std::move(names)) {
   if (given_ && given_->size() != names_.size()) {
@@ -52,14 +56,9 @@ py::array Outputs::take(size_t i, const py::dtype& dtype, const std::vector<py::
   py::array a = obj.cast<py::array>();
   const std::string want = py::str(dtype.attr("name")), got = py::str(a.dtype().attr("name"));
   if (want != got) throw py::value_error(name + " must be " + want + ", got " + got);
-  bool same = a.ndim() == static_cast<py::ssize_t>(shape.size());
-  for (size_t d = 0; same && d < shape.size(); ++d) same = a.shape(d) == shape[d];
-  if (!same) {
-    std::ostringstream os;
-    os << "[";
-    for (size_t d = 0; d < shape.size(); ++d) os << (d ? ", " : "") << shape[d];
-    os << "]";
-    throw py::value_error(name + " must have shape " + os.str() + ", got " + shape_str(a));
+  const core::Dims want_shape = core::Dims::from(static_cast<int>(shape.size()), [&](int d) { return shape[d]; });
+  if (!(dims_of(a) == want_shape)) {
+    throw py::value_error(name + " must have shape " + core::dims_string(want_shape) + ", got " + shape_str(a));
   }
   require_contiguous(a, name.c_str());
   if (!a.writeable()) throw py::value_error(name + " must be writeable");

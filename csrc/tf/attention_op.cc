@@ -127,7 +127,6 @@ recomputed from lse (nothing T x S is stored); d_key and d_value of a kv head
 sum over the query heads of its group. Deterministic.
 )doc");
 
-
 // Attributes shared by the forward and the backward kernel.
 struct AttentionAttrs {
   int num_mask = 0;
@@ -159,10 +158,6 @@ struct AttentionAttrs {
     return scale;
   }
 };
-
-core::Dims dims_of(const Tensor& t) {
-  return core::Dims::from(t.dims(), [&](int i) { return t.dim_size(i); });
-}
 
 // q [B, T, N, H], k [B, S, Nkv, H], v [B, S, Nkv, Hv]: the core's checks
 // (core/attention_checks.h), the same messages as every front end.

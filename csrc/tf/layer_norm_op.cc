@@ -101,10 +101,6 @@ REGISTER_OP("TfFastattn>LayerNormGrad")
     })
     .Doc("Gradient of TfFastattn>LayerNorm: dx (also the residual's gradient, including dsum), dgamma, dbeta.");
 
-core::Dims dims_of(const Tensor& t) {
-  return core::Dims::from(t.dims(), [&](int i) { return t.dim_size(i); });
-}
-
 // gamma/beta must be [C] when used (core/layer_norm_checks.h); their dtype is float32 or T.
 absl::Status check_param(const Tensor& p, const char* name, bool used, int64_t cols) {
   if (!used) return absl::OkStatus();

@@ -12,6 +12,7 @@
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/platform/threadpool.h"
+#include "core/attention_checks.h"
 #include "core/dispatch.h"
 #include "tf_fastattn/common.h"
 #include "tf_fastattn/gpu.h"
@@ -72,11 +73,6 @@ inline CpuContext cpu_context(tfw::OpKernelContext* ctx) {
   return c;
 }
 
-// The core's execution context for an op kernel on Device (CpuDevice or
-// GpuDevice below).
-template <class Device>
-core::ExecContext exec_context(tfw::OpKernelContext* ctx);
-
 // The CUDA stream TensorFlow runs this op on (an opaque handle: no CUDA
 // headers are needed to get it).
 inline GpuContext gpu_context(tfw::OpKernelContext* ctx) {
@@ -94,20 +90,22 @@ struct GpuDevice {
   static constexpr bool kGpu = true;
 };
 
-template <>
-inline core::ExecContext exec_context<CpuDevice>(tfw::OpKernelContext* ctx) {
+// The core's execution context for an op kernel on Device.
+template <class Device>
+core::ExecContext exec_context(tfw::OpKernelContext* ctx) {
   core::ExecContext e;
-  e.backend = core::Backend::kCpu;
-  e.cpu = cpu_context(ctx);
+  if constexpr (Device::kGpu) {
+    e.backend = core::Backend::kGpu;
+    e.gpu = gpu_context(ctx);
+  } else {
+    e.cpu = cpu_context(ctx);
+  }
   return e;
 }
 
-template <>
-inline core::ExecContext exec_context<GpuDevice>(tfw::OpKernelContext* ctx) {
-  core::ExecContext e;
-  e.backend = core::Backend::kGpu;
-  e.gpu = gpu_context(ctx);
-  return e;
+// A tensor's shape for the core's argument checks (core/attention_checks.h).
+inline core::Dims dims_of(const tfw::Tensor& t) {
+  return core::Dims::from(t.dims(), [&](int i) { return t.dim_size(i); });
 }
 
 inline absl::Status to_tf_status(const Status& s) {
