@@ -24,7 +24,6 @@ DTYPES = {
 }
 
 
-
 def to64(t) -> np.ndarray:
     return np.asarray(tf.cast(t, tf.float64).numpy() if isinstance(t, tf.Tensor) else t, dtype=np.float64)
 

@@ -25,9 +25,7 @@ ARCHS = _C_module.GPU_ARCHS  # known_archs() of csrc/runtime/variants.cc
 
 
 def _C():
-    from tf_fastattn import _C
-
-    return _C
+    return _C_module
 
 
 def _point_at_pip_nvrtc() -> None:

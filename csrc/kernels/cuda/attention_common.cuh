@@ -15,10 +15,8 @@ __device__ __forceinline__ float* delta_of(const AttentionBwdParams& a) { return
 __device__ __forceinline__ bool allowed(const AttentionParams& a, int64_t b, int64_t n, int64_t t, int64_t s) {
   if (t >= a.shape.seqlen_q || s >= a.shape.seqlen_k) return false;
   if (a.is_causal && s > t) return false;
-  if (a.mask && !a.mask[b * a.mask_strides.batch + n * a.mask_strides.head + t * a.mask_strides.row + s * a.mask_strides.col]) {
-    return false;
-  }
-  return true;
+  const auto& m = a.mask_strides;
+  return !a.mask || a.mask[b * m.batch + n * m.head + t * m.row + s * m.col];
 }
 
 }  // namespace tfa

@@ -63,23 +63,24 @@ __device__ __forceinline__ void accumulate_pv(const float (&p)[kBN / 8][4], cons
 }
 
 __device__ void attention_fwd(const AttentionFwdParams& a) {
+  const tf_fastattn::AttentionShape& sh = a.shape;
   extern __shared__ __align__(16) uint16_t smem[];
   uint16_t* q_s = smem;                // [kBM][kLd]
   uint16_t* k_s = q_s + kBM * kLd;     // [kBN][kLd]
   uint16_t* vt_s = k_s + kBN * kLd;    // [kHp][kVld]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  const int64_t tiles = (a.shape.seqlen_q + kBM - 1) / kBM;
+  const int64_t tiles = (sh.seqlen_q + kBM - 1) / kBM;
   const int64_t tile = tiles - 1 - blockIdx.x % tiles;  // longest causal tiles first
   const int64_t bn = blockIdx.x / tiles;
-  const int64_t n = bn % a.shape.num_heads, b = bn / a.shape.num_heads, hk = n / (a.shape.num_heads / a.shape.num_heads_kv);
+  const int64_t n = bn % sh.num_heads, b = bn / sh.num_heads, hk = n / (sh.num_heads / sh.num_heads_kv);
   const int64_t t0 = tile * kBM;
-  const int64_t rows = a.shape.seqlen_q - t0 < kBM ? a.shape.seqlen_q - t0 : kBM;
-  load_tile<kBM, kHp, false>(q_s, kLd,
-                             static_cast<const uint16_t*>(a.q) + ((b * a.shape.seqlen_q + t0) * a.shape.num_heads + n) * a.shape.head_dim,
-                             a.shape.num_heads * a.shape.head_dim, rows, a.shape.head_dim);
-  const uint16_t* k = static_cast<const uint16_t*>(a.k) + (b * a.shape.seqlen_k * a.shape.num_heads_kv + hk) * a.shape.head_dim;
-  const uint16_t* v = static_cast<const uint16_t*>(a.v) + (b * a.shape.seqlen_k * a.shape.num_heads_kv + hk) * a.shape.head_dim_v;
-  const int64_t ld_k = a.shape.num_heads_kv * a.shape.head_dim, ld_v = a.shape.num_heads_kv * a.shape.head_dim_v;
+  const int64_t rows = sh.seqlen_q - t0 < kBM ? sh.seqlen_q - t0 : kBM;
+  const int64_t q_row0 = (b * sh.seqlen_q + t0) * sh.num_heads + n;
+  load_tile<kBM, kHp, false>(q_s, kLd, static_cast<const uint16_t*>(a.q) + q_row0 * sh.head_dim,
+                             sh.num_heads * sh.head_dim, rows, sh.head_dim);
+  const uint16_t* k = static_cast<const uint16_t*>(a.k) + (b * sh.seqlen_k * sh.num_heads_kv + hk) * sh.head_dim;
+  const uint16_t* v = static_cast<const uint16_t*>(a.v) + (b * sh.seqlen_k * sh.num_heads_kv + hk) * sh.head_dim_v;
+  const int64_t ld_k = sh.num_heads_kv * sh.head_dim, ld_v = sh.num_heads_kv * sh.head_dim_v;
 
   float o[kOT][4], m[2], l[2];
 #pragma unroll
@@ -89,18 +90,18 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
   const uint16_t* qw = q_s + warp * 16 * kLd;
   const int64_t row_t[2] = {t0 + warp * 16 + g, t0 + warp * 16 + g + 8};
 
-  const int64_t s_end = a.is_causal ? (t0 + rows < a.shape.seqlen_k ? t0 + rows : a.shape.seqlen_k) : a.shape.seqlen_k;
+  const int64_t s_end = a.is_causal ? (t0 + rows < sh.seqlen_k ? t0 + rows : sh.seqlen_k) : sh.seqlen_k;
   for (int64_t s0 = 0; s0 < s_end; s0 += kBN) {
     __syncthreads();  // the previous tile's K and Vt are consumed
-    load_tile<kBN, kHp, false>(k_s, kLd, k + s0 * ld_k, ld_k, a.shape.seqlen_k - s0, a.shape.head_dim);
-    load_tile<kBN, kHp, true>(vt_s, kVld, v + s0 * ld_v, ld_v, a.shape.seqlen_k - s0, a.shape.head_dim_v);
+    load_tile<kBN, kHp, false>(k_s, kLd, k + s0 * ld_k, ld_k, sh.seqlen_k - s0, sh.head_dim);
+    load_tile<kBN, kHp, true>(vt_s, kVld, v + s0 * ld_v, ld_v, sh.seqlen_k - s0, sh.head_dim_v);
     __syncthreads();
     float x[kBN / 8][4];
 #pragma unroll
     for (int nt = 0; nt < kBN / 8; ++nt) x[nt][0] = x[nt][1] = x[nt][2] = x[nt][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < kHp; kk += 16) {
-      if (kk >= a.shape.head_dim) break;
+      if (kk >= sh.head_dim) break;
       const uint32_t af[4] = {ld32(qw + g * kLd + kk + 2 * c), ld32(qw + (g + 8) * kLd + kk + 2 * c),
                               ld32(qw + g * kLd + kk + 8 + 2 * c), ld32(qw + (g + 8) * kLd + kk + 8 + 2 * c)};
 #pragma unroll
@@ -143,7 +144,7 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
         o[nt][2 * r] *= alpha;
         o[nt][2 * r + 1] *= alpha;
       }
-      if (a.has_dropout && row_t[r] < a.shape.seqlen_q) {
+      if (a.has_dropout && row_t[r] < sh.seqlen_q) {
         // A lane's key pair 2c, 2c+1 of an n-tile is half of one Philox draw.
 #pragma unroll
         for (int nt = 0; nt < kBN / 8; ++nt) {
@@ -157,17 +158,17 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
         }
       }
     }
-    accumulate_pv(x, vt_s, a.shape.head_dim_v, o);
+    accumulate_pv(x, vt_s, sh.head_dim_v, o);
   }
 
   // Rows with no allowed key: uniform 1/S over every key, dropout applied;
   // a pass over all of V that only such rows need.
-  const bool empty_row = (row_t[0] < a.shape.seqlen_q && l[0] == 0.f) || (row_t[1] < a.shape.seqlen_q && l[1] == 0.f);
+  const bool empty_row = (row_t[0] < sh.seqlen_q && l[0] == 0.f) || (row_t[1] < sh.seqlen_q && l[1] == 0.f);
   if (__syncthreads_or(empty_row)) {
-    const float uniform = a.shape.seqlen_k ? 1.f / float(a.shape.seqlen_k) : 0.f;
-    for (int64_t s0 = 0; s0 < a.shape.seqlen_k; s0 += kBN) {
+    const float uniform = sh.seqlen_k ? 1.f / float(sh.seqlen_k) : 0.f;
+    for (int64_t s0 = 0; s0 < sh.seqlen_k; s0 += kBN) {
       __syncthreads();
-      load_tile<kBN, kHp, true>(vt_s, kVld, v + s0 * ld_v, ld_v, a.shape.seqlen_k - s0, a.shape.head_dim_v);
+      load_tile<kBN, kHp, true>(vt_s, kVld, v + s0 * ld_v, ld_v, sh.seqlen_k - s0, sh.head_dim_v);
       __syncthreads();
       float p[kBN / 8][4];
 #pragma unroll
@@ -175,7 +176,7 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int64_t s = s0 + nt * 8 + 2 * c;
-          const bool use = row_t[r] < a.shape.seqlen_q && l[r] == 0.f;
+          const bool use = row_t[r] < sh.seqlen_q && l[r] == 0.f;
           tf_fastattn::Philox4 w{};
           if (use && a.has_dropout) {
             w = tf_fastattn::dropout_words(a.seed, uint32_t(b), uint32_t(n), uint32_t(row_t[r]), uint32_t(s / 4));
@@ -183,30 +184,30 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const bool keep = !a.has_dropout || w.x[(s + e) % 4] >= a.dropout_threshold;
-            p[nt][2 * r + e] = use && s + e < a.shape.seqlen_k && keep ? uniform * (a.has_dropout ? a.inv_keep : 1.f) : 0.f;
+            p[nt][2 * r + e] = use && s + e < sh.seqlen_k && keep ? uniform * (a.has_dropout ? a.inv_keep : 1.f) : 0.f;
           }
         }
       }
-      accumulate_pv(p, vt_s, a.shape.head_dim_v, o);
+      accumulate_pv(p, vt_s, sh.head_dim_v, o);
     }
   }
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t t = row_t[r];
-    if (t >= a.shape.seqlen_q) continue;
+    if (t >= sh.seqlen_q) continue;
     const float inv = l[r] > 0.f ? 1.f / l[r] : 1.f;
-    T* out = static_cast<T*>(a.o) + ((b * a.shape.seqlen_q + t) * a.shape.num_heads + n) * a.shape.head_dim_v;
+    T* out = static_cast<T*>(a.o) + ((b * sh.seqlen_q + t) * sh.num_heads + n) * sh.head_dim_v;
 #pragma unroll
     for (int nt = 0; nt < kOT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int h = nt * 8 + 2 * c + e;
-        if (h < a.shape.head_dim_v) out[h] = from_acc<T>(o[nt][2 * r + e] * inv);
+        if (h < sh.head_dim_v) out[h] = from_acc<T>(o[nt][2 * r + e] * inv);
       }
     }
     if (c == 0) {
-      static_cast<float*>(a.lse)[(b * a.shape.num_heads + n) * a.shape.seqlen_q + t] =
+      static_cast<float*>(a.lse)[(b * sh.num_heads + n) * sh.seqlen_q + t] =
           l[r] > 0.f ? m[r] * kLn2 + logf(l[r]) : inf_f32();
     }
   }

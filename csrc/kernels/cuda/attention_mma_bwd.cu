@@ -134,17 +134,19 @@ __device__ __forceinline__ float keep_factor(const AttentionParams& a, uint32_t 
 // float32; the sum is kept in float64 (dq is sensitive to delta's rounding),
 // reduced in a fixed butterfly order.
 __device__ void bwd_delta(const AttentionBwdParams& a) {
+  const tf_fastattn::AttentionShape& sh = a.shape;
   const int64_t row = int64_t(blockIdx.x) * kMmaBwdDeltaRows + threadIdx.x / 32;
-  if (row >= a.shape.batch * a.shape.seqlen_q * a.shape.num_heads) return;  // warp-uniform
+  if (row >= sh.batch * sh.seqlen_q * sh.num_heads) return;  // warp-uniform
   const int lane = threadIdx.x % 32;
-  const T* o = static_cast<const T*>(a.o) + row * a.shape.head_dim_v;
-  const T* d_o = static_cast<const T*>(a.do_) + row * a.shape.head_dim_v;
+  const T* o = static_cast<const T*>(a.o) + row * sh.head_dim_v;
+  const T* d_o = static_cast<const T*>(a.do_) + row * sh.head_dim_v;
   double sum = 0.0;
-  for (int64_t h = lane; h < a.shape.head_dim_v; h += 32) sum += double(to_acc(o[h]) * to_acc(d_o[h]));
+  for (int64_t h = lane; h < sh.head_dim_v; h += 32) sum += double(to_acc(o[h]) * to_acc(d_o[h]));
   sum = lanes_sum(sum, 32);
   if (lane == 0) {
-    const int64_t n = row % a.shape.num_heads, t = (row / a.shape.num_heads) % a.shape.seqlen_q, b = row / (a.shape.num_heads * a.shape.seqlen_q);
-    delta_of(a)[(b * a.shape.num_heads + n) * a.shape.seqlen_q + t] = float(sum);
+    const int64_t n = row % sh.num_heads, t = (row / sh.num_heads) % sh.seqlen_q;
+    const int64_t b = row / (sh.num_heads * sh.seqlen_q);
+    delta_of(a)[(b * sh.num_heads + n) * sh.seqlen_q + t] = float(sum);
   }
 }
 
@@ -153,36 +155,38 @@ constexpr int kQM = kMmaBwdDqRows;
 constexpr int kQN = mma_bwd_dq_keys(kHp);
 
 __device__ void bwd_dq(const AttentionBwdParams& a) {
+  const tf_fastattn::AttentionShape& sh = a.shape;
   extern __shared__ __align__(16) uint16_t smem[];
   uint16_t* q_s = smem;              // [kQM][kLd]
   uint16_t* do_s = q_s + kQM * kLd;  // [kQM][kLd]
   uint16_t* k_s = do_s + kQM * kLd;  // [kQN][kLd]
   uint16_t* v_s = k_s + kQN * kLd;   // [kQN][kLd]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  const int64_t tiles = (a.shape.seqlen_q + kQM - 1) / kQM;
+  const int64_t tiles = (sh.seqlen_q + kQM - 1) / kQM;
   const int64_t tile = tiles - 1 - blockIdx.x % tiles;  // longest causal tiles first
   const int64_t bn = blockIdx.x / tiles;
-  const int64_t n = bn % a.shape.num_heads, b = bn / a.shape.num_heads, hk = n / (a.shape.num_heads / a.shape.num_heads_kv);
+  const int64_t n = bn % sh.num_heads, b = bn / sh.num_heads, hk = n / (sh.num_heads / sh.num_heads_kv);
   const int64_t t0 = tile * kQM;
-  const int64_t rows = a.shape.seqlen_q - t0 < kQM ? a.shape.seqlen_q - t0 : kQM;
-  const int64_t row0 = (b * a.shape.seqlen_q + t0) * a.shape.num_heads + n;
-  load_tile<kQM>(q_s, static_cast<const uint16_t*>(a.q) + row0 * a.shape.head_dim, a.shape.num_heads * a.shape.head_dim, rows, a.shape.head_dim);
-  load_tile<kQM>(do_s, static_cast<const uint16_t*>(a.do_) + row0 * a.shape.head_dim_v, a.shape.num_heads * a.shape.head_dim_v, rows,
-                 a.shape.head_dim_v);
-  const uint16_t* k = static_cast<const uint16_t*>(a.k) + (b * a.shape.seqlen_k * a.shape.num_heads_kv + hk) * a.shape.head_dim;
-  const uint16_t* v = static_cast<const uint16_t*>(a.v) + (b * a.shape.seqlen_k * a.shape.num_heads_kv + hk) * a.shape.head_dim_v;
-  const int64_t ld_k = a.shape.num_heads_kv * a.shape.head_dim, ld_v = a.shape.num_heads_kv * a.shape.head_dim_v;
+  const int64_t rows = sh.seqlen_q - t0 < kQM ? sh.seqlen_q - t0 : kQM;
+  const int64_t row0 = (b * sh.seqlen_q + t0) * sh.num_heads + n;
+  load_tile<kQM>(q_s, static_cast<const uint16_t*>(a.q) + row0 * sh.head_dim, sh.num_heads * sh.head_dim, rows,
+                 sh.head_dim);
+  load_tile<kQM>(do_s, static_cast<const uint16_t*>(a.do_) + row0 * sh.head_dim_v, sh.num_heads * sh.head_dim_v, rows,
+                 sh.head_dim_v);
+  const uint16_t* k = static_cast<const uint16_t*>(a.k) + (b * sh.seqlen_k * sh.num_heads_kv + hk) * sh.head_dim;
+  const uint16_t* v = static_cast<const uint16_t*>(a.v) + (b * sh.seqlen_k * sh.num_heads_kv + hk) * sh.head_dim_v;
+  const int64_t ld_k = sh.num_heads_kv * sh.head_dim, ld_v = sh.num_heads_kv * sh.head_dim_v;
 
   const int64_t row_t[2] = {t0 + warp * 16 + g, t0 + warp * 16 + g + 8};
   float lse2[2], delta[2];
   bool live[2];  // a real row with at least one allowed key (others: dS = 0)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int64_t at = (b * a.shape.num_heads + n) * a.shape.seqlen_q + row_t[r];
-    const float lse = row_t[r] < a.shape.seqlen_q ? static_cast<const float*>(a.lse)[at] : inf_f32();
+    const int64_t at = (b * sh.num_heads + n) * sh.seqlen_q + row_t[r];
+    const float lse = row_t[r] < sh.seqlen_q ? static_cast<const float*>(a.lse)[at] : inf_f32();
     live[r] = lse != inf_f32();
     lse2[r] = lse * kLog2e;
-    delta[r] = row_t[r] < a.shape.seqlen_q ? delta_of(a)[at] : 0.f;
+    delta[r] = row_t[r] < sh.seqlen_q ? delta_of(a)[at] : 0.f;
   }
   float dq[kOT][4];
 #pragma unroll
@@ -190,11 +194,11 @@ __device__ void bwd_dq(const AttentionBwdParams& a) {
   const uint16_t* qw = q_s + warp * 16 * kLd;
   const uint16_t* dow = do_s + warp * 16 * kLd;
 
-  const int64_t s_end = a.is_causal ? (t0 + rows < a.shape.seqlen_k ? t0 + rows : a.shape.seqlen_k) : a.shape.seqlen_k;
+  const int64_t s_end = a.is_causal ? (t0 + rows < sh.seqlen_k ? t0 + rows : sh.seqlen_k) : sh.seqlen_k;
   for (int64_t s0 = 0; s0 < s_end; s0 += kQN) {
     __syncthreads();  // the previous tile's K and V are consumed
-    load_tile<kQN>(k_s, k + s0 * ld_k, ld_k, a.shape.seqlen_k - s0, a.shape.head_dim);
-    load_tile<kQN>(v_s, v + s0 * ld_v, ld_v, a.shape.seqlen_k - s0, a.shape.head_dim_v);
+    load_tile<kQN>(k_s, k + s0 * ld_k, ld_k, sh.seqlen_k - s0, sh.head_dim);
+    load_tile<kQN>(v_s, v + s0 * ld_v, ld_v, sh.seqlen_k - s0, sh.head_dim_v);
     __syncthreads();
     float x[kQN / 8][4], dp[kQN / 8][4];
 #pragma unroll
@@ -202,8 +206,8 @@ __device__ void bwd_dq(const AttentionBwdParams& a) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) x[nt][e] = dp[nt][e] = 0.f;
     }
-    gemm_abt<kQN / 8>(x, qw, k_s, a.shape.head_dim);
-    gemm_abt<kQN / 8>(dp, dow, v_s, a.shape.head_dim_v);
+    gemm_abt<kQN / 8>(x, qw, k_s, sh.head_dim);
+    gemm_abt<kQN / 8>(dp, dow, v_s, sh.head_dim_v);
     // dS = p (dp keep / (1 - rate) - delta), into x.
 #pragma unroll
     for (int nt = 0; nt < kQN / 8; ++nt) {
@@ -226,20 +230,20 @@ __device__ void bwd_dq(const AttentionBwdParams& a) {
         }
       }
     }
-    gemm_cb<kQN>(dq, x, k_s, a.shape.head_dim);
+    gemm_cb<kQN>(dq, x, k_s, sh.head_dim);
   }
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t t = row_t[r];
-    if (t >= a.shape.seqlen_q) continue;
-    T* out = static_cast<T*>(a.dq) + ((b * a.shape.seqlen_q + t) * a.shape.num_heads + n) * a.shape.head_dim;
+    if (t >= sh.seqlen_q) continue;
+    T* out = static_cast<T*>(a.dq) + ((b * sh.seqlen_q + t) * sh.num_heads + n) * sh.head_dim;
 #pragma unroll
     for (int nt = 0; nt < kOT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int h = nt * 8 + 2 * c + e;
-        if (h < a.shape.head_dim) out[h] = from_acc<T>(dq[nt][2 * r + e] * a.scale_f32);
+        if (h < sh.head_dim) out[h] = from_acc<T>(dq[nt][2 * r + e] * a.scale_f32);
       }
     }
   }
@@ -263,6 +267,7 @@ struct KvTiles {
 // accumulating dK (kDk) and/or dV (kDv) of this warp's 16 keys, then writing them.
 template <bool kDk, bool kDv>
 __device__ void dkdv_pass(const AttentionBwdParams& a, const KvTiles& sm, int64_t b, int64_t hk, int64_t s0) {
+  const tf_fastattn::AttentionShape& sh = a.shape;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   float dk[kDk ? kOT : 2][4], dv[kDv ? kOT : 2][4];
 #pragma unroll
@@ -272,20 +277,20 @@ __device__ void dkdv_pass(const AttentionBwdParams& a, const KvTiles& sm, int64_
   const uint16_t* kw = sm.k_s + warp * 16 * kLd;
   const uint16_t* vw = sm.v_s + warp * 16 * kLd;
   const int64_t key[2] = {s0 + warp * 16 + g, s0 + warp * 16 + g + 8};
-  const int64_t group = a.shape.num_heads / a.shape.num_heads_kv;
-  const int64_t ld_q = a.shape.num_heads * a.shape.head_dim, ld_o = a.shape.num_heads * a.shape.head_dim_v;
+  const int64_t group = sh.num_heads / sh.num_heads_kv;
+  const int64_t ld_q = sh.num_heads * sh.head_dim, ld_o = sh.num_heads * sh.head_dim_v;
   const float* lse_g = static_cast<const float*>(a.lse);
   // Causal without a mask: every query tile before the one holding row s0
   // sees none of these keys and has no empty row.
   const int64_t t_begin = a.is_causal && !a.mask ? (s0 / kKM) * kKM : 0;
 
   for (int64_t n = hk * group; n < (hk + 1) * group; ++n) {
-    const int64_t q_row0 = b * a.shape.seqlen_q * a.shape.num_heads + n;  // row t is q_row0 + t * heads
-    const uint16_t* q = static_cast<const uint16_t*>(a.q) + q_row0 * a.shape.head_dim;
-    const uint16_t* d_o = static_cast<const uint16_t*>(a.do_) + q_row0 * a.shape.head_dim_v;
-    const int64_t stat0 = (b * a.shape.num_heads + n) * a.shape.seqlen_q;
-    for (int64_t t0 = t_begin; t0 < a.shape.seqlen_q; t0 += kKM) {
-      const int64_t rows = a.shape.seqlen_q - t0 < kKM ? a.shape.seqlen_q - t0 : kKM;
+    const int64_t q_row0 = b * sh.seqlen_q * sh.num_heads + n;  // row t is q_row0 + t * heads
+    const uint16_t* q = static_cast<const uint16_t*>(a.q) + q_row0 * sh.head_dim;
+    const uint16_t* d_o = static_cast<const uint16_t*>(a.do_) + q_row0 * sh.head_dim_v;
+    const int64_t stat0 = (b * sh.num_heads + n) * sh.seqlen_q;
+    for (int64_t t0 = t_begin; t0 < sh.seqlen_q; t0 += kKM) {
+      const int64_t rows = sh.seqlen_q - t0 < kKM ? sh.seqlen_q - t0 : kKM;
       __syncthreads();  // the previous step's tiles and statistics are consumed
       // A tile wholly above the causal diagonal of these keys matters only
       // for rows with no allowed key (uniform p, dV only): skip it, unloaded,
@@ -297,11 +302,11 @@ __device__ void dkdv_pass(const AttentionBwdParams& a, const KvTiles& sm, int64_
       }
       if (threadIdx.x < kKM) {
         const int64_t t = t0 + threadIdx.x;
-        sm.lse_s[threadIdx.x] = t < a.shape.seqlen_q ? lse_g[stat0 + t] : 0.f;
-        sm.delta_s[threadIdx.x] = t < a.shape.seqlen_q ? delta_of(a)[stat0 + t] : 0.f;
+        sm.lse_s[threadIdx.x] = t < sh.seqlen_q ? lse_g[stat0 + t] : 0.f;
+        sm.delta_s[threadIdx.x] = t < sh.seqlen_q ? delta_of(a)[stat0 + t] : 0.f;
       }
-      load_tile<kKM>(sm.q_s, q + t0 * ld_q, ld_q, rows, a.shape.head_dim);
-      load_tile<kKM>(sm.do_s, d_o + t0 * ld_o, ld_o, rows, a.shape.head_dim_v);
+      load_tile<kKM>(sm.q_s, q + t0 * ld_q, ld_q, rows, sh.head_dim);
+      load_tile<kKM>(sm.do_s, d_o + t0 * ld_o, ld_o, rows, sh.head_dim_v);
       __syncthreads();
       // S^T = K Q^T and (for dK) dP^T = V dO^T: rows = keys g, g + 8,
       // columns = queries nt * 8 + 2c + e.
@@ -311,8 +316,8 @@ __device__ void dkdv_pass(const AttentionBwdParams& a, const KvTiles& sm, int64_
 #pragma unroll
         for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
       }
-      gemm_abt<kKM / 8>(st, kw, sm.q_s, a.shape.head_dim);
-      if constexpr (kDk) gemm_abt<kKM / 8>(dpt, vw, sm.do_s, a.shape.head_dim_v);
+      gemm_abt<kKM / 8>(st, kw, sm.q_s, sh.head_dim);
+      if constexpr (kDk) gemm_abt<kKM / 8>(dpt, vw, sm.do_s, sh.head_dim_v);
       // st <- p_drop, dpt <- dS. One Philox draw per element: a lane's
       // elements differ in the query row or in the key group of 4.
 #pragma unroll
@@ -324,7 +329,7 @@ __device__ void dkdv_pass(const AttentionBwdParams& a, const KvTiles& sm, int64_
             const int tl = nt * 8 + 2 * c + e;
             const int64_t t = t0 + tl, s = key[r];
             float p = 0.f, ds = 0.f;
-            if (t < a.shape.seqlen_q && s < a.shape.seqlen_k) {
+            if (t < sh.seqlen_q && s < sh.seqlen_k) {
               const float lse = sm.lse_s[tl];
               const bool empty = lse == inf_f32();
               if (empty || allowed(a, b, n, t, s)) {
@@ -335,7 +340,7 @@ __device__ void dkdv_pass(const AttentionBwdParams& a, const KvTiles& sm, int64_
                                      : 0.f)
                               : 1.f;
                 if (empty) {
-                  p = dfac / float(a.shape.seqlen_k);
+                  p = dfac / float(sh.seqlen_k);
                 } else {
                   const float pr = exp2f(st[nt][2 * r + e] * a.scale_log2 - lse * kLog2e);
                   p = pr * dfac;
@@ -348,30 +353,31 @@ __device__ void dkdv_pass(const AttentionBwdParams& a, const KvTiles& sm, int64_
           }
         }
       }
-      if constexpr (kDv) gemm_cb<kKM>(dv, st, sm.do_s, a.shape.head_dim_v);
-      if constexpr (kDk) gemm_cb<kKM>(dk, dpt, sm.q_s, a.shape.head_dim);
+      if constexpr (kDv) gemm_cb<kKM>(dv, st, sm.do_s, sh.head_dim_v);
+      if constexpr (kDk) gemm_cb<kKM>(dk, dpt, sm.q_s, sh.head_dim);
     }
   }
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t s = key[r];
-    if (s >= a.shape.seqlen_k) continue;
-    T* dk_out = static_cast<T*>(a.dk) + ((b * a.shape.seqlen_k + s) * a.shape.num_heads_kv + hk) * a.shape.head_dim;
-    T* dv_out = static_cast<T*>(a.dv) + ((b * a.shape.seqlen_k + s) * a.shape.num_heads_kv + hk) * a.shape.head_dim_v;
+    if (s >= sh.seqlen_k) continue;
+    T* dk_out = static_cast<T*>(a.dk) + ((b * sh.seqlen_k + s) * sh.num_heads_kv + hk) * sh.head_dim;
+    T* dv_out = static_cast<T*>(a.dv) + ((b * sh.seqlen_k + s) * sh.num_heads_kv + hk) * sh.head_dim_v;
 #pragma unroll
     for (int nt = 0; nt < kOT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int h = nt * 8 + 2 * c + e;
-        if (kDk && h < a.shape.head_dim) dk_out[h] = from_acc<T>(dk[kDk ? nt : 0][2 * r + e] * a.scale_f32);
-        if (kDv && h < a.shape.head_dim_v) dv_out[h] = from_acc<T>(dv[kDv ? nt : 0][2 * r + e]);
+        if (kDk && h < sh.head_dim) dk_out[h] = from_acc<T>(dk[kDk ? nt : 0][2 * r + e] * a.scale_f32);
+        if (kDv && h < sh.head_dim_v) dv_out[h] = from_acc<T>(dv[kDv ? nt : 0][2 * r + e]);
       }
     }
   }
 }
 
 __device__ void bwd_dkdv(const AttentionBwdParams& a) {
+  const tf_fastattn::AttentionShape& sh = a.shape;
   extern __shared__ __align__(16) uint16_t smem[];
   KvTiles sm;
   sm.k_s = smem;
@@ -380,17 +386,17 @@ __device__ void bwd_dkdv(const AttentionBwdParams& a) {
   sm.do_s = sm.q_s + kKM * kLd;
   sm.lse_s = reinterpret_cast<float*>(sm.do_s + kKM * kLd);
   sm.delta_s = sm.lse_s + kKM;
-  const int64_t tiles = (a.shape.seqlen_k + kKN - 1) / kKN;
+  const int64_t tiles = (sh.seqlen_k + kKN - 1) / kKN;
   const int64_t tile = blockIdx.x % tiles;
   const int64_t bh = blockIdx.x / tiles;
-  const int64_t hk = bh % a.shape.num_heads_kv, b = bh / a.shape.num_heads_kv;
+  const int64_t hk = bh % sh.num_heads_kv, b = bh / sh.num_heads_kv;
   const int64_t s0 = tile * kKN;
-  const int64_t keys = a.shape.seqlen_k - s0 < kKN ? a.shape.seqlen_k - s0 : kKN;
-  const int64_t kv_row0 = (b * a.shape.seqlen_k + s0) * a.shape.num_heads_kv + hk;
-  load_tile<kKN>(sm.k_s, static_cast<const uint16_t*>(a.k) + kv_row0 * a.shape.head_dim, a.shape.num_heads_kv * a.shape.head_dim, keys,
-                 a.shape.head_dim);
-  load_tile<kKN>(sm.v_s, static_cast<const uint16_t*>(a.v) + kv_row0 * a.shape.head_dim_v, a.shape.num_heads_kv * a.shape.head_dim_v, keys,
-                 a.shape.head_dim_v);
+  const int64_t keys = sh.seqlen_k - s0 < kKN ? sh.seqlen_k - s0 : kKN;
+  const int64_t kv_row0 = (b * sh.seqlen_k + s0) * sh.num_heads_kv + hk;
+  load_tile<kKN>(sm.k_s, static_cast<const uint16_t*>(a.k) + kv_row0 * sh.head_dim, sh.num_heads_kv * sh.head_dim,
+                 keys, sh.head_dim);
+  load_tile<kKN>(sm.v_s, static_cast<const uint16_t*>(a.v) + kv_row0 * sh.head_dim_v, sh.num_heads_kv * sh.head_dim_v,
+                 keys, sh.head_dim_v);
   // (the first step of a pass syncs before reading k_s / v_s)
   if constexpr (kSplitPasses) {
     dkdv_pass<false, true>(a, sm, b, hk, s0);
@@ -403,12 +409,14 @@ __device__ void bwd_dkdv(const AttentionBwdParams& a) {
 }  // namespace
 }  // namespace tfa
 
-extern "C" __global__ void __launch_bounds__(tfa::kMmaBwdThreads) tfa_attention_mma_bwd_delta(tfa::AttentionBwdParams a) {
+extern "C" __global__ void __launch_bounds__(tfa::kMmaBwdThreads)
+    tfa_attention_mma_bwd_delta(tfa::AttentionBwdParams a) {
   tfa::bwd_delta(a);
 }
 extern "C" __global__ void __launch_bounds__(tfa::kMmaBwdThreads) tfa_attention_mma_bwd_dq(tfa::AttentionBwdParams a) {
   tfa::bwd_dq(a);
 }
-extern "C" __global__ void __launch_bounds__(tfa::kMmaBwdThreads) tfa_attention_mma_bwd_dkdv(tfa::AttentionBwdParams a) {
+extern "C" __global__ void __launch_bounds__(tfa::kMmaBwdThreads)
+    tfa_attention_mma_bwd_dkdv(tfa::AttentionBwdParams a) {
   tfa::bwd_dkdv(a);
 }

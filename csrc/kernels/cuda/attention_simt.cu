@@ -62,14 +62,15 @@ constexpr int kBM = kSimtRowTile, kBN = kSimtKeyTile, kRM = kBM / kTY, kOC = kHp
 __device__ __forceinline__ void accumulate_pv(const AttentionParams& a, const Coords& co, int64_t s0,
                                               float (*p_s)[kBN + 1], float (*kv_s)[kHc + 1],
                                               float (&o_acc)[kRM][kOC]) {
+  const tf_fastattn::AttentionShape& sh = a.shape;
   const int tx = threadIdx.x % kTX, ty = threadIdx.x / kTX;
-  const T* v = static_cast<const T*>(a.v) + ((co.b * a.shape.seqlen_k + s0) * a.shape.num_heads_kv + co.hk) * a.shape.head_dim_v;
+  const T* v = static_cast<const T*>(a.v) + ((co.b * sh.seqlen_k + s0) * sh.num_heads_kv + co.hk) * sh.head_dim_v;
 #pragma unroll
   for (int hc = 0; hc < kHp; hc += kHc) {
-    if (hc >= a.shape.head_dim_v) break;
+    if (hc >= sh.head_dim_v) break;
     __syncthreads();  // kv_s and p_s: previous readers done / writers done
-    load_tile<kBN, kHc>(&kv_s[0][0], kHc + 1, v + hc, a.shape.num_heads_kv * a.shape.head_dim_v, a.shape.seqlen_k - s0,
-                        a.shape.head_dim_v - hc);
+    load_tile<kBN, kHc>(&kv_s[0][0], kHc + 1, v + hc, sh.num_heads_kv * sh.head_dim_v, sh.seqlen_k - s0,
+                        sh.head_dim_v - hc);
     __syncthreads();
     for (int s = 0; s < kBN; ++s) {
       float p[kRM];
@@ -86,24 +87,25 @@ __device__ __forceinline__ void accumulate_pv(const AttentionParams& a, const Co
 }
 
 __device__ void attention_fwd(const AttentionFwdParams& a) {
+  const tf_fastattn::AttentionShape& sh = a.shape;
   __shared__ float q_s[kBM][kHp + 1];  // +1: rows of a warp's 4 row groups hit distinct banks
   __shared__ float kv_s[kBN][kHc + 1];
   __shared__ float p_s[kBM][kBN + 1];
   const int tx = threadIdx.x % kTX, ty = threadIdx.x / kTX;
-  const int64_t tiles = (a.shape.seqlen_q + kBM - 1) / kBM;
+  const int64_t tiles = (sh.seqlen_q + kBM - 1) / kBM;
   // Longest causal tiles first: they start first and the short ones fill in.
   const int64_t tile = tiles - 1 - blockIdx.x % tiles;
   const int64_t bn = blockIdx.x / tiles;
   Coords co;
-  co.n = bn % a.shape.num_heads;
-  co.b = bn / a.shape.num_heads;
-  co.hk = co.n / (a.shape.num_heads / a.shape.num_heads_kv);
+  co.n = bn % sh.num_heads;
+  co.b = bn / sh.num_heads;
+  co.hk = co.n / (sh.num_heads / sh.num_heads_kv);
   const int64_t t0 = tile * kBM;
-  const int64_t rows = a.shape.seqlen_q - t0 < kBM ? a.shape.seqlen_q - t0 : kBM;
+  const int64_t rows = sh.seqlen_q - t0 < kBM ? sh.seqlen_q - t0 : kBM;
 
   load_tile<kBM, kHp>(&q_s[0][0], kHp + 1,
-                      static_cast<const T*>(a.q) + ((co.b * a.shape.seqlen_q + t0) * a.shape.num_heads + co.n) * a.shape.head_dim,
-                      a.shape.num_heads * a.shape.head_dim, rows, a.shape.head_dim);
+                      static_cast<const T*>(a.q) + ((co.b * sh.seqlen_q + t0) * sh.num_heads + co.n) * sh.head_dim,
+                      sh.num_heads * sh.head_dim, rows, sh.head_dim);
   float o_acc[kRM][kOC], m[kRM], l[kRM];
 #pragma unroll
   for (int i = 0; i < kRM; ++i) {
@@ -112,8 +114,8 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
 #pragma unroll
     for (int c = 0; c < kOC; ++c) o_acc[i][c] = 0.f;
   }
-  const T* k = static_cast<const T*>(a.k) + (co.b * a.shape.seqlen_k * a.shape.num_heads_kv + co.hk) * a.shape.head_dim;
-  const int64_t s_end = a.is_causal ? (t0 + rows < a.shape.seqlen_k ? t0 + rows : a.shape.seqlen_k) : a.shape.seqlen_k;
+  const T* k = static_cast<const T*>(a.k) + (co.b * sh.seqlen_k * sh.num_heads_kv + co.hk) * sh.head_dim;
+  const int64_t s_end = a.is_causal ? (t0 + rows < sh.seqlen_k ? t0 + rows : sh.seqlen_k) : sh.seqlen_k;
   for (int64_t s0 = 0; s0 < s_end; s0 += kBN) {
     float x[kRM][4];
 #pragma unroll
@@ -123,10 +125,10 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
     }
 #pragma unroll
     for (int hc = 0; hc < kHp; hc += kHc) {
-      if (hc >= a.shape.head_dim) break;
+      if (hc >= sh.head_dim) break;
       __syncthreads();
-      load_tile<kBN, kHc>(&kv_s[0][0], kHc + 1, k + s0 * a.shape.num_heads_kv * a.shape.head_dim + hc, a.shape.num_heads_kv * a.shape.head_dim,
-                          a.shape.seqlen_k - s0, a.shape.head_dim - hc);
+      const int64_t ld_k = sh.num_heads_kv * sh.head_dim;
+      load_tile<kBN, kHc>(&kv_s[0][0], kHc + 1, k + s0 * ld_k + hc, ld_k, sh.seqlen_k - s0, sh.head_dim - hc);
       __syncthreads();
       for (int h = 0; h < kHc; ++h) {
         float kk[4];
@@ -162,7 +164,7 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
       m[i] = m_new;
 #pragma unroll
       for (int c = 0; c < kOC; ++c) o_acc[i][c] *= alpha;
-      if (a.has_dropout && t < a.shape.seqlen_q) {
+      if (a.has_dropout && t < sh.seqlen_q) {
         const tf_fastattn::Philox4 w = tf_fastattn::dropout_words(a.seed, uint32_t(co.b), uint32_t(co.n), uint32_t(t),
                                                                   uint32_t(s0 / 4 + tx));
 #pragma unroll
@@ -181,19 +183,19 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
 #pragma unroll
   for (int i = 0; i < kRM; ++i) empty_row |= (ty + kTY * i < rows) && l[i] == 0.f;
   if (__syncthreads_or(empty_row)) {
-    const float uniform = a.shape.seqlen_k ? 1.f / float(a.shape.seqlen_k) : 0.f;
-    for (int64_t s0 = 0; s0 < a.shape.seqlen_k; s0 += kBN) {
+    const float uniform = sh.seqlen_k ? 1.f / float(sh.seqlen_k) : 0.f;
+    for (int64_t s0 = 0; s0 < sh.seqlen_k; s0 += kBN) {
 #pragma unroll
       for (int i = 0; i < kRM; ++i) {
         const int64_t t = t0 + ty + kTY * i;
         float p[4];
         tf_fastattn::Philox4 w;
-        if (a.has_dropout && t < a.shape.seqlen_q) {
+        if (a.has_dropout && t < sh.seqlen_q) {
           w = tf_fastattn::dropout_words(a.seed, uint32_t(co.b), uint32_t(co.n), uint32_t(t), uint32_t(s0 / 4 + tx));
         }
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const bool use = t < a.shape.seqlen_q && l[i] == 0.f && s0 + 4 * tx + e < a.shape.seqlen_k;
+          const bool use = t < sh.seqlen_q && l[i] == 0.f && s0 + 4 * tx + e < sh.seqlen_k;
           p[e] = use ? uniform * (a.has_dropout ? keep_factor(a, w.x[e] >= a.dropout_threshold) : 1.f) : 0.f;
         }
         __syncthreads();
@@ -207,16 +209,16 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
 #pragma unroll
   for (int i = 0; i < kRM; ++i) {
     const int64_t t = t0 + ty + kTY * i;
-    if (t >= a.shape.seqlen_q) continue;
+    if (t >= sh.seqlen_q) continue;
     const float inv = l[i] > 0.f ? 1.f / l[i] : 1.f;
-    T* o = static_cast<T*>(a.o) + ((co.b * a.shape.seqlen_q + t) * a.shape.num_heads + co.n) * a.shape.head_dim_v;
+    T* o = static_cast<T*>(a.o) + ((co.b * sh.seqlen_q + t) * sh.num_heads + co.n) * sh.head_dim_v;
 #pragma unroll
     for (int c = 0; c < kOC; ++c) {
       const int h = tx + kTX * c;
-      if (h < a.shape.head_dim_v) o[h] = from_acc<T>(o_acc[i][c] * inv);
+      if (h < sh.head_dim_v) o[h] = from_acc<T>(o_acc[i][c] * inv);
     }
     if (tx == 0) {
-      static_cast<float*>(a.lse)[(co.b * a.shape.num_heads + co.n) * a.shape.seqlen_q + t] =
+      static_cast<float*>(a.lse)[(co.b * sh.num_heads + co.n) * sh.seqlen_q + t] =
           l[i] > 0.f ? m[i] * kLn2 + logf(l[i]) : inf_f32();
     }
   }
@@ -226,17 +228,19 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
 
 // delta[b, n, t] = sum_h dO * O: one warp per row, fixed butterfly order.
 __device__ void attention_bwd_delta(const AttentionBwdParams& a) {
+  const tf_fastattn::AttentionShape& sh = a.shape;
   const int64_t row = int64_t(blockIdx.x) * (kSimtThreads / 32) + threadIdx.x / 32;  // (b, t, n) flattened
-  if (row >= a.shape.batch * a.shape.seqlen_q * a.shape.num_heads) return;
+  if (row >= sh.batch * sh.seqlen_q * sh.num_heads) return;
   const int lane = threadIdx.x % 32;
-  const T* o = static_cast<const T*>(a.o) + row * a.shape.head_dim_v;
-  const T* d_o = static_cast<const T*>(a.do_) + row * a.shape.head_dim_v;
+  const T* o = static_cast<const T*>(a.o) + row * sh.head_dim_v;
+  const T* d_o = static_cast<const T*>(a.do_) + row * sh.head_dim_v;
   float sum = 0.f;
-  for (int64_t h = lane; h < a.shape.head_dim_v; h += 32) sum += to_acc(o[h]) * to_acc(d_o[h]);
+  for (int64_t h = lane; h < sh.head_dim_v; h += 32) sum += to_acc(o[h]) * to_acc(d_o[h]);
   sum = lanes_sum(sum, 32);
   if (lane == 0) {
-    const int64_t n = row % a.shape.num_heads, t = (row / a.shape.num_heads) % a.shape.seqlen_q, b = row / (a.shape.num_heads * a.shape.seqlen_q);
-    delta_of(a)[(b * a.shape.num_heads + n) * a.shape.seqlen_q + t] = sum;
+    const int64_t n = row % sh.num_heads, t = (row / sh.num_heads) % sh.seqlen_q;
+    const int64_t b = row / (sh.num_heads * sh.seqlen_q);
+    delta_of(a)[(b * sh.num_heads + n) * sh.seqlen_q + t] = sum;
   }
 }
 
@@ -248,10 +252,11 @@ struct ProbGrad {
 };
 __device__ __forceinline__ ProbGrad prob_grad(const AttentionBwdParams& a, int64_t b, int64_t n, int64_t t, int64_t s,
                                               float qk, float dp, float lse, float delta, float dfac) {
+  const tf_fastattn::AttentionShape& sh = a.shape;
   ProbGrad r{0.f, 0.f};
-  if (t >= a.shape.seqlen_q || s >= a.shape.seqlen_k) return r;
+  if (t >= sh.seqlen_q || s >= sh.seqlen_k) return r;
   if (lse == inf_f32()) {
-    r.p_drop = dfac / float(a.shape.seqlen_k);
+    r.p_drop = dfac / float(sh.seqlen_k);
     return r;
   }
   if (!allowed(a, b, n, t, s)) return r;
@@ -262,7 +267,8 @@ __device__ __forceinline__ ProbGrad prob_grad(const AttentionBwdParams& a, int64
 }
 
 __device__ __forceinline__ float dropout_factor(const AttentionParams& a, int64_t b, int64_t n, int64_t t, int64_t s) {
-  if (!a.has_dropout || t >= a.shape.seqlen_q || s >= a.shape.seqlen_k) return 1.f;
+  const tf_fastattn::AttentionShape& sh = a.shape;
+  if (!a.has_dropout || t >= sh.seqlen_q || s >= sh.seqlen_k) return 1.f;
   return keep_factor(a, tf_fastattn::dropout_keep(a.seed, a.dropout_threshold, uint32_t(b), uint32_t(n), uint32_t(t),
                                                   uint32_t(s)));
 }
@@ -271,36 +277,37 @@ __device__ __forceinline__ float dropout_factor(const AttentionParams& a, int64_
 constexpr int kQM = simt_dq_rows(kHp), kQRM = kQM / kTY, kQC = kHp / kTX, kBN = kSimtKeyTile;
 
 __device__ void attention_bwd_dq(const AttentionBwdParams& a) {
+  const tf_fastattn::AttentionShape& sh = a.shape;
   __shared__ float q_s[kQM][kHp + 1];
   __shared__ float do_s[kQM][kHp + 1];
   __shared__ float kv_s[kBN][kHc + 1];
   __shared__ float ds_s[kQM][kBN + 1];
   const int tx = threadIdx.x % kTX, ty = threadIdx.x / kTX;
-  const int64_t tiles = (a.shape.seqlen_q + kQM - 1) / kQM;
+  const int64_t tiles = (sh.seqlen_q + kQM - 1) / kQM;
   const int64_t tile = tiles - 1 - blockIdx.x % tiles;
   const int64_t bn = blockIdx.x / tiles;
-  const int64_t n = bn % a.shape.num_heads, b = bn / a.shape.num_heads, hk = n / (a.shape.num_heads / a.shape.num_heads_kv);
+  const int64_t n = bn % sh.num_heads, b = bn / sh.num_heads, hk = n / (sh.num_heads / sh.num_heads_kv);
   const int64_t t0 = tile * kQM;
-  const int64_t rows = a.shape.seqlen_q - t0 < kQM ? a.shape.seqlen_q - t0 : kQM;
-  const int64_t row0 = (b * a.shape.seqlen_q + t0) * a.shape.num_heads + n;
-  load_tile<kQM, kHp>(&q_s[0][0], kHp + 1, static_cast<const T*>(a.q) + row0 * a.shape.head_dim, a.shape.num_heads * a.shape.head_dim,
-                      rows, a.shape.head_dim);
-  load_tile<kQM, kHp>(&do_s[0][0], kHp + 1, static_cast<const T*>(a.do_) + row0 * a.shape.head_dim_v,
-                      a.shape.num_heads * a.shape.head_dim_v, rows, a.shape.head_dim_v);
+  const int64_t rows = sh.seqlen_q - t0 < kQM ? sh.seqlen_q - t0 : kQM;
+  const int64_t row0 = (b * sh.seqlen_q + t0) * sh.num_heads + n;
+  load_tile<kQM, kHp>(&q_s[0][0], kHp + 1, static_cast<const T*>(a.q) + row0 * sh.head_dim, sh.num_heads * sh.head_dim,
+                      rows, sh.head_dim);
+  load_tile<kQM, kHp>(&do_s[0][0], kHp + 1, static_cast<const T*>(a.do_) + row0 * sh.head_dim_v,
+                      sh.num_heads * sh.head_dim_v, rows, sh.head_dim_v);
   float lse[kQRM], delta[kQRM], dq[kQRM][kQC];
 #pragma unroll
   for (int i = 0; i < kQRM; ++i) {
     const int64_t t = t0 + ty + kTY * i;
-    const int64_t at = (b * a.shape.num_heads + n) * a.shape.seqlen_q + t;
-    lse[i] = t < a.shape.seqlen_q ? static_cast<const float*>(a.lse)[at] : inf_f32();
-    delta[i] = t < a.shape.seqlen_q ? delta_of(a)[at] : 0.f;
+    const int64_t at = (b * sh.num_heads + n) * sh.seqlen_q + t;
+    lse[i] = t < sh.seqlen_q ? static_cast<const float*>(a.lse)[at] : inf_f32();
+    delta[i] = t < sh.seqlen_q ? delta_of(a)[at] : 0.f;
 #pragma unroll
     for (int c = 0; c < kQC; ++c) dq[i][c] = 0.f;
   }
-  const T* k = static_cast<const T*>(a.k) + (b * a.shape.seqlen_k * a.shape.num_heads_kv + hk) * a.shape.head_dim;
-  const T* v = static_cast<const T*>(a.v) + (b * a.shape.seqlen_k * a.shape.num_heads_kv + hk) * a.shape.head_dim_v;
-  const int64_t ld_k = a.shape.num_heads_kv * a.shape.head_dim, ld_v = a.shape.num_heads_kv * a.shape.head_dim_v;
-  const int64_t s_end = a.is_causal ? (t0 + rows < a.shape.seqlen_k ? t0 + rows : a.shape.seqlen_k) : a.shape.seqlen_k;
+  const T* k = static_cast<const T*>(a.k) + (b * sh.seqlen_k * sh.num_heads_kv + hk) * sh.head_dim;
+  const T* v = static_cast<const T*>(a.v) + (b * sh.seqlen_k * sh.num_heads_kv + hk) * sh.head_dim_v;
+  const int64_t ld_k = sh.num_heads_kv * sh.head_dim, ld_v = sh.num_heads_kv * sh.head_dim_v;
+  const int64_t s_end = a.is_causal ? (t0 + rows < sh.seqlen_k ? t0 + rows : sh.seqlen_k) : sh.seqlen_k;
   for (int64_t s0 = 0; s0 < s_end; s0 += kBN) {
     float qk[kQRM][4], dp[kQRM][4];
 #pragma unroll
@@ -312,14 +319,14 @@ __device__ void attention_bwd_dq(const AttentionBwdParams& a) {
 #pragma unroll
     for (int pass = 0; pass < 2; ++pass) {
       const T* src = pass == 0 ? k : v;
-      const int64_t hd = pass == 0 ? a.shape.head_dim : a.shape.head_dim_v;
+      const int64_t hd = pass == 0 ? sh.head_dim : sh.head_dim_v;
       float(*lhs)[kHp + 1] = pass == 0 ? q_s : do_s;
 #pragma unroll
       for (int hc = 0; hc < kHp; hc += kHc) {
         if (hc >= hd) break;
         __syncthreads();
         load_tile<kBN, kHc>(&kv_s[0][0], kHc + 1, src + s0 * (pass == 0 ? ld_k : ld_v) + hc,
-                            pass == 0 ? ld_k : ld_v, a.shape.seqlen_k - s0, hd - hc);
+                            pass == 0 ? ld_k : ld_v, sh.seqlen_k - s0, hd - hc);
         __syncthreads();
         for (int h = 0; h < kHc; ++h) {
           float kk[4];
@@ -347,9 +354,9 @@ __device__ void attention_bwd_dq(const AttentionBwdParams& a) {
     // dq += ds K, K re-read in chunks.
 #pragma unroll
     for (int hc = 0; hc < kHp; hc += kHc) {
-      if (hc >= a.shape.head_dim) break;
+      if (hc >= sh.head_dim) break;
       __syncthreads();
-      load_tile<kBN, kHc>(&kv_s[0][0], kHc + 1, k + s0 * ld_k + hc, ld_k, a.shape.seqlen_k - s0, a.shape.head_dim - hc);
+      load_tile<kBN, kHc>(&kv_s[0][0], kHc + 1, k + s0 * ld_k + hc, ld_k, sh.seqlen_k - s0, sh.head_dim - hc);
       __syncthreads();
       for (int s = 0; s < kBN; ++s) {
         float d[kQRM];
@@ -367,12 +374,12 @@ __device__ void attention_bwd_dq(const AttentionBwdParams& a) {
 #pragma unroll
   for (int i = 0; i < kQRM; ++i) {
     const int64_t t = t0 + ty + kTY * i;
-    if (t >= a.shape.seqlen_q) continue;
-    T* out = static_cast<T*>(a.dq) + ((b * a.shape.seqlen_q + t) * a.shape.num_heads + n) * a.shape.head_dim;
+    if (t >= sh.seqlen_q) continue;
+    T* out = static_cast<T*>(a.dq) + ((b * sh.seqlen_q + t) * sh.num_heads + n) * sh.head_dim;
 #pragma unroll
     for (int c = 0; c < kQC; ++c) {
       const int h = tx + kTX * c;
-      if (h < a.shape.head_dim) out[h] = from_acc<T>(dq[i][c] * a.scale_f32);
+      if (h < sh.head_dim) out[h] = from_acc<T>(dq[i][c] * a.scale_f32);
     }
   }
 }
@@ -385,6 +392,7 @@ constexpr int kKM = 32;                          // query rows per step
 constexpr int kKI = kKM / kKX, kKC = kHp / kKX;  // query columns, dK/dV columns per thread
 
 __device__ void attention_bwd_dkdv(const AttentionBwdParams& a) {
+  const tf_fastattn::AttentionShape& sh = a.shape;
   __shared__ float k_s[kKN][kHp + 1];
   __shared__ float v_s[kKN][kHp + 1];
   __shared__ float q_s[kKM][kHc + 1];
@@ -393,41 +401,41 @@ __device__ void attention_bwd_dkdv(const AttentionBwdParams& a) {
   __shared__ float ds_s[kKN][kKM + 1];
   __shared__ float lse_s[kKM], delta_s[kKM];
   const int tx = threadIdx.x % kKX, j = threadIdx.x / kKX;
-  const int64_t tiles = (a.shape.seqlen_k + kKN - 1) / kKN;
+  const int64_t tiles = (sh.seqlen_k + kKN - 1) / kKN;
   const int64_t tile = blockIdx.x % tiles;
   const int64_t bh = blockIdx.x / tiles;
-  const int64_t hk = bh % a.shape.num_heads_kv, b = bh / a.shape.num_heads_kv;
+  const int64_t hk = bh % sh.num_heads_kv, b = bh / sh.num_heads_kv;
   const int64_t s0 = tile * kKN;
-  const int64_t keys = a.shape.seqlen_k - s0 < kKN ? a.shape.seqlen_k - s0 : kKN;
-  const int64_t kv_row0 = (b * a.shape.seqlen_k + s0) * a.shape.num_heads_kv + hk;
-  load_tile<kKN, kHp>(&k_s[0][0], kHp + 1, static_cast<const T*>(a.k) + kv_row0 * a.shape.head_dim,
-                      a.shape.num_heads_kv * a.shape.head_dim, keys, a.shape.head_dim);
-  load_tile<kKN, kHp>(&v_s[0][0], kHp + 1, static_cast<const T*>(a.v) + kv_row0 * a.shape.head_dim_v,
-                      a.shape.num_heads_kv * a.shape.head_dim_v, keys, a.shape.head_dim_v);
+  const int64_t keys = sh.seqlen_k - s0 < kKN ? sh.seqlen_k - s0 : kKN;
+  const int64_t kv_row0 = (b * sh.seqlen_k + s0) * sh.num_heads_kv + hk;
+  load_tile<kKN, kHp>(&k_s[0][0], kHp + 1, static_cast<const T*>(a.k) + kv_row0 * sh.head_dim,
+                      sh.num_heads_kv * sh.head_dim, keys, sh.head_dim);
+  load_tile<kKN, kHp>(&v_s[0][0], kHp + 1, static_cast<const T*>(a.v) + kv_row0 * sh.head_dim_v,
+                      sh.num_heads_kv * sh.head_dim_v, keys, sh.head_dim_v);
   float dk[kKC], dv[kKC];
 #pragma unroll
   for (int c = 0; c < kKC; ++c) dk[c] = dv[c] = 0.f;
-  const int64_t group = a.shape.num_heads / a.shape.num_heads_kv;
+  const int64_t group = sh.num_heads / sh.num_heads_kv;
   const int64_t s = s0 + j;
   for (int64_t n = hk * group; n < (hk + 1) * group; ++n) {
-    const int64_t q_row0 = b * a.shape.seqlen_q * a.shape.num_heads + n;  // row t is q_row0 + t * heads
-    const T* q = static_cast<const T*>(a.q) + q_row0 * a.shape.head_dim;
-    const T* d_o = static_cast<const T*>(a.do_) + q_row0 * a.shape.head_dim_v;
-    const int64_t ld_q = a.shape.num_heads * a.shape.head_dim, ld_o = a.shape.num_heads * a.shape.head_dim_v;
-    for (int64_t t0 = 0; t0 < a.shape.seqlen_q; t0 += kKM) {
-      const int64_t rows = a.shape.seqlen_q - t0 < kKM ? a.shape.seqlen_q - t0 : kKM;
+    const int64_t q_row0 = b * sh.seqlen_q * sh.num_heads + n;  // row t is q_row0 + t * heads
+    const T* q = static_cast<const T*>(a.q) + q_row0 * sh.head_dim;
+    const T* d_o = static_cast<const T*>(a.do_) + q_row0 * sh.head_dim_v;
+    const int64_t ld_q = sh.num_heads * sh.head_dim, ld_o = sh.num_heads * sh.head_dim_v;
+    for (int64_t t0 = 0; t0 < sh.seqlen_q; t0 += kKM) {
+      const int64_t rows = sh.seqlen_q - t0 < kKM ? sh.seqlen_q - t0 : kKM;
       __syncthreads();  // lse_s, p_s, ds_s, q_s, do_s of the previous step are consumed
       if (threadIdx.x < kKM) {
         const int64_t t = t0 + threadIdx.x;
-        const int64_t at = (b * a.shape.num_heads + n) * a.shape.seqlen_q + t;
-        lse_s[threadIdx.x] = t < a.shape.seqlen_q ? static_cast<const float*>(a.lse)[at] : 0.f;
-        delta_s[threadIdx.x] = t < a.shape.seqlen_q ? delta_of(a)[at] : 0.f;
+        const int64_t at = (b * sh.num_heads + n) * sh.seqlen_q + t;
+        lse_s[threadIdx.x] = t < sh.seqlen_q ? static_cast<const float*>(a.lse)[at] : 0.f;
+        delta_s[threadIdx.x] = t < sh.seqlen_q ? delta_of(a)[at] : 0.f;
       }
       // A tile wholly above the causal diagonal matters only for rows with
       // no allowed key (uniform p): skip it, unloaded, when it has none.
       const bool above = a.is_causal && t0 + rows - 1 < s0;
-      const bool has_empty = threadIdx.x < rows && static_cast<const float*>(a.lse)[(b * a.shape.num_heads + n) * a.shape.seqlen_q +
-                                                                                    t0 + threadIdx.x] == inf_f32();
+      const float* lse_rows = static_cast<const float*>(a.lse) + (b * sh.num_heads + n) * sh.seqlen_q + t0;
+      const bool has_empty = threadIdx.x < rows && lse_rows[threadIdx.x] == inf_f32();
       if (__syncthreads_or(above && has_empty) == 0 && above) continue;
 
       float qk[kKI], dp[kKI];
@@ -435,10 +443,10 @@ __device__ void attention_bwd_dkdv(const AttentionBwdParams& a) {
       for (int i = 0; i < kKI; ++i) qk[i] = dp[i] = 0.f;
 #pragma unroll
       for (int hc = 0; hc < kHp; hc += kHc) {
-        if (hc >= a.shape.head_dim && hc >= a.shape.head_dim_v) break;
+        if (hc >= sh.head_dim && hc >= sh.head_dim_v) break;
         __syncthreads();
-        load_tile<kKM, kHc>(&q_s[0][0], kHc + 1, q + t0 * ld_q + hc, ld_q, rows, a.shape.head_dim - hc);
-        load_tile<kKM, kHc>(&do_s[0][0], kHc + 1, d_o + t0 * ld_o + hc, ld_o, rows, a.shape.head_dim_v - hc);
+        load_tile<kKM, kHc>(&q_s[0][0], kHc + 1, q + t0 * ld_q + hc, ld_q, rows, sh.head_dim - hc);
+        load_tile<kKM, kHc>(&do_s[0][0], kHc + 1, d_o + t0 * ld_o + hc, ld_o, rows, sh.head_dim_v - hc);
         __syncthreads();
         for (int h = 0; h < kHc; ++h) {
           const float kk = k_s[j][hc + h], vv = v_s[j][hc + h];
@@ -461,11 +469,11 @@ __device__ void attention_bwd_dkdv(const AttentionBwdParams& a) {
       // the whole head dim was one chunk (still in shared memory).
 #pragma unroll
       for (int hc = 0; hc < kHp; hc += kHc) {
-        if (hc >= a.shape.head_dim && hc >= a.shape.head_dim_v) break;
+        if (hc >= sh.head_dim && hc >= sh.head_dim_v) break;
         __syncthreads();
         if (kHc < kHp) {
-          load_tile<kKM, kHc>(&q_s[0][0], kHc + 1, q + t0 * ld_q + hc, ld_q, rows, a.shape.head_dim - hc);
-          load_tile<kKM, kHc>(&do_s[0][0], kHc + 1, d_o + t0 * ld_o + hc, ld_o, rows, a.shape.head_dim_v - hc);
+          load_tile<kKM, kHc>(&q_s[0][0], kHc + 1, q + t0 * ld_q + hc, ld_q, rows, sh.head_dim - hc);
+          load_tile<kKM, kHc>(&do_s[0][0], kHc + 1, d_o + t0 * ld_o + hc, ld_o, rows, sh.head_dim_v - hc);
           __syncthreads();
         }
         for (int r = 0; r < kKM; ++r) {
@@ -479,14 +487,14 @@ __device__ void attention_bwd_dkdv(const AttentionBwdParams& a) {
       }
     }
   }
-  if (s >= a.shape.seqlen_k) return;
-  T* dk_out = static_cast<T*>(a.dk) + ((b * a.shape.seqlen_k + s) * a.shape.num_heads_kv + hk) * a.shape.head_dim;
-  T* dv_out = static_cast<T*>(a.dv) + ((b * a.shape.seqlen_k + s) * a.shape.num_heads_kv + hk) * a.shape.head_dim_v;
+  if (s >= sh.seqlen_k) return;
+  T* dk_out = static_cast<T*>(a.dk) + ((b * sh.seqlen_k + s) * sh.num_heads_kv + hk) * sh.head_dim;
+  T* dv_out = static_cast<T*>(a.dv) + ((b * sh.seqlen_k + s) * sh.num_heads_kv + hk) * sh.head_dim_v;
 #pragma unroll
   for (int c = 0; c < kKC; ++c) {
     const int h = tx + kKX * c;
-    if (h < a.shape.head_dim) dk_out[h] = from_acc<T>(dk[c] * a.scale_f32);
-    if (h < a.shape.head_dim_v) dv_out[h] = from_acc<T>(dv[c]);
+    if (h < sh.head_dim) dk_out[h] = from_acc<T>(dk[c] * a.scale_f32);
+    if (h < sh.head_dim_v) dv_out[h] = from_acc<T>(dv[c]);
   }
 }
 
@@ -500,7 +508,8 @@ extern "C" __global__ void __launch_bounds__(tfa::kSimtThreads) tfa_attention_si
   tfa::attention_fwd(a);
 }
 #else
-extern "C" __global__ void __launch_bounds__(tfa::kSimtThreads) tfa_attention_simt_bwd_delta(tfa::AttentionBwdParams a) {
+extern "C" __global__ void __launch_bounds__(tfa::kSimtThreads)
+    tfa_attention_simt_bwd_delta(tfa::AttentionBwdParams a) {
   tfa::attention_bwd_delta(a);
 }
 extern "C" __global__ void __launch_bounds__(tfa::kSimtThreads) tfa_attention_simt_bwd_dq(tfa::AttentionBwdParams a) {
