@@ -7,6 +7,7 @@ AVX-512 arithmetic in the same order).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -37,13 +38,13 @@ CASES = [
 SEED = 0x0123_4567_89AB_CDEF
 
 CHILD = r"""
-import os, sys
+import json, os, sys
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 import ml_dtypes
 import numpy as np
 from tf_fastattn import _C
 data = dict(np.load(sys.argv[1]))  # bfloat16 travels as float32 (exactly)
-out = {"paths": np.array(repr(_C.cpu_attention_paths()))}
+out = {"paths": np.array(json.dumps(_C.cpu_attention_paths()))}
 for key in sorted({k.split(":")[0] for k in data}):
     dtype = ml_dtypes.bfloat16 if key.startswith("bfloat16") else np.float32
     q, k, v, d_out = (data[f"{key}:{n}"].astype(dtype) for n in ("q", "k", "v", "d_out"))
@@ -95,7 +96,7 @@ def test_tier_meets_the_criterion(tier_results, tier, dtype_name):
         pytest.skip(f"this CPU cannot run the {tier} tier (cpu_features: {sorted(FEATURES)})")
     data, results = tier_results
     got = results[tier]
-    paths = eval(str(got["paths"]))  # the child's cpu_attention_paths(): the cap took effect
+    paths = json.loads(str(got["paths"]))  # the child's cpu_attention_paths(): the cap took effect
     assert paths["float32"] == tier and paths["dropout"] == tier, paths
     if tier != "avx512":
         assert paths["bfloat16"] == f"float32 products ({tier})", paths
