@@ -18,7 +18,7 @@ py::dict runtime_info() {
   py::dict d;
   const gpu::Driver* drv = nullptr;
   const Status ds = gpu::driver(&drv);
-  d["driver"] = ds.ok() ? py::str("libcuda.so.1 " + std::to_string(drv->version)) : py::str("unavailable");
+  d["driver"] = ds.ok() ? py::str(drv->path + " " + std::to_string(drv->version)) : py::str("unavailable");
   d["driver_error"] = ds.ok() ? py::none() : py::object(py::str(ds.message()));
   d["nvrtc_candidates"] = gpu::nvrtc_candidates();
   const gpu::Nvrtc* nv = nullptr;

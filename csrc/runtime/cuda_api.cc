@@ -52,9 +52,12 @@ DriverState& driver_state() {
 }
 
 void load_driver(DriverState* s) {
-  void* lib = ::dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+  // $TF_FASTATTN_CUDA_DRIVER: another driver library (the CPU emulator of
+  // csrc/emulation in tests).
+  const std::string path = env("TF_FASTATTN_CUDA_DRIVER").empty() ? "libcuda.so.1" : env("TF_FASTATTN_CUDA_DRIVER");
+  void* lib = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
   if (!lib) {
-    s->status = Status::Unavailable(std::string("the CUDA driver (libcuda.so.1) could not be loaded: ") + ::dlerror() +
+    s->status = Status::Unavailable("the CUDA driver (" + path + ") could not be loaded: " + ::dlerror() +
                                 "; GPU kernels need an NVIDIA driver (the CPU kernels work without one)");
     return;
   }
@@ -75,7 +78,7 @@ void load_driver(DriverState* s) {
   sym(lib, "cuLaunchKernel", &d.cuLaunchKernel, &missing);
   sym(lib, "cuMemsetD8Async", &d.cuMemsetD8Async, &missing);
   if (!missing.empty()) {
-    s->status = Status::Unavailable("libcuda.so.1 lacks " + missing + " (driver too old for CUDA 12?)");
+    s->status = Status::Unavailable(path + " lacks " + missing + " (driver too old for CUDA 12?)");
     return;
   }
   const CUresult r = d.cuInit(0);
@@ -84,7 +87,7 @@ void load_driver(DriverState* s) {
     return;
   }
   d.cuDriverGetVersion(&d.version);
-  d.path = "libcuda.so.1";
+  d.path = path;
 }
 
 std::vector<std::string> search_dirs() {

@@ -64,7 +64,7 @@ __device__ __forceinline__ void accumulate_pv(const float (&p)[kBN / 8][4], cons
 
 __device__ void attention_fwd(const AttentionFwdParams& a) {
   const tf_fastattn::AttentionShape& sh = a.shape;
-  extern __shared__ __align__(16) uint16_t smem[];
+  uint16_t* const smem = dynamic_smem<uint16_t>();
   uint16_t* q_s = smem;                // [kBM][kLd]
   uint16_t* k_s = q_s + kBM * kLd;     // [kBN][kLd]
   uint16_t* vt_s = k_s + kBN * kLd;    // [kHp][kVld]

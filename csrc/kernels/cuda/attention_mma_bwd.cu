@@ -58,12 +58,7 @@ static_assert(kOT % 2 == 0, "ldmatrix.x4 loads two n-tiles at once");
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const uint16_t* tile, int row0, int col) {
   const int lane = threadIdx.x % 32;
   const uint16_t* p = tile + (row0 + lane % 8 + 8 * ((lane / 8) % 2)) * kLd + col + 8 * (lane / 16);
-  uint32_t addr;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(addr) : "l"(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
+  ldmatrix_x4_trans(r, p);
 }
 
 // A fragment (16 rows x k 16) at column kk of a row-major shared tile.
@@ -156,7 +151,7 @@ constexpr int kQN = mma_bwd_dq_keys(kHp);
 
 __device__ void bwd_dq(const AttentionBwdParams& a) {
   const tf_fastattn::AttentionShape& sh = a.shape;
-  extern __shared__ __align__(16) uint16_t smem[];
+  uint16_t* const smem = dynamic_smem<uint16_t>();
   uint16_t* q_s = smem;              // [kQM][kLd]
   uint16_t* do_s = q_s + kQM * kLd;  // [kQM][kLd]
   uint16_t* k_s = do_s + kQM * kLd;  // [kQN][kLd]
@@ -378,7 +373,7 @@ __device__ void dkdv_pass(const AttentionBwdParams& a, const KvTiles& sm, int64_
 
 __device__ void bwd_dkdv(const AttentionBwdParams& a) {
   const tf_fastattn::AttentionShape& sh = a.shape;
-  extern __shared__ __align__(16) uint16_t smem[];
+  uint16_t* const smem = dynamic_smem<uint16_t>();
   KvTiles sm;
   sm.k_s = smem;
   sm.v_s = sm.k_s + kKN * kLd;

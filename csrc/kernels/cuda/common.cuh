@@ -51,10 +51,16 @@ struct AccOf<double> {
   using type = double;
 };
 
+// Inline PTX appears only in wrappers like this one (and in mma.cuh), each
+// with a twin for the CPU emulation (csrc/emulation/cuda_emulation.h).
 __device__ __forceinline__ float to_acc(half_t h) {
+#ifdef TFA_EMULATION
+  return tfa_emu::half_to_float(h.bits);
+#else
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.bits));
   return f;
+#endif
 }
 __device__ __forceinline__ float to_acc(bfloat16_t h) { return __uint_as_float(static_cast<uint32_t>(h.bits) << 16); }
 __device__ __forceinline__ float to_acc(float f) { return f; }
@@ -66,7 +72,11 @@ __device__ __forceinline__ T from_acc(float f);
 template <>
 __device__ __forceinline__ half_t from_acc<half_t>(float f) {
   half_t h;
+#ifdef TFA_EMULATION
+  h.bits = tfa_emu::float_to_half(f);
+#else
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(f));
+#endif
   return h;
 }
 template <>
@@ -89,6 +99,17 @@ __device__ __forceinline__ T from_acc(double f);
 template <>
 __device__ __forceinline__ double from_acc<double>(double f) {
   return f;
+}
+
+// The block's dynamic shared memory (16-byte aligned), as T.
+template <typename T>
+__device__ __forceinline__ T* dynamic_smem() {
+#ifdef TFA_EMULATION
+  return static_cast<T*>(tfa_emu::dynamic_smem());
+#else
+  extern __shared__ __align__(16) unsigned char tfa_dynamic_smem[];
+  return reinterpret_cast<T*>(tfa_dynamic_smem);
+#endif
 }
 
 __device__ __forceinline__ float inf_f32() { return __int_as_float(0x7f800000); }

@@ -8,8 +8,11 @@
 
 namespace tfa {
 
+// Each wrapper has a twin for the CPU emulation (csrc/emulation/cuda_emulation.h).
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if TFA_DTYPE == 0
+#if defined(TFA_EMULATION)
+  tfa_emu::mma16816(d, a, b0, b1, TFA_DTYPE != 0);
+#elif TFA_DTYPE == 0
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -23,12 +26,32 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
 // Two floats as one 16-bit pair, `lo` in the low half (the lower column).
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   uint32_t r;
-#if TFA_DTYPE == 0
+#if defined(TFA_EMULATION)
+  r = TFA_DTYPE == 0 ? tfa_emu::float_to_half(lo) | uint32_t(tfa_emu::float_to_half(hi)) << 16
+                     : tfa_emu::float_to_bf16(lo) | uint32_t(tfa_emu::float_to_bf16(hi)) << 16;
+#elif TFA_DTYPE == 0
   asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
 #else
   asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
 #endif
   return r;
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16: four 8 x 8 matrices of
+// 16-bit values, transposed; lanes 8i .. 8i + 7 give the rows of matrix i
+// (`row`: this lane's row, 16-byte aligned shared memory), r[i] receives this
+// lane's fragment of matrix i.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* row) {
+#ifdef TFA_EMULATION
+  tfa_emu::ldmatrix_x4_trans(r, row);
+#else
+  uint32_t addr;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(addr) : "l"(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+#endif
 }
 
 __device__ __forceinline__ uint32_t ld32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }

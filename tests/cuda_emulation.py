@@ -1,0 +1,246 @@
+"""The CUDA kernels under the CPU emulator (csrc/emulation), against the NumPy
+references with the accuracy criterion.
+
+The emulator stands in for the CUDA driver and NVRTC (tf_fastattn/_cuda_emulator.so);
+the runtime loads the driver once per process, so the cases run in a worker
+process started with the emulator's environment: `run_cases(cases, arch)`
+sends them as JSON to `python cuda_emulation.py` and returns one result per
+case. In the worker the package's own GPU entry points (_C.attention_fwd_gpu,
+..., on host pointers) run the unchanged runtime: variant choice, compile
+cache, launch shapes and shared-memory opt-in, with emulated kernels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def emulator_path() -> str | None:
+    """tf_fastattn/_cuda_emulator.so next to _C, or None where it is not built (not x86-64)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("tf_fastattn._C")
+    if spec is None or not spec.origin:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), "_cuda_emulator.so")
+    return path if os.path.exists(path) else None
+
+
+def cache_dir() -> str:
+    """A compile cache per version of the emulation sources: the runtime's cache
+    key covers the kernel sources, not the emulator that compiles them."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(os.path.join(ROOT, "csrc", "emulation"))):
+        with open(os.path.join(ROOT, "csrc", "emulation", name), "rb") as f:
+            h.update(name.encode() + f.read())
+    return os.path.join(ROOT, "build", "emulation-cache", h.hexdigest()[:16])
+
+
+def environment(arch: int, schedule: str = "random", seed: int = 0) -> dict:
+    emu = emulator_path()
+    env = dict(os.environ)
+    env.update(
+        TF_FASTATTN_CUDA_DRIVER=emu,
+        TF_FASTATTN_NVRTC=emu,
+        TF_FASTATTN_EMULATED_ARCH=str(arch),
+        TF_FASTATTN_EMULATION_SCHEDULE=schedule,
+        TF_FASTATTN_EMULATION_SEED=str(seed),
+        TF_FASTATTN_CACHE_DIR=cache_dir(),
+        TF_CPP_MIN_LOG_LEVEL="3",
+    )
+    env.pop("TF_FASTATTN_ATTENTION_FAMILY", None)
+    return env
+
+
+def run_cases(cases: list[dict], arch: int = 80, schedule: str = "random", seed: int = 0, timeout: float = 1200):
+    """Runs `cases` (dicts, see run_case) in one emulated worker; returns their results in order."""
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__)],
+        input=json.dumps(cases),
+        capture_output=True,
+        text=True,
+        env=environment(arch, schedule, seed),
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"the emulated worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------
+# The worker.
+
+
+def _np_dtypes():
+    import ml_dtypes
+    import numpy as np
+
+    return {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float64": np.float64}
+
+
+def _poisoned(np, shape, dtype):
+    return np.full(shape, np.nan, dtype)
+
+
+def _make_mask(np, rng, kind, B, N, T, S):
+    """None, or a bool mask broadcastable to [B, N, T, S] and its element strides."""
+    if kind is None:
+        return None
+    if kind == "padding":  # [B, 1, 1, S]: per-batch key padding
+        lengths = rng.integers(1, S + 1, size=B)
+        m = np.arange(S)[None, None, None, :] < lengths[:, None, None, None]
+    elif kind == "dense":  # [B, 1, T, S] with fully masked rows
+        m = rng.random((B, 1, T, S)) < 0.7
+        m[:, :, ::3, :] = False
+    elif kind == "heads":  # [1, N, T, S]
+        m = rng.random((1, N, T, S)) < 0.5
+    else:
+        raise ValueError(f"unknown mask kind {kind!r}")
+    m = np.ascontiguousarray(m)
+    strides = [0 if m.shape[i] == 1 else m.strides[i] // m.itemsize for i in range(4)]
+    return m, strides
+
+
+def run_attention(C, case):
+    import criterion
+    import numpy as np
+    from numpy_reference import naive_same_dtype, np_attention_bwd, np_attention_fwd, philox_keep_mask
+
+    dt_name = case["dtype"]
+    dtype = _np_dtypes()[dt_name]
+    B, T, S, N, Nkv, H, Hv = (case[k] for k in ("B", "T", "S", "N", "Nkv", "H", "Hv"))
+    causal, rate, seed = case.get("causal", False), case.get("dropout", 0.0), case.get("seed", 1234)
+    family = case.get("family", "auto")
+    rng = np.random.default_rng(case.get("data_seed", 0))
+    q = rng.standard_normal((B, T, N, H)).astype(dtype)
+    k = rng.standard_normal((B, S, Nkv, H)).astype(dtype)
+    v = rng.standard_normal((B, S, Nkv, Hv)).astype(dtype)
+    d_o = rng.standard_normal((B, T, N, Hv)).astype(dtype)
+    mm = _make_mask(np, rng, case.get("mask"), B, N, T, S)
+    mask, strides = mm if mm else (None, [0, 0, 0, 0])
+    scale = 1.0 / np.sqrt(H)
+    shape = [B, T, S, N, Nkv, H, Hv]
+
+    o = _poisoned(np, (B, T, N, Hv), dtype)
+    lse = _poisoned(np, (B, N, T), np.float32)
+    mask_ptr = mask.ctypes.data if mask is not None else 0
+    C.attention_fwd_gpu(q.ctypes.data, k.ctypes.data, v.ctypes.data, mask_ptr, strides, o.ctypes.data,
+                        lse.ctypes.data, shape, dt_name, scale, causal, rate, seed, 0, family)
+    dq, dk, dv = (_poisoned(np, x.shape, dtype) for x in (q, k, v))
+    ws = np.zeros(C.attention_bwd_workspace_bytes_gpu(shape, dt_name), np.uint8)
+    C.attention_bwd_gpu(q.ctypes.data, k.ctypes.data, v.ctypes.data, mask_ptr, strides, o.ctypes.data,
+                        lse.ctypes.data, d_o.ctypes.data, dq.ctypes.data, dk.ctypes.data, dv.ctypes.data,
+                        ws.ctypes.data, shape, dt_name, scale, causal, rate, seed, 0, family)
+
+    keep = philox_keep_mask(seed, rate, B, N, T, S) if rate > 0 else None
+    kw = dict(mask=mask, scale=scale, is_causal=causal, keep=keep, rate=rate)
+    ref_o, ref_lse, _, _, _ = np_attention_fwd(q, k, v, **kw)
+    ref_grads = np_attention_bwd(q, k, v, d_o, **kw)
+    naive_o, naive_grads = naive_same_dtype(q, k, v, d_o, dtype, **kw)
+    errors = {}
+    for name, got, naive, ref in [("o", o, naive_o, ref_o)] + list(
+        zip(("dq", "dk", "dv"), (dq, dk, dv), naive_grads, ref_grads)
+    ):
+        criterion.check_close(got, naive, ref, dt_name, name)
+        errors[name] = float(np.abs(got.astype(np.float64) - ref).max()) if got.size else 0.0
+    # lse: float32 statistics, +inf for rows with no allowed key.
+    ref_lse = ref_lse.astype(np.float64)
+    np.testing.assert_array_equal(np.isinf(lse), np.isinf(ref_lse), err_msg="lse: infinite pattern differs")
+    fin = np.isfinite(ref_lse)
+    lse_err = float(np.abs(lse[fin] - ref_lse[fin]).max()) if fin.any() else 0.0
+    assert lse_err <= 1e-4 * max(1.0, float(np.abs(ref_lse[fin]).max()) if fin.any() else 1.0), f"lse: error {lse_err:.3g}"
+    errors["lse"] = lse_err
+    return errors
+
+
+def run_layer_norm(C, case):
+    import criterion
+    import numpy as np
+    from numpy_reference import layer_norm_bwd, layer_norm_fwd
+
+    dt_name, pdt_name = case["dtype"], case.get("param_dtype", "float32")
+    dtype, pdtype = _np_dtypes()[dt_name], _np_dtypes()[pdt_name]
+    rows, cols, eps = case["rows"], case["cols"], case.get("epsilon", 1e-3)
+    residual = case.get("residual", True)
+    rng = np.random.default_rng(case.get("data_seed", cols))
+    x = (rng.standard_normal((rows, cols)) * 2 + 0.5).astype(dtype)
+    r = rng.standard_normal((rows, cols)).astype(dtype) if residual else None
+    g = (rng.random(cols) + 0.5).astype(pdtype)
+    b = rng.standard_normal(cols).astype(pdtype)
+    stats = np.float64 if dt_name == "float64" else np.float32
+    y = _poisoned(np, (rows, cols), dtype)
+    s = _poisoned(np, (rows, cols), dtype) if residual else None
+    mean, rstd = _poisoned(np, rows, stats), _poisoned(np, rows, stats)
+    C.layer_norm_fwd_gpu(x.ctypes.data, r.ctypes.data if residual else 0, g.ctypes.data, b.ctypes.data, y.ctypes.data,
+                         s.ctypes.data if residual else 0, mean.ctypes.data, rstd.ctypes.data, rows, cols, dt_name,
+                         pdt_name, eps, 0)
+    dy = rng.standard_normal((rows, cols)).astype(dtype)
+    dsum = rng.standard_normal((rows, cols)).astype(dtype) if residual else None
+    s_in = s if residual else x
+    dx = _poisoned(np, (rows, cols), dtype)
+    dg, db = _poisoned(np, cols, pdtype), _poisoned(np, cols, pdtype)
+    ws = np.zeros(C.layer_norm_bwd_workspace_bytes_gpu(rows, cols, dt_name), np.uint8)
+    C.layer_norm_bwd_gpu(dy.ctypes.data, dsum.ctypes.data if residual else 0, s_in.ctypes.data, g.ctypes.data,
+                         mean.ctypes.data, rstd.ctypes.data, dx.ctypes.data, dg.ctypes.data, db.ctypes.data,
+                         ws.ctypes.data, rows, cols, dt_name, pdt_name, 0)
+
+    g64, b64 = g.astype(np.float64), b.astype(np.float64)
+    ref_y, ref_s, ref_mean, ref_rstd = layer_norm_fwd(x, r if residual else np.zeros_like(x), g64, b64, eps)
+    d64 = dsum.astype(np.float64) if residual else 0.0
+    ref_dx, ref_dg, ref_db = layer_norm_bwd(ref_s, dy.astype(np.float64), d64, g64, eps)
+    # The naive implementation at the input precision (float32 statistics for
+    # half types, as every framework's layer norm).
+    c = np.float64 if dt_name == "float64" else np.float32
+    s_c = ref_s.astype(c)
+    naive_y = layer_norm_fwd(s_c, np.zeros_like(s_c), g.astype(c), b.astype(c), eps)[0].astype(dtype)
+    naive_dx, naive_dg, naive_db = (
+        t.astype(dtype) for t in layer_norm_bwd(s_c, dy.astype(c), (dsum.astype(c) if residual else c(0)), g.astype(c), eps)
+    )
+    errors = {}
+    for name, got, naive, ref in [
+        ("y", y, naive_y, ref_y),
+        ("dx", dx, naive_dx, ref_dx),
+        ("dgamma", dg, naive_dg.astype(pdtype), ref_dg),
+        ("dbeta", db, naive_db.astype(pdtype), ref_db),
+    ]:
+        criterion.check_close(got, naive, ref, pdt_name if name in ("dgamma", "dbeta") else dt_name, name)
+        errors[name] = float(np.abs(got.astype(np.float64) - ref).max())
+    if residual:
+        np.testing.assert_array_equal(s, ref_s.astype(dtype), err_msg="sum")
+    for name, got, ref in (("mean", mean, ref_mean), ("rstd", rstd, ref_rstd)):
+        err = float(np.abs(got - ref).max() / max(1.0, np.abs(ref).max()))
+        assert err <= (1e-12 if dt_name == "float64" else 1e-5), f"{name}: relative error {err:.3g}"
+    return errors
+
+
+def run_case(C, case):
+    t0 = time.perf_counter()
+    try:
+        errors = (run_attention if case["op"] == "attention" else run_layer_norm)(C, case)
+        return {"ok": True, "errors": errors, "seconds": time.perf_counter() - t0}
+    except Exception as e:  # reported per case; the test asserts on it
+        return {"ok": False, "message": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - t0}
+
+
+def main():
+    sys.path.insert(0, HERE)
+    from tf_fastattn import _C
+
+    info = _C.gpu_runtime_info()
+    if not info["ok"] or "_cuda_emulator" not in info["driver"]:
+        raise SystemExit(f"the emulator is not the driver here: {info}")
+    cases = json.loads(sys.stdin.read())
+    results = [run_case(_C, c) for c in cases]
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
