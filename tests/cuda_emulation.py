@@ -17,20 +17,29 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
+def _kernel_module_file() -> str | None:
+    """The installed tf_fastattn/_C*.so, found without importing the package
+    (which imports TensorFlow: seconds per worker)."""
+    import glob
+
+    for entry in sys.path:
+        found = glob.glob(os.path.join(entry or ".", "tf_fastattn", "_C.*.so"))
+        if found:
+            return found[0]
+    return None
+
+
 def emulator_path() -> str | None:
     """tf_fastattn/_cuda_emulator.so next to _C, or None where it is not built (not x86-64)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("tf_fastattn._C")
-    if spec is None or not spec.origin:
-        return None
-    path = os.path.join(os.path.dirname(spec.origin), "_cuda_emulator.so")
+    c = _kernel_module_file()
+    path = os.path.join(os.path.dirname(c), "_cuda_emulator.so") if c else ""
     return path if os.path.exists(path) else None
 
 
@@ -44,7 +53,8 @@ def cache_dir() -> str:
     return os.path.join(ROOT, "build", "emulation-cache", h.hexdigest()[:16])
 
 
-def environment(arch: int, schedule: str = "random", seed: int = 0) -> dict:
+def environment(arch: int, schedule: str = "random", seed: int = 0, mutation: tuple | None = None,
+                cache: str | None = None) -> dict:
     emu = emulator_path()
     env = dict(os.environ)
     env.update(
@@ -53,23 +63,37 @@ def environment(arch: int, schedule: str = "random", seed: int = 0) -> dict:
         TF_FASTATTN_EMULATED_ARCH=str(arch),
         TF_FASTATTN_EMULATION_SCHEDULE=schedule,
         TF_FASTATTN_EMULATION_SEED=str(seed),
-        TF_FASTATTN_CACHE_DIR=cache_dir(),
+        TF_FASTATTN_CACHE_DIR=cache or cache_dir(),
         TF_CPP_MIN_LOG_LEVEL="3",
     )
     env.pop("TF_FASTATTN_ATTENTION_FAMILY", None)
+    env.pop("TF_FASTATTN_EMULATION_MUTATION", None)
+    if mutation:
+        env["TF_FASTATTN_EMULATION_MUTATION"] = "\n".join(mutation)
     return env
 
 
-def run_cases(cases: list[dict], arch: int = 80, schedule: str = "random", seed: int = 0, timeout: float = 1200):
-    """Runs `cases` (dicts, see run_case) in one emulated worker; returns their results in order."""
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__)],
-        input=json.dumps(cases),
-        capture_output=True,
-        text=True,
-        env=environment(arch, schedule, seed),
-        timeout=timeout,
-    )
+def run_cases(cases: list[dict], arch: int = 80, schedule: str = "random", seed: int = 0,
+              mutation: tuple | None = None, precompile=(), timeout: float = 1500):
+    """Runs `cases` (dicts, see run_attention and run_layer_norm) in one emulated
+    worker; returns their results in order: {"ok", "errors" or "message",
+    "digest" (of the outputs' bytes), "seconds"}.
+
+    `mutation` = (file, old, new) plants a bug (the emulator's
+    TF_FASTATTN_EMULATION_MUTATION), compiled into a private cache.
+    `precompile`: "cases" (the variants the cases use) or "all" (every variant
+    of sm_<arch>), compiled first on two threads; () for none.
+    """
+    payload = {"cases": cases, "precompile": precompile or ""}
+    with tempfile.TemporaryDirectory() as private_cache:
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__)],
+            input=json.dumps(payload),
+            capture_output=True,
+            text=True,
+            env=environment(arch, schedule, seed, mutation, private_cache if mutation else None),
+            timeout=timeout,
+        )
     if proc.returncode != 0:
         raise RuntimeError(f"the emulated worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -158,7 +182,7 @@ def run_attention(C, case):
     lse_err = float(np.abs(lse[fin] - ref_lse[fin]).max()) if fin.any() else 0.0
     assert lse_err <= 1e-4 * max(1.0, float(np.abs(ref_lse[fin]).max()) if fin.any() else 1.0), f"lse: error {lse_err:.3g}"
     errors["lse"] = lse_err
-    return errors
+    return errors, (o, lse, dq, dk, dv)
 
 
 def run_layer_norm(C, case):
@@ -218,27 +242,78 @@ def run_layer_norm(C, case):
     for name, got, ref in (("mean", mean, ref_mean), ("rstd", rstd, ref_rstd)):
         err = float(np.abs(got - ref).max() / max(1.0, np.abs(ref).max()))
         assert err <= (1e-12 if dt_name == "float64" else 1e-5), f"{name}: relative error {err:.3g}"
-    return errors
+    return errors, (y, dx, dg, db, mean, rstd) + ((s,) if residual else ())
+
+
+def _digest(arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
 
 
 def run_case(C, case):
     t0 = time.perf_counter()
     try:
-        errors = (run_attention if case["op"] == "attention" else run_layer_norm)(C, case)
-        return {"ok": True, "errors": errors, "seconds": time.perf_counter() - t0}
+        errors, outputs = (run_attention if case["op"] == "attention" else run_layer_norm)(C, case)
+        return {"ok": True, "errors": errors, "digest": _digest(outputs), "seconds": time.perf_counter() - t0}
     except Exception as e:  # reported per case; the test asserts on it
         return {"ok": False, "message": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - t0}
 
 
+def variants_of(C, cases, arch):
+    """The names of the kernel variants the dispatcher picks for `cases` on sm_<arch>."""
+    names = []
+    for v in C.gpu_variants(arch):
+        for c in cases:
+            if c["op"] != v["op"] or c["dtype"] != v["dtype"]:
+                continue
+            if c["op"] == "attention":
+                family = c.get("family", "auto")
+                if family == "auto":
+                    family = C.gpu_attention_family(arch, c["dtype"])
+                if v["family"] != family or v["head_dim"] != C.gpu_head_dim_bucket(c["H"], c["Hv"]):
+                    continue
+            if v["name"] not in names:
+                names.append(v["name"])
+    return names
+
+
+def precompile(C, which, cases, arch):
+    """Compiles variants into the disk cache on two threads (the compiler
+    releases the GIL), so the cases that follow load them from the cache."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = [v["name"] for v in C.gpu_variants(arch)] if which == "all" else variants_of(C, cases, arch)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda n: C.gpu_compile(arch, n), names))
+
+
+def load_kernel_module():
+    """tf_fastattn._C alone, without the package (and so without TensorFlow)."""
+    import importlib.machinery
+    import importlib.util
+
+    origin = _kernel_module_file()
+    loader = importlib.machinery.ExtensionFileLoader("tf_fastattn._C", origin)
+    spec = importlib.util.spec_from_file_location("tf_fastattn._C", origin, loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
 def main():
     sys.path.insert(0, HERE)
-    from tf_fastattn import _C
+    _C = load_kernel_module()
 
     info = _C.gpu_runtime_info()
     if not info["ok"] or "_cuda_emulator" not in info["driver"]:
         raise SystemExit(f"the emulator is not the driver here: {info}")
-    cases = json.loads(sys.stdin.read())
-    results = [run_case(_C, c) for c in cases]
+    payload = json.loads(sys.stdin.read())
+    arch = int(os.environ["TF_FASTATTN_EMULATED_ARCH"])
+    if payload["precompile"]:
+        precompile(_C, payload["precompile"], payload["cases"], arch)
+    results = [run_case(_C, c) for c in payload["cases"]]
     print(json.dumps(results))
 
 

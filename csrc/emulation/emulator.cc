@@ -179,7 +179,39 @@ struct Program {
   std::string log, image;
 };
 
+// TF_FASTATTN_EMULATION_MUTATION="FILE\nOLD\nNEW": replaces the first OLD in the
+// source or header named FILE by NEW before compiling (tests plant bugs this
+// way to show the emulated tests catch them). A mutation whose OLD is not
+// found fails the compile, so a stale one cannot pass unnoticed.
+bool apply_mutation(Program* prog, std::string* error) {
+  const std::string m = env("TF_FASTATTN_EMULATION_MUTATION", "");
+  if (m.empty()) return true;
+  const size_t a = m.find('\n'), b = a == std::string::npos ? a : m.find('\n', a + 1);
+  if (b == std::string::npos) {
+    *error = "TF_FASTATTN_EMULATION_MUTATION must be FILE, OLD and NEW on three lines";
+    return false;
+  }
+  const std::string file = m.substr(0, a), old_text = m.substr(a + 1, b - a - 1), new_text = m.substr(b + 1);
+  std::string* text = file == prog->name ? &prog->source : nullptr;
+  for (auto& h : prog->headers) {
+    if (h.first == file) text = &h.second;
+  }
+  if (!text) return true;  // another variant's .cu file
+  const size_t at = text->find(old_text);
+  if (at == std::string::npos) {
+    *error = "mutation: '" + old_text + "' not found in " + file;
+    return false;
+  }
+  text->replace(at, old_text.size(), new_text);
+  return true;
+}
+
 int compile(Program* prog, const std::vector<std::string>& options) {
+  std::string mutation_error;
+  if (!apply_mutation(prog, &mutation_error)) {
+    prog->log = mutation_error;
+    return kNvrtcCompilation;
+  }
   char tmpl[] = "/tmp/tfa-emu-XXXXXX";
   const char* base = std::getenv("TMPDIR");
   std::string pattern = std::string(base && *base ? base : "/tmp") + "/tfa-emu-XXXXXX";

@@ -244,6 +244,15 @@ void register_gpu(py::module_& m) {
   m.def("gpu_head_dim_bucket", &gpu::attention_head_dim_bucket,
         "The head-dim bucket whose variants serve max(head_dim, head_dim_v); 0 when above every bucket.",
         "head_dim"_a, "head_dim_v"_a = 0);
+  m.def("gpu_attention_family",
+        [](int arch, const std::string& dtype) {
+          AttentionFamily f;
+          check(gpu::resolve_attention_family(arch, dtype_named(dtype, "dtype"), AttentionFamily::kAuto, &f));
+          return std::string(f == AttentionFamily::kTensorCore ? "tensor_core" : "simt");
+        },
+        "The attention family family='auto' picks for dtype on sm_<arch> (TF_FASTATTN_ATTENTION_FAMILY\n"
+        "overrides it).",
+        "arch"_a, "dtype"_a);
   m.def("gpu_compile", &compile,
         "Compiles one variant (by name, see gpu_variants) for sm_<arch> with NVRTC; needs no GPU.\n"
         "Returns the target, timing, cache use, NVRTC log and per-kernel registers/smem/spills.\n"

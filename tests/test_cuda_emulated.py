@@ -1,0 +1,186 @@
+"""The CUDA kernels, run on the CPU under the emulator (csrc/emulation), against
+the float64 NumPy references with the accuracy criterion (criterion.py).
+
+Every case runs the package's GPU entry points (_C.attention_fwd_gpu and
+friends) with the emulator standing in for the CUDA driver and NVRTC, so the
+runtime's variant choice, compile cache, launch shapes and shared-memory
+opt-in run too. Outputs are poisoned (NaN) before each launch. The quick set
+covers each kernel family (SIMT and tensor-core attention, layer norm) with
+tails, causal, masks with fully masked rows, GQA/MQA and dropout (the CPU
+kernels' Philox keep mask); the full sweep (slow) covers every variant the
+dispatcher can choose. Planted bugs (a missing barrier, a tail off by one, a
+wrong fragment layout) must make the cases fail: the tests can catch what
+they claim to.
+
+What the emulation verifies and what it cannot: README, "Testing the CUDA
+kernels without a GPU".
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from cuda_emulation import emulator_path, run_cases
+
+pytestmark = pytest.mark.skipif(emulator_path() is None, reason="the CUDA emulator is built on x86-64 Linux only")
+
+
+def attention(dtype, B, T, S, N, Nkv, H, Hv, **kw):
+    return dict(op="attention", dtype=dtype, B=B, T=T, S=S, N=N, Nkv=Nkv, H=H, Hv=Hv, **kw)
+
+
+def layer_norm(dtype, rows, cols, **kw):
+    return dict(op="layer_norm", dtype=dtype, rows=rows, cols=cols, **kw)
+
+
+def case_id(c):
+    if c["op"] == "layer_norm":
+        extra = "" if c.get("residual", True) else "-noresidual"
+        return f"ln-{c['dtype']}-params_{c.get('param_dtype', 'float32')}-C{c['cols']}{extra}"
+    s = f"attn-{c.get('family', 'auto')}-{c['dtype']}-" + "B{B}T{T}S{S}N{N}kv{Nkv}H{H}Hv{Hv}".format(**c)
+    for k in ("causal", "mask", "dropout"):
+        if c.get(k):
+            s += f"-{k}" + ("" if c[k] is True else f"_{c[k]}")
+    return s
+
+
+# ---------------------------------------------------------------------------
+# Quick set (sm_80): one variant per family and dtype class, the hard cases on each.
+
+QUICK = [
+    # tensor-core float16, bucket 128 (H 100, Hv 80): tails, GQA, causal with a dense
+    # mask (fully masked rows), dropout with key padding.
+    attention("float16", 2, 7, 97, 4, 2, 100, 80),
+    attention("float16", 1, 97, 70, 4, 1, 100, 80, causal=True, mask="dense"),
+    attention("float16", 1, 70, 97, 2, 2, 100, 80, mask="padding", dropout=0.1),
+    # tensor-core bfloat16, bucket 64.
+    attention("bfloat16", 1, 97, 97, 2, 1, 64, 64, causal=True, dropout=0.25),
+    attention("bfloat16", 2, 1, 1, 2, 2, 64, 40),
+    # SIMT float32, bucket 64 (H 40, Hv 64), and SIMT float16 (the pre-sm_80 path).
+    attention("float32", 2, 7, 97, 4, 2, 40, 64, mask="heads"),
+    attention("float32", 1, 97, 7, 4, 2, 40, 64, causal=True, dropout=0.1),
+    attention("float16", 1, 97, 70, 2, 1, 40, 64, family="simt", mask="dense"),
+    # layer norm: a warp per row (C 71, 1024) and a block per row (C 4096, float32).
+    layer_norm("float32", 5, 1),
+    layer_norm("float32", 5, 71),
+    layer_norm("bfloat16", 3, 1024, param_dtype="bfloat16", residual=False),
+    layer_norm("float32", 3, 4096),
+]
+
+
+# ---------------------------------------------------------------------------
+# Planted bugs: each must fail the case that exercises it.
+
+MUTANTS = {
+    "missing_barrier": (
+        ("attention_mma.cu", "__syncthreads();  // the previous tile's K and Vt are consumed", "/* removed */"),
+        attention("float16", 1, 64, 200, 1, 1, 64, 64),
+    ),
+    "tail_off_by_one": (
+        ("attention_common.cuh", "s >= a.shape.seqlen_k", "s > a.shape.seqlen_k"),
+        attention("float32", 1, 7, 97, 2, 2, 40, 40),
+    ),
+    "fragment_layout": (
+        ("attention_mma.cu", "mma16816(x[nt], af, ld32(row), ld32(row + 8));",
+         "mma16816(x[nt], af, ld32(row + 8), ld32(row));"),
+        attention("bfloat16", 1, 16, 16, 1, 1, 32, 32),
+    ),
+    "layer_norm_tail": (
+        ("layer_norm.cu", "col0 + i < cols ? to_acc(row[col0 + i])", "col0 + i <= cols ? to_acc(row[col0 + i])"),
+        layer_norm("float32", 5, 71),
+    ),
+}
+
+
+# The mutants' cases run clean in the quick set too.
+QUICK += [case for _, case in MUTANTS.values() if case not in QUICK]
+
+
+@pytest.fixture(scope="module")
+def quick_results():
+    return dict(zip(map(case_id, QUICK), run_cases(QUICK, arch=80, precompile="cases")))
+
+
+@pytest.mark.parametrize("case", QUICK, ids=case_id)
+def test_quick(quick_results, case):
+    r = quick_results[case_id(case)]
+    assert r["ok"], r["message"]
+
+
+def test_results_do_not_depend_on_the_schedule(quick_results):
+    """The same cases with the threads of every block run in another random
+    order and in a fixed order give bitwise the same outputs: no result depends
+    on an ordering between barriers (a race on shared memory would)."""
+    for schedule, seed in (("random", 7), ("ordered", 0)):
+        other = dict(zip(map(case_id, QUICK), run_cases(QUICK, arch=80, schedule=schedule, seed=seed)))
+        for cid, r in quick_results.items():
+            assert other[cid]["ok"], f"{cid} ({schedule}, seed {seed}): {other[cid].get('message')}"
+            assert other[cid]["digest"] == r["digest"], f"{cid}: outputs differ under the {schedule} schedule"
+
+
+@pytest.mark.parametrize("name", list(MUTANTS))
+def test_planted_bug_is_caught(quick_results, name):
+    mutation, case = MUTANTS[name]
+    clean = quick_results[case_id(case)]
+    assert clean["ok"], f"the case must pass without the bug: {clean.get('message')}"
+    (broken,) = run_cases([case], arch=80, mutation=mutation)
+    assert not broken["ok"], f"{name}: the planted bug went unnoticed ({broken})"
+    assert "not found in" not in broken["message"], broken["message"]
+    print(f"{name}: {broken['message']}")
+
+
+# ---------------------------------------------------------------------------
+# Full sweep (slow): every variant the dispatcher can choose on sm_80, and the
+# launch limits of other architectures.
+
+HEAD_DIMS = {32: (24, 32), 64: (64, 48), 128: (100, 128), 256: (200, 256)}  # bucket: (H, Hv), non-pow2 H, Hv != H
+
+
+def full_sweep():
+    cases = []
+    for family, dtypes in (("tensor_core", ("float16", "bfloat16")), ("simt", ("float16", "bfloat16", "float32"))):
+        for dtype in dtypes:
+            for H, Hv in HEAD_DIMS.values():
+                kw = dict(family=family)
+                cases += [
+                    attention(dtype, 2, 7, 97, 4, 2, H, Hv, **kw),
+                    attention(dtype, 1, 97, 7, 4, 1, H, Hv, causal=True, mask="dense", **kw),
+                    attention(dtype, 1, 97, 97, 2, 2, H, Hv, mask="padding", dropout=0.1, **kw),
+                    attention(dtype, 1, 1, 1, 2, 1, H, Hv, causal=True, **kw),
+                ]
+    for dtype in ("float16", "bfloat16", "float32", "float64"):
+        for cols in (1, 71, 1024, 4096, 20000):
+            for residual, param in ((True, "float32"), (False, dtype)):
+                cases.append(layer_norm(dtype, 3, cols, residual=residual, param_dtype=param))
+    return cases
+
+
+FULL = full_sweep()
+
+
+@pytest.fixture(scope="module")
+def full_results():
+    return dict(zip(map(case_id, FULL), run_cases(FULL, arch=80, precompile="all")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", FULL, ids=case_id)
+def test_full_sweep(full_results, case):
+    r = full_results[case_id(case)]
+    assert r["ok"], r["message"]
+
+
+# Head dim 256 on sm_86 (99 KiB of shared memory per block, the tightest
+# tensor-core budget) and the SIMT family picked by 'auto' before sm_80.
+OTHER_ARCHS = {
+    86: [attention(d, 1, 97, 97, 2, 1, 200, 256, causal=True) for d in ("float16", "bfloat16")],
+    75: [attention("float16", 1, 97, 70, 2, 1, 100, 128, mask="dense")],
+    60: [attention("float32", 1, 70, 97, 2, 2, 256, 256, dropout=0.1)],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", list(OTHER_ARCHS))
+def test_other_architectures(arch):
+    for case, r in zip(OTHER_ARCHS[arch], run_cases(OTHER_ARCHS[arch], arch=arch, precompile="cases")):
+        assert r["ok"], f"sm_{arch} {case_id(case)}: {r['message']}"
