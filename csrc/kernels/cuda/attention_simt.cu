@@ -234,13 +234,17 @@ __device__ void attention_bwd_delta(const AttentionBwdParams& a) {
   const int lane = threadIdx.x % 32;
   const T* o = static_cast<const T*>(a.o) + row * sh.head_dim_v;
   const T* d_o = static_cast<const T*>(a.do_) + row * sh.head_dim_v;
-  float sum = 0.f;
-  for (int64_t h = lane; h < sh.head_dim_v; h += 32) sum += to_acc(o[h]) * to_acc(d_o[h]);
+  // In float64 (exact products of float32 values), as the tensor-core delta:
+  // float32 accumulation over Hv terms made the gradient of a row with one
+  // allowed key, exactly 0 in exact arithmetic, ~1e-6 at Hv = 256 (seen under
+  // the emulator); now only delta's float32 rounding remains.
+  double sum = 0.0;
+  for (int64_t h = lane; h < sh.head_dim_v; h += 32) sum += double(to_acc(o[h])) * double(to_acc(d_o[h]));
   sum = lanes_sum(sum, 32);
   if (lane == 0) {
     const int64_t n = row % sh.num_heads, t = (row / sh.num_heads) % sh.seqlen_q;
     const int64_t b = row / (sh.num_heads * sh.seqlen_q);
-    delta_of(a)[(b * sh.num_heads + n) * sh.seqlen_q + t] = sum;
+    delta_of(a)[(b * sh.num_heads + n) * sh.seqlen_q + t] = float(sum);
   }
 }
 
