@@ -66,6 +66,14 @@ extern "C" char __stop_tfa_emu_shared[] __attribute__((weak, visibility("hidden"
 
 namespace tfa_emu {
 
+template <typename To, typename From>
+inline To bit_cast(From from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of one size");
+  To to;
+  memcpy(&to, &from, sizeof(To));
+  return to;
+}
+
 // ---- fibers ----------------------------------------------------------------
 // switch_context(save, load): saves the callee-saved registers and the stack
 // pointer into *save, loads them from `load` and returns on that stack.
@@ -207,23 +215,18 @@ inline float half_to_float(uint16_t h) {
   const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
   uint32_t bits;
   if (exp == 0) {
-    const float f = ldexpf(static_cast<float>(man), -24);
-    memcpy(&bits, &f, 4);
-    bits |= sign;
+    bits = bit_cast<uint32_t>(ldexpf(static_cast<float>(man), -24)) | sign;
   } else if (exp == 31) {
     bits = sign | 0x7f800000u | (man << 13);
   } else {
     bits = sign | ((exp + 112) << 23) | (man << 13);
   }
-  float f;
-  memcpy(&f, &bits, 4);
-  return f;
+  return bit_cast<float>(bits);
 }
 
 // Round to nearest even, as cvt.rn.f16.f32.
 inline uint16_t float_to_half(float f) {
-  uint32_t x;
-  memcpy(&x, &f, 4);
+  const uint32_t x = bit_cast<uint32_t>(f);
   const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
   const uint32_t ax = x & 0x7fffffffu;
   if (ax > 0x7f800000u) return 0x7fff;                   // NaN (canonical, as the PTX cvt)
@@ -238,18 +241,12 @@ inline uint16_t float_to_half(float f) {
 
 // Round to nearest even, as cvt.rn.bf16.f32.
 inline uint16_t float_to_bf16(float f) {
-  uint32_t u;
-  memcpy(&u, &f, 4);
+  const uint32_t u = bit_cast<uint32_t>(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fff;
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-inline float bf16_to_float(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
+inline float bf16_to_float(uint16_t h) { return bit_cast<float>(static_cast<uint32_t>(h) << 16); }
 
 inline float unpack(uint32_t pair, int hi, bool bf16) {
   const uint16_t h = static_cast<uint16_t>(hi ? pair >> 16 : pair & 0xffffu);
@@ -554,26 +551,10 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   return ::tfa_emu::shfl_xor(mask, v, lane_mask, width);
 }
 
-inline float __int_as_float(int i) {
-  float f;
-  memcpy(&f, &i, 4);
-  return f;
-}
-inline float __uint_as_float(unsigned u) {
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-inline unsigned __float_as_uint(float f) {
-  unsigned u;
-  memcpy(&u, &f, 4);
-  return u;
-}
-inline int __float_as_int(float f) {
-  int i;
-  memcpy(&i, &f, 4);
-  return i;
-}
+inline float __int_as_float(int i) { return ::tfa_emu::bit_cast<float>(i); }
+inline float __uint_as_float(unsigned u) { return ::tfa_emu::bit_cast<float>(u); }
+inline unsigned __float_as_uint(float f) { return ::tfa_emu::bit_cast<unsigned>(f); }
+inline int __float_as_int(float f) { return ::tfa_emu::bit_cast<int>(f); }
 
 // The generated entry point of kernel NAME (see launch_config.h).
 #define TFA_EMU_ENTRY(NAME)                                                                              \
