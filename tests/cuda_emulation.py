@@ -53,8 +53,19 @@ def cache_dir() -> str:
     return os.path.join(ROOT, "build", "emulation-cache", h.hexdigest()[:16])
 
 
+def thread_sanitizer_runtime() -> str | None:
+    """GCC's libtsan (preloaded into the worker for kernels built with
+    -fsanitize=thread), or None without one."""
+    try:
+        out = subprocess.run(["g++", "-print-file-name=libtsan.so"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return None
+    path = os.path.realpath(out) if out else ""
+    return path if os.path.isabs(path) and os.path.exists(path) else None
+
+
 def environment(arch: int, schedule: str = "random", seed: int = 0, mutation: tuple | None = None,
-                cache: str | None = None) -> dict:
+                cache: str | None = None, thread_sanitizer: bool = False) -> dict:
     emu = emulator_path()
     env = dict(os.environ)
     env.update(
@@ -70,11 +81,21 @@ def environment(arch: int, schedule: str = "random", seed: int = 0, mutation: tu
     env.pop("TF_FASTATTN_EMULATION_MUTATION", None)
     if mutation:
         env["TF_FASTATTN_EMULATION_MUTATION"] = "\n".join(mutation)
+    if thread_sanitizer:
+        # OS threads per GPU thread, kernels instrumented; the first race ends
+        # the worker with exit code 66 and the report on stderr.
+        env.update(
+            TF_FASTATTN_EMULATION_SCHEDULE="threads",
+            TF_FASTATTN_EMULATION_CXXFLAGS="-fsanitize=thread -g",
+            TF_FASTATTN_CACHE_DIR=(cache or cache_dir()) + "-tsan",
+            LD_PRELOAD=thread_sanitizer_runtime(),
+            TSAN_OPTIONS="halt_on_error=1 exitcode=66 report_signal_unsafe=0",
+        )
     return env
 
 
 def run_cases(cases: list[dict], arch: int = 80, schedule: str = "random", seed: int = 0,
-              mutation: tuple | None = None, precompile=(), timeout: float = 1500):
+              mutation: tuple | None = None, precompile=(), timeout: float = 1500, thread_sanitizer: bool = False):
     """Runs `cases` (dicts, see run_attention and run_layer_norm) in one emulated
     worker; returns their results in order: {"ok", "errors" or "message",
     "digest" (of the outputs' bytes), "seconds"}.
@@ -83,20 +104,27 @@ def run_cases(cases: list[dict], arch: int = 80, schedule: str = "random", seed:
     TF_FASTATTN_EMULATION_MUTATION), compiled into a private cache.
     `precompile`: "cases" (the variants the cases use) or "all" (every variant
     of sm_<arch>), compiled first on two threads; () for none.
+    `thread_sanitizer`: the threads of a block as OS threads, the kernels built
+    with -fsanitize=thread; a race raises RuntimeError with TSan's report.
     """
-    payload = {"cases": cases, "precompile": precompile or ""}
+    def worker(payload, env):
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__)], input=json.dumps(payload),
+                              capture_output=True, text=True, env=env, timeout=timeout)
+        if proc.returncode != 0:
+            at = proc.stderr.find("WARNING: ThreadSanitizer")  # the report, not its tail
+            report = proc.stderr[at : at + 4000] if at >= 0 else proc.stderr[-4000:]
+            raise RuntimeError(f"the emulated worker failed (exit {proc.returncode}):\n{report}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
     with tempfile.TemporaryDirectory() as private_cache:
-        proc = subprocess.run(
-            [sys.executable, os.path.abspath(__file__)],
-            input=json.dumps(payload),
-            capture_output=True,
-            text=True,
-            env=environment(arch, schedule, seed, mutation, private_cache if mutation else None),
-            timeout=timeout,
-        )
-    if proc.returncode != 0:
-        raise RuntimeError(f"the emulated worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        env = environment(arch, schedule, seed, mutation, private_cache if mutation else None, thread_sanitizer)
+        if thread_sanitizer:
+            # A process running under TSan cannot start the compiler (its
+            # children crash between fork and exec): compile into the cache
+            # first, in a worker without the sanitizer runtime.
+            plain = {k: v for k, v in env.items() if k != "LD_PRELOAD"}
+            worker({"cases": cases, "precompile": "cases", "compile_only": True}, plain)
+        return worker({"cases": cases, "precompile": "" if thread_sanitizer else (precompile or "")}, env)
 
 
 # ---------------------------------------------------------------------------
@@ -313,6 +341,9 @@ def main():
     arch = int(os.environ["TF_FASTATTN_EMULATED_ARCH"])
     if payload["precompile"]:
         precompile(_C, payload["precompile"], payload["cases"], arch)
+    if payload.get("compile_only"):
+        print(json.dumps([]))
+        return
     results = [run_case(_C, c) for c in payload["cases"]]
     print(json.dumps(results))
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import pytest
 
-from cuda_emulation import emulator_path, run_cases
+from cuda_emulation import emulator_path, run_cases, thread_sanitizer_runtime
 
 pytestmark = pytest.mark.skipif(emulator_path() is None, reason="the CUDA emulator is built on x86-64 Linux only")
 
@@ -184,3 +184,36 @@ OTHER_ARCHS = {
 def test_other_architectures(arch):
     for case, r in zip(OTHER_ARCHS[arch], run_cases(OTHER_ARCHS[arch], arch=arch, precompile="cases")):
         assert r["ok"], f"sm_{arch} {case_id(case)}: {r['message']}"
+
+
+# ---------------------------------------------------------------------------
+# ThreadSanitizer (slow): the threads of each block as OS threads, the kernels
+# built with -fsanitize=thread. Shared-memory accesses of two threads not
+# ordered by a barrier are reported as races and end the worker.
+
+needs_tsan = pytest.mark.skipif(thread_sanitizer_runtime() is None, reason="g++ has no ThreadSanitizer runtime here")
+
+TSAN_CASES = [
+    attention("float16", 1, 70, 97, 2, 1, 100, 80, causal=True, mask="dense", dropout=0.1),
+    attention("bfloat16", 1, 97, 70, 2, 2, 64, 64, mask="padding"),
+    attention("float32", 1, 40, 70, 2, 1, 40, 64, dropout=0.1),
+    attention("float16", 1, 40, 70, 2, 1, 256, 256, family="simt", causal=True),
+    layer_norm("float32", 5, 71),
+    layer_norm("bfloat16", 3, 4096, param_dtype="bfloat16"),
+]
+
+
+@pytest.mark.slow
+@needs_tsan
+def test_thread_sanitizer_finds_no_race():
+    for case, r in zip(TSAN_CASES, run_cases(TSAN_CASES, arch=80, thread_sanitizer=True)):
+        assert r["ok"], f"{case_id(case)} (OS threads): {r['message']}"
+
+
+@pytest.mark.slow
+@needs_tsan
+def test_thread_sanitizer_reports_the_missing_barrier():
+    mutation, case = MUTANTS["missing_barrier"]
+    with pytest.raises(RuntimeError, match="ThreadSanitizer: data race") as info:
+        run_cases([case], arch=80, thread_sanitizer=True, mutation=mutation)
+    assert "attention_mma.cu" in str(info.value), str(info.value)

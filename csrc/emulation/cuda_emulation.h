@@ -14,6 +14,11 @@
 // with an exited lane, barriers of different kinds) fails the launch with a
 // message naming where every thread waits.
 //
+// A second mode (LaunchConfig::os_threads) runs the threads of a block as OS
+// threads synchronised by a mutex and a condition variable, for
+// ThreadSanitizer: kernels compiled with -fsanitize=thread then have every
+// pair of shared-memory accesses not ordered by a barrier reported as a race.
+//
 // Shared memory: __shared__ variables become statics in a dedicated section
 // and the dynamic shared memory one buffer of exactly the launch's size; both
 // are filled with 0xff bytes (NaN in every float type) before each block, so
@@ -29,8 +34,12 @@
 #include <string.h>
 #include <sys/mman.h>
 
+#include <condition_variable>
 #include <cstdio>
+#include <memory>
+#include <mutex>
 #include <random>
+#include <thread>
 #include <string>
 #include <vector>
 
@@ -134,7 +143,6 @@ struct Block {
   std::vector<unsigned> warp_waiting;
   unsigned at_barrier = 0, done = 0;
   void* scheduler_sp = nullptr;
-  Thread* current = nullptr;
   std::mt19937_64 rng;
   bool random = true;
   std::string error;
@@ -142,11 +150,21 @@ struct Block {
   void* body_arg = nullptr;
   std::vector<unsigned char> dynamic_smem;
   bool poison = true;
+  // OS-thread mode: every thread of the block is an OS thread; the fields
+  // above are guarded by `mu`, a waiting thread sleeps on its own condition.
+  bool os_threads = false;
+  std::mutex mu;
+  std::unique_ptr<std::condition_variable[]> wake;
+  size_t wake_size = 0;
 };
 
 inline Block* g_block = nullptr;  // launches are serialised by the stand-in driver
+inline thread_local Thread* tl_self = nullptr;  // the running GPU thread (set by the scheduler for fibers)
 
-inline Thread* self() { return g_block->current; }
+inline Thread* self() { return tl_self; }
+
+// Thrown in OS-thread mode to end a thread's kernel after a failure.
+struct Abort {};
 
 [[noreturn]] inline void fiber_main();
 
@@ -155,8 +173,11 @@ inline void fail(const std::string& what) {
   if (b.error.empty()) {
     char where[96];
     std::snprintf(where, sizeof(where), "block (%u, %u, %u) thread %u: ", b.idx.x, b.idx.y, b.idx.z,
-                  b.current ? b.current->linear : 0u);
+                  tl_self ? tl_self->linear : 0u);
     b.error = where + what;
+    if (b.os_threads) {
+      for (size_t i = 0; i < b.threads.size(); ++i) b.wake[i].notify_one();
+    }
   }
 }
 
@@ -168,7 +189,11 @@ inline void yield_to_scheduler() {
 
 inline void make_ready(Thread& t) {
   t.state = State::kReady;
-  g_block->ready.push_back(t.linear);
+  if (g_block->os_threads) {
+    g_block->wake[t.linear].notify_one();
+  } else {
+    g_block->ready.push_back(t.linear);
+  }
 }
 
 // A barrier releases when every thread not exited has arrived.
@@ -199,14 +224,43 @@ inline void maybe_release_barrier() {
   }
 }
 
+inline std::string describe_deadlock(const Block& b);
+
+// OS-thread mode, under the lock: fails the block when every thread not
+// exited waits and none can be released (fibers see it as an empty ready list).
+inline void check_deadlock(Block& b) {
+  for (const Thread& t : b.threads) {
+    if (t.state == State::kReady) return;
+  }
+  if (b.done < b.threads.size()) fail(describe_deadlock(b));
+}
+
+// Waits until this thread is released (its state back to kReady): a switch to
+// the scheduler for fibers, a sleep on the block's condition for OS threads.
+inline void wait_released(Thread* t, std::unique_lock<std::mutex>& lock) {
+  Block& b = *g_block;
+  if (!b.os_threads) {
+    yield_to_scheduler();
+    return;
+  }
+  check_deadlock(b);
+  b.wake[t->linear].wait(lock, [&] { return t->state == State::kReady || !b.error.empty(); });
+  if (!b.error.empty()) throw Abort();
+}
+
+inline std::unique_lock<std::mutex> lock_block() {
+  return g_block->os_threads ? std::unique_lock<std::mutex>(g_block->mu) : std::unique_lock<std::mutex>();
+}
+
 inline int barrier(BarrierOp op, int predicate) {
   Thread* t = self();
+  std::unique_lock<std::mutex> lock = lock_block();
   t->state = State::kBarrier;
   t->barrier = op;
   t->predicate = predicate;
   ++g_block->at_barrier;
   maybe_release_barrier();
-  yield_to_scheduler();
+  wait_released(t, lock);
   return t->result;
 }
 
@@ -353,6 +407,7 @@ inline void complete_warp_op(Thread* lanes) {
 inline void warp_collective(WarpOp op, unsigned mask, int arg0, int arg1) {
   Thread* t = self();
   Block& b = *g_block;
+  std::unique_lock<std::mutex> lock = lock_block();
   t->op = op;
   t->mask = mask;
   t->arg0 = arg0;
@@ -365,7 +420,7 @@ inline void warp_collective(WarpOp op, unsigned mask, int arg0, int arg1) {
     b.warp_waiting[warp] = 0;
     complete_warp_op(&b.threads[warp * 32]);
   }
-  yield_to_scheduler();
+  wait_released(t, lock);
 }
 
 template <typename T>
@@ -437,6 +492,21 @@ inline std::string describe_deadlock(const Block& b) {
          "reached by every thread that must reach it)";
 }
 
+// OS-thread mode: the body of one GPU thread.
+inline void thread_main(Thread* t) {
+  Block& b = *g_block;
+  tl_self = t;
+  try {
+    b.body(b.body_arg);
+  } catch (const Abort&) {
+  }
+  std::lock_guard<std::mutex> lock(b.mu);
+  t->state = State::kDone;
+  ++b.done;
+  maybe_release_barrier();
+  check_deadlock(b);
+}
+
 // Runs every thread of the current block to its end; false with b.error set
 // on a deadlock or a failed check.
 inline bool run_block(Block& b) {
@@ -453,13 +523,22 @@ inline bool run_block(Block& b) {
     t = Thread();
     t.linear = i;
     t.idx = Dim3{i % b.dim.x, (i / b.dim.x) % b.dim.y, i / (b.dim.x * b.dim.y)};
-    start_fiber(t, b.stacks[i] + kStackBytes);
-    b.ready.push_back(i);
+    if (!b.os_threads) {
+      start_fiber(t, b.stacks[i] + kStackBytes);
+      b.ready.push_back(i);
+    }
+  }
+  if (b.os_threads) {
+    std::vector<std::thread> os;
+    os.reserve(n);
+    for (unsigned i = 0; i < n; ++i) os.emplace_back(thread_main, &b.threads[i]);
+    for (std::thread& t : os) t.join();
+    return b.error.empty();
   }
   while (b.error.empty()) {
     if (b.ready.empty()) {
       if (b.done == n) return true;
-      b.current = nullptr;
+      tl_self = nullptr;
       fail(describe_deadlock(b));
       break;
     }
@@ -468,8 +547,8 @@ inline bool run_block(Block& b) {
     const unsigned id = b.ready[pick];
     b.ready[pick] = b.ready.back();
     b.ready.pop_back();
-    b.current = &b.threads[id];
-    tfa_emu_switch_context(&b.scheduler_sp, b.current->sp);
+    tl_self = &b.threads[id];
+    tfa_emu_switch_context(&b.scheduler_sp, tl_self->sp);
   }
   return false;
 }
@@ -506,12 +585,17 @@ int run_grid(void (*kernel)(P), const LaunchConfig* cfg, void** args, char* erro
   b.random = cfg->random_schedule != 0;
   b.rng.seed(cfg->seed);
   b.poison = cfg->poison_smem != 0;
+  b.os_threads = cfg->os_threads != 0;
   b.error.clear();
   b.dynamic_smem.assign(cfg->dynamic_smem, 0);
   const unsigned n = b.dim.x * b.dim.y * b.dim.z;
   b.threads.assign(n, Thread());
   b.warp_waiting.assign((n + 31) / 32, 0u);
-  while (b.stacks.size() < n) {
+  if (b.os_threads && b.wake_size < n) {
+    b.wake.reset(new std::condition_variable[n]);
+    b.wake_size = n;
+  }
+  while (!b.os_threads && b.stacks.size() < n) {
     char* s = map_stack();
     if (!s) {
       std::snprintf(error, error_size, "cannot map a %zu-byte stack per emulated thread", kStackBytes);
@@ -536,7 +620,7 @@ int run_grid(void (*kernel)(P), const LaunchConfig* cfg, void** args, char* erro
 }  // namespace tfa_emu
 
 // ---- the CUDA names -----------------------------------------------------------
-#define threadIdx (::tfa_emu::g_block->current->idx)
+#define threadIdx (::tfa_emu::self()->idx)
 #define blockIdx (::tfa_emu::g_block->idx)
 #define blockDim (::tfa_emu::g_block->dim)
 #define gridDim (::tfa_emu::g_block->grid)

@@ -15,7 +15,7 @@
 //     host pointers; the context and stream are placeholders.
 // Environment: TF_FASTATTN_EMULATED_ARCH (compute capability x 10 the device
 // reports, default 80), TF_FASTATTN_EMULATION_SCHEDULE (random, the default,
-// or ordered), TF_FASTATTN_EMULATION_SEED (the random schedule's seed),
+// ordered, or threads: OS threads, for kernels built with -fsanitize=thread), TF_FASTATTN_EMULATION_SEED (the random schedule's seed),
 // TF_FASTATTN_EMULATION_CXX and TF_FASTATTN_EMULATION_CXXFLAGS (the compiler,
 // default g++, and extra flags).
 #include <dlfcn.h>
@@ -126,7 +126,9 @@ bool read_file(const std::string& path, std::string* out) {
 
 // Runs a shell command, returning its exit status and output (stdout and stderr).
 int run(const std::string& cmd, std::string* output) {
-  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
+  // Without LD_PRELOAD: a sanitizer runtime preloaded into this process has
+  // no place in the compiler's.
+  FILE* p = ::popen(("env -u LD_PRELOAD " + cmd + " 2>&1").c_str(), "r");
   if (!p) return -1;
   char buf[4096];
   size_t n;
@@ -145,27 +147,42 @@ void remove_tree(const std::string& dir) {
   run("rm -rf " + quote(dir), &ignored);
 }
 
-// The names of the extern "C" void functions of preprocessed source: the
-// kernels (the emulation's own start with tfa_emu_).
-std::vector<std::string> kernel_names(const std::string& pre) {
+// The names of the extern "C" void functions of preprocessed source (with
+// line markers) that come from the files under `dir` (the program and its
+// headers, not the system's): the kernels; the emulation's own start with
+// tfa_emu_.
+std::vector<std::string> kernel_names(const std::string& pre, const std::string& dir) {
   std::vector<std::string> names;
+  std::string text;  // the lines of the files under dir
+  std::istringstream in(pre);
+  std::string line;
+  bool ours = false;
+  while (std::getline(in, line)) {
+    if (line.size() > 2 && line[0] == '#' && line[1] == ' ') {
+      const size_t q = line.find('"');
+      ours = q != std::string::npos && line.compare(q + 1, dir.size(), dir) == 0;
+      continue;
+    }
+    if (ours) text += line + "\n";
+  }
   const std::string key = "extern \"C\"";
-  for (size_t p = pre.find(key); p != std::string::npos; p = pre.find(key, p + 1)) {
+  for (size_t p = text.find(key); p != std::string::npos; p = text.find(key, p + 1)) {
     size_t i = p + key.size();
     auto skip_space = [&] {
-      while (i < pre.size() && std::isspace(static_cast<unsigned char>(pre[i]))) ++i;
+      while (i < text.size() && std::isspace(static_cast<unsigned char>(text[i]))) ++i;
     };
     skip_space();
-    if (pre.compare(i, 4, "void") != 0 || i + 4 >= pre.size() || !std::isspace(static_cast<unsigned char>(pre[i + 4]))) {
+    if (text.compare(i, 4, "void") != 0 || i + 4 >= text.size() ||
+        !std::isspace(static_cast<unsigned char>(text[i + 4]))) {
       continue;
     }
     i += 4;
     skip_space();
     const size_t b = i;
-    while (i < pre.size() && (std::isalnum(static_cast<unsigned char>(pre[i])) || pre[i] == '_')) ++i;
-    const std::string name = pre.substr(b, i - b);
+    while (i < text.size() && (std::isalnum(static_cast<unsigned char>(text[i])) || text[i] == '_')) ++i;
+    const std::string name = text.substr(b, i - b);
     skip_space();
-    if (name.empty() || i >= pre.size() || pre[i] != '(' || name.rfind("tfa_emu_", 0) == 0) continue;
+    if (name.empty() || i >= text.size() || text[i] != '(' || name.rfind("tfa_emu_", 0) == 0) continue;
     bool seen = false;
     for (const std::string& n : names) seen |= n == name;
     if (!seen) names.push_back(name);
@@ -242,13 +259,14 @@ int compile(Program* prog, const std::vector<std::string>& options) {
   const std::string common = cxx + " -x c++ -std=c++17 -w -fPIC -fno-strict-aliasing -include " + quote(dir + "/cuda_emulation.h") +
                              " -I" + quote(dir) + defines;
   std::string pre;
-  if (run(common + " -E -P " + quote(dir + "/" + prog->name), &pre) != 0) {
-    prog->log = "the emulated compile's preprocessing failed:\n" + pre;
+  const int pre_status = run(common + " -E " + quote(dir + "/" + prog->name), &pre);
+  if (pre_status != 0) {
+    prog->log = "the emulated compile's preprocessing failed (status " + std::to_string(pre_status) + "):\n" + pre;
     remove_tree(dir);
     return kNvrtcCompilation;
   }
   std::string main_tu = "#include \"" + prog->name + "\"\n";
-  for (const std::string& k : kernel_names(pre)) main_tu += "TFA_EMU_ENTRY(" + k + ")\n";
+  for (const std::string& k : kernel_names(pre, dir)) main_tu += "TFA_EMU_ENTRY(" + k + ")\n";
   write_file(dir + "/tfa_emu_main.cc", main_tu);
   const std::string cmd = common + " -O2 -shared " + env("TF_FASTATTN_EMULATION_CXXFLAGS", "") + " " +
                           quote(dir + "/tfa_emu_main.cc") + " -o " + quote(dir + "/module.so");
@@ -344,7 +362,20 @@ int cuModuleLoadData(CUmodule* out, const void* image) {
   ::close(fd);
   void* handle = done == size ? ::dlopen(buf.data(), RTLD_NOW | RTLD_LOCAL) : nullptr;
   const std::string error = handle ? "" : (done == size ? ::dlerror() : "short write");
-  ::unlink(buf.data());
+  // Kept until the process exits, so a sanitizer's report can read the
+  // module's symbols and line numbers.
+  struct Files {
+    std::vector<std::string> paths;
+    ~Files() {
+      for (const std::string& p : paths) ::unlink(p.c_str());
+    }
+  };
+  static Files loaded;
+  if (handle) {
+    loaded.paths.push_back(buf.data());
+  } else {
+    ::unlink(buf.data());
+  }
   if (!handle) return fail(kErrorInvalidImage, "dlopen of the emulated module failed: " + error);
   *out = new Module{handle};
   return kSuccess;
@@ -394,7 +425,9 @@ int cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned
   cfg.grid = tfa_emu::Dim3{gx, gy, gz};
   cfg.block = tfa_emu::Dim3{bx, by, bz};
   cfg.dynamic_smem = smem;
-  cfg.random_schedule = env("TF_FASTATTN_EMULATION_SCHEDULE", "random") != "ordered";
+  const std::string schedule = env("TF_FASTATTN_EMULATION_SCHEDULE", "random");
+  cfg.random_schedule = schedule == "random";
+  cfg.os_threads = schedule == "threads";
   cfg.seed = std::strtoull(env("TF_FASTATTN_EMULATION_SEED", "0").c_str(), nullptr, 10) * 1000003u + g_launches++;
   char error[1024] = {0};
   if (fn->entry(&cfg, params, error, sizeof(error)) != 0) {

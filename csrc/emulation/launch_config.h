@@ -18,6 +18,7 @@ struct LaunchConfig {
   int random_schedule = 1;    // 1: run the ready threads of a block in a seeded random order
   uint64_t seed = 0;          // that order's seed (the same seed gives the same order)
   int poison_smem = 1;        // 1: fill shared memory with 0xff bytes before each block
+  int os_threads = 0;         // 1: the threads of a block are OS threads (for ThreadSanitizer), not fibers
 };
 
 // The entry point the stand-in NVRTC generates for every kernel NAME:
