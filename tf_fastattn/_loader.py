@@ -123,7 +123,8 @@ def check_implementation(implementation: str) -> None:
         raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}")
 
 
-def use_fused(op_name: str, implementation: str, unsupported: str | None = None) -> bool:
+def use_fused(op_name: str, implementation: str, unsupported: str | None = None,
+              gpu_variant: tuple | None = None) -> bool:
     """Decides between the fused op and the reference math: the one policy of
     every function and layer.
 
@@ -134,7 +135,9 @@ def use_fused(op_name: str, implementation: str, unsupported: str | None = None)
     stock math serves that configuration, as it would without tf_fastattn),
     with a warning once per reason when the op library cannot run here.
     Inside an XLA context the reference math is emitted silently: XLA has no
-    kernels for custom ops.
+    kernels for custom ops. `gpu_variant` = (op, dtype name, head dim or None)
+    names the GPU kernel variant the call would run: with a GPU visible,
+    "auto" uses it only once it passed its self-check (_selfcheck.py).
     """
     check_implementation(implementation)
     if implementation == "reference":
@@ -149,6 +152,10 @@ def use_fused(op_name: str, implementation: str, unsupported: str | None = None)
             raise ValueError(f"{op_name}: implementation='fused' cannot run inside XLA (jit_compile)")
         return False
     if reason is None:
+        if implementation == "auto" and gpu_variant is not None:
+            from tf_fastattn import _selfcheck
+
+            return _selfcheck.passes(*gpu_variant)
         return True
     if implementation == "fused":
         raise ValueError(f"{op_name}: implementation='fused' is not possible: {reason}")
@@ -169,7 +176,9 @@ def build_info() -> dict:
     `cpu_attention_paths` (the CPU attention's micro-kernel tier for float32
     products, bfloat16 products and dropout),
     `gpu_runtime` (whether the CUDA driver and NVRTC were found, and why not),
-    `gpu_nvrtc`, `gpu_kernel_cache` and `gpus_visible`.
+    `gpu_nvrtc`, `gpu_kernel_cache`, `gpus_visible` and `gpu_self_checks`
+    (the GPU kernel variants checked on this GPU in this process and their
+    results, see _selfcheck.py).
     """
     from tf_fastattn import __version__
 
@@ -209,6 +218,9 @@ def build_info() -> dict:
         info["cpu_attention_paths"] = _C.cpu_attention_paths()
     except ImportError as e:
         info["cpu_features"] = f"unavailable: {e}"
+    from tf_fastattn import _selfcheck
+
+    info["gpu_self_checks"] = _selfcheck.results()
     return info
 
 

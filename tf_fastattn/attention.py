@@ -187,7 +187,8 @@ def dot_product_attention(
         query, key, value = (tf.cast(t, common) for t in (query, key, value))
     dropout_rate = float(dropout_rate)
 
-    if _loader.use_fused("dot_product_attention", implementation):
+    variant = ("attention", query.dtype.name, max(query.shape[-1] or 0, value.shape[-1] or 0))
+    if _loader.use_fused("dot_product_attention", implementation, gpu_variant=variant):
         seed_t = seed_tensor(seed) if dropout_rate > 0 else None
         out, _ = fused_attention(query, key, value, mask, scale, is_causal, dropout_rate, seed_t)
         return out

@@ -87,7 +87,7 @@ def layer_norm(
     beta = None if beta is None or not center else tf.convert_to_tensor(beta)
     _validate(x, gamma, beta, residual, epsilon, center, scale)
 
-    if _loader.use_fused("layer_norm", implementation):
+    if _loader.use_fused("layer_norm", implementation, gpu_variant=("layer_norm", x.dtype.name, None)):
         y, s = _fused(x, gamma, beta, residual, epsilon, center, scale)
     else:
         y, s = reference.layer_norm(x, gamma, beta, residual=residual, epsilon=epsilon)

@@ -40,7 +40,9 @@ class FusedGroupedQueryAttentionMixin(FusedLayerMixin):
             if return_attention_scores
             else None
         )
-        if not _loader.use_fused("GroupedQueryAttention", self.implementation, unsupported=unsupported):
+        variant = ("attention", self.compute_dtype, self.head_dim)
+        if not _loader.use_fused("GroupedQueryAttention", self.implementation, unsupported=unsupported,
+                                 gpu_variant=variant):
             return super().call(query, value, key=key, **kwargs)
 
         self._return_attention_scores = False

@@ -40,7 +40,8 @@ class FusedLayerNormalizationMixin(FusedLayerMixin):
             residual = tf.cast(residual, x.dtype)
         rank = x.shape.rank
         unsupported = self._fused_axis_reason(rank)
-        if _loader.use_fused("LayerNormalization", self.implementation, unsupported=unsupported):
+        if _loader.use_fused("LayerNormalization", self.implementation, unsupported=unsupported,
+                             gpu_variant=("layer_norm", x.dtype.name, None)):
             y, s = layer_norm(
                 x,
                 self.gamma,

@@ -89,7 +89,8 @@ class FusedMultiHeadAttentionMixin(FusedLayerMixin):
         else:
             mask, is_causal = attention_mask, use_causal_mask
         unsupported = self._unfused_reason(query, return_attention_scores)
-        if _loader.use_fused("MultiHeadAttention", self.implementation, unsupported=unsupported):
+        variant = ("attention", query.dtype.name, max(query.shape[-1] or 0, value.shape[-1] or 0))
+        if _loader.use_fused("MultiHeadAttention", self.implementation, unsupported=unsupported, gpu_variant=variant):
             return self._fused_attention(query, key, value, mask, is_causal, training), None
         return super()._compute_attention(
             query,
