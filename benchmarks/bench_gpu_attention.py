@@ -26,7 +26,7 @@ def flops(C, B, N, T, S, H, causal, direction):
 def ours(C, q, k, v, causal, family):
     B, T, N, H = q.shape
     S, Nkv, Hv = k.shape[1], k.shape[2], v.shape[3]
-    shape = [B, T, S, N, Nkv, H, Hv]
+    shape = C.AttentionShape(B, T, S, N, Nkv, H, Hv)
     dt = DTYPE_NAMES[q.dtype]
     o = torch.empty_like(q)
     lse = torch.empty(B, N, T, device="cuda")
@@ -36,14 +36,17 @@ def ours(C, q, k, v, causal, family):
     s = torch.cuda.current_stream().cuda_stream
     scale = H**-0.5
 
+    common = dict(dtype=dt, shape=shape, q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), scale=scale,
+                  is_causal=causal, o=o.data_ptr(), lse=lse.data_ptr())
+    fwd_params = C.AttentionFwdParams(**common)
+    bwd_params = C.AttentionBwdParams(**common, do_=d_o.data_ptr(), dq=dq.data_ptr(), dk=dk.data_ptr(),
+                                      dv=dv.data_ptr(), workspace=ws.data_ptr())
+
     def fwd():
-        C.attention_fwd_gpu(q.data_ptr(), k.data_ptr(), v.data_ptr(), 0, [0, 0, 0, 0], o.data_ptr(), lse.data_ptr(),
-                            shape, dt, scale, causal, 0.0, 0, s, family)
+        C.attention_fwd_gpu(fwd_params, s, family)
 
     def bwd():
-        C.attention_bwd_gpu(q.data_ptr(), k.data_ptr(), v.data_ptr(), 0, [0, 0, 0, 0], o.data_ptr(), lse.data_ptr(),
-                            d_o.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), ws.data_ptr(), shape, dt,
-                            scale, causal, 0.0, 0, s, family)
+        C.attention_bwd_gpu(bwd_params, s, family)
 
     fwd()
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": lambda: (fwd(), bwd())}

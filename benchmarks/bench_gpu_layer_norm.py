@@ -33,15 +33,20 @@ def main():
             ws = torch.empty(C.layer_norm_bwd_workspace_bytes_gpu(rows, cols, name), dtype=torch.uint8, device="cuda")
             e = x.element_size()
 
+            fwd_params = C.LayerNormFwdParams(
+                dtype=name, param_dtype="float32", rows=rows, cols=cols, epsilon=1e-5, x=x.data_ptr(),
+                residual=r.data_ptr(), gamma=gamma.data_ptr(), beta=beta.data_ptr(), y=y.data_ptr(),
+                sum=sm.data_ptr(), mean=mean.data_ptr(), rstd=rstd.data_ptr())
+            bwd_params = C.LayerNormBwdParams(
+                dtype=name, param_dtype="float32", rows=rows, cols=cols, dy=dy.data_ptr(), sum=sm.data_ptr(),
+                gamma=gamma.data_ptr(), mean=mean.data_ptr(), rstd=rstd.data_ptr(), dx=dx.data_ptr(),
+                dgamma=dgamma.data_ptr(), dbeta=dbeta.data_ptr(), workspace=ws.data_ptr())
+
             def fwd():
-                C.layer_norm_fwd_gpu(x.data_ptr(), r.data_ptr(), gamma.data_ptr(), beta.data_ptr(), y.data_ptr(),
-                                     sm.data_ptr(), mean.data_ptr(), rstd.data_ptr(), rows, cols, name, "float32",
-                                     1e-5, s)
+                C.layer_norm_fwd_gpu(fwd_params, s)
 
             def bwd():
-                C.layer_norm_bwd_gpu(dy.data_ptr(), 0, sm.data_ptr(), gamma.data_ptr(), mean.data_ptr(),
-                                     rstd.data_ptr(), dx.data_ptr(), dgamma.data_ptr(), dbeta.data_ptr(),
-                                     ws.data_ptr(), rows, cols, name, "float32", s)
+                C.layer_norm_bwd_gpu(bwd_params, s)
 
             fwd()
             copy_dst = torch.empty_like(x)

@@ -179,18 +179,20 @@ def run_attention(C, case):
     mm = _make_mask(np, rng, case.get("mask"), B, N, T, S)
     mask, strides = mm if mm else (None, [0, 0, 0, 0])
     scale = 1.0 / np.sqrt(H)
-    shape = [B, T, S, N, Nkv, H, Hv]
 
     o = _poisoned(np, (B, T, N, Hv), dtype)
     lse = _poisoned(np, (B, N, T), np.float32)
-    mask_ptr = mask.ctypes.data if mask is not None else 0
-    C.attention_fwd_gpu(q.ctypes.data, k.ctypes.data, v.ctypes.data, mask_ptr, strides, o.ctypes.data,
-                        lse.ctypes.data, shape, dt_name, scale, causal, rate, seed, 0, family)
     dq, dk, dv = (_poisoned(np, x.shape, dtype) for x in (q, k, v))
+    shape = C.AttentionShape(B, T, S, N, Nkv, H, Hv)
     ws = np.zeros(C.attention_bwd_workspace_bytes_gpu(shape, dt_name), np.uint8)
-    C.attention_bwd_gpu(q.ctypes.data, k.ctypes.data, v.ctypes.data, mask_ptr, strides, o.ctypes.data,
-                        lse.ctypes.data, d_o.ctypes.data, dq.ctypes.data, dk.ctypes.data, dv.ctypes.data,
-                        ws.ctypes.data, shape, dt_name, scale, causal, rate, seed, 0, family)
+    common = dict(dtype=dt_name, shape=shape, q=q.ctypes.data, k=k.ctypes.data, v=v.ctypes.data,
+                  mask=mask.ctypes.data if mask is not None else 0, mask_strides=strides, scale=scale,
+                  is_causal=causal, dropout_rate=rate, seed=seed)
+    fwd = C.AttentionFwdParams(**common, o=o.ctypes.data, lse=lse.ctypes.data)
+    C.attention_fwd_gpu(fwd, 0, family)
+    bwd = C.AttentionBwdParams(**common, o=o.ctypes.data, lse=lse.ctypes.data, do_=d_o.ctypes.data,
+                  dq=dq.ctypes.data, dk=dk.ctypes.data, dv=dv.ctypes.data, workspace=ws.ctypes.data)
+    C.attention_bwd_gpu(bwd, 0, family)
 
     keep = philox_keep_mask(seed, rate, B, N, T, S) if rate > 0 else None
     kw = dict(mask=mask, scale=scale, is_causal=causal, keep=keep, rate=rate)
@@ -237,18 +239,19 @@ def run_layer_norm(C, case):
     y = _poisoned(np, (rows, cols), dtype)
     s = _poisoned(np, (rows, cols), dtype) if residual else None
     mean, rstd = _poisoned(np, rows, stats), _poisoned(np, rows, stats)
-    C.layer_norm_fwd_gpu(x.ctypes.data, r.ctypes.data if residual else 0, g.ctypes.data, b.ctypes.data, y.ctypes.data,
-                         s.ctypes.data if residual else 0, mean.ctypes.data, rstd.ctypes.data, rows, cols, dt_name,
-                         pdt_name, eps, 0)
+    ptr = lambda a: a.ctypes.data if a is not None else 0  # noqa: E731
+    C.layer_norm_fwd_gpu(C.LayerNormFwdParams(dtype=dt_name, param_dtype=pdt_name, rows=rows, cols=cols,
+                                 epsilon=eps, x=ptr(x), residual=ptr(r), gamma=ptr(g), beta=ptr(b), y=ptr(y),
+                                 sum=ptr(s), mean=ptr(mean), rstd=ptr(rstd)))
     dy = rng.standard_normal((rows, cols)).astype(dtype)
     dsum = rng.standard_normal((rows, cols)).astype(dtype) if residual else None
     s_in = s if residual else x
     dx = _poisoned(np, (rows, cols), dtype)
     dg, db = _poisoned(np, cols, pdtype), _poisoned(np, cols, pdtype)
     ws = np.zeros(C.layer_norm_bwd_workspace_bytes_gpu(rows, cols, dt_name), np.uint8)
-    C.layer_norm_bwd_gpu(dy.ctypes.data, dsum.ctypes.data if residual else 0, s_in.ctypes.data, g.ctypes.data,
-                         mean.ctypes.data, rstd.ctypes.data, dx.ctypes.data, dg.ctypes.data, db.ctypes.data,
-                         ws.ctypes.data, rows, cols, dt_name, pdt_name, 0)
+    C.layer_norm_bwd_gpu(C.LayerNormBwdParams(dtype=dt_name, param_dtype=pdt_name, rows=rows, cols=cols,
+                                 dy=ptr(dy), dsum=ptr(dsum), sum=ptr(s_in), gamma=ptr(g), mean=ptr(mean),
+                                 rstd=ptr(rstd), dx=ptr(dx), dgamma=ptr(dg), dbeta=ptr(db), workspace=ptr(ws)))
 
     g64, b64 = g.astype(np.float64), b.astype(np.float64)
     ref_y, ref_s, ref_mean, ref_rstd = layer_norm_fwd(x, r if residual else np.zeros_like(x), g64, b64, eps)

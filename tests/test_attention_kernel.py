@@ -212,3 +212,31 @@ def test_bad_arguments_raise_value_error(kw, match):
     q = np.ones((1, 3, 2, 8), np.float32)
     with pytest.raises(ValueError, match=match):
         _C.attention_fwd(q, q, q, **kw)
+
+
+def test_gpu_params_structs_round_trip_and_validate():
+    """_C's params classes (the C++ structs of attention_params.h) hold what is
+    set, and the GPU entry points validate them with the core's messages
+    before touching a device."""
+    p = _C.AttentionFwdParams()
+    p.dtype = "bfloat16"
+    p.shape = _C.AttentionShape(2, 7, 97, 4, 2, 100, 80)
+    p.q, p.k, p.v, p.o, p.lse = 16, 32, 48, 64, 80
+    p.mask_strides = [97, 0, 0, 1]
+    p.scale, p.is_causal, p.dropout_rate, p.seed = 0.1, True, 0.25, 2**63 + 5
+    assert (p.dtype, p.shape.seqlen_k, p.shape.head_dim_v, p.q, p.lse) == ("bfloat16", 97, 80, 16, 80)
+    assert (p.mask_strides, p.is_causal, p.dropout_rate, p.seed) == ((97, 0, 0, 1), True, 0.25, 2**63 + 5)
+    p.shape = _C.AttentionShape(1, 4, 4, 4, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"num_heads \(N\) must be a multiple of num_heads_kv"):
+        _C.attention_fwd_gpu(p)
+    p.shape = _C.AttentionShape(1, 4, 4, 4, 4, 64, 64)
+    p.dtype = "float64"
+    with pytest.raises(ValueError, match="on the GPU supports float16, bfloat16 and float32, got float64"):
+        _C.attention_fwd_gpu(p)
+    with pytest.raises(ValueError, match="mask_strides must be 4"):
+        p.mask_strides = [1, 2]
+    with pytest.raises(ValueError, match="dtype must be float16, bfloat16, float32 or float64, got int8"):
+        p.dtype = "int8"
+    b = _C.AttentionBwdParams()
+    b.do_, b.workspace = 8, 24
+    assert (b.do_, b.workspace, b.dq) == (8, 24, 0)

@@ -141,8 +141,9 @@ def test_error_kinds_map_to_python_exceptions():
     if info["driver_error"] is None:
         pytest.skip("a CUDA driver is present: the unavailable-driver error cannot occur here")
     with pytest.raises(RuntimeError, match=r"libcuda\.so\.1"):
-        _C.layer_norm_fwd_gpu(x=1, residual=0, gamma=0, beta=0, y=2, sum=0, mean=3, rstd=4, rows=1, cols=8,
-                              dtype="float32", param_dtype="float32", epsilon=1e-3)
+        p = _C.LayerNormFwdParams()
+        p.rows, p.cols, p.x, p.y, p.mean, p.rstd = 1, 8, 1, 2, 3, 4
+        _C.layer_norm_fwd_gpu(p)
 
 
 @pytest.mark.parametrize("case", ["rank0", "empty_axis", "gamma", "beta", "residual"])

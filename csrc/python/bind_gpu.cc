@@ -105,13 +105,10 @@ AttentionFamily family_named(const std::string& name) {
   throw py::value_error("family must be 'auto', 'simt' or 'tensor_core', got '" + name + "'");
 }
 
-const void* cptr(uintptr_t p) { return reinterpret_cast<const void*>(p); }
-void* mptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
-
 core::ExecContext gpu_ctx(uintptr_t stream, const std::string& family = "auto") {
   core::ExecContext e;
   e.backend = core::Backend::kGpu;
-  e.gpu.stream = mptr(stream);
+  e.gpu.stream = reinterpret_cast<void*>(stream);
   e.gpu.attention_family = family_named(family);
   return e;
 }
@@ -127,108 +124,129 @@ void run(F f) {
   check(s);
 }
 
-AttentionShape attention_shape(const std::vector<int64_t>& s) {
-  if (s.size() != 7) {
-    throw py::value_error("shape must be (B, T, S, N, Nkv, H, Hv), got " + std::to_string(s.size()) + " values");
-  }
-  // The core's checks, as the tensor front ends (core/attention_checks.h).
-  AttentionShape a;
-  check(core::attention_shape(core::Dims{s[0], s[1], s[3], s[5]}, core::Dims{s[0], s[2], s[4], s[5]},
-                              core::Dims{s[0], s[2], s[4], s[6]}, &a));
-  return a;
+// A pointer field as a Python int (0 = null): device pointers such as
+// torch's t.data_ptr(), or host pointers under the CUDA emulator.
+template <typename Cls, typename Base, typename Ptr>
+void pointer_property(py::class_<Cls>& c, const char* name, Ptr Base::*field) {
+  c.def_property(
+      name, [field](const Cls& p) { return reinterpret_cast<uintptr_t>(p.*field); },
+      [field](Cls& p, uintptr_t v) { p.*field = reinterpret_cast<Ptr>(v); });
 }
 
-MaskStrides mask_strides(const std::vector<int64_t>& s) {
-  if (s.size() != 4) throw py::value_error("mask_strides must be 4 element strides (b, n, t, s)");
-  return MaskStrides{s[0], s[1], s[2], s[3]};
+template <typename Cls, typename Base>
+void dtype_property(py::class_<Cls>& c, const char* name, DType Base::*field) {
+  c.def_property(
+      name, [field](const Cls& p) { return std::string(dtype_name(p.*field)); },
+      [field, name](Cls& p, const std::string& v) { p.*field = dtype_named(v, name); });
 }
 
-void layer_norm_fwd(uintptr_t x, uintptr_t residual, uintptr_t gamma, uintptr_t beta, uintptr_t y, uintptr_t sum,
-                    uintptr_t mean, uintptr_t rstd, int64_t rows, int64_t cols, const std::string& dtype,
-                    const std::string& param_dtype, double epsilon, uintptr_t stream) {
-  LayerNormFwdParams p;
-  p.dtype = dtype_named(dtype, "dtype");
-  p.param_dtype = dtype_named(param_dtype, "param_dtype");
-  p.rows = rows;
-  p.cols = cols;
-  p.x = cptr(x);
-  p.residual = cptr(residual);
-  p.gamma = cptr(gamma);
-  p.beta = cptr(beta);
-  p.y = mptr(y);
-  p.sum = mptr(sum);
-  p.mean = mptr(mean);
-  p.rstd = mptr(rstd);
-  p.epsilon = epsilon;
-  run([&] { return core::layer_norm_fwd(p, gpu_ctx(stream)); });
+// Cls(**fields): every keyword sets the field of that name (an unknown name
+// raises AttributeError).
+template <typename Cls>
+void keyword_init(py::class_<Cls>& c) {
+  c.def(py::init([](const py::kwargs& fields) {
+    Cls p;
+    py::object view = py::cast(&p, py::return_value_policy::reference);
+    for (const auto& f : fields) py::setattr(view, f.first, f.second);
+    return p;
+  }));
 }
 
-void layer_norm_bwd(uintptr_t dy, uintptr_t dsum, uintptr_t sum, uintptr_t gamma, uintptr_t mean, uintptr_t rstd,
-                    uintptr_t dx, uintptr_t dgamma, uintptr_t dbeta, uintptr_t workspace, int64_t rows, int64_t cols,
-                    const std::string& dtype, const std::string& param_dtype, uintptr_t stream) {
-  LayerNormBwdParams p;
-  p.dtype = dtype_named(dtype, "dtype");
-  p.param_dtype = dtype_named(param_dtype, "param_dtype");
-  p.rows = rows;
-  p.cols = cols;
-  p.dy = cptr(dy);
-  p.dsum = cptr(dsum);
-  p.sum = cptr(sum);
-  p.gamma = cptr(gamma);
-  p.mean = cptr(mean);
-  p.rstd = cptr(rstd);
-  p.dx = mptr(dx);
-  p.dgamma = mptr(dgamma);
-  p.dbeta = mptr(dbeta);
-  p.workspace = mptr(workspace);
-  run([&] { return core::layer_norm_bwd(p, gpu_ctx(stream)); });
+// The fields both attention directions share (tf_fastattn/attention_params.h).
+template <typename Cls>
+void attention_fields(py::class_<Cls>& c) {
+  keyword_init(c);
+  dtype_property(c, "dtype", &AttentionParams::dtype);
+  c.def_readwrite("shape", &AttentionParams::shape);
+  pointer_property(c, "q", &AttentionParams::q);
+  pointer_property(c, "k", &AttentionParams::k);
+  pointer_property(c, "v", &AttentionParams::v);
+  pointer_property(c, "mask", &AttentionParams::mask);
+  c.def_property(
+      "mask_strides",
+      [](const Cls& p) {
+        const MaskStrides& m = p.mask_strides;
+        return py::make_tuple(m.batch, m.head, m.row, m.col);
+      },
+      [](Cls& p, const std::vector<int64_t>& s) {
+        if (s.size() != 4) throw py::value_error("mask_strides must be 4 element strides (b, n, t, s)");
+        p.mask_strides = MaskStrides{s[0], s[1], s[2], s[3]};
+      });
+  c.def_readwrite("scale", &AttentionParams::scale);
+  c.def_readwrite("is_causal", &AttentionParams::is_causal);
+  c.def_readwrite("dropout_rate", &AttentionParams::dropout_rate);
+  c.def_readwrite("seed", &AttentionParams::seed);
 }
 
-void attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, const std::vector<int64_t>& strides,
-                   uintptr_t o, uintptr_t lse, const std::vector<int64_t>& shape, const std::string& dtype,
-                   double scale, bool is_causal, double dropout_rate, uint64_t seed, uintptr_t stream,
-                   const std::string& family) {
-  AttentionFwdParams p;
-  p.dtype = dtype_named(dtype, "dtype");
-  p.shape = attention_shape(shape);
-  p.q = cptr(q);
-  p.k = cptr(k);
-  p.v = cptr(v);
-  p.mask = static_cast<const bool*>(cptr(mask));
-  p.mask_strides = mask_strides(strides);
-  p.o = mptr(o);
-  p.lse = mptr(lse);
-  p.scale = scale;
-  p.is_causal = is_causal;
-  p.dropout_rate = dropout_rate;
-  p.seed = seed;
-  run([&] { return core::attention_fwd(p, gpu_ctx(stream, family)); });
+template <typename Cls, typename Base, typename Ptr>
+void pointer_properties(py::class_<Cls>& c, std::initializer_list<std::pair<const char*, Ptr Base::*>> fields) {
+  for (const auto& f : fields) pointer_property(c, f.first, f.second);
 }
 
-void attention_bwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, const std::vector<int64_t>& strides,
-                   uintptr_t o, uintptr_t lse, uintptr_t d_o, uintptr_t dq, uintptr_t dk, uintptr_t dv,
-                   uintptr_t workspace, const std::vector<int64_t>& shape, const std::string& dtype, double scale,
-                   bool is_causal, double dropout_rate, uint64_t seed, uintptr_t stream, const std::string& family) {
-  AttentionBwdParams p;
-  p.dtype = dtype_named(dtype, "dtype");
-  p.shape = attention_shape(shape);
-  p.q = cptr(q);
-  p.k = cptr(k);
-  p.v = cptr(v);
-  p.mask = static_cast<const bool*>(cptr(mask));
-  p.mask_strides = mask_strides(strides);
-  p.o = cptr(o);
-  p.lse = cptr(lse);
-  p.do_ = cptr(d_o);
-  p.dq = mptr(dq);
-  p.dk = mptr(dk);
-  p.dv = mptr(dv);
-  p.workspace = mptr(workspace);
-  p.scale = scale;
-  p.is_causal = is_causal;
-  p.dropout_rate = dropout_rate;
-  p.seed = seed;
-  run([&] { return core::attention_bwd(p, gpu_ctx(stream, family)); });
+void bind_params(py::module_& m) {
+  using namespace pybind11::literals;
+  py::class_<AttentionShape>(m, "AttentionShape", "The attention problem's sizes (the glossary of attention.h).")
+      .def(py::init([](int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t num_heads, int64_t num_heads_kv,
+                       int64_t head_dim, int64_t head_dim_v) {
+             return AttentionShape{batch, seqlen_q, seqlen_k, num_heads, num_heads_kv, head_dim, head_dim_v};
+           }),
+           "batch"_a, "seqlen_q"_a, "seqlen_k"_a, "num_heads"_a, "num_heads_kv"_a, "head_dim"_a, "head_dim_v"_a)
+      .def_readwrite("batch", &AttentionShape::batch)
+      .def_readwrite("seqlen_q", &AttentionShape::seqlen_q)
+      .def_readwrite("seqlen_k", &AttentionShape::seqlen_k)
+      .def_readwrite("num_heads", &AttentionShape::num_heads)
+      .def_readwrite("num_heads_kv", &AttentionShape::num_heads_kv)
+      .def_readwrite("head_dim", &AttentionShape::head_dim)
+      .def_readwrite("head_dim_v", &AttentionShape::head_dim_v);
+
+  py::class_<AttentionFwdParams> fwd(m, "AttentionFwdParams",
+                                     "Arguments of attention_fwd_gpu: q [B, T, N, H], k [B, S, Nkv, H], v [B, S, Nkv, "
+                                     "Hv] in, o [B, T, N, Hv] and lse [B, N, T] float32 out, as pointers (ints).");
+  attention_fields(fwd);
+  pointer_property(fwd, "o", &AttentionFwdParams::o);
+  pointer_property(fwd, "lse", &AttentionFwdParams::lse);
+
+  py::class_<AttentionBwdParams> bwd(m, "AttentionBwdParams",
+                                     "Arguments of attention_bwd_gpu: the forward's inputs, o, lse and do_ (dO) in; dq, "
+                                     "dk, dv out; workspace of attention_bwd_workspace_bytes_gpu bytes.");
+  attention_fields(bwd);
+  pointer_properties<AttentionBwdParams, AttentionBwdParams, const void*>(
+      bwd, {{"o", &AttentionBwdParams::o}, {"lse", &AttentionBwdParams::lse}, {"do_", &AttentionBwdParams::do_}});
+  pointer_properties<AttentionBwdParams, AttentionBwdParams, void*>(
+      bwd, {{"dq", &AttentionBwdParams::dq}, {"dk", &AttentionBwdParams::dk}, {"dv", &AttentionBwdParams::dv},
+            {"workspace", &AttentionBwdParams::workspace}});
+
+  py::class_<LayerNormFwdParams> lf(m, "LayerNormFwdParams",
+                                    "Arguments of layer_norm_fwd_gpu over [rows, cols]: x, residual (0 = none), gamma, "
+                                    "beta in; y, sum (0 = not written), mean, rstd out, as pointers (ints).");
+  keyword_init(lf);
+  dtype_property(lf, "dtype", &LayerNormFwdParams::dtype);
+  dtype_property(lf, "param_dtype", &LayerNormFwdParams::param_dtype);
+  lf.def_readwrite("rows", &LayerNormFwdParams::rows);
+  lf.def_readwrite("cols", &LayerNormFwdParams::cols);
+  lf.def_readwrite("epsilon", &LayerNormFwdParams::epsilon);
+  pointer_properties<LayerNormFwdParams, LayerNormFwdParams, const void*>(
+      lf, {{"x", &LayerNormFwdParams::x}, {"residual", &LayerNormFwdParams::residual},
+           {"gamma", &LayerNormFwdParams::gamma}, {"beta", &LayerNormFwdParams::beta}});
+  pointer_properties<LayerNormFwdParams, LayerNormFwdParams, void*>(
+      lf, {{"y", &LayerNormFwdParams::y}, {"sum", &LayerNormFwdParams::sum}, {"mean", &LayerNormFwdParams::mean},
+           {"rstd", &LayerNormFwdParams::rstd}});
+
+  py::class_<LayerNormBwdParams> lb(m, "LayerNormBwdParams",
+                                    "Arguments of layer_norm_bwd_gpu: dy, dsum (0 = none), sum, gamma, mean, rstd in; "
+                                    "dx, dgamma, dbeta out; workspace of layer_norm_bwd_workspace_bytes_gpu bytes.");
+  keyword_init(lb);
+  dtype_property(lb, "dtype", &LayerNormBwdParams::dtype);
+  dtype_property(lb, "param_dtype", &LayerNormBwdParams::param_dtype);
+  lb.def_readwrite("rows", &LayerNormBwdParams::rows);
+  lb.def_readwrite("cols", &LayerNormBwdParams::cols);
+  pointer_properties<LayerNormBwdParams, LayerNormBwdParams, const void*>(
+      lb, {{"dy", &LayerNormBwdParams::dy}, {"dsum", &LayerNormBwdParams::dsum}, {"sum", &LayerNormBwdParams::sum},
+           {"gamma", &LayerNormBwdParams::gamma}, {"mean", &LayerNormBwdParams::mean},
+           {"rstd", &LayerNormBwdParams::rstd}});
+  pointer_properties<LayerNormBwdParams, LayerNormBwdParams, void*>(
+      lb, {{"dx", &LayerNormBwdParams::dx}, {"dgamma", &LayerNormBwdParams::dgamma},
+           {"dbeta", &LayerNormBwdParams::dbeta}, {"workspace", &LayerNormBwdParams::workspace}});
 }
 
 }  // namespace
@@ -258,36 +276,40 @@ void register_gpu(py::module_& m) {
         "Returns the target, timing, cache use, NVRTC log and per-kernel registers/smem/spills.\n"
         "Raises RuntimeError with the NVRTC log when compilation fails.",
         "arch"_a, "name"_a, "use_cache"_a = true);
-  // Launchers on raw device pointers (ints, 0 = none) and a CUstream (int; 0 =
-  // the legacy default stream), e.g. t.data_ptr() and
+  // Launchers on the params structs above (pointer fields: ints, 0 = none)
+  // and a CUstream (int; 0 = the legacy default stream), e.g. t.data_ptr() and
   // torch.cuda.current_stream().cuda_stream. Asynchronous on that stream.
-  m.def("layer_norm_fwd_gpu", &layer_norm_fwd,
-        "Fused residual-add + layer norm on the GPU over [rows, cols] (see layer_norm_fwd).",
-        "x"_a, "residual"_a, "gamma"_a, "beta"_a, "y"_a, "sum"_a, "mean"_a, "rstd"_a, "rows"_a, "cols"_a,
-        "dtype"_a, "param_dtype"_a, "epsilon"_a, "stream"_a = 0);
-  m.def("layer_norm_bwd_gpu", &layer_norm_bwd,
-        "Backward of layer_norm_fwd_gpu; workspace: layer_norm_bwd_workspace_bytes_gpu bytes.",
-        "dy"_a, "dsum"_a, "sum"_a, "gamma"_a, "mean"_a, "rstd"_a, "dx"_a, "dgamma"_a, "dbeta"_a, "workspace"_a,
-        "rows"_a, "cols"_a, "dtype"_a, "param_dtype"_a, "stream"_a = 0);
+  bind_params(m);
+  m.def(
+      "layer_norm_fwd_gpu",
+      [](const LayerNormFwdParams& p, uintptr_t stream) { run([&] { return core::layer_norm_fwd(p, gpu_ctx(stream)); }); },
+      "Fused residual-add + layer norm on the GPU over [rows, cols] (see layer_norm_fwd).", "params"_a,
+      "stream"_a = 0);
+  m.def(
+      "layer_norm_bwd_gpu",
+      [](const LayerNormBwdParams& p, uintptr_t stream) { run([&] { return core::layer_norm_bwd(p, gpu_ctx(stream)); }); },
+      "Backward of layer_norm_fwd_gpu.", "params"_a, "stream"_a = 0);
   m.def("layer_norm_bwd_workspace_bytes_gpu",
         [](int64_t rows, int64_t cols, const std::string& dtype) {
           return layer_norm_bwd_workspace_bytes_gpu(rows, cols, dtype_named(dtype, "dtype"));
         },
         "rows"_a, "cols"_a, "dtype"_a);
-  m.def("attention_fwd_gpu", &attention_fwd,
-        "Attention forward on the GPU. shape = (B, T, S, N, Nkv, H, Hv); mask_strides = element strides\n"
-        "(b, n, t, s) of a bool mask (0 broadcasts); lse is float32 [B, N, T]. family: auto, simt or\n"
-        "tensor_core.",
-        "q"_a, "k"_a, "v"_a, "mask"_a, "mask_strides"_a, "o"_a, "lse"_a, "shape"_a, "dtype"_a, "scale"_a,
-        "is_causal"_a = false, "dropout_rate"_a = 0.0, "seed"_a = 0, "stream"_a = 0, "family"_a = "auto");
-  m.def("attention_bwd_gpu", &attention_bwd,
-        "Attention backward on the GPU; workspace: attention_bwd_workspace_bytes_gpu bytes.",
-        "q"_a, "k"_a, "v"_a, "mask"_a, "mask_strides"_a, "o"_a, "lse"_a, "d_o"_a, "dq"_a, "dk"_a, "dv"_a,
-        "workspace"_a, "shape"_a, "dtype"_a, "scale"_a, "is_causal"_a = false, "dropout_rate"_a = 0.0,
-        "seed"_a = 0, "stream"_a = 0, "family"_a = "auto");
+  m.def(
+      "attention_fwd_gpu",
+      [](const AttentionFwdParams& p, uintptr_t stream, const std::string& family) {
+        run([&] { return core::attention_fwd(p, gpu_ctx(stream, family)); });
+      },
+      "Attention forward on the GPU; family: auto, simt or tensor_core.", "params"_a, "stream"_a = 0,
+      "family"_a = "auto");
+  m.def(
+      "attention_bwd_gpu",
+      [](const AttentionBwdParams& p, uintptr_t stream, const std::string& family) {
+        run([&] { return core::attention_bwd(p, gpu_ctx(stream, family)); });
+      },
+      "Attention backward on the GPU.", "params"_a, "stream"_a = 0, "family"_a = "auto");
   m.def("attention_bwd_workspace_bytes_gpu",
-        [](const std::vector<int64_t>& shape, const std::string& dtype) {
-          return attention_bwd_workspace_bytes_gpu(attention_shape(shape), dtype_named(dtype, "dtype"));
+        [](const AttentionShape& shape, const std::string& dtype) {
+          return attention_bwd_workspace_bytes_gpu(shape, dtype_named(dtype, "dtype"));
         },
         "shape"_a, "dtype"_a);
 }

@@ -21,9 +21,11 @@ def layer_norm_gpu(C, x, gamma, beta, residual, eps):
     s = torch.full_like(x, float("nan")) if residual is not None else None
     mean = torch.full(x.shape[:-1], float("nan"), device="cuda")
     rstd = torch.full_like(mean, float("nan"))
-    C.layer_norm_fwd_gpu(x.data_ptr(), residual.data_ptr() if residual is not None else 0, gamma.data_ptr(),
-                         beta.data_ptr(), y.data_ptr(), s.data_ptr() if s is not None else 0, mean.data_ptr(),
-                         rstd.data_ptr(), rows, cols, DTYPE_NAMES[x.dtype], DTYPE_NAMES[gamma.dtype], eps, stream())
+    p = C.LayerNormFwdParams(dtype=DTYPE_NAMES[x.dtype], param_dtype=DTYPE_NAMES[gamma.dtype], rows=rows, cols=cols,
+                             epsilon=eps, x=x.data_ptr(), residual=residual.data_ptr() if residual is not None else 0,
+                             gamma=gamma.data_ptr(), beta=beta.data_ptr(), y=y.data_ptr(),
+                             sum=s.data_ptr() if s is not None else 0, mean=mean.data_ptr(), rstd=rstd.data_ptr())
+    C.layer_norm_fwd_gpu(p, stream())
     return y, (s if s is not None else x), mean, rstd
 
 
@@ -34,9 +36,11 @@ def layer_norm_bwd_gpu(C, dy, s, gamma, mean, rstd):
     dbeta = torch.full_like(gamma, float("nan"))
     ws = torch.empty(C.layer_norm_bwd_workspace_bytes_gpu(rows, cols, DTYPE_NAMES[dy.dtype]), dtype=torch.uint8,
                      device="cuda")
-    C.layer_norm_bwd_gpu(dy.data_ptr(), 0, s.data_ptr(), gamma.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-                         dx.data_ptr(), dgamma.data_ptr(), dbeta.data_ptr(), ws.data_ptr(), rows, cols,
-                         DTYPE_NAMES[dy.dtype], DTYPE_NAMES[gamma.dtype], stream())
+    p = C.LayerNormBwdParams(dtype=DTYPE_NAMES[dy.dtype], param_dtype=DTYPE_NAMES[gamma.dtype], rows=rows, cols=cols,
+                             dy=dy.data_ptr(), sum=s.data_ptr(), gamma=gamma.data_ptr(), mean=mean.data_ptr(),
+                             rstd=rstd.data_ptr(), dx=dx.data_ptr(), dgamma=dgamma.data_ptr(), dbeta=dbeta.data_ptr(),
+                             workspace=ws.data_ptr())
+    C.layer_norm_bwd_gpu(p, stream())
     return dx, dgamma, dbeta
 
 
