@@ -233,12 +233,15 @@ def float64_bits(x) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
-CPU_ISA_VALUES = ("avx512", "avx2", "portable")
-
-
 def check_cpu_isa_env() -> None:
     """Warns when TF_FASTATTN_CPU_ISA holds a value the kernels ignore."""
     value = os.environ.get("TF_FASTATTN_CPU_ISA")
-    if value is not None and value not in CPU_ISA_VALUES:
-        warnings.warn(f"TF_FASTATTN_CPU_ISA={value!r} is ignored: expected one of {', '.join(CPU_ISA_VALUES)} "
+    if value is None:
+        return
+    try:
+        from tf_fastattn import _C  # the tiers the kernels know (CPU_ISA_VALUES)
+    except ImportError:
+        return
+    if value not in _C.CPU_ISA_VALUES:
+        warnings.warn(f"TF_FASTATTN_CPU_ISA={value!r} is ignored: expected one of {', '.join(_C.CPU_ISA_VALUES)} "
                       "(the CPU attention then uses the best tier this CPU has)", RuntimeWarning, stacklevel=2)

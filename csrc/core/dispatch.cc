@@ -3,12 +3,17 @@
 namespace tf_fastattn {
 namespace core {
 
+// The derived fields are filled here, once, for every backend.
 Status attention_fwd(const AttentionFwdParams& p, const ExecContext& ctx) {
-  return ctx.backend == Backend::kGpu ? attention_fwd_gpu(p, ctx.gpu) : attention_fwd_cpu(p, ctx.cpu);
+  AttentionFwdParams a = p;
+  a.finalize();
+  return ctx.backend == Backend::kGpu ? attention_fwd_gpu(a, ctx.gpu) : attention_fwd_cpu(a, ctx.cpu);
 }
 
 Status attention_bwd(const AttentionBwdParams& p, const ExecContext& ctx) {
-  return ctx.backend == Backend::kGpu ? attention_bwd_gpu(p, ctx.gpu) : attention_bwd_cpu(p, ctx.cpu);
+  AttentionBwdParams a = p;
+  a.finalize();
+  return ctx.backend == Backend::kGpu ? attention_bwd_gpu(a, ctx.gpu) : attention_bwd_cpu(a, ctx.cpu);
 }
 
 int64_t attention_bwd_workspace_bytes(const AttentionShape& shape, DType dtype, const ExecContext& ctx) {

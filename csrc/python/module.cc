@@ -159,6 +159,11 @@ PYBIND11_MODULE(_C, m) {
     return paths;
   }, "The CPU attention's micro-kernel tier per case (float32 products, bfloat16 products, dropout): "
      "the best this CPU has, capped by TF_FASTATTN_CPU_ISA=avx512|avx2|portable.");
+  {
+    std::vector<std::string> tiers;
+    for (auto t : tf_fastattn::cpu::kCpuTiers) tiers.push_back(tf_fastattn::cpu::cpu_tier_name(t));
+    m.attr("CPU_ISA_VALUES") = pybind11::tuple(pybind11::cast(tiers));
+  }
   tf_fastattn::python::register_layer_norm(m);
   tf_fastattn::python::register_attention(m);
   tf_fastattn::python::register_gpu(m);

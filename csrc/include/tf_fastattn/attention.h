@@ -53,6 +53,8 @@ Status validate(const AttentionBwdParams& p);
 // shapes and the number of threads the CPU context may use.
 int64_t attention_bwd_workspace_bytes(const AttentionShape& shape, DType dtype, int num_threads);
 
+// The CPU backend, called by the core (csrc/core/dispatch.cc) with
+// finalize()d params: the kernels read the derived fields.
 Status attention_fwd_cpu(const AttentionFwdParams& p, const CpuContext& ctx);
 Status attention_bwd_cpu(const AttentionBwdParams& p, const CpuContext& ctx);
 

@@ -45,19 +45,22 @@ struct AttentionParams {
   double dropout_rate = 0.0;  // in [0, 1)
   uint64_t seed = 0;          // Philox key when dropout_rate > 0
 
-  // Derived by finalize() from the fields above (the GPU kernels read these).
+  // Derived by finalize() from the fields above (the kernels read these).
+  double inv_keep_f64 = 1;         // 1 / (1 - dropout_rate) in float64 (the CPU's float64 path)
   float scale_f32 = 0;             // scale rounded to float32
   float scale_log2 = 0;            // scale * log2(e) in float32: the GPU kernels use exp2
   float inv_keep = 1;              // 1 / (1 - dropout_rate) in float32
   uint32_t dropout_threshold = 0;  // a key is kept when its Philox word is >= this (philox.h)
   int32_t has_dropout = 0;         // dropout_rate > 0
 
-  // Fills the derived fields; the core calls it before launching.
+  // Fills the derived fields; the core (csrc/core/dispatch.cc) calls it
+  // before any backend runs.
   void finalize() {
     scale_f32 = static_cast<float>(scale);
     scale_log2 = static_cast<float>(scale * 1.4426950408889634);
     has_dropout = dropout_rate > 0;
-    inv_keep = static_cast<float>(1.0 / (1.0 - dropout_rate));
+    inv_keep_f64 = 1.0 / (1.0 - dropout_rate);
+    inv_keep = static_cast<float>(inv_keep_f64);
     dropout_threshold = tf_fastattn::dropout_threshold(dropout_rate);
   }
 };
@@ -82,8 +85,8 @@ struct AttentionBwdParams : AttentionParams {
 // the same sizes and alignments for these types): a field added or reordered
 // changes these sizes, and both builds check them.
 static_assert(sizeof(AttentionShape) == 56, "AttentionShape layout");
-static_assert(sizeof(AttentionParams) == 184, "AttentionParams layout");
-static_assert(sizeof(AttentionFwdParams) == 200, "AttentionFwdParams layout");
-static_assert(sizeof(AttentionBwdParams) == 240, "AttentionBwdParams layout");
+static_assert(sizeof(AttentionParams) == 192, "AttentionParams layout");
+static_assert(sizeof(AttentionFwdParams) == 208, "AttentionFwdParams layout");
+static_assert(sizeof(AttentionBwdParams) == 248, "AttentionBwdParams layout");
 
 }  // namespace tf_fastattn

@@ -200,12 +200,13 @@ struct Dropout {
   double inv_keep = 1.0;  // 1 / (1 - rate)
 };
 
-Dropout make_dropout(double rate, uint64_t seed) {
+// From the params' derived fields (AttentionParams::finalize, called by the core).
+Dropout make_dropout(const AttentionParams& p) {
   Dropout d;
-  d.on = rate > 0.0;
-  d.seed = seed;
-  d.threshold = dropout_threshold(rate);
-  d.inv_keep = 1.0 / (1.0 - rate);
+  d.on = p.has_dropout != 0;
+  d.seed = p.seed;
+  d.threshold = p.dropout_threshold;
+  d.inv_keep = p.inv_keep_f64;
   return d;
 }
 
@@ -292,7 +293,7 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
   T* o = static_cast<T*>(p.o);
   Acc* lse = static_cast<Acc*>(p.lse);
   const MaskView mv{p.mask, p.mask_strides, p.is_causal};
-  const Dropout drop = make_dropout(p.dropout_rate, p.seed);
+  const Dropout drop = make_dropout(p);
   const Acc scale = static_cast<Acc>(p.scale);
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
 
@@ -548,7 +549,7 @@ struct BwdProblem {
         dv(static_cast<T*>(p_.dv)),
         delta(static_cast<double*>(p_.workspace)),
         mv{p_.mask, p_.mask_strides, p_.is_causal},
-        drop(make_dropout(p_.dropout_rate, p_.seed)),
+        drop(make_dropout(p_)),
         scale(static_cast<Acc>(p_.scale)),
         inf(std::numeric_limits<Acc>::infinity()) {}
 

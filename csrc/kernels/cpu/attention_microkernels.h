@@ -717,10 +717,22 @@ inline bool amx_bf16_usable() {
 // ignored, and tf_fastattn warns about them). Decided once per process.
 enum class CpuTier { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 
+inline const char* cpu_tier_name(CpuTier t) {
+  switch (t) {
+    case CpuTier::kAvx512: return "avx512";
+    case CpuTier::kAvx2: return "avx2";
+    default: return "portable";
+  }
+}
+
+// Every tier, best first: the values TF_FASTATTN_CPU_ISA takes (_C exposes
+// them as CPU_ISA_VALUES for the Python side's check).
+constexpr CpuTier kCpuTiers[] = {CpuTier::kAvx512, CpuTier::kAvx2, CpuTier::kPortable};
+
 inline CpuTier cpu_tier_cap(const char* env) {
-  if (env == nullptr) return CpuTier::kAvx512;
-  if (std::strcmp(env, "portable") == 0) return CpuTier::kPortable;
-  if (std::strcmp(env, "avx2") == 0) return CpuTier::kAvx2;
+  for (CpuTier t : kCpuTiers) {
+    if (env != nullptr && std::strcmp(env, cpu_tier_name(t)) == 0) return t;
+  }
   return CpuTier::kAvx512;
 }
 
@@ -754,14 +766,6 @@ inline CpuTier cpu_tier() {
     return std::min(best, cpu_tier_cap(std::getenv("TF_FASTATTN_CPU_ISA")));
   }();
   return tier;
-}
-
-inline const char* cpu_tier_name(CpuTier t) {
-  switch (t) {
-    case CpuTier::kAvx512: return "avx512";
-    case CpuTier::kAvx2: return "avx2";
-    default: return "portable";
-  }
 }
 
 struct Bf16Kernels {
