@@ -172,26 +172,37 @@ def run_attention(C, case):
     causal, rate, seed = case.get("causal", False), case.get("dropout", 0.0), case.get("seed", 1234)
     family = case.get("family", "auto")
     rng = np.random.default_rng(case.get("data_seed", 0))
-    q = rng.standard_normal((B, T, N, H)).astype(dtype)
-    k = rng.standard_normal((B, S, Nkv, H)).astype(dtype)
-    v = rng.standard_normal((B, S, Nkv, Hv)).astype(dtype)
-    d_o = rng.standard_normal((B, T, N, Hv)).astype(dtype)
+    strided = case.get("strided", False)
+
+    def tensor(seq, heads, dim, fill=None):
+        """[B, seq, heads, dim]; with `strided`, a view of [B, heads, seq, dim] memory."""
+        shape = (B, heads, seq, dim) if strided else (B, seq, heads, dim)
+        a = rng.standard_normal(shape).astype(dtype) if fill is None else np.full(shape, fill, dtype)
+        return a.transpose(0, 2, 1, 3) if strided else a
+
+    def strides(a):
+        return [a.strides[i] // a.itemsize for i in range(3)]
+
+    q, k, v, d_o = tensor(T, N, H), tensor(S, Nkv, H), tensor(S, Nkv, Hv), tensor(T, N, Hv)
     mm = _make_mask(np, rng, case.get("mask"), B, N, T, S)
-    mask, strides = mm if mm else (None, [0, 0, 0, 0])
+    mask, mask_strides = mm if mm else (None, [0, 0, 0, 0])
     scale = 1.0 / np.sqrt(H)
 
-    o = _poisoned(np, (B, T, N, Hv), dtype)
+    o = tensor(T, N, Hv, np.nan)  # poisoned
     lse = _poisoned(np, (B, N, T), np.float32)
-    dq, dk, dv = (_poisoned(np, x.shape, dtype) for x in (q, k, v))
+    dq, dk, dv = tensor(T, N, H, np.nan), tensor(S, Nkv, H, np.nan), tensor(S, Nkv, Hv, np.nan)
     shape = C.AttentionShape(B, T, S, N, Nkv, H, Hv)
     ws = np.zeros(C.attention_bwd_workspace_bytes_gpu(shape, dt_name), np.uint8)
     common = dict(dtype=dt_name, shape=shape, q=q.ctypes.data, k=k.ctypes.data, v=v.ctypes.data,
-                  mask=mask.ctypes.data if mask is not None else 0, mask_strides=strides, scale=scale,
-                  is_causal=causal, dropout_rate=rate, seed=seed)
-    fwd = C.AttentionFwdParams(**common, o=o.ctypes.data, lse=lse.ctypes.data)
+                  mask=mask.ctypes.data if mask is not None else 0, mask_strides=mask_strides, scale=scale,
+                  is_causal=causal, dropout_rate=rate, seed=seed, q_strides=strides(q), k_strides=strides(k),
+                  v_strides=strides(v))
+    fwd = C.AttentionFwdParams(**common, o=o.ctypes.data, lse=lse.ctypes.data, o_strides=strides(o))
     C.attention_fwd_gpu(fwd, 0, family)
     bwd = C.AttentionBwdParams(**common, o=o.ctypes.data, lse=lse.ctypes.data, do_=d_o.ctypes.data,
-                  dq=dq.ctypes.data, dk=dk.ctypes.data, dv=dv.ctypes.data, workspace=ws.ctypes.data)
+                  dq=dq.ctypes.data, dk=dk.ctypes.data, dv=dv.ctypes.data, workspace=ws.ctypes.data,
+                  o_strides=strides(o), do_strides=strides(d_o), dq_strides=strides(dq), dk_strides=strides(dk),
+                  dv_strides=strides(dv))
     C.attention_bwd_gpu(bwd, 0, family)
 
     keep = philox_keep_mask(seed, rate, B, N, T, S) if rate > 0 else None

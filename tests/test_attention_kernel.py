@@ -240,3 +240,42 @@ def test_gpu_params_structs_round_trip_and_validate():
     b = _C.AttentionBwdParams()
     b.do_, b.workspace = 8, 24
     assert (b.do_, b.workspace, b.dq) == (8, 24, 0)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_strided_views_are_read_in_place(dtype_name):
+    """q, k, v, out and d_out in any layout with a contiguous last axis (the
+    params' element strides): [B, N, T, H] transposed, a slice of a packed
+    k/v, give bitwise the results of contiguous copies."""
+    dtype = NP_DTYPES[dtype_name]
+    rng = np.random.default_rng(3)
+    B, T, S, N, Nkv, H, Hv = 2, 33, 50, 4, 2, 24, 40
+    q = rng.standard_normal((B, N, T, H)).astype(dtype).transpose(0, 2, 1, 3)
+    kv = rng.standard_normal((B, S, 2, Nkv, H)).astype(dtype)
+    k = kv[:, :, 0]
+    v = rng.standard_normal((B, S, Nkv, 2 * Hv)).astype(dtype)[..., Hv:]
+    d_out = rng.standard_normal((B, N, T, Hv)).astype(dtype).transpose(0, 2, 1, 3)
+    assert not any(x.flags.c_contiguous for x in (q, k, v, d_out))
+    copies = [np.ascontiguousarray(x) for x in (q, k, v, d_out)]
+    kw = dict(is_causal=True, dropout_rate=0.1, seed=3)
+    out, lse = _C.attention_fwd(q, k, v, **kw)
+    out_c, lse_c = _C.attention_fwd(*copies[:3], **kw)
+    np.testing.assert_array_equal(out, out_c)
+    np.testing.assert_array_equal(lse, lse_c)
+    out_view = np.ascontiguousarray(out.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    grads = _C.attention_bwd(q, k, v, out_view, lse, d_out, **kw)
+    grads_c = _C.attention_bwd(*copies[:3], out_c, lse_c, copies[3], **kw)
+    for g, gc in zip(grads, grads_c):
+        np.testing.assert_array_equal(g, gc)
+
+
+def test_layouts_the_kernels_cannot_read_are_refused():
+    q = np.ones((2, 4, 2, 8), np.float32)
+    with pytest.raises(ValueError, match="query is broadcast along every axis but the last"):
+        _C.attention_fwd(np.broadcast_to(q[:1, :1, :1], q.shape), q, q)
+    # Broadcast along some axes is read as it is (the same rows again).
+    out, _ = _C.attention_fwd(np.broadcast_to(q[:1], q.shape), q, q)
+    np.testing.assert_array_equal(out, _C.attention_fwd(q, q, q)[0])
+    wide = np.ones((2, 4, 2, 16), np.float32)
+    with pytest.raises(ValueError, match=r"key must have a contiguous last axis \(element stride 1\), got 2"):
+        _C.attention_fwd(q, wide[..., ::2], q)

@@ -10,13 +10,33 @@ namespace tf_fastattn {
 namespace python {
 namespace {
 
+// The element strides of a [batch, seq, heads, dim] array: any layout whose
+// last axis is contiguous (transposed and sliced views need no copy).
+TensorStrides strides_of(const py::array& a, const char* name) {
+  const py::ssize_t item = a.itemsize();
+  if (a.size() == 0) return TensorStrides{};  // nothing is read or written (NumPy's strides are arbitrary)
+  if (a.shape(3) > 1 && a.strides(3) != item) {
+    throw py::value_error(std::string(name) + " must have a contiguous last axis (element stride 1), got " +
+                          std::to_string(a.strides(3) / item));
+  }
+  int64_t st[3];
+  int64_t contiguous = a.shape(3);
+  for (int i = 2; i >= 0; --i) {
+    if (a.strides(i) % item != 0) throw py::value_error(std::string(name) + "'s strides are not whole elements");
+    // An axis of size 1 has no stride of its own: the contiguous one.
+    st[i] = a.shape(i) == 1 ? contiguous : a.strides(i) / item;
+    contiguous *= a.shape(i);
+  }
+  if (st[0] == 0 && st[1] == 0 && st[2] == 0) {
+    throw py::value_error(std::string(name) + " is broadcast along every axis but the last (strides 0): pass a copy");
+  }
+  return TensorStrides{st[0], st[1], st[2]};
+}
+
 // The core's checks (core/attention_checks.h): the messages of every front end.
 AttentionShape shape_of(const py::array& q, const py::array& k, const py::array& v) {
   AttentionShape s;
   check(core::attention_shape(dims_of(q), dims_of(k), dims_of(v), &s));
-  require_contiguous(q, "query");
-  require_contiguous(k, "key");
-  require_contiguous(v, "value");
   const DType t = dtype_of(q, "query");
   if (dtype_of(k, "key") != t || dtype_of(v, "value") != t) {
     throw py::value_error("query, key and value must have the same dtype");
@@ -62,6 +82,9 @@ py::tuple attention_fwd(const py::array& q, const py::array& k, const py::array&
   p.q = q.data();
   p.k = k.data();
   p.v = v.data();
+  p.q_strides = strides_of(q, "query");
+  p.k_strides = strides_of(k, "key");
+  p.v_strides = strides_of(v, "value");
   const AttentionShape& s = p.shape;
   py::array o = out_arrays.take(0, q.dtype(), {s.batch, s.seqlen_q, s.num_heads, s.head_dim_v});
   py::array lse = out_arrays.take(1, stats_dtype(p.dtype), {s.batch, s.num_heads, s.seqlen_q});
@@ -86,8 +109,6 @@ py::tuple attention_bwd(const py::array& q, const py::array& k, const py::array&
   p.dtype = dtype_of(q, "query");
   const AttentionShape& s = p.shape;
   check(core::attention_bwd_inputs(dims_of(o), dims_of(lse), dims_of(d_o), s));
-  require_contiguous(o, "out");
-  require_contiguous(d_o, "d_out");
   if (dtype_of(o, "out") != p.dtype || dtype_of(d_o, "d_out") != p.dtype) {
     throw py::value_error("out and d_out must have the dtype of query");
   }
@@ -106,6 +127,11 @@ py::tuple attention_bwd(const py::array& q, const py::array& k, const py::array&
   p.o = o.data();
   p.lse = lse.data();
   p.do_ = d_o.data();
+  p.q_strides = strides_of(q, "query");
+  p.k_strides = strides_of(k, "key");
+  p.v_strides = strides_of(v, "value");
+  p.o_strides = strides_of(o, "out");
+  p.do_strides = strides_of(d_o, "d_out");
   py::array dq = out_arrays.take(0, q.dtype(), {s.batch, s.seqlen_q, s.num_heads, s.head_dim});
   py::array dk = out_arrays.take(1, k.dtype(), {s.batch, s.seqlen_k, s.num_heads_kv, s.head_dim});
   py::array dv = out_arrays.take(2, v.dtype(), {s.batch, s.seqlen_k, s.num_heads_kv, s.head_dim_v});
@@ -134,7 +160,8 @@ void register_attention(py::module_& m) {
         "batch"_a, "heads"_a, "seqlen_q"_a, "seqlen_k"_a, "head_dim"_a, "is_causal"_a, "backward"_a);
   m.def("attention_fwd", &attention_fwd,
         "Fused scaled-dot-product attention on the CPU.\n\n"
-        "query [B, T, N, H], key [B, S, Nkv, H], value [B, S, Nkv, Hv]; mask: bool, rank <= 4, broadcastable\n"
+        "query [B, T, N, H], key [B, S, Nkv, H], value [B, S, Nkv, Hv], in any layout whose last axis is\n"
+        "contiguous (transposed or sliced views are read in place); mask: bool, rank <= 4, broadcastable\n"
         "to [B, N, T, S] (True = attend). Returns (out [B, T, N, Hv], lse [B, N, T]), written into\n"
         "`outputs` (a tuple of two preallocated C-contiguous arrays) when given.",
         "query"_a, "key"_a, "value"_a, "mask"_a = py::none(), "scale"_a = py::none(), "is_causal"_a = false,

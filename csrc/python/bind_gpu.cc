@@ -152,6 +152,18 @@ void keyword_init(py::class_<Cls>& c) {
   }));
 }
 
+// Element strides (batch, seq, head) of a [batch, seq, heads, dim] tensor;
+// (0, 0, 0), the default, means contiguous.
+template <typename Cls, typename Base>
+void strides_property(py::class_<Cls>& c, const char* name, TensorStrides Base::*field) {
+  c.def_property(
+      name, [field](const Cls& p) { return py::make_tuple((p.*field).batch, (p.*field).seq, (p.*field).head); },
+      [field, name](Cls& p, const std::vector<int64_t>& s) {
+        if (s.size() != 3) throw py::value_error(std::string(name) + " must be 3 element strides (batch, seq, head)");
+        p.*field = TensorStrides{s[0], s[1], s[2]};
+      });
+}
+
 // The fields both attention directions share (tf_fastattn/attention_params.h).
 template <typename Cls>
 void attention_fields(py::class_<Cls>& c) {
@@ -162,6 +174,9 @@ void attention_fields(py::class_<Cls>& c) {
   pointer_property(c, "k", &AttentionParams::k);
   pointer_property(c, "v", &AttentionParams::v);
   pointer_property(c, "mask", &AttentionParams::mask);
+  strides_property(c, "q_strides", &AttentionParams::q_strides);
+  strides_property(c, "k_strides", &AttentionParams::k_strides);
+  strides_property(c, "v_strides", &AttentionParams::v_strides);
   c.def_property(
       "mask_strides",
       [](const Cls& p) {
@@ -205,6 +220,7 @@ void bind_params(py::module_& m) {
   attention_fields(fwd);
   pointer_property(fwd, "o", &AttentionFwdParams::o);
   pointer_property(fwd, "lse", &AttentionFwdParams::lse);
+  strides_property(fwd, "o_strides", &AttentionFwdParams::o_strides);
 
   py::class_<AttentionBwdParams> bwd(m, "AttentionBwdParams",
                                      "Arguments of attention_bwd_gpu: the forward's inputs, o, lse and do_ (dO) in; dq, "
@@ -215,6 +231,13 @@ void bind_params(py::module_& m) {
   pointer_properties<AttentionBwdParams, AttentionBwdParams, void*>(
       bwd, {{"dq", &AttentionBwdParams::dq}, {"dk", &AttentionBwdParams::dk}, {"dv", &AttentionBwdParams::dv},
             {"workspace", &AttentionBwdParams::workspace}});
+  for (auto f : {std::make_pair("o_strides", &AttentionBwdParams::o_strides),
+                 std::make_pair("do_strides", &AttentionBwdParams::do_strides),
+                 std::make_pair("dq_strides", &AttentionBwdParams::dq_strides),
+                 std::make_pair("dk_strides", &AttentionBwdParams::dk_strides),
+                 std::make_pair("dv_strides", &AttentionBwdParams::dv_strides)}) {
+    strides_property(bwd, f.first, f.second);
+  }
 
   py::class_<LayerNormFwdParams> lf(m, "LayerNormFwdParams",
                                     "Arguments of layer_norm_fwd_gpu over [rows, cols]: x, residual (0 = none), gamma, "

@@ -14,7 +14,10 @@
 //
 // Layout (Keras'): q [B, T, N, H], k [B, S, Nkv, H], v [B, S, Nkv, Hv],
 // o [B, T, N, Hv], lse [B, N, T]. N % Nkv == 0: query head n reads kv head
-// n / (N / Nkv) (multi-head, grouped-query, multi-query).
+// n / (N / Nkv) (multi-head, grouped-query, multi-query). q, k, v, o, do, dq,
+// dk, dv may have any element strides (TensorStrides: batch, seq, head) with
+// a contiguous last axis, e.g. [B, N, T, H] memory read as [B, T, N, H];
+// unset strides mean C-contiguous. lse and delta are always contiguous.
 //
 //   logits[b,n,t,s] = scale * <q[b,t,n,:], k[b,s,n/g,:]>
 //   allowed(t, s)   = mask[b,n,t,s] && (!is_causal || s <= t)   (top-left causal)

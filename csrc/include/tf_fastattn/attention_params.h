@@ -24,6 +24,22 @@ struct AttentionShape {
   int64_t head_dim_v = 0;    // Hv (v, o)
 };
 
+// Element strides of a [batch, seq, heads, dim] tensor whose last axis is
+// contiguous (q, k, v, o, do, dq, dk, dv). All zero, the default, means
+// C-contiguous: finalize() fills them.
+struct TensorStrides {
+  int64_t batch = 0, seq = 0, head = 0;
+
+  // The strides of a C-contiguous [*, seq, heads, dim] tensor where these are unset.
+  void default_to_contiguous(int64_t seq_len, int64_t heads, int64_t dim) {
+    if (batch == 0 && seq == 0 && head == 0) {
+      head = dim;
+      seq = heads * dim;
+      batch = seq_len * heads * dim;
+    }
+  }
+};
+
 // Strides in elements of a boolean mask broadcast to [B, N, T, S]; a stride of
 // 0 broadcasts that axis.
 struct MaskStrides {
@@ -35,9 +51,10 @@ struct MaskStrides {
 struct AttentionParams {
   DType dtype = DType::kFloat32;  // q, k, v, o (and do, dq, dk, dv)
   AttentionShape shape;
-  const void* q = nullptr;     // [B, T, N, H] contiguous
-  const void* k = nullptr;     // [B, S, Nkv, H] contiguous
-  const void* v = nullptr;     // [B, S, Nkv, Hv] contiguous
+  const void* q = nullptr;     // [B, T, N, H]
+  const void* k = nullptr;     // [B, S, Nkv, H]
+  const void* v = nullptr;     // [B, S, Nkv, Hv]
+  TensorStrides q_strides, k_strides, v_strides;
   const bool* mask = nullptr;  // optional, see mask_strides (true = attend)
   MaskStrides mask_strides;
   double scale = 0.0;  // softmax scale (the front end fills 1/sqrt(H) by default)
@@ -54,8 +71,12 @@ struct AttentionParams {
   int32_t has_dropout = 0;         // dropout_rate > 0
 
   // Fills the derived fields; the core (csrc/core/dispatch.cc) calls it
-  // before any backend runs.
+  // before any backend runs (the directions' finalize() call this one).
   void finalize() {
+    const AttentionShape& s = shape;
+    q_strides.default_to_contiguous(s.seqlen_q, s.num_heads, s.head_dim);
+    k_strides.default_to_contiguous(s.seqlen_k, s.num_heads_kv, s.head_dim);
+    v_strides.default_to_contiguous(s.seqlen_k, s.num_heads_kv, s.head_dim_v);
     scale_f32 = static_cast<float>(scale);
     scale_log2 = static_cast<float>(scale * 1.4426950408889634);
     has_dropout = dropout_rate > 0;
@@ -67,26 +88,43 @@ struct AttentionParams {
 
 struct AttentionFwdParams : AttentionParams {
   void* o = nullptr;    // [B, T, N, Hv] out
-  void* lse = nullptr;  // [B, N, T] stats_dtype(dtype) out
+  void* lse = nullptr;  // [B, N, T] stats_dtype(dtype) out, contiguous
+  TensorStrides o_strides;
+
+  void finalize() {
+    AttentionParams::finalize();
+    o_strides.default_to_contiguous(shape.seqlen_q, shape.num_heads, shape.head_dim_v);
+  }
 };
 
 struct AttentionBwdParams : AttentionParams {
   const void* o = nullptr;    // the forward's out [B, T, N, Hv]
-  const void* lse = nullptr;  // the forward's lse [B, N, T]
+  const void* lse = nullptr;  // the forward's lse [B, N, T], contiguous
   const void* do_ = nullptr;  // [B, T, N, Hv] in
   void* dq = nullptr;         // [B, T, N, H] out
   void* dk = nullptr;         // [B, S, Nkv, H] out
   void* dv = nullptr;         // [B, S, Nkv, Hv] out
   void* workspace = nullptr;  // attention_bwd_workspace_bytes(...) bytes: delta (double on
                               // the CPU, float on the GPU) [B, N, T]
+  TensorStrides o_strides, do_strides, dq_strides, dk_strides, dv_strides;
+
+  void finalize() {
+    AttentionParams::finalize();
+    const AttentionShape& s = shape;
+    o_strides.default_to_contiguous(s.seqlen_q, s.num_heads, s.head_dim_v);
+    do_strides.default_to_contiguous(s.seqlen_q, s.num_heads, s.head_dim_v);
+    dq_strides.default_to_contiguous(s.seqlen_q, s.num_heads, s.head_dim);
+    dk_strides.default_to_contiguous(s.seqlen_k, s.num_heads_kv, s.head_dim);
+    dv_strides.default_to_contiguous(s.seqlen_k, s.num_heads_kv, s.head_dim_v);
+  }
 };
 
 // The layout both compilers must produce (x86-64 g++ and NVRTC's nvptx64 use
 // the same sizes and alignments for these types): a field added or reordered
 // changes these sizes, and both builds check them.
 static_assert(sizeof(AttentionShape) == 56, "AttentionShape layout");
-static_assert(sizeof(AttentionParams) == 192, "AttentionParams layout");
-static_assert(sizeof(AttentionFwdParams) == 208, "AttentionFwdParams layout");
-static_assert(sizeof(AttentionBwdParams) == 248, "AttentionBwdParams layout");
+static_assert(sizeof(AttentionParams) == 264, "AttentionParams layout");
+static_assert(sizeof(AttentionFwdParams) == 304, "AttentionFwdParams layout");
+static_assert(sizeof(AttentionBwdParams) == 440, "AttentionBwdParams layout");
 
 }  // namespace tf_fastattn

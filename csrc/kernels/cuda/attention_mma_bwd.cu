@@ -133,14 +133,14 @@ __device__ void bwd_delta(const AttentionBwdParams& a) {
   const int64_t row = int64_t(blockIdx.x) * kMmaBwdDeltaRows + threadIdx.x / 32;
   if (row >= sh.batch * sh.seqlen_q * sh.num_heads) return;  // warp-uniform
   const int lane = threadIdx.x % 32;
-  const T* o = static_cast<const T*>(a.o) + row * sh.head_dim_v;
-  const T* d_o = static_cast<const T*>(a.do_) + row * sh.head_dim_v;
+  const int64_t n = row % sh.num_heads, t = (row / sh.num_heads) % sh.seqlen_q;
+  const int64_t b = row / (sh.num_heads * sh.seqlen_q);
+  const T* o = static_cast<const T*>(a.o) + offset(a.o_strides, b, t, n);
+  const T* d_o = static_cast<const T*>(a.do_) + offset(a.do_strides, b, t, n);
   double sum = 0.0;
   for (int64_t h = lane; h < sh.head_dim_v; h += 32) sum += double(to_acc(o[h]) * to_acc(d_o[h]));
   sum = lanes_sum(sum, 32);
   if (lane == 0) {
-    const int64_t n = row % sh.num_heads, t = (row / sh.num_heads) % sh.seqlen_q;
-    const int64_t b = row / (sh.num_heads * sh.seqlen_q);
     delta_of(a)[(b * sh.num_heads + n) * sh.seqlen_q + t] = float(sum);
   }
 }
@@ -163,14 +163,13 @@ __device__ void bwd_dq(const AttentionBwdParams& a) {
   const int64_t n = bn % sh.num_heads, b = bn / sh.num_heads, hk = n / (sh.num_heads / sh.num_heads_kv);
   const int64_t t0 = tile * kQM;
   const int64_t rows = sh.seqlen_q - t0 < kQM ? sh.seqlen_q - t0 : kQM;
-  const int64_t row0 = (b * sh.seqlen_q + t0) * sh.num_heads + n;
-  load_tile<kQM>(q_s, static_cast<const uint16_t*>(a.q) + row0 * sh.head_dim, sh.num_heads * sh.head_dim, rows,
+  load_tile<kQM>(q_s, static_cast<const uint16_t*>(a.q) + offset(a.q_strides, b, t0, n), a.q_strides.seq, rows,
                  sh.head_dim);
-  load_tile<kQM>(do_s, static_cast<const uint16_t*>(a.do_) + row0 * sh.head_dim_v, sh.num_heads * sh.head_dim_v, rows,
+  load_tile<kQM>(do_s, static_cast<const uint16_t*>(a.do_) + offset(a.do_strides, b, t0, n), a.do_strides.seq, rows,
                  sh.head_dim_v);
-  const uint16_t* k = static_cast<const uint16_t*>(a.k) + (b * sh.seqlen_k * sh.num_heads_kv + hk) * sh.head_dim;
-  const uint16_t* v = static_cast<const uint16_t*>(a.v) + (b * sh.seqlen_k * sh.num_heads_kv + hk) * sh.head_dim_v;
-  const int64_t ld_k = sh.num_heads_kv * sh.head_dim, ld_v = sh.num_heads_kv * sh.head_dim_v;
+  const uint16_t* k = static_cast<const uint16_t*>(a.k) + offset(a.k_strides, b, 0, hk);
+  const uint16_t* v = static_cast<const uint16_t*>(a.v) + offset(a.v_strides, b, 0, hk);
+  const int64_t ld_k = a.k_strides.seq, ld_v = a.v_strides.seq;
 
   const int64_t row_t[2] = {t0 + warp * 16 + g, t0 + warp * 16 + g + 8};
   float lse2[2], delta[2];
@@ -232,7 +231,7 @@ __device__ void bwd_dq(const AttentionBwdParams& a) {
   for (int r = 0; r < 2; ++r) {
     const int64_t t = row_t[r];
     if (t >= sh.seqlen_q) continue;
-    T* out = static_cast<T*>(a.dq) + ((b * sh.seqlen_q + t) * sh.num_heads + n) * sh.head_dim;
+    T* out = static_cast<T*>(a.dq) + offset(a.dq_strides, b, t, n);
 #pragma unroll
     for (int nt = 0; nt < kOT; ++nt) {
 #pragma unroll
@@ -273,16 +272,12 @@ __device__ void dkdv_pass(const AttentionBwdParams& a, const KvTiles& sm, int64_
   const uint16_t* vw = sm.v_s + warp * 16 * kLd;
   const int64_t key[2] = {s0 + warp * 16 + g, s0 + warp * 16 + g + 8};
   const int64_t group = sh.num_heads / sh.num_heads_kv;
-  const int64_t ld_q = sh.num_heads * sh.head_dim, ld_o = sh.num_heads * sh.head_dim_v;
   const float* lse_g = static_cast<const float*>(a.lse);
   // Causal without a mask: every query tile before the one holding row s0
   // sees none of these keys and has no empty row.
   const int64_t t_begin = a.is_causal && !a.mask ? (s0 / kKM) * kKM : 0;
 
   for (int64_t n = hk * group; n < (hk + 1) * group; ++n) {
-    const int64_t q_row0 = b * sh.seqlen_q * sh.num_heads + n;  // row t is q_row0 + t * heads
-    const uint16_t* q = static_cast<const uint16_t*>(a.q) + q_row0 * sh.head_dim;
-    const uint16_t* d_o = static_cast<const uint16_t*>(a.do_) + q_row0 * sh.head_dim_v;
     const int64_t stat0 = (b * sh.num_heads + n) * sh.seqlen_q;
     for (int64_t t0 = t_begin; t0 < sh.seqlen_q; t0 += kKM) {
       const int64_t rows = sh.seqlen_q - t0 < kKM ? sh.seqlen_q - t0 : kKM;
@@ -300,8 +295,12 @@ __device__ void dkdv_pass(const AttentionBwdParams& a, const KvTiles& sm, int64_
         sm.lse_s[threadIdx.x] = t < sh.seqlen_q ? lse_g[stat0 + t] : 0.f;
         sm.delta_s[threadIdx.x] = t < sh.seqlen_q ? delta_of(a)[stat0 + t] : 0.f;
       }
-      load_tile<kKM>(sm.q_s, q + t0 * ld_q, ld_q, rows, sh.head_dim);
-      load_tile<kKM>(sm.do_s, d_o + t0 * ld_o, ld_o, rows, sh.head_dim_v);
+      // Addressed from the params at each step: kept in registers across
+      // the loop they made the head-dim-64 kernel spill.
+      load_tile<kKM>(sm.q_s, static_cast<const uint16_t*>(a.q) + offset(a.q_strides, b, t0, n), a.q_strides.seq, rows,
+                     sh.head_dim);
+      load_tile<kKM>(sm.do_s, static_cast<const uint16_t*>(a.do_) + offset(a.do_strides, b, t0, n), a.do_strides.seq,
+                     rows, sh.head_dim_v);
       __syncthreads();
       // S^T = K Q^T and (for dK) dP^T = V dO^T: rows = keys g, g + 8,
       // columns = queries nt * 8 + 2c + e.
@@ -357,8 +356,8 @@ __device__ void dkdv_pass(const AttentionBwdParams& a, const KvTiles& sm, int64_
   for (int r = 0; r < 2; ++r) {
     const int64_t s = key[r];
     if (s >= sh.seqlen_k) continue;
-    T* dk_out = static_cast<T*>(a.dk) + ((b * sh.seqlen_k + s) * sh.num_heads_kv + hk) * sh.head_dim;
-    T* dv_out = static_cast<T*>(a.dv) + ((b * sh.seqlen_k + s) * sh.num_heads_kv + hk) * sh.head_dim_v;
+    T* dk_out = static_cast<T*>(a.dk) + offset(a.dk_strides, b, s, hk);
+    T* dv_out = static_cast<T*>(a.dv) + offset(a.dv_strides, b, s, hk);
 #pragma unroll
     for (int nt = 0; nt < kOT; ++nt) {
 #pragma unroll
@@ -387,11 +386,10 @@ __device__ void bwd_dkdv(const AttentionBwdParams& a) {
   const int64_t hk = bh % sh.num_heads_kv, b = bh / sh.num_heads_kv;
   const int64_t s0 = tile * kKN;
   const int64_t keys = sh.seqlen_k - s0 < kKN ? sh.seqlen_k - s0 : kKN;
-  const int64_t kv_row0 = (b * sh.seqlen_k + s0) * sh.num_heads_kv + hk;
-  load_tile<kKN>(sm.k_s, static_cast<const uint16_t*>(a.k) + kv_row0 * sh.head_dim, sh.num_heads_kv * sh.head_dim,
-                 keys, sh.head_dim);
-  load_tile<kKN>(sm.v_s, static_cast<const uint16_t*>(a.v) + kv_row0 * sh.head_dim_v, sh.num_heads_kv * sh.head_dim_v,
-                 keys, sh.head_dim_v);
+  load_tile<kKN>(sm.k_s, static_cast<const uint16_t*>(a.k) + offset(a.k_strides, b, s0, hk), a.k_strides.seq, keys,
+                 sh.head_dim);
+  load_tile<kKN>(sm.v_s, static_cast<const uint16_t*>(a.v) + offset(a.v_strides, b, s0, hk), a.v_strides.seq, keys,
+                 sh.head_dim_v);
   // (the first step of a pass syncs before reading k_s / v_s)
   if constexpr (kSplitPasses) {
     dkdv_pass<false, true>(a, sm, b, hk, s0);

@@ -64,12 +64,12 @@ __device__ __forceinline__ void accumulate_pv(const AttentionParams& a, const Co
                                               float (&o_acc)[kRM][kOC]) {
   const tf_fastattn::AttentionShape& sh = a.shape;
   const int tx = threadIdx.x % kTX, ty = threadIdx.x / kTX;
-  const T* v = static_cast<const T*>(a.v) + ((co.b * sh.seqlen_k + s0) * sh.num_heads_kv + co.hk) * sh.head_dim_v;
+  const T* v = static_cast<const T*>(a.v) + offset(a.v_strides, co.b, s0, co.hk);
 #pragma unroll
   for (int hc = 0; hc < kHp; hc += kHc) {
     if (hc >= sh.head_dim_v) break;
     __syncthreads();  // kv_s and p_s: previous readers done / writers done
-    load_tile<kBN, kHc>(&kv_s[0][0], kHc + 1, v + hc, sh.num_heads_kv * sh.head_dim_v, sh.seqlen_k - s0,
+    load_tile<kBN, kHc>(&kv_s[0][0], kHc + 1, v + hc, a.v_strides.seq, sh.seqlen_k - s0,
                         sh.head_dim_v - hc);
     __syncthreads();
     for (int s = 0; s < kBN; ++s) {
@@ -104,8 +104,8 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
   const int64_t rows = sh.seqlen_q - t0 < kBM ? sh.seqlen_q - t0 : kBM;
 
   load_tile<kBM, kHp>(&q_s[0][0], kHp + 1,
-                      static_cast<const T*>(a.q) + ((co.b * sh.seqlen_q + t0) * sh.num_heads + co.n) * sh.head_dim,
-                      sh.num_heads * sh.head_dim, rows, sh.head_dim);
+                      static_cast<const T*>(a.q) + offset(a.q_strides, co.b, t0, co.n), a.q_strides.seq, rows,
+                      sh.head_dim);
   float o_acc[kRM][kOC], m[kRM], l[kRM];
 #pragma unroll
   for (int i = 0; i < kRM; ++i) {
@@ -114,7 +114,7 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
 #pragma unroll
     for (int c = 0; c < kOC; ++c) o_acc[i][c] = 0.f;
   }
-  const T* k = static_cast<const T*>(a.k) + (co.b * sh.seqlen_k * sh.num_heads_kv + co.hk) * sh.head_dim;
+  const T* k = static_cast<const T*>(a.k) + offset(a.k_strides, co.b, 0, co.hk);
   const int64_t s_end = a.is_causal ? (t0 + rows < sh.seqlen_k ? t0 + rows : sh.seqlen_k) : sh.seqlen_k;
   for (int64_t s0 = 0; s0 < s_end; s0 += kBN) {
     float x[kRM][4];
@@ -127,7 +127,7 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
     for (int hc = 0; hc < kHp; hc += kHc) {
       if (hc >= sh.head_dim) break;
       __syncthreads();
-      const int64_t ld_k = sh.num_heads_kv * sh.head_dim;
+      const int64_t ld_k = a.k_strides.seq;
       load_tile<kBN, kHc>(&kv_s[0][0], kHc + 1, k + s0 * ld_k + hc, ld_k, sh.seqlen_k - s0, sh.head_dim - hc);
       __syncthreads();
       for (int h = 0; h < kHc; ++h) {
@@ -211,7 +211,7 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
     const int64_t t = t0 + ty + kTY * i;
     if (t >= sh.seqlen_q) continue;
     const float inv = l[i] > 0.f ? 1.f / l[i] : 1.f;
-    T* o = static_cast<T*>(a.o) + ((co.b * sh.seqlen_q + t) * sh.num_heads + co.n) * sh.head_dim_v;
+    T* o = static_cast<T*>(a.o) + offset(a.o_strides, co.b, t, co.n);
 #pragma unroll
     for (int c = 0; c < kOC; ++c) {
       const int h = tx + kTX * c;
@@ -232,8 +232,10 @@ __device__ void attention_bwd_delta(const AttentionBwdParams& a) {
   const int64_t row = int64_t(blockIdx.x) * (kSimtThreads / 32) + threadIdx.x / 32;  // (b, t, n) flattened
   if (row >= sh.batch * sh.seqlen_q * sh.num_heads) return;
   const int lane = threadIdx.x % 32;
-  const T* o = static_cast<const T*>(a.o) + row * sh.head_dim_v;
-  const T* d_o = static_cast<const T*>(a.do_) + row * sh.head_dim_v;
+  const int64_t n = row % sh.num_heads, t = (row / sh.num_heads) % sh.seqlen_q;
+  const int64_t b = row / (sh.num_heads * sh.seqlen_q);
+  const T* o = static_cast<const T*>(a.o) + offset(a.o_strides, b, t, n);
+  const T* d_o = static_cast<const T*>(a.do_) + offset(a.do_strides, b, t, n);
   // In float64 (exact products of float32 values), as the tensor-core delta:
   // float32 accumulation over Hv terms made the gradient of a row with one
   // allowed key, exactly 0 in exact arithmetic, ~1e-6 at Hv = 256 (seen under
@@ -242,8 +244,6 @@ __device__ void attention_bwd_delta(const AttentionBwdParams& a) {
   for (int64_t h = lane; h < sh.head_dim_v; h += 32) sum += double(to_acc(o[h])) * double(to_acc(d_o[h]));
   sum = lanes_sum(sum, 32);
   if (lane == 0) {
-    const int64_t n = row % sh.num_heads, t = (row / sh.num_heads) % sh.seqlen_q;
-    const int64_t b = row / (sh.num_heads * sh.seqlen_q);
     delta_of(a)[(b * sh.num_heads + n) * sh.seqlen_q + t] = float(sum);
   }
 }
@@ -293,11 +293,10 @@ __device__ void attention_bwd_dq(const AttentionBwdParams& a) {
   const int64_t n = bn % sh.num_heads, b = bn / sh.num_heads, hk = n / (sh.num_heads / sh.num_heads_kv);
   const int64_t t0 = tile * kQM;
   const int64_t rows = sh.seqlen_q - t0 < kQM ? sh.seqlen_q - t0 : kQM;
-  const int64_t row0 = (b * sh.seqlen_q + t0) * sh.num_heads + n;
-  load_tile<kQM, kHp>(&q_s[0][0], kHp + 1, static_cast<const T*>(a.q) + row0 * sh.head_dim, sh.num_heads * sh.head_dim,
-                      rows, sh.head_dim);
-  load_tile<kQM, kHp>(&do_s[0][0], kHp + 1, static_cast<const T*>(a.do_) + row0 * sh.head_dim_v,
-                      sh.num_heads * sh.head_dim_v, rows, sh.head_dim_v);
+  load_tile<kQM, kHp>(&q_s[0][0], kHp + 1, static_cast<const T*>(a.q) + offset(a.q_strides, b, t0, n),
+                      a.q_strides.seq, rows, sh.head_dim);
+  load_tile<kQM, kHp>(&do_s[0][0], kHp + 1, static_cast<const T*>(a.do_) + offset(a.do_strides, b, t0, n),
+                      a.do_strides.seq, rows, sh.head_dim_v);
   float lse[kQRM], delta[kQRM], dq[kQRM][kQC];
 #pragma unroll
   for (int i = 0; i < kQRM; ++i) {
@@ -308,9 +307,9 @@ __device__ void attention_bwd_dq(const AttentionBwdParams& a) {
 #pragma unroll
     for (int c = 0; c < kQC; ++c) dq[i][c] = 0.f;
   }
-  const T* k = static_cast<const T*>(a.k) + (b * sh.seqlen_k * sh.num_heads_kv + hk) * sh.head_dim;
-  const T* v = static_cast<const T*>(a.v) + (b * sh.seqlen_k * sh.num_heads_kv + hk) * sh.head_dim_v;
-  const int64_t ld_k = sh.num_heads_kv * sh.head_dim, ld_v = sh.num_heads_kv * sh.head_dim_v;
+  const T* k = static_cast<const T*>(a.k) + offset(a.k_strides, b, 0, hk);
+  const T* v = static_cast<const T*>(a.v) + offset(a.v_strides, b, 0, hk);
+  const int64_t ld_k = a.k_strides.seq, ld_v = a.v_strides.seq;
   const int64_t s_end = a.is_causal ? (t0 + rows < sh.seqlen_k ? t0 + rows : sh.seqlen_k) : sh.seqlen_k;
   for (int64_t s0 = 0; s0 < s_end; s0 += kBN) {
     float qk[kQRM][4], dp[kQRM][4];
@@ -379,7 +378,7 @@ __device__ void attention_bwd_dq(const AttentionBwdParams& a) {
   for (int i = 0; i < kQRM; ++i) {
     const int64_t t = t0 + ty + kTY * i;
     if (t >= sh.seqlen_q) continue;
-    T* out = static_cast<T*>(a.dq) + ((b * sh.seqlen_q + t) * sh.num_heads + n) * sh.head_dim;
+    T* out = static_cast<T*>(a.dq) + offset(a.dq_strides, b, t, n);
 #pragma unroll
     for (int c = 0; c < kQC; ++c) {
       const int h = tx + kTX * c;
@@ -411,21 +410,19 @@ __device__ void attention_bwd_dkdv(const AttentionBwdParams& a) {
   const int64_t hk = bh % sh.num_heads_kv, b = bh / sh.num_heads_kv;
   const int64_t s0 = tile * kKN;
   const int64_t keys = sh.seqlen_k - s0 < kKN ? sh.seqlen_k - s0 : kKN;
-  const int64_t kv_row0 = (b * sh.seqlen_k + s0) * sh.num_heads_kv + hk;
-  load_tile<kKN, kHp>(&k_s[0][0], kHp + 1, static_cast<const T*>(a.k) + kv_row0 * sh.head_dim,
-                      sh.num_heads_kv * sh.head_dim, keys, sh.head_dim);
-  load_tile<kKN, kHp>(&v_s[0][0], kHp + 1, static_cast<const T*>(a.v) + kv_row0 * sh.head_dim_v,
-                      sh.num_heads_kv * sh.head_dim_v, keys, sh.head_dim_v);
+  load_tile<kKN, kHp>(&k_s[0][0], kHp + 1, static_cast<const T*>(a.k) + offset(a.k_strides, b, s0, hk),
+                      a.k_strides.seq, keys, sh.head_dim);
+  load_tile<kKN, kHp>(&v_s[0][0], kHp + 1, static_cast<const T*>(a.v) + offset(a.v_strides, b, s0, hk),
+                      a.v_strides.seq, keys, sh.head_dim_v);
   float dk[kKC], dv[kKC];
 #pragma unroll
   for (int c = 0; c < kKC; ++c) dk[c] = dv[c] = 0.f;
   const int64_t group = sh.num_heads / sh.num_heads_kv;
   const int64_t s = s0 + j;
   for (int64_t n = hk * group; n < (hk + 1) * group; ++n) {
-    const int64_t q_row0 = b * sh.seqlen_q * sh.num_heads + n;  // row t is q_row0 + t * heads
-    const T* q = static_cast<const T*>(a.q) + q_row0 * sh.head_dim;
-    const T* d_o = static_cast<const T*>(a.do_) + q_row0 * sh.head_dim_v;
-    const int64_t ld_q = sh.num_heads * sh.head_dim, ld_o = sh.num_heads * sh.head_dim_v;
+    const T* q = static_cast<const T*>(a.q) + offset(a.q_strides, b, 0, n);
+    const T* d_o = static_cast<const T*>(a.do_) + offset(a.do_strides, b, 0, n);
+    const int64_t ld_q = a.q_strides.seq, ld_o = a.do_strides.seq;
     for (int64_t t0 = 0; t0 < sh.seqlen_q; t0 += kKM) {
       const int64_t rows = sh.seqlen_q - t0 < kKM ? sh.seqlen_q - t0 : kKM;
       __syncthreads();  // lse_s, p_s, ds_s, q_s, do_s of the previous step are consumed
@@ -492,8 +489,8 @@ __device__ void attention_bwd_dkdv(const AttentionBwdParams& a) {
     }
   }
   if (s >= sh.seqlen_k) return;
-  T* dk_out = static_cast<T*>(a.dk) + ((b * sh.seqlen_k + s) * sh.num_heads_kv + hk) * sh.head_dim;
-  T* dv_out = static_cast<T*>(a.dv) + ((b * sh.seqlen_k + s) * sh.num_heads_kv + hk) * sh.head_dim_v;
+  T* dk_out = static_cast<T*>(a.dk) + offset(a.dk_strides, b, s, hk);
+  T* dv_out = static_cast<T*>(a.dv) + offset(a.dv_strides, b, s, hk);
 #pragma unroll
   for (int c = 0; c < kKC; ++c) {
     const int h = tx + kKX * c;
