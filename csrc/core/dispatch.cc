@@ -22,11 +22,15 @@ int64_t attention_bwd_workspace_bytes(const AttentionShape& shape, DType dtype, 
 }
 
 Status layer_norm_fwd(const LayerNormFwdParams& p, const ExecContext& ctx) {
-  return ctx.backend == Backend::kGpu ? layer_norm_fwd_gpu(p, ctx.gpu) : layer_norm_fwd_cpu(p, ctx.cpu);
+  LayerNormFwdParams a = p;
+  a.finalize();
+  return ctx.backend == Backend::kGpu ? layer_norm_fwd_gpu(a, ctx.gpu) : layer_norm_fwd_cpu(a, ctx.cpu);
 }
 
 Status layer_norm_bwd(const LayerNormBwdParams& p, const ExecContext& ctx) {
-  return ctx.backend == Backend::kGpu ? layer_norm_bwd_gpu(p, ctx.gpu) : layer_norm_bwd_cpu(p, ctx.cpu);
+  LayerNormBwdParams a = p;
+  a.finalize();
+  return ctx.backend == Backend::kGpu ? layer_norm_bwd_gpu(a, ctx.gpu) : layer_norm_bwd_cpu(a, ctx.cpu);
 }
 
 int64_t layer_norm_bwd_workspace_bytes(int64_t rows, int64_t cols, DType dtype, const ExecContext& ctx) {
