@@ -248,11 +248,6 @@ void bind_params(py::module_& m) {
   lf.def_readwrite("rows", &LayerNormFwdParams::rows);
   lf.def_readwrite("cols", &LayerNormFwdParams::cols);
   lf.def_readwrite("epsilon", &LayerNormFwdParams::epsilon);
-  // Element strides between rows (0 = cols, contiguous).
-  lf.def_readwrite("x_row_stride", &LayerNormFwdParams::x_row_stride);
-  lf.def_readwrite("residual_row_stride", &LayerNormFwdParams::residual_row_stride);
-  lf.def_readwrite("y_row_stride", &LayerNormFwdParams::y_row_stride);
-  lf.def_readwrite("sum_row_stride", &LayerNormFwdParams::sum_row_stride);
   pointer_properties<LayerNormFwdParams, LayerNormFwdParams, const void*>(
       lf, {{"x", &LayerNormFwdParams::x}, {"residual", &LayerNormFwdParams::residual},
            {"gamma", &LayerNormFwdParams::gamma}, {"beta", &LayerNormFwdParams::beta}});
@@ -268,10 +263,6 @@ void bind_params(py::module_& m) {
   dtype_property(lb, "param_dtype", &LayerNormBwdParams::param_dtype);
   lb.def_readwrite("rows", &LayerNormBwdParams::rows);
   lb.def_readwrite("cols", &LayerNormBwdParams::cols);
-  lb.def_readwrite("dy_row_stride", &LayerNormBwdParams::dy_row_stride);
-  lb.def_readwrite("dsum_row_stride", &LayerNormBwdParams::dsum_row_stride);
-  lb.def_readwrite("sum_row_stride", &LayerNormBwdParams::sum_row_stride);
-  lb.def_readwrite("dx_row_stride", &LayerNormBwdParams::dx_row_stride);
   pointer_properties<LayerNormBwdParams, LayerNormBwdParams, const void*>(
       lb, {{"dy", &LayerNormBwdParams::dy}, {"dsum", &LayerNormBwdParams::dsum}, {"sum", &LayerNormBwdParams::sum},
            {"gamma", &LayerNormBwdParams::gamma}, {"mean", &LayerNormBwdParams::mean},

@@ -80,17 +80,14 @@ Status layer_norm_fwd_gpu(const LayerNormFwdParams& p, const GpuContext& ctx) {
   gpu::DeviceInfo dev;
   TFA_RETURN_IF_ERROR(gpu::device_for_stream(ctx.stream, &dev));
   const Config c = config(p.cols, p.dtype, false);
-  LayerNormFwdParams a = p;  // the kernel's argument
-  a.finalize();
-  // 16-byte vectors: every row of every tensor starts 16-byte aligned.
-  const int64_t e = 16 / static_cast<int64_t>(dtype_size(p.dtype));
-  const bool aligned = p.cols % e == 0 && aligned16(p.x) && aligned16(p.y) && a.x_row_stride % e == 0 &&
-                       a.y_row_stride % e == 0 &&
-                       (!p.residual || (aligned16(p.residual) && a.residual_row_stride % e == 0)) &&
-                       (!p.sum || (aligned16(p.sum) && a.sum_row_stride % e == 0));
+  const int elem = static_cast<int>(dtype_size(p.dtype));
+  const bool aligned = p.cols % (16 / elem) == 0 && aligned16(p.x) && aligned16(p.y) &&
+                       (!p.residual || aligned16(p.residual)) && (!p.sum || aligned16(p.sum));
   gpu::CUfunction f;
   TFA_RETURN_IF_ERROR(
       gpu::get_kernel(dev, gpu::layer_norm_variant(p.dtype), kernel_name("fwd", c, aligned).c_str(), 0, &f));
+  LayerNormFwdParams a = p;  // the kernel's argument
+  a.finalize();
   a.threads_per_row = c.threads_per_row;
   const int64_t groups = c.block / c.threads_per_row;
   // Enough blocks to fill the GPU several times over; the kernel strides
@@ -112,17 +109,16 @@ Status layer_norm_bwd_gpu(const LayerNormBwdParams& p, const GpuContext& ctx) {
     return Status::OK();
   }
   const Config c = config(p.cols, p.dtype, true);
-  LayerNormBwdParams a = p;  // the kernel's argument
-  a.finalize();
-  const int64_t e = 16 / static_cast<int64_t>(dtype_size(p.dtype));
-  const bool aligned = p.cols % e == 0 && aligned16(p.dy) && aligned16(p.sum) && aligned16(p.dx) &&
-                       a.dy_row_stride % e == 0 && a.sum_row_stride % e == 0 && a.dx_row_stride % e == 0 &&
-                       (!p.dsum || (aligned16(p.dsum) && a.dsum_row_stride % e == 0));
+  const int elem = static_cast<int>(dtype_size(p.dtype));
+  const bool aligned = p.cols % (16 / elem) == 0 && aligned16(p.dy) && aligned16(p.sum) && aligned16(p.dx) &&
+                       (!p.dsum || aligned16(p.dsum));
   const gpu::KernelVariant v = gpu::layer_norm_variant(p.dtype);
   gpu::CUfunction rows_fn, reduce_fn;
   TFA_RETURN_IF_ERROR(gpu::get_kernel(dev, v, kernel_name("bwd", c, aligned).c_str(), 0, &rows_fn));
   TFA_RETURN_IF_ERROR(gpu::get_kernel(dev, v, "tfa_layer_norm_bwd_reduce", 0, &reduce_fn));
   const BwdChunks chunks = bwd_chunks(p.rows, p.cols, p.dtype);
+  LayerNormBwdParams a = p;  // the kernel's argument
+  a.finalize();
   a.threads_per_row = c.threads_per_row;
   a.rows_per_chunk = chunks.rows_per_chunk;
   a.chunks = chunks.chunks;
