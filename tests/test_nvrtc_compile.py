@@ -40,8 +40,9 @@ JUSTIFIED_SPILLS = {
     "tfa_attention_mma_fwd": "head dim 256: 128 output accumulators per thread",
     # Head dim 256, tensor-core backward dK/dV: each of its two passes (dV,
     # then dK) keeps 128 float32 accumulators per thread plus the S^T and dS^T
-    # tiles at the 255-register limit; 80..116 B on sm_80..sm_90 (the 64/128
-    # buckets must not spill: test_hot_variants_do_not_spill).
+    # tiles at the 255-register limit; 52 B on sm_80, none on sm_86 and sm_90
+    # since q/dO are addressed from the params each step (80..116 B before;
+    # the 64/128 buckets must not spill: test_hot_variants_do_not_spill).
     "tfa_attention_mma_bwd_dkdv": "head dim 256: 128 dK or dV accumulators per thread per pass",
 }
 
