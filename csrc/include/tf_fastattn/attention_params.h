@@ -30,6 +30,9 @@ struct AttentionShape {
 struct TensorStrides {
   int64_t batch = 0, seq = 0, head = 0;
 
+  // Element offset of (b, t, n): the start of that row of dim values.
+  int64_t offset(int64_t b, int64_t t, int64_t n) const { return b * batch + t * seq + n * head; }
+
   // The strides of a C-contiguous [*, seq, heads, dim] tensor where these are unset.
   void default_to_contiguous(int64_t seq_len, int64_t heads, int64_t dim) {
     if (batch == 0 && seq == 0 && head == 0) {

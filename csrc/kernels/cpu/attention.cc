@@ -200,11 +200,6 @@ struct Dropout {
   double inv_keep = 1.0;  // 1 / (1 - rate)
 };
 
-// Element offset of (b, t, n) in a [batch, seq, heads, dim] tensor.
-inline int64_t offset(const TensorStrides& s, int64_t b, int64_t t, int64_t n) {
-  return b * s.batch + t * s.seq + n * s.head;
-}
-
 // From the params' derived fields (AttentionParams::finalize, called by the core).
 Dropout make_dropout(const AttentionParams& p) {
   Dropout d;
@@ -334,9 +329,9 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
       const int64_t t0 = qi * kBr, nr = std::min(kBr, T_ - t0);
       // q is pre-scaled: logits = (scale q) . k. The backward scales the same way.
       if constexpr (std::is_same<T, bfloat16_t>::value) {
-        if (bk) load_bits(q + offset(sq, b, t0, n), sq.seq, nr, H, qb.data(), Hp2);
+        if (bk) load_bits(q + sq.offset(b, t0, n), sq.seq, nr, H, qb.data(), Hp2);
       }
-      if (!bk) load_tile(q + offset(sq, b, t0, n), sq.seq, nr, H, scale, qs.data(), Hp);
+      if (!bk) load_tile(q + sq.offset(b, t0, n), sq.seq, nr, H, scale, qs.data(), Hp);
       std::fill(acc.begin(), acc.end(), Acc(0));
       std::fill(m.begin(), m.end(), neg_inf);
       std::fill(l.begin(), l.end(), Acc(0));
@@ -344,8 +339,8 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
       const int64_t s_end = p.is_causal ? std::min(S, t0 + nr) : S;  // keys past the last row's diagonal are skipped
       for (int64_t s0 = 0; s0 < s_end; s0 += kBc) {
         const int64_t nc = std::min(kBc, S - s0), ncp = round_up(nc, kPad);
-        const T* kb = k + offset(sk, b, s0, hk);
-        const T* vb = v + offset(sv, b, s0, hk);
+        const T* kb = k + sk.offset(b, s0, hk);
+        const T* vb = v + sv.offset(b, s0, hk);
         const int64_t tile = s0 / kBc, slot = cache_kv ? tile : 0;
         Acc* ktile = bk ? nullptr : kt.data() + slot * Hp * kBc;
         uint16_t* ktbtile = bk ? ktb.data() + slot * Hp2 * kBc : nullptr;
@@ -378,14 +373,14 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
 
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t t = t0 + r;
-        T* orow = o + offset(so, b, t, n);
+        T* orow = o + so.offset(b, t, n);
         Acc* ar = acc.data() + r * Hvp;
         if (l[r] > Acc(0)) {
           const Acc inv = Acc(1) / l[r];
           for (int64_t h = 0; h < Hv; ++h) orow[h] = cpu::from_acc<T>(ar[h] * inv);
           lse[(b * N + n) * T_ + t] = m[r] + std::log(l[r]);
         } else {
-          uniform_row(drop, v + offset(sv, b, 0, hk), sv.seq, S, Hv, b, n, t, ar);
+          uniform_row(drop, v + sv.offset(b, 0, hk), sv.seq, S, Hv, b, n, t, ar);
           for (int64_t h = 0; h < Hv; ++h) orow[h] = cpu::from_acc<T>(ar[h]);
           lse[(b * N + n) * T_ + t] = std::numeric_limits<Acc>::infinity();
         }
@@ -575,8 +570,8 @@ struct BwdProblem {
     ctx.parallel_for(rows, 2 * Hv, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {  // i = (b * T + t) * N + n
         const int64_t n = i % N, t = (i / N) % T_, b = i / (N * T_);
-        const T* orow = o + offset(so, b, t, n);
-        const T* drow = dout + offset(sdo, b, t, n);
+        const T* orow = o + so.offset(b, t, n);
+        const T* drow = dout + sdo.offset(b, t, n);
         // Summed in double: every dS of the row subtracts delta, so its
         // rounding error reaches dq and dk scaled by the whole row; a float
         // sum over Hv terms made dq 8x less accurate than the naive float32
@@ -592,8 +587,8 @@ struct BwdProblem {
 
   // Loads q (pre-scaled like the forward), dO, lse and delta of one query tile.
   void load_query_tile(BwdTile<Acc>& tile, int64_t b, int64_t n, int64_t t0, int64_t nr) const {
-    load_tile(q + offset(sq, b, t0, n), sq.seq, nr, H, scale, tile.qs.data(), Hp);
-    load_tile(dout + offset(sdo, b, t0, n), sdo.seq, nr, Hv, Acc(1), tile.dob.data(), Hvp);
+    load_tile(q + sq.offset(b, t0, n), sq.seq, nr, H, scale, tile.qs.data(), Hp);
+    load_tile(dout + sdo.offset(b, t0, n), sdo.seq, nr, Hv, Acc(1), tile.dob.data(), Hvp);
     for (int64_t r = 0; r < nr; ++r) {
       tile.lse_r[r] = lse[(b * N + n) * T_ + t0 + r];
       tile.delta_r[r] = delta[(b * N + n) * T_ + t0 + r];
@@ -608,7 +603,7 @@ struct BwdProblem {
     for (int64_t r = 0; r < nr; ++r) {
       if (lse_tile[r] != inf) continue;
       const int64_t t = t0 + r;
-      const T* drow = dout + offset(sdo, b, t, n);
+      const T* drow = dout + sdo.offset(b, t, n);
       for (int64_t h = 0; h < Hv; ++h) uni[h] = load<T, Acc>(drow[h]) / static_cast<Acc>(S);
       if (drop.on) dropout_factors(drop, b, n, t, s0, nc, fm, int64_t(1));
       for (int64_t c = 0; c < nc; ++c) {
@@ -662,25 +657,25 @@ struct BwdProblem {
         const int64_t hk = w % Nkv, b = w / Nkv;
         for (int64_t kj = 0; kj < nkt; ++kj) {
           const int64_t s0 = kj * kBc, nc = std::min(kBc, S - s0);
-          load_tile(k + offset(sk, b, s0, hk), sk.seq, nc, H, Acc(1), kr.data() + s0 * Hp, Hp);
+          load_tile(k + sk.offset(b, s0, hk), sk.seq, nc, H, Acc(1), kr.data() + s0 * Hp, Hp);
           transpose(kr.data() + s0 * Hp, Hp, nc, H, kt.data() + kj * Hp * kBc, kBc);
-          load_tile_t(v + offset(sv, b, s0, hk), sv.seq, nc, Hv, Acc(1), vt.data() + kj * Hvp * kBc, kBc);
+          load_tile_t(v + sv.offset(b, s0, hk), sv.seq, nc, Hv, Acc(1), vt.data() + kj * Hvp * kBc, kBc);
           if constexpr (kBf) {
             if (bk) {
-              load_pairs_t(k + offset(sk, b, s0, hk), sk.seq, nc, H, ktb.data() + kj * Hp2 * kBc, 2 * kBc);
-              load_pairs_t(v + offset(sv, b, s0, hk), sv.seq, nc, Hv, vtb.data() + kj * Hvp2 * kBc, 2 * kBc);
+              load_pairs_t(k + sk.offset(b, s0, hk), sk.seq, nc, H, ktb.data() + kj * Hp2 * kBc, 2 * kBc);
+              load_pairs_t(v + sv.offset(b, s0, hk), sv.seq, nc, Hv, vtb.data() + kj * Hvp2 * kBc, 2 * kBc);
             }
           }
         }
         std::fill(dk_acc.begin(), dk_acc.end(), Acc(0));
         std::fill(dv_acc.begin(), dv_acc.end(), Acc(0));
         for (int64_t n = hk * group; n < (hk + 1) * group; ++n) {
-          load_tile(q + offset(sq, b, 0, n), sq.seq, T_, H, scale, qa.data(), Hp);
-          load_tile(dout + offset(sdo, b, 0, n), sdo.seq, T_, Hv, Acc(1), doa.data(), Hvp);
+          load_tile(q + sq.offset(b, 0, n), sq.seq, T_, H, scale, qa.data(), Hp);
+          load_tile(dout + sdo.offset(b, 0, n), sdo.seq, T_, Hv, Acc(1), doa.data(), Hvp);
           if constexpr (kBf) {
             if (bk) {
-              load_bits(q + offset(sq, b, 0, n), sq.seq, T_, H, qb.data(), Hp2);
-              load_bits(dout + offset(sdo, b, 0, n), sdo.seq, T_, Hv, dob.data(), Hvp2);
+              load_bits(q + sq.offset(b, 0, n), sq.seq, T_, H, qb.data(), Hp2);
+              load_bits(dout + sdo.offset(b, 0, n), sdo.seq, T_, Hv, dob.data(), Hvp2);
             }
           }
           for (int64_t t = 0; t < T_; ++t) {
@@ -711,13 +706,13 @@ struct BwdProblem {
             }
           }
           for (int64_t t = 0; t < T_; ++t) {
-            T* dqr = dq + offset(sdq, b, t, n);
+            T* dqr = dq + sdq.offset(b, t, n);
             for (int64_t h = 0; h < H; ++h) dqr[h] = cpu::from_acc<T>(scale * dq_acc[t * Hp + h]);
           }
         }
         for (int64_t s_ = 0; s_ < S; ++s_) {
-          T* dkr = dk + offset(sdk, b, s_, hk);
-          T* dvr = dv + offset(sdv, b, s_, hk);
+          T* dkr = dk + sdk.offset(b, s_, hk);
+          T* dvr = dv + sdv.offset(b, s_, hk);
           for (int64_t h = 0; h < H; ++h) dkr[h] = cpu::from_acc<T>(dk_acc[s_ * Hp + h]);
           for (int64_t h = 0; h < Hv; ++h) dvr[h] = cpu::from_acc<T>(dv_acc[s_ * Hvp + h]);
         }
@@ -739,8 +734,8 @@ struct BwdProblem {
           const int64_t kj = interleave(w % nkt, nkt, p.is_causal);
           const int64_t hk = (w / nkt) % Nkv, b = w / (nkt * Nkv);
           const int64_t s0 = kj * kBc, nc = std::min(kBc, S - s0);
-          load_tile_t(k + offset(sk, b, s0, hk), sk.seq, nc, H, Acc(1), tile.kt.data(), kBc);
-          load_tile_t(v + offset(sv, b, s0, hk), sv.seq, nc, Hv, Acc(1), tile.vt.data(), kBc);
+          load_tile_t(k + sk.offset(b, s0, hk), sk.seq, nc, H, Acc(1), tile.kt.data(), kBc);
+          load_tile_t(v + sv.offset(b, s0, hk), sv.seq, nc, Hv, Acc(1), tile.vt.data(), kBc);
           std::fill(dk_acc.begin(), dk_acc.end(), Acc(0));
           std::fill(dv_acc.begin(), dv_acc.end(), Acc(0));
 
@@ -757,8 +752,8 @@ struct BwdProblem {
             }
           }
           for (int64_t c = 0; c < nc; ++c) {
-            T* dkr = dk + offset(sdk, b, s0 + c, hk);
-            T* dvr = dv + offset(sdv, b, s0 + c, hk);
+            T* dkr = dk + sdk.offset(b, s0 + c, hk);
+            T* dvr = dv + sdv.offset(b, s0 + c, hk);
             for (int64_t h = 0; h < H; ++h) dkr[h] = cpu::from_acc<T>(dk_acc[c * Hp + h]);
             for (int64_t h = 0; h < Hv; ++h) dvr[h] = cpu::from_acc<T>(dv_acc[c * Hvp + h]);
           }
@@ -784,14 +779,14 @@ struct BwdProblem {
           const int64_t s_end = !any_live ? 0 : p.is_causal ? std::min(S, t0 + nr) : S;
           for (int64_t s0 = 0; s0 < s_end; s0 += kBc) {
             const int64_t nc = std::min(kBc, S - s0);
-            load_tile(k + offset(sk, b, s0, hk), sk.seq, nc, H, Acc(1), kb.data(), Hp);
+            load_tile(k + sk.offset(b, s0, hk), sk.seq, nc, H, Acc(1), kb.data(), Hp);
             transpose(kb.data(), Hp, nc, H, tile.kt.data(), kBc);
-            load_tile_t(v + offset(sv, b, s0, hk), sv.seq, nc, Hv, Acc(1), tile.vt.data(), kBc);
+            load_tile_t(v + sv.offset(b, s0, hk), sv.seq, nc, Hv, Acc(1), tile.vt.data(), kBc);
             tile.compute(mk, mv, drop, b, n, t0, nr, s0, nc, H, Hv);
             mk.gemm(nr, Hp, nc, tile.dsb.data(), kBc, kb.data(), Hp, dq_acc.data(), Hp, true);
           }
           for (int64_t r = 0; r < nr; ++r) {
-            T* dqr = dq + offset(sdq, b, t0 + r, n);
+            T* dqr = dq + sdq.offset(b, t0 + r, n);
             for (int64_t h = 0; h < H; ++h) dqr[h] = cpu::from_acc<T>(scale * dq_acc[r * Hp + h]);
           }
         }

@@ -10,12 +10,6 @@ namespace tfa {
 // The backward's workspace on the GPU: delta = rowsum(dO * O), float [B, N, T].
 __device__ __forceinline__ float* delta_of(const AttentionBwdParams& a) { return static_cast<float*>(a.workspace); }
 
-// Element offset of (b, t, n) in a [batch, seq, heads, dim] tensor with
-// these strides (the params' q_strides, ..., finalize()d).
-__device__ __forceinline__ int64_t offset(const tf_fastattn::TensorStrides& s, int64_t b, int64_t t, int64_t n) {
-  return b * s.batch + t * s.seq + n * s.head;
-}
-
 // Whether query t may attend to key s of (b, n): inside the sequence, below
 // the (top-left) causal diagonal, and allowed by the broadcast boolean mask.
 __device__ __forceinline__ bool allowed(const AttentionParams& a, int64_t b, int64_t n, int64_t t, int64_t s) {

@@ -75,10 +75,10 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
   const int64_t n = bn % sh.num_heads, b = bn / sh.num_heads, hk = n / (sh.num_heads / sh.num_heads_kv);
   const int64_t t0 = tile * kBM;
   const int64_t rows = sh.seqlen_q - t0 < kBM ? sh.seqlen_q - t0 : kBM;
-  load_tile<kBM, kHp, false>(q_s, kLd, static_cast<const uint16_t*>(a.q) + offset(a.q_strides, b, t0, n),
+  load_tile<kBM, kHp, false>(q_s, kLd, static_cast<const uint16_t*>(a.q) + a.q_strides.offset(b, t0, n),
                              a.q_strides.seq, rows, sh.head_dim);
-  const uint16_t* k = static_cast<const uint16_t*>(a.k) + offset(a.k_strides, b, 0, hk);
-  const uint16_t* v = static_cast<const uint16_t*>(a.v) + offset(a.v_strides, b, 0, hk);
+  const uint16_t* k = static_cast<const uint16_t*>(a.k) + a.k_strides.offset(b, 0, hk);
+  const uint16_t* v = static_cast<const uint16_t*>(a.v) + a.v_strides.offset(b, 0, hk);
   const int64_t ld_k = a.k_strides.seq, ld_v = a.v_strides.seq;
 
   float o[kOT][4], m[2], l[2];
@@ -196,7 +196,7 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
     const int64_t t = row_t[r];
     if (t >= sh.seqlen_q) continue;
     const float inv = l[r] > 0.f ? 1.f / l[r] : 1.f;
-    T* out = static_cast<T*>(a.o) + offset(a.o_strides, b, t, n);
+    T* out = static_cast<T*>(a.o) + a.o_strides.offset(b, t, n);
 #pragma unroll
     for (int nt = 0; nt < kOT; ++nt) {
 #pragma unroll

@@ -135,8 +135,8 @@ __device__ void bwd_delta(const AttentionBwdParams& a) {
   const int lane = threadIdx.x % 32;
   const int64_t n = row % sh.num_heads, t = (row / sh.num_heads) % sh.seqlen_q;
   const int64_t b = row / (sh.num_heads * sh.seqlen_q);
-  const T* o = static_cast<const T*>(a.o) + offset(a.o_strides, b, t, n);
-  const T* d_o = static_cast<const T*>(a.do_) + offset(a.do_strides, b, t, n);
+  const T* o = static_cast<const T*>(a.o) + a.o_strides.offset(b, t, n);
+  const T* d_o = static_cast<const T*>(a.do_) + a.do_strides.offset(b, t, n);
   double sum = 0.0;
   for (int64_t h = lane; h < sh.head_dim_v; h += 32) sum += double(to_acc(o[h]) * to_acc(d_o[h]));
   sum = lanes_sum(sum, 32);
@@ -163,12 +163,12 @@ __device__ void bwd_dq(const AttentionBwdParams& a) {
   const int64_t n = bn % sh.num_heads, b = bn / sh.num_heads, hk = n / (sh.num_heads / sh.num_heads_kv);
   const int64_t t0 = tile * kQM;
   const int64_t rows = sh.seqlen_q - t0 < kQM ? sh.seqlen_q - t0 : kQM;
-  load_tile<kQM>(q_s, static_cast<const uint16_t*>(a.q) + offset(a.q_strides, b, t0, n), a.q_strides.seq, rows,
+  load_tile<kQM>(q_s, static_cast<const uint16_t*>(a.q) + a.q_strides.offset(b, t0, n), a.q_strides.seq, rows,
                  sh.head_dim);
-  load_tile<kQM>(do_s, static_cast<const uint16_t*>(a.do_) + offset(a.do_strides, b, t0, n), a.do_strides.seq, rows,
+  load_tile<kQM>(do_s, static_cast<const uint16_t*>(a.do_) + a.do_strides.offset(b, t0, n), a.do_strides.seq, rows,
                  sh.head_dim_v);
-  const uint16_t* k = static_cast<const uint16_t*>(a.k) + offset(a.k_strides, b, 0, hk);
-  const uint16_t* v = static_cast<const uint16_t*>(a.v) + offset(a.v_strides, b, 0, hk);
+  const uint16_t* k = static_cast<const uint16_t*>(a.k) + a.k_strides.offset(b, 0, hk);
+  const uint16_t* v = static_cast<const uint16_t*>(a.v) + a.v_strides.offset(b, 0, hk);
   const int64_t ld_k = a.k_strides.seq, ld_v = a.v_strides.seq;
 
   const int64_t row_t[2] = {t0 + warp * 16 + g, t0 + warp * 16 + g + 8};
@@ -231,7 +231,7 @@ __device__ void bwd_dq(const AttentionBwdParams& a) {
   for (int r = 0; r < 2; ++r) {
     const int64_t t = row_t[r];
     if (t >= sh.seqlen_q) continue;
-    T* out = static_cast<T*>(a.dq) + offset(a.dq_strides, b, t, n);
+    T* out = static_cast<T*>(a.dq) + a.dq_strides.offset(b, t, n);
 #pragma unroll
     for (int nt = 0; nt < kOT; ++nt) {
 #pragma unroll
@@ -297,9 +297,9 @@ __device__ void dkdv_pass(const AttentionBwdParams& a, const KvTiles& sm, int64_
       }
       // Addressed from the params at each step: kept in registers across
       // the loop they made the head-dim-64 kernel spill.
-      load_tile<kKM>(sm.q_s, static_cast<const uint16_t*>(a.q) + offset(a.q_strides, b, t0, n), a.q_strides.seq, rows,
+      load_tile<kKM>(sm.q_s, static_cast<const uint16_t*>(a.q) + a.q_strides.offset(b, t0, n), a.q_strides.seq, rows,
                      sh.head_dim);
-      load_tile<kKM>(sm.do_s, static_cast<const uint16_t*>(a.do_) + offset(a.do_strides, b, t0, n), a.do_strides.seq,
+      load_tile<kKM>(sm.do_s, static_cast<const uint16_t*>(a.do_) + a.do_strides.offset(b, t0, n), a.do_strides.seq,
                      rows, sh.head_dim_v);
       __syncthreads();
       // S^T = K Q^T and (for dK) dP^T = V dO^T: rows = keys g, g + 8,
@@ -356,8 +356,8 @@ __device__ void dkdv_pass(const AttentionBwdParams& a, const KvTiles& sm, int64_
   for (int r = 0; r < 2; ++r) {
     const int64_t s = key[r];
     if (s >= sh.seqlen_k) continue;
-    T* dk_out = static_cast<T*>(a.dk) + offset(a.dk_strides, b, s, hk);
-    T* dv_out = static_cast<T*>(a.dv) + offset(a.dv_strides, b, s, hk);
+    T* dk_out = static_cast<T*>(a.dk) + a.dk_strides.offset(b, s, hk);
+    T* dv_out = static_cast<T*>(a.dv) + a.dv_strides.offset(b, s, hk);
 #pragma unroll
     for (int nt = 0; nt < kOT; ++nt) {
 #pragma unroll
@@ -386,9 +386,9 @@ __device__ void bwd_dkdv(const AttentionBwdParams& a) {
   const int64_t hk = bh % sh.num_heads_kv, b = bh / sh.num_heads_kv;
   const int64_t s0 = tile * kKN;
   const int64_t keys = sh.seqlen_k - s0 < kKN ? sh.seqlen_k - s0 : kKN;
-  load_tile<kKN>(sm.k_s, static_cast<const uint16_t*>(a.k) + offset(a.k_strides, b, s0, hk), a.k_strides.seq, keys,
+  load_tile<kKN>(sm.k_s, static_cast<const uint16_t*>(a.k) + a.k_strides.offset(b, s0, hk), a.k_strides.seq, keys,
                  sh.head_dim);
-  load_tile<kKN>(sm.v_s, static_cast<const uint16_t*>(a.v) + offset(a.v_strides, b, s0, hk), a.v_strides.seq, keys,
+  load_tile<kKN>(sm.v_s, static_cast<const uint16_t*>(a.v) + a.v_strides.offset(b, s0, hk), a.v_strides.seq, keys,
                  sh.head_dim_v);
   // (the first step of a pass syncs before reading k_s / v_s)
   if constexpr (kSplitPasses) {

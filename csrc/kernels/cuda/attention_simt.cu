@@ -64,7 +64,7 @@ __device__ __forceinline__ void accumulate_pv(const AttentionParams& a, const Co
                                               float (&o_acc)[kRM][kOC]) {
   const tf_fastattn::AttentionShape& sh = a.shape;
   const int tx = threadIdx.x % kTX, ty = threadIdx.x / kTX;
-  const T* v = static_cast<const T*>(a.v) + offset(a.v_strides, co.b, s0, co.hk);
+  const T* v = static_cast<const T*>(a.v) + a.v_strides.offset(co.b, s0, co.hk);
 #pragma unroll
   for (int hc = 0; hc < kHp; hc += kHc) {
     if (hc >= sh.head_dim_v) break;
@@ -104,7 +104,7 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
   const int64_t rows = sh.seqlen_q - t0 < kBM ? sh.seqlen_q - t0 : kBM;
 
   load_tile<kBM, kHp>(&q_s[0][0], kHp + 1,
-                      static_cast<const T*>(a.q) + offset(a.q_strides, co.b, t0, co.n), a.q_strides.seq, rows,
+                      static_cast<const T*>(a.q) + a.q_strides.offset(co.b, t0, co.n), a.q_strides.seq, rows,
                       sh.head_dim);
   float o_acc[kRM][kOC], m[kRM], l[kRM];
 #pragma unroll
@@ -114,7 +114,7 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
 #pragma unroll
     for (int c = 0; c < kOC; ++c) o_acc[i][c] = 0.f;
   }
-  const T* k = static_cast<const T*>(a.k) + offset(a.k_strides, co.b, 0, co.hk);
+  const T* k = static_cast<const T*>(a.k) + a.k_strides.offset(co.b, 0, co.hk);
   const int64_t s_end = a.is_causal ? (t0 + rows < sh.seqlen_k ? t0 + rows : sh.seqlen_k) : sh.seqlen_k;
   for (int64_t s0 = 0; s0 < s_end; s0 += kBN) {
     float x[kRM][4];
@@ -211,7 +211,7 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
     const int64_t t = t0 + ty + kTY * i;
     if (t >= sh.seqlen_q) continue;
     const float inv = l[i] > 0.f ? 1.f / l[i] : 1.f;
-    T* o = static_cast<T*>(a.o) + offset(a.o_strides, co.b, t, co.n);
+    T* o = static_cast<T*>(a.o) + a.o_strides.offset(co.b, t, co.n);
 #pragma unroll
     for (int c = 0; c < kOC; ++c) {
       const int h = tx + kTX * c;
@@ -234,8 +234,8 @@ __device__ void attention_bwd_delta(const AttentionBwdParams& a) {
   const int lane = threadIdx.x % 32;
   const int64_t n = row % sh.num_heads, t = (row / sh.num_heads) % sh.seqlen_q;
   const int64_t b = row / (sh.num_heads * sh.seqlen_q);
-  const T* o = static_cast<const T*>(a.o) + offset(a.o_strides, b, t, n);
-  const T* d_o = static_cast<const T*>(a.do_) + offset(a.do_strides, b, t, n);
+  const T* o = static_cast<const T*>(a.o) + a.o_strides.offset(b, t, n);
+  const T* d_o = static_cast<const T*>(a.do_) + a.do_strides.offset(b, t, n);
   // In float64 (exact products of float32 values), as the tensor-core delta:
   // float32 accumulation over Hv terms made the gradient of a row with one
   // allowed key, exactly 0 in exact arithmetic, ~1e-6 at Hv = 256 (seen under
@@ -293,9 +293,9 @@ __device__ void attention_bwd_dq(const AttentionBwdParams& a) {
   const int64_t n = bn % sh.num_heads, b = bn / sh.num_heads, hk = n / (sh.num_heads / sh.num_heads_kv);
   const int64_t t0 = tile * kQM;
   const int64_t rows = sh.seqlen_q - t0 < kQM ? sh.seqlen_q - t0 : kQM;
-  load_tile<kQM, kHp>(&q_s[0][0], kHp + 1, static_cast<const T*>(a.q) + offset(a.q_strides, b, t0, n),
+  load_tile<kQM, kHp>(&q_s[0][0], kHp + 1, static_cast<const T*>(a.q) + a.q_strides.offset(b, t0, n),
                       a.q_strides.seq, rows, sh.head_dim);
-  load_tile<kQM, kHp>(&do_s[0][0], kHp + 1, static_cast<const T*>(a.do_) + offset(a.do_strides, b, t0, n),
+  load_tile<kQM, kHp>(&do_s[0][0], kHp + 1, static_cast<const T*>(a.do_) + a.do_strides.offset(b, t0, n),
                       a.do_strides.seq, rows, sh.head_dim_v);
   float lse[kQRM], delta[kQRM], dq[kQRM][kQC];
 #pragma unroll
@@ -307,8 +307,8 @@ __device__ void attention_bwd_dq(const AttentionBwdParams& a) {
 #pragma unroll
     for (int c = 0; c < kQC; ++c) dq[i][c] = 0.f;
   }
-  const T* k = static_cast<const T*>(a.k) + offset(a.k_strides, b, 0, hk);
-  const T* v = static_cast<const T*>(a.v) + offset(a.v_strides, b, 0, hk);
+  const T* k = static_cast<const T*>(a.k) + a.k_strides.offset(b, 0, hk);
+  const T* v = static_cast<const T*>(a.v) + a.v_strides.offset(b, 0, hk);
   const int64_t ld_k = a.k_strides.seq, ld_v = a.v_strides.seq;
   const int64_t s_end = a.is_causal ? (t0 + rows < sh.seqlen_k ? t0 + rows : sh.seqlen_k) : sh.seqlen_k;
   for (int64_t s0 = 0; s0 < s_end; s0 += kBN) {
@@ -378,7 +378,7 @@ __device__ void attention_bwd_dq(const AttentionBwdParams& a) {
   for (int i = 0; i < kQRM; ++i) {
     const int64_t t = t0 + ty + kTY * i;
     if (t >= sh.seqlen_q) continue;
-    T* out = static_cast<T*>(a.dq) + offset(a.dq_strides, b, t, n);
+    T* out = static_cast<T*>(a.dq) + a.dq_strides.offset(b, t, n);
 #pragma unroll
     for (int c = 0; c < kQC; ++c) {
       const int h = tx + kTX * c;
@@ -410,9 +410,9 @@ __device__ void attention_bwd_dkdv(const AttentionBwdParams& a) {
   const int64_t hk = bh % sh.num_heads_kv, b = bh / sh.num_heads_kv;
   const int64_t s0 = tile * kKN;
   const int64_t keys = sh.seqlen_k - s0 < kKN ? sh.seqlen_k - s0 : kKN;
-  load_tile<kKN, kHp>(&k_s[0][0], kHp + 1, static_cast<const T*>(a.k) + offset(a.k_strides, b, s0, hk),
+  load_tile<kKN, kHp>(&k_s[0][0], kHp + 1, static_cast<const T*>(a.k) + a.k_strides.offset(b, s0, hk),
                       a.k_strides.seq, keys, sh.head_dim);
-  load_tile<kKN, kHp>(&v_s[0][0], kHp + 1, static_cast<const T*>(a.v) + offset(a.v_strides, b, s0, hk),
+  load_tile<kKN, kHp>(&v_s[0][0], kHp + 1, static_cast<const T*>(a.v) + a.v_strides.offset(b, s0, hk),
                       a.v_strides.seq, keys, sh.head_dim_v);
   float dk[kKC], dv[kKC];
 #pragma unroll
@@ -420,8 +420,8 @@ __device__ void attention_bwd_dkdv(const AttentionBwdParams& a) {
   const int64_t group = sh.num_heads / sh.num_heads_kv;
   const int64_t s = s0 + j;
   for (int64_t n = hk * group; n < (hk + 1) * group; ++n) {
-    const T* q = static_cast<const T*>(a.q) + offset(a.q_strides, b, 0, n);
-    const T* d_o = static_cast<const T*>(a.do_) + offset(a.do_strides, b, 0, n);
+    const T* q = static_cast<const T*>(a.q) + a.q_strides.offset(b, 0, n);
+    const T* d_o = static_cast<const T*>(a.do_) + a.do_strides.offset(b, 0, n);
     const int64_t ld_q = a.q_strides.seq, ld_o = a.do_strides.seq;
     for (int64_t t0 = 0; t0 < sh.seqlen_q; t0 += kKM) {
       const int64_t rows = sh.seqlen_q - t0 < kKM ? sh.seqlen_q - t0 : kKM;
@@ -489,8 +489,8 @@ __device__ void attention_bwd_dkdv(const AttentionBwdParams& a) {
     }
   }
   if (s >= sh.seqlen_k) return;
-  T* dk_out = static_cast<T*>(a.dk) + offset(a.dk_strides, b, s, hk);
-  T* dv_out = static_cast<T*>(a.dv) + offset(a.dv_strides, b, s, hk);
+  T* dk_out = static_cast<T*>(a.dk) + a.dk_strides.offset(b, s, hk);
+  T* dv_out = static_cast<T*>(a.dv) + a.dv_strides.offset(b, s, hk);
 #pragma unroll
   for (int c = 0; c < kKC; ++c) {
     const int h = tx + kKX * c;
