@@ -3,7 +3,8 @@
 namespace tf_fastattn {
 namespace core {
 
-// The derived fields are filled here, once, for every backend.
+// The params' derived fields are filled here, once, for every backend (the
+// backends do not finalize() again).
 Status attention_fwd(const AttentionFwdParams& p, const ExecContext& ctx) {
   AttentionFwdParams a = p;
   a.finalize();

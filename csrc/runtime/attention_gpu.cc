@@ -52,8 +52,7 @@ Status attention_fwd_gpu(const AttentionFwdParams& p, const GpuContext& ctx) {
   TFA_RETURN_IF_ERROR(gpu::device_for_stream(ctx.stream, &dev));
   AttentionFamily family;
   TFA_RETURN_IF_ERROR(gpu::resolve_attention_family(dev.arch, p.dtype, ctx.attention_family, &family));
-  AttentionFwdParams a = p;  // the kernels' argument, with the derived fields
-  a.finalize();
+  AttentionFwdParams a = p;  // the kernels' argument (finalize()d by the core)
   const bool mma = family == AttentionFamily::kTensorCore;
   const int rows = mma ? tfa::kMmaRowTile : tfa::kSimtRowTile;
   // SIMT kernels use static shared memory only.
@@ -76,8 +75,7 @@ Status attention_bwd_gpu(const AttentionBwdParams& p, const GpuContext& ctx) {
   TFA_RETURN_IF_ERROR(gpu::device_for_stream(ctx.stream, &dev));
   AttentionFamily family;
   TFA_RETURN_IF_ERROR(gpu::resolve_attention_family(dev.arch, p.dtype, ctx.attention_family, &family));
-  AttentionBwdParams a = p;  // the kernels' argument, with the derived fields
-  a.finalize();
+  AttentionBwdParams a = p;  // the kernels' argument (finalize()d by the core)
   // ---- tensor-core backward (attention_mma_bwd.cu; compiled, not yet run on a GPU) ----
   if (family == AttentionFamily::kTensorCore) {
     const gpu::KernelVariant mv = gpu::attention_variant(AttentionFamily::kTensorCore, p.dtype, bucket, true);

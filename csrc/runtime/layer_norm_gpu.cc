@@ -86,8 +86,7 @@ Status layer_norm_fwd_gpu(const LayerNormFwdParams& p, const GpuContext& ctx) {
   gpu::CUfunction f;
   TFA_RETURN_IF_ERROR(
       gpu::get_kernel(dev, gpu::layer_norm_variant(p.dtype), kernel_name("fwd", c, aligned).c_str(), 0, &f));
-  LayerNormFwdParams a = p;  // the kernel's argument
-  a.finalize();
+  LayerNormFwdParams a = p;  // the kernel's argument (finalize()d by the core)
   a.threads_per_row = c.threads_per_row;
   const int64_t groups = c.block / c.threads_per_row;
   // Enough blocks to fill the GPU several times over; the kernel strides
@@ -117,8 +116,7 @@ Status layer_norm_bwd_gpu(const LayerNormBwdParams& p, const GpuContext& ctx) {
   TFA_RETURN_IF_ERROR(gpu::get_kernel(dev, v, kernel_name("bwd", c, aligned).c_str(), 0, &rows_fn));
   TFA_RETURN_IF_ERROR(gpu::get_kernel(dev, v, "tfa_layer_norm_bwd_reduce", 0, &reduce_fn));
   const BwdChunks chunks = bwd_chunks(p.rows, p.cols, p.dtype);
-  LayerNormBwdParams a = p;  // the kernel's argument
-  a.finalize();
+  LayerNormBwdParams a = p;  // the kernel's argument (finalize()d by the core)
   a.threads_per_row = c.threads_per_row;
   a.rows_per_chunk = chunks.rows_per_chunk;
   a.chunks = chunks.chunks;

@@ -26,6 +26,9 @@ struct GpuContext {
 // OK when the CUDA driver loads and NVRTC is found; otherwise the reason.
 Status gpu_runtime_status();
 
+// The GPU backends, called by the core (csrc/core/dispatch.cc) with
+// finalize()d params: the kernels read the derived fields.
+//
 // Layer norm (layer_norm.h) on the GPU. Statistics are float32 (float64 for
 // float64 input). The backward's workspace is layer_norm_bwd_workspace_bytes_gpu.
 Status layer_norm_fwd_gpu(const LayerNormFwdParams& p, const GpuContext& ctx);
