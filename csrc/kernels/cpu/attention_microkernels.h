@@ -730,8 +730,9 @@ inline const char* cpu_tier_name(CpuTier t) {
 constexpr CpuTier kCpuTiers[] = {CpuTier::kAvx512, CpuTier::kAvx2, CpuTier::kPortable};
 
 inline CpuTier cpu_tier_cap(const char* env) {
+  if (env == nullptr) return CpuTier::kAvx512;
   for (CpuTier t : kCpuTiers) {
-    if (env != nullptr && std::strcmp(env, cpu_tier_name(t)) == 0) return t;
+    if (std::strcmp(env, cpu_tier_name(t)) == 0) return t;
   }
   return CpuTier::kAvx512;
 }
