@@ -10,11 +10,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
 #include <sstream>
 #include <thread>
 
 #include "runtime/cuda_api.h"
+#include "runtime/files.h"
 #include "runtime/kernel_sources.h"
 
 namespace tf_fastattn {
@@ -62,16 +62,9 @@ bool ends_with(const std::string& s, const char* suffix) {
 }
 
 Status make_dirs(const std::string& path) {
-  std::string cur;
-  std::stringstream ss(path);
-  std::string part;
-  if (!path.empty() && path[0] == '/') cur = "/";
-  while (std::getline(ss, part, '/')) {
-    if (part.empty()) continue;
-    cur += part + "/";
-    if (::mkdir(cur.c_str(), 0755) != 0 && errno != EEXIST) {
-      return Status::Unavailable("cannot create the kernel cache directory " + cur + ": " + std::strerror(errno));
-    }
+  std::string failed;
+  if (!files::make_dirs(path, 0755, &failed)) {
+    return Status::Unavailable("cannot create the kernel cache directory " + failed + ": " + std::strerror(errno));
   }
   return Status::OK();
 }
@@ -113,15 +106,6 @@ bool decode_entry(const std::string& in, CompiledVariant* c) {
   return fnv1a(c->log, fnv1a(c->image, 0xcbf29ce484222325ull)) == checksum;
 }
 
-bool read_file(const std::string& path, std::string* out) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) return false;
-  std::ostringstream ss;
-  ss << f.rdbuf();
-  *out = ss.str();
-  return true;
-}
-
 // Write to a unique temporary name in the same directory, then rename: other
 // processes see either no file or a complete one. Concurrent writers of the
 // same entry each rename a complete file; the last one wins.
@@ -132,13 +116,8 @@ void write_atomically(const std::string& path, const std::string& data) {
                           std::to_string(counter++);
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0644);
   if (fd < 0) return;  // read-only cache: compile in memory every time
-  size_t done = 0;
-  while (done < data.size()) {
-    const ssize_t n = ::write(fd, data.data() + done, data.size() - done);
-    if (n <= 0) break;
-    done += static_cast<size_t>(n);
-  }
-  const bool ok = done == data.size() && ::close(fd) == 0;
+  const bool written = files::write_all(fd, data.data(), data.size());
+  const bool ok = ::close(fd) == 0 && written;
   if (!ok || ::rename(tmp.c_str(), path.c_str()) != 0) ::unlink(tmp.c_str());
 }
 
@@ -272,7 +251,7 @@ Status compile_variant(const KernelVariant& v, int arch, bool use_cache, Compile
     if (make_dirs(dir).ok()) out->cache_file = dir + "/" + out->target + "-" + key + ".bin";
   }
   std::string cached;
-  if (!out->cache_file.empty() && read_file(out->cache_file, &cached)) {
+  if (!out->cache_file.empty() && files::read_file(out->cache_file, &cached)) {
     CompiledVariant hit = *out;
     if (decode_entry(cached, &hit)) {
       hit.from_cache = true;
