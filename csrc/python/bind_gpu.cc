@@ -193,6 +193,16 @@ void attention_fields(py::class_<Cls>& c) {
   c.def_readwrite("seed", &AttentionParams::seed);
 }
 
+// The fields both layer-norm directions have (tf_fastattn/layer_norm_params.h).
+template <typename Cls>
+void layer_norm_fields(py::class_<Cls>& c) {
+  keyword_init(c);
+  dtype_property(c, "dtype", &Cls::dtype);
+  dtype_property(c, "param_dtype", &Cls::param_dtype);
+  c.def_readwrite("rows", &Cls::rows);
+  c.def_readwrite("cols", &Cls::cols);
+}
+
 template <typename Cls, typename Base, typename Ptr>
 void pointer_properties(py::class_<Cls>& c, std::initializer_list<std::pair<const char*, Ptr Base::*>> fields) {
   for (const auto& f : fields) pointer_property(c, f.first, f.second);
@@ -242,11 +252,7 @@ void bind_params(py::module_& m) {
   py::class_<LayerNormFwdParams> lf(m, "LayerNormFwdParams",
                                     "Arguments of layer_norm_fwd_gpu over [rows, cols]: x, residual (0 = none), gamma, "
                                     "beta in; y, sum (0 = not written), mean, rstd out, as pointers (ints).");
-  keyword_init(lf);
-  dtype_property(lf, "dtype", &LayerNormFwdParams::dtype);
-  dtype_property(lf, "param_dtype", &LayerNormFwdParams::param_dtype);
-  lf.def_readwrite("rows", &LayerNormFwdParams::rows);
-  lf.def_readwrite("cols", &LayerNormFwdParams::cols);
+  layer_norm_fields(lf);
   lf.def_readwrite("epsilon", &LayerNormFwdParams::epsilon);
   pointer_properties<LayerNormFwdParams, LayerNormFwdParams, const void*>(
       lf, {{"x", &LayerNormFwdParams::x}, {"residual", &LayerNormFwdParams::residual},
@@ -258,11 +264,7 @@ void bind_params(py::module_& m) {
   py::class_<LayerNormBwdParams> lb(m, "LayerNormBwdParams",
                                     "Arguments of layer_norm_bwd_gpu: dy, dsum (0 = none), sum, gamma, mean, rstd in; "
                                     "dx, dgamma, dbeta out; workspace of layer_norm_bwd_workspace_bytes_gpu bytes.");
-  keyword_init(lb);
-  dtype_property(lb, "dtype", &LayerNormBwdParams::dtype);
-  dtype_property(lb, "param_dtype", &LayerNormBwdParams::param_dtype);
-  lb.def_readwrite("rows", &LayerNormBwdParams::rows);
-  lb.def_readwrite("cols", &LayerNormBwdParams::cols);
+  layer_norm_fields(lb);
   pointer_properties<LayerNormBwdParams, LayerNormBwdParams, const void*>(
       lb, {{"dy", &LayerNormBwdParams::dy}, {"dsum", &LayerNormBwdParams::dsum}, {"sum", &LayerNormBwdParams::sum},
            {"gamma", &LayerNormBwdParams::gamma}, {"mean", &LayerNormBwdParams::mean},
