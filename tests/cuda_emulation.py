@@ -242,27 +242,43 @@ def run_layer_norm(C, case):
     rows, cols, eps = case["rows"], case["cols"], case.get("epsilon", 1e-3)
     residual = case.get("residual", True)
     rng = np.random.default_rng(case.get("data_seed", cols))
-    x = (rng.standard_normal((rows, cols)) * 2 + 0.5).astype(dtype)
-    r = rng.standard_normal((rows, cols)).astype(dtype) if residual else None
+    pad = case.get("row_pad", 0)  # > 0: every [rows, cols] tensor is a column slice of [rows, cols + pad]
+
+    def rows_view(a):
+        if a is None or not pad:
+            return a
+        wide = np.full((rows, cols + pad), np.nan, a.dtype)
+        wide[:, :cols] = a
+        return wide[:, :cols]
+
+    def row_stride(a):
+        return a.strides[0] // a.itemsize if a is not None else 0
+
+    x = rows_view((rng.standard_normal((rows, cols)) * 2 + 0.5).astype(dtype))
+    r = rows_view(rng.standard_normal((rows, cols)).astype(dtype)) if residual else None
     g = (rng.random(cols) + 0.5).astype(pdtype)
     b = rng.standard_normal(cols).astype(pdtype)
     stats = np.float64 if dt_name == "float64" else np.float32
-    y = _poisoned(np, (rows, cols), dtype)
-    s = _poisoned(np, (rows, cols), dtype) if residual else None
+    y = rows_view(_poisoned(np, (rows, cols), dtype))
+    s = rows_view(_poisoned(np, (rows, cols), dtype)) if residual else None
     mean, rstd = _poisoned(np, rows, stats), _poisoned(np, rows, stats)
     ptr = lambda a: a.ctypes.data if a is not None else 0  # noqa: E731
     C.layer_norm_fwd_gpu(C.LayerNormFwdParams(dtype=dt_name, param_dtype=pdt_name, rows=rows, cols=cols,
                                  epsilon=eps, x=ptr(x), residual=ptr(r), gamma=ptr(g), beta=ptr(b), y=ptr(y),
-                                 sum=ptr(s), mean=ptr(mean), rstd=ptr(rstd)))
-    dy = rng.standard_normal((rows, cols)).astype(dtype)
-    dsum = rng.standard_normal((rows, cols)).astype(dtype) if residual else None
+                                 sum=ptr(s), mean=ptr(mean), rstd=ptr(rstd), x_row_stride=row_stride(x),
+                                 residual_row_stride=row_stride(r), y_row_stride=row_stride(y),
+                                 sum_row_stride=row_stride(s)))
+    dy = rows_view(rng.standard_normal((rows, cols)).astype(dtype))
+    dsum = rows_view(rng.standard_normal((rows, cols)).astype(dtype)) if residual else None
     s_in = s if residual else x
-    dx = _poisoned(np, (rows, cols), dtype)
+    dx = rows_view(_poisoned(np, (rows, cols), dtype))
     dg, db = _poisoned(np, cols, pdtype), _poisoned(np, cols, pdtype)
     ws = np.zeros(C.layer_norm_bwd_workspace_bytes_gpu(rows, cols, dt_name), np.uint8)
     C.layer_norm_bwd_gpu(C.LayerNormBwdParams(dtype=dt_name, param_dtype=pdt_name, rows=rows, cols=cols,
                                  dy=ptr(dy), dsum=ptr(dsum), sum=ptr(s_in), gamma=ptr(g), mean=ptr(mean),
-                                 rstd=ptr(rstd), dx=ptr(dx), dgamma=ptr(dg), dbeta=ptr(db), workspace=ptr(ws)))
+                                 rstd=ptr(rstd), dx=ptr(dx), dgamma=ptr(dg), dbeta=ptr(db), workspace=ptr(ws),
+                                 dy_row_stride=row_stride(dy), dsum_row_stride=row_stride(dsum),
+                                 sum_row_stride=row_stride(s_in), dx_row_stride=row_stride(dx)))
 
     g64, b64 = g.astype(np.float64), b.astype(np.float64)
     ref_y, ref_s, ref_mean, ref_rstd = layer_norm_fwd(x, r if residual else np.zeros_like(x), g64, b64, eps)

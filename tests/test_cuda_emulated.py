@@ -35,7 +35,7 @@ def layer_norm(dtype, rows, cols, **kw):
 
 def case_id(c):
     if c["op"] == "layer_norm":
-        extra = "" if c.get("residual", True) else "-noresidual"
+        extra = ("" if c.get("residual", True) else "-noresidual") + (f"-pad{c['row_pad']}" if c.get("row_pad") else "")
         return f"ln-{c['dtype']}-params_{c.get('param_dtype', 'float32')}-C{c['cols']}{extra}"
     s = f"attn-{c.get('family', 'auto')}-{c['dtype']}-" + "B{B}T{T}S{S}N{N}kv{Nkv}H{H}Hv{Hv}".format(**c)
     for k in ("causal", "mask", "dropout", "strided"):
@@ -69,6 +69,10 @@ QUICK = [
     layer_norm("float32", 5, 71),
     layer_norm("bfloat16", 3, 1024, param_dtype="bfloat16", residual=False),
     layer_norm("float32", 3, 4096),
+    # Rows of every tensor a stride apart (column slices of wider arrays):
+    # still 16-byte aligned (pad 8), and not (pad 3: the unaligned kernels).
+    layer_norm("float16", 5, 1024, row_pad=8),
+    layer_norm("float32", 5, 71, row_pad=3),
 ]
 
 

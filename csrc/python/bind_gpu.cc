@@ -254,6 +254,11 @@ void bind_params(py::module_& m) {
                                     "beta in; y, sum (0 = not written), mean, rstd out, as pointers (ints).");
   layer_norm_fields(lf);
   lf.def_readwrite("epsilon", &LayerNormFwdParams::epsilon);
+  // Element strides between rows (0 = cols, contiguous).
+  lf.def_readwrite("x_row_stride", &LayerNormFwdParams::x_row_stride);
+  lf.def_readwrite("residual_row_stride", &LayerNormFwdParams::residual_row_stride);
+  lf.def_readwrite("y_row_stride", &LayerNormFwdParams::y_row_stride);
+  lf.def_readwrite("sum_row_stride", &LayerNormFwdParams::sum_row_stride);
   pointer_properties<LayerNormFwdParams, LayerNormFwdParams, const void*>(
       lf, {{"x", &LayerNormFwdParams::x}, {"residual", &LayerNormFwdParams::residual},
            {"gamma", &LayerNormFwdParams::gamma}, {"beta", &LayerNormFwdParams::beta}});
@@ -265,6 +270,10 @@ void bind_params(py::module_& m) {
                                     "Arguments of layer_norm_bwd_gpu: dy, dsum (0 = none), sum, gamma, mean, rstd in; "
                                     "dx, dgamma, dbeta out; workspace of layer_norm_bwd_workspace_bytes_gpu bytes.");
   layer_norm_fields(lb);
+  lb.def_readwrite("dy_row_stride", &LayerNormBwdParams::dy_row_stride);
+  lb.def_readwrite("dsum_row_stride", &LayerNormBwdParams::dsum_row_stride);
+  lb.def_readwrite("sum_row_stride", &LayerNormBwdParams::sum_row_stride);
+  lb.def_readwrite("dx_row_stride", &LayerNormBwdParams::dx_row_stride);
   pointer_properties<LayerNormBwdParams, LayerNormBwdParams, const void*>(
       lb, {{"dy", &LayerNormBwdParams::dy}, {"dsum", &LayerNormBwdParams::dsum}, {"sum", &LayerNormBwdParams::sum},
            {"gamma", &LayerNormBwdParams::gamma}, {"mean", &LayerNormBwdParams::mean},

@@ -8,6 +8,35 @@ namespace tf_fastattn {
 namespace python {
 namespace {
 
+// The element stride between rows of an array normalised over its last axis:
+// any layout whose last axis is contiguous and whose leading axes collapse to
+// one row index (a C-contiguous array, or a slice of the rows' columns such
+// as x[:, :C] of a wider x); otherwise ValueError naming the argument.
+int64_t row_stride_of(const py::array& a, const char* name) {
+  const py::ssize_t item = a.itemsize(), nd = a.ndim();
+  if (nd == 0 || a.size() == 0) return 0;  // 0: contiguous (nothing is read or written)
+  const int64_t cols = a.shape(nd - 1);
+  bool ok = cols <= 1 || a.strides(nd - 1) == item;
+  // The leading axes of size > 1 (the others have no stride of their own)
+  // must form one row index: each stride the next one's times its size.
+  int64_t row = cols * item, inner_stride = 0, inner_size = 0;
+  for (py::ssize_t i = nd - 2; ok && i >= 0; --i) {
+    if (a.shape(i) == 1) continue;
+    if (inner_size == 0) {
+      row = a.strides(i);
+    } else if (a.strides(i) != inner_stride * inner_size) {
+      ok = false;
+    }
+    inner_stride = a.strides(i);
+    inner_size = a.shape(i);
+  }
+  if (!ok || row % item != 0 || row / item < cols) {
+    throw py::value_error(std::string(name) + " must have a contiguous last axis and rows a constant stride apart "
+                          "(e.g. C-contiguous)");
+  }
+  return row / item;
+}
+
 struct RowView {
   int64_t rows = 0, cols = 0;
 };
@@ -39,7 +68,6 @@ py::tuple layer_norm_fwd(const py::array& x, std::optional<py::array> gamma, std
                          std::optional<py::array> residual, double epsilon, int num_threads,
                          std::optional<py::tuple> outputs) {
   const Outputs out_arrays(outputs, "layer_norm_fwd", {"y", "sum", "mean", "rstd"});
-  require_contiguous(x, "x");
   LayerNormFwdParams p;
   p.dtype = dtype_of(x, "x");
   const RowView v = row_view(x, "x");
@@ -55,12 +83,13 @@ py::tuple layer_norm_fwd(const py::array& x, std::optional<py::array> gamma, std
     p.beta = beta->data();
   }
   if (residual) {
-    require_contiguous(*residual, "residual");
     require_same_shape(x, "x", *residual, "residual");
     if (dtype_of(*residual, "residual") != p.dtype) throw py::value_error("residual must have the dtype of x");
     p.residual = residual->data();
+    p.residual_row_stride = row_stride_of(*residual, "residual");
   }
   p.x = x.data();
+  p.x_row_stride = row_stride_of(x, "x");
   p.epsilon = epsilon;
   py::array y = out_arrays.take(0, x.dtype(), shape_of(x));
   py::array sum = out_arrays.take(1, x.dtype(), shape_of(x));
@@ -84,8 +113,6 @@ py::tuple layer_norm_bwd(const py::array& dy, const py::array& sum, const py::ar
                          std::optional<py::array> gamma, std::optional<py::array> dsum, bool center,
                          std::optional<py::array> param_like, int num_threads, std::optional<py::tuple> outputs) {
   const Outputs out_arrays(outputs, "layer_norm_bwd", {"dx", "dgamma", "dbeta"});
-  require_contiguous(dy, "dy");
-  require_contiguous(sum, "sum");
   require_contiguous(mean, "mean");
   require_contiguous(rstd, "rstd");
   require_same_shape(dy, "dy", sum, "sum");
@@ -105,13 +132,15 @@ py::tuple layer_norm_bwd(const py::array& dy, const py::array& sum, const py::ar
     p.gamma = gamma->data();
   }
   if (dsum) {
-    require_contiguous(*dsum, "dsum");
     require_same_shape(dy, "dy", *dsum, "dsum");
     if (dtype_of(*dsum, "dsum") != p.dtype) throw py::value_error("dsum must have the dtype of dy");
     p.dsum = dsum->data();
+    p.dsum_row_stride = row_stride_of(*dsum, "dsum");
   }
   p.dy = dy.data();
   p.sum = sum.data();
+  p.dy_row_stride = row_stride_of(dy, "dy");
+  p.sum_row_stride = row_stride_of(sum, "sum");
   p.mean = mean.data();
   p.rstd = rstd.data();
   py::array dx = out_arrays.take(0, dy.dtype(), shape_of(dy));

@@ -80,9 +80,12 @@ Status layer_norm_fwd_gpu(const LayerNormFwdParams& p, const GpuContext& ctx) {
   gpu::DeviceInfo dev;
   TFA_RETURN_IF_ERROR(gpu::device_for_stream(ctx.stream, &dev));
   const Config c = config(p.cols, p.dtype, false);
-  const int elem = static_cast<int>(dtype_size(p.dtype));
-  const bool aligned = p.cols % (16 / elem) == 0 && aligned16(p.x) && aligned16(p.y) &&
-                       (!p.residual || aligned16(p.residual)) && (!p.sum || aligned16(p.sum));
+  // 16-byte vectors: every row of every tensor starts 16-byte aligned.
+  const int64_t e = 16 / static_cast<int64_t>(dtype_size(p.dtype));
+  const bool aligned = p.cols % e == 0 && aligned16(p.x) && aligned16(p.y) && p.x_row_stride % e == 0 &&
+                       p.y_row_stride % e == 0 &&
+                       (!p.residual || (aligned16(p.residual) && p.residual_row_stride % e == 0)) &&
+                       (!p.sum || (aligned16(p.sum) && p.sum_row_stride % e == 0));
   gpu::CUfunction f;
   TFA_RETURN_IF_ERROR(
       gpu::get_kernel(dev, gpu::layer_norm_variant(p.dtype), kernel_name("fwd", c, aligned).c_str(), 0, &f));
@@ -108,9 +111,10 @@ Status layer_norm_bwd_gpu(const LayerNormBwdParams& p, const GpuContext& ctx) {
     return Status::OK();
   }
   const Config c = config(p.cols, p.dtype, true);
-  const int elem = static_cast<int>(dtype_size(p.dtype));
-  const bool aligned = p.cols % (16 / elem) == 0 && aligned16(p.dy) && aligned16(p.sum) && aligned16(p.dx) &&
-                       (!p.dsum || aligned16(p.dsum));
+  const int64_t e = 16 / static_cast<int64_t>(dtype_size(p.dtype));
+  const bool aligned = p.cols % e == 0 && aligned16(p.dy) && aligned16(p.sum) && aligned16(p.dx) &&
+                       p.dy_row_stride % e == 0 && p.sum_row_stride % e == 0 && p.dx_row_stride % e == 0 &&
+                       (!p.dsum || (aligned16(p.dsum) && p.dsum_row_stride % e == 0));
   const gpu::KernelVariant v = gpu::layer_norm_variant(p.dtype);
   gpu::CUfunction rows_fn, reduce_fn;
   TFA_RETURN_IF_ERROR(gpu::get_kernel(dev, v, kernel_name("bwd", c, aligned).c_str(), 0, &rows_fn));

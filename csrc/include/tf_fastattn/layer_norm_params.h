@@ -15,7 +15,7 @@ struct LayerNormFwdParams {
   DType param_dtype = DType::kFloat32;  // gamma, beta: float32 or dtype
   int64_t rows = 0;
   int64_t cols = 0;
-  const void* x = nullptr;         // [rows, cols], contiguous, in
+  const void* x = nullptr;         // [rows, cols], in (rows *_row_stride elements apart)
   const void* residual = nullptr;  // [rows, cols] or null, in
   const void* gamma = nullptr;     // [cols], in; null iff !scale
   const void* beta = nullptr;      // [cols], in; null iff !center
@@ -24,13 +24,23 @@ struct LayerNormFwdParams {
   void* mean = nullptr;            // [rows] stats_dtype(dtype), out
   void* rstd = nullptr;            // [rows] stats_dtype(dtype), out
   double epsilon = 1e-3;
+  // Element strides between rows of x, residual, y and sum (columns are
+  // contiguous); 0, the default, means cols: filled by finalize().
+  int64_t x_row_stride = 0, residual_row_stride = 0, y_row_stride = 0, sum_row_stride = 0;
 
-  // Derived by finalize(); read by the GPU kernels.
+  // Derived by finalize(); read by the kernels.
   int32_t param_is_float = 1;  // gamma/beta are float32 (else the input dtype)
   // Launch shape, filled by the GPU launcher: threads normalising one row.
   int32_t threads_per_row = 0;
 
-  void finalize() { param_is_float = param_dtype == DType::kFloat32; }
+  void finalize() {
+    param_is_float = param_dtype == DType::kFloat32;
+    // (no <initializer_list> here: NVRTC compiles this header without standard headers)
+    x_row_stride = x_row_stride ? x_row_stride : cols;
+    residual_row_stride = residual_row_stride ? residual_row_stride : cols;
+    y_row_stride = y_row_stride ? y_row_stride : cols;
+    sum_row_stride = sum_row_stride ? sum_row_stride : cols;
+  }
 };
 
 struct LayerNormBwdParams {
@@ -49,8 +59,10 @@ struct LayerNormBwdParams {
   void* dbeta = nullptr;        // [cols] param_dtype, out; may be null
   void* workspace = nullptr;    // layer_norm_bwd_workspace_bytes(rows, cols, dtype) bytes: the
                                 // GPU's dgamma/dbeta partial sums [chunks, 2, cols] stats type
+  // Element strides between rows of dy, dsum, sum and dx; 0 means cols.
+  int64_t dy_row_stride = 0, dsum_row_stride = 0, sum_row_stride = 0, dx_row_stride = 0;
 
-  // Derived by finalize(); read by the GPU kernels.
+  // Derived by finalize(); read by the kernels.
   int32_t param_is_float = 1;
   // Launch shape, filled by the GPU launcher: row chunks of the dgamma/dbeta
   // reduction (block c sums rows [c * rows_per_chunk, ...) into partial c;
@@ -60,11 +72,17 @@ struct LayerNormBwdParams {
   int64_t rows_per_chunk = 0;
   int64_t chunks = 0;
 
-  void finalize() { param_is_float = param_dtype == DType::kFloat32; }
+  void finalize() {
+    param_is_float = param_dtype == DType::kFloat32;
+    dy_row_stride = dy_row_stride ? dy_row_stride : cols;
+    dsum_row_stride = dsum_row_stride ? dsum_row_stride : cols;
+    sum_row_stride = sum_row_stride ? sum_row_stride : cols;
+    dx_row_stride = dx_row_stride ? dx_row_stride : cols;
+  }
 };
 
 // The layout both compilers must produce; both builds check these sizes.
-static_assert(sizeof(LayerNormFwdParams) == 104, "LayerNormFwdParams layout");
-static_assert(sizeof(LayerNormBwdParams) == 128, "LayerNormBwdParams layout");
+static_assert(sizeof(LayerNormFwdParams) == 136, "LayerNormFwdParams layout");
+static_assert(sizeof(LayerNormBwdParams) == 160, "LayerNormBwdParams layout");
 
 }  // namespace tf_fastattn

@@ -82,18 +82,16 @@ __device__ __forceinline__ A group_sum(A v, int group_threads, A* scratch) {
 }
 
 // s = x + residual rounded to T (the sum output is in T and the reference adds
-// in T), for one vector; optionally written to the sum output.
+// in T), for one vector of row `row`.
 template <bool kAligned>
-__device__ __forceinline__ void load_sum(const LayerNormFwdParams& a, int64_t off, int64_t col0, bool write_sum,
-                                         A* s) {
-  load_vec<kAligned>(static_cast<const T*>(a.x) + off, col0, a.cols, s);
+__device__ __forceinline__ void load_sum(const LayerNormFwdParams& a, int64_t row, int64_t col0, A* s) {
+  load_vec<kAligned>(static_cast<const T*>(a.x) + row * a.x_row_stride, col0, a.cols, s);
   if (a.residual) {
     A r[kE];
-    load_vec<kAligned>(static_cast<const T*>(a.residual) + off, col0, a.cols, r);
+    load_vec<kAligned>(static_cast<const T*>(a.residual) + row * a.residual_row_stride, col0, a.cols, r);
 #pragma unroll
     for (int e = 0; e < kE; ++e) s[e] = to_acc(from_acc<T>(s[e] + r[e]));
   }
-  if (write_sum && a.sum) store_vec<kAligned>(static_cast<T*>(a.sum) + off, col0, a.cols, s);
 }
 
 template <int kVecs, bool kAligned>
@@ -106,14 +104,13 @@ __device__ void layer_norm_fwd(const LayerNormFwdParams& a) {
   const A inv_cols = A(1) / A(cols);
   for (int64_t row = int64_t(blockIdx.x) * groups + threadIdx.x / G; row < a.rows;
        row += int64_t(gridDim.x) * groups) {
-    const int64_t off = row * cols;
     A mean, rstd;
     A cache[kVecs > 0 ? kVecs : 1][kE];
     A part = A(0);
     if constexpr (kVecs > 0) {
 #pragma unroll
       for (int i = 0; i < kVecs; ++i) {
-        load_sum<kAligned>(a, off, int64_t(lane + i * G) * kE, true, cache[i]);
+        load_sum<kAligned>(a, row, int64_t(lane + i * G) * kE, cache[i]);
 #pragma unroll
         for (int e = 0; e < kE; ++e) part += cache[i][e];
       }
@@ -130,14 +127,14 @@ __device__ void layer_norm_fwd(const LayerNormFwdParams& a) {
       }
     } else {
       for (int64_t col0 = int64_t(lane) * kE; col0 < cols; col0 += int64_t(G) * kE) {
-        load_sum<kAligned>(a, off, col0, true, cache[0]);
+        load_sum<kAligned>(a, row, col0, cache[0]);
 #pragma unroll
         for (int e = 0; e < kE; ++e) part += cache[0][e];
       }
       mean = group_sum(part, G, scratch) * inv_cols;
       part = A(0);
       for (int64_t col0 = int64_t(lane) * kE; col0 < cols; col0 += int64_t(G) * kE) {
-        load_sum<kAligned>(a, off, col0, false, cache[0]);
+        load_sum<kAligned>(a, row, col0, cache[0]);
 #pragma unroll
         for (int e = 0; e < kE; ++e) {
           const A d = col0 + e < cols ? cache[0][e] - mean : A(0);
@@ -150,7 +147,9 @@ __device__ void layer_norm_fwd(const LayerNormFwdParams& a) {
       static_cast<A*>(a.mean)[row] = mean;
       static_cast<A*>(a.rstd)[row] = rstd;
     }
+    // Writes the sum output (when asked) and y for one vector of s.
     auto normalize = [&](int64_t col0, A* s) {
+      if (a.sum) store_vec<kAligned>(static_cast<T*>(a.sum) + row * a.sum_row_stride, col0, cols, s);
 #pragma unroll
       for (int e = 0; e < kE; ++e) {
         A y = (s[e] - mean) * rstd;
@@ -158,14 +157,14 @@ __device__ void layer_norm_fwd(const LayerNormFwdParams& a) {
         if (a.beta) y += load_param(a.beta, a.param_is_float, col0 + e, cols);
         s[e] = y;
       }
-      store_vec<kAligned>(static_cast<T*>(a.y) + off, col0, cols, s);
+      store_vec<kAligned>(static_cast<T*>(a.y) + row * a.y_row_stride, col0, cols, s);
     };
     if constexpr (kVecs > 0) {
 #pragma unroll
       for (int i = 0; i < kVecs; ++i) normalize(int64_t(lane + i * G) * kE, cache[i]);
     } else {
       for (int64_t col0 = int64_t(lane) * kE; col0 < cols; col0 += int64_t(G) * kE) {
-        load_sum<kAligned>(a, off, col0, false, cache[0]);
+        load_sum<kAligned>(a, row, col0, cache[0]);
         normalize(col0, cache[0]);
       }
     }
@@ -191,9 +190,9 @@ __device__ void layer_norm_bwd(const LayerNormBwdParams& a) {
   const T* dy_in = static_cast<const T*>(a.dy);
 
   // One vector of the row: xhat, g = dy * gamma, and the row-sum terms.
-  auto row_terms = [&](int64_t off, int64_t col0, A mean, A rstd, A* xhat, A* dy, A* g, A* sum_g, A* sum_gx) {
-    load_vec<kAligned>(sum_in + off, col0, cols, xhat);
-    load_vec<kAligned>(dy_in + off, col0, cols, dy);
+  auto row_terms = [&](int64_t r, int64_t col0, A mean, A rstd, A* xhat, A* dy, A* g, A* sum_g, A* sum_gx) {
+    load_vec<kAligned>(sum_in + r * a.sum_row_stride, col0, cols, xhat);
+    load_vec<kAligned>(dy_in + r * a.dy_row_stride, col0, cols, dy);
 #pragma unroll
     for (int e = 0; e < kE; ++e) {
       xhat[e] = col0 + e < cols ? (xhat[e] - mean) * rstd : A(0);
@@ -202,12 +201,12 @@ __device__ void layer_norm_bwd(const LayerNormBwdParams& a) {
       *sum_gx += g[e] * xhat[e];
     }
   };
-  auto store_ds = [&](int64_t off, int64_t col0, A rstd, A mean_g, A mean_gx, const A* xhat, const A* g) {
+  auto store_ds = [&](int64_t r, int64_t col0, A rstd, A mean_g, A mean_gx, const A* xhat, const A* g) {
     A ds[kE];
-    if (a.dsum) load_vec<kAligned>(static_cast<const T*>(a.dsum) + off, col0, cols, ds);
+    if (a.dsum) load_vec<kAligned>(static_cast<const T*>(a.dsum) + r * a.dsum_row_stride, col0, cols, ds);
 #pragma unroll
     for (int e = 0; e < kE; ++e) ds[e] = rstd * (g[e] - mean_g - xhat[e] * mean_gx) + (a.dsum ? ds[e] : A(0));
-    store_vec<kAligned>(static_cast<T*>(a.dx) + off, col0, cols, ds);
+    store_vec<kAligned>(static_cast<T*>(a.dx) + r * a.dx_row_stride, col0, cols, ds);
   };
 
   if constexpr (kVecs > 0) {
@@ -220,14 +219,13 @@ __device__ void layer_norm_bwd(const LayerNormBwdParams& a) {
       for (int e = 0; e < kE; ++e) dg[i][e] = db[i][e] = A(0);
     }
     for (int64_t row = r0 + group; row < r1; row += groups) {
-      const int64_t off = row * cols;
       const A mean = static_cast<const A*>(a.mean)[row];
       const A rstd = static_cast<const A*>(a.rstd)[row];
       A xhat[kVecs][kE], dy[kVecs][kE], g[kVecs][kE];
       A sum_g = A(0), sum_gx = A(0);
 #pragma unroll
       for (int i = 0; i < kVecs; ++i) {
-        row_terms(off, int64_t(lane + i * G) * kE, mean, rstd, xhat[i], dy[i], g[i], &sum_g, &sum_gx);
+        row_terms(row, int64_t(lane + i * G) * kE, mean, rstd, xhat[i], dy[i], g[i], &sum_g, &sum_gx);
 #pragma unroll
         for (int e = 0; e < kE; ++e) {
           dg[i][e] += dy[i][e] * xhat[i][e];
@@ -237,7 +235,7 @@ __device__ void layer_norm_bwd(const LayerNormBwdParams& a) {
       const A mean_g = group_sum(sum_g, G, scratch) * inv_cols;
       const A mean_gx = group_sum(sum_gx, G, scratch) * inv_cols;
 #pragma unroll
-      for (int i = 0; i < kVecs; ++i) store_ds(off, int64_t(lane + i * G) * kE, rstd, mean_g, mean_gx, xhat[i], g[i]);
+      for (int i = 0; i < kVecs; ++i) store_ds(row, int64_t(lane + i * G) * kE, rstd, mean_g, mean_gx, xhat[i], g[i]);
     }
     for (int gi = 0; gi < groups; ++gi) {
       if (gi == group) {
@@ -263,20 +261,19 @@ __device__ void layer_norm_bwd(const LayerNormBwdParams& a) {
       for (int e = 0; e < kE && col0 + e < cols; ++e) partial_g[col0 + e] = partial_b[col0 + e] = A(0);
     }
     for (int64_t row = r0; row < r1; ++row) {
-      const int64_t off = row * cols;
       const A mean = static_cast<const A*>(a.mean)[row];
       const A rstd = static_cast<const A*>(a.rstd)[row];
       A xhat[kE], dy[kE], g[kE];
       A sum_g = A(0), sum_gx = A(0);
       for (int64_t col0 = int64_t(lane) * kE; col0 < cols; col0 += int64_t(G) * kE) {
-        row_terms(off, col0, mean, rstd, xhat, dy, g, &sum_g, &sum_gx);
+        row_terms(row, col0, mean, rstd, xhat, dy, g, &sum_g, &sum_gx);
       }
       const A mean_g = group_sum(sum_g, G, scratch) * inv_cols;
       const A mean_gx = group_sum(sum_gx, G, scratch) * inv_cols;
       for (int64_t col0 = int64_t(lane) * kE; col0 < cols; col0 += int64_t(G) * kE) {
         A unused_g = A(0), unused_gx = A(0);
-        row_terms(off, col0, mean, rstd, xhat, dy, g, &unused_g, &unused_gx);
-        store_ds(off, col0, rstd, mean_g, mean_gx, xhat, g);
+        row_terms(row, col0, mean, rstd, xhat, dy, g, &unused_g, &unused_gx);
+        store_ds(row, col0, rstd, mean_g, mean_gx, xhat, g);
         for (int e = 0; e < kE && col0 + e < cols; ++e) {
           partial_g[col0 + e] += dy[e] * xhat[e];
           partial_b[col0 + e] += dy[e];
