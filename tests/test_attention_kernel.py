@@ -269,6 +269,36 @@ def test_strided_views_are_read_in_place(dtype_name):
         np.testing.assert_array_equal(g, gc)
 
 
+def test_output_strides_that_overlap_are_refused_inputs_may_have_any():
+    """The core validates strides for every backend: an output whose elements
+    would share addresses is refused naming the tensor (the GPU entry point
+    validates before touching a device); input strides may be 0 or negative
+    (a reversed NumPy view is read in place)."""
+    p = _C.AttentionFwdParams()
+    p.shape = _C.AttentionShape(2, 8, 8, 4, 4, 64, 64)
+    p.q, p.k, p.v, p.o, p.lse = 16, 32, 48, 64, 80
+    p.scale = 0.125
+    p.o_strides = [8 * 4 * 64, 4 * 64, 32]  # heads 32 apart with 64 values each
+    with pytest.raises(ValueError, match=r"output o_strides \(batch 2048, seq 256, head 32\) make elements of o "
+                                         r"\[2, 8, 4, 64\] overlap"):
+        _C.attention_fwd_gpu(p)
+    b = _C.AttentionBwdParams()
+    b.shape = p.shape
+    b.q, b.k, b.v, b.o, b.lse, b.do_, b.dq, b.dk, b.dv, b.workspace = range(8, 88, 8)
+    b.scale = 0.125
+    b.dk_strides = [64, 64, 64]
+    with pytest.raises(ValueError, match=r"output dk_strides \(batch 64, seq 64, head 64\)"):
+        _C.attention_bwd_gpu(b)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 9, 2, 16)).astype(np.float32) for _ in range(3))
+    rev = q[:, ::-1]
+    assert rev.strides[1] < 0
+    out, lse = _C.attention_fwd(rev, k, v, is_causal=True)
+    out_c, lse_c = _C.attention_fwd(np.ascontiguousarray(rev), k, v, is_causal=True)
+    np.testing.assert_array_equal(out, out_c)
+    np.testing.assert_array_equal(lse, lse_c)
+
+
 def test_layouts_the_kernels_cannot_read_are_refused():
     q = np.ones((2, 4, 2, 8), np.float32)
     with pytest.raises(ValueError, match="query is broadcast along every axis but the last"):

@@ -146,6 +146,22 @@ def test_error_kinds_map_to_python_exceptions():
         _C.layer_norm_fwd_gpu(p)
 
 
+def test_output_row_strides_that_overlap_are_refused():
+    # The core's validation (every backend): rows of an output must not
+    # overlap; the GPU entry point checks before touching a device.
+    p = _C.LayerNormFwdParams()
+    p.rows, p.cols, p.x, p.y, p.mean, p.rstd = 4, 8, 1, 2, 3, 4
+    p.y_row_stride = 4
+    with pytest.raises(ValueError, match=r"output y_row_stride must be at least the row length 8 in magnitude "
+                                         r"\(rows must not overlap\), got 4"):
+        _C.layer_norm_fwd_gpu(p)
+    b = _C.LayerNormBwdParams()
+    b.rows, b.cols, b.dy, b.sum, b.mean, b.rstd, b.dx, b.workspace = 4, 8, 1, 2, 3, 4, 5, 6
+    b.dx_row_stride = 7
+    with pytest.raises(ValueError, match="output dx_row_stride must be at least the row length 8"):
+        _C.layer_norm_bwd_gpu(b)
+
+
 @pytest.mark.parametrize("case", ["rank0", "empty_axis", "gamma", "beta", "residual"])
 def test_op_and_C_give_the_same_message(case):
     # One set of checks (csrc/core/layer_norm_checks.cc) behind both front ends.

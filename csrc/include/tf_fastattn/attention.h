@@ -49,6 +49,9 @@ inline double attention_flops(int64_t batch, int64_t heads, int64_t seqlen_q, in
   return backward ? 3.5 * fwd : fwd;
 }
 
+// Checks sizes, dtypes, options, pointers and that no output's strides make
+// elements overlap (csrc/core/validate.cc, for every backend; inputs may have
+// any strides). Kernels assume a validated, finalize()d params struct.
 Status validate(const AttentionFwdParams& p);
 Status validate(const AttentionBwdParams& p);
 

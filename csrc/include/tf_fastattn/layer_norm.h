@@ -19,7 +19,8 @@
 
 namespace tf_fastattn {
 
-// Checks sizes, dtypes and pointers. Kernels assume a validated params struct.
+// Checks sizes, dtypes, pointers and output row strides (csrc/core/validate.cc,
+// for every backend). Kernels assume a validated, finalize()d params struct.
 Status validate(const LayerNormFwdParams& p);
 Status validate(const LayerNormBwdParams& p);
 

@@ -50,68 +50,6 @@ constexpr int64_t kKvCacheElems = int64_t(1) << 21;
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
 
-std::string range_message(const char* what, int64_t lo, int64_t hi, int64_t got) {
-  return std::string(what) + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " +
-         std::to_string(got);
-}
-
-Status validate_common(DType dtype, const AttentionShape& s, double scale, double dropout_rate) {
-  switch (dtype) {
-    case DType::kFloat16:
-    case DType::kBFloat16:
-    case DType::kFloat32:
-    case DType::kFloat64: break;
-    default: return Status::Invalid("attention: unsupported dtype " + std::to_string(static_cast<int>(dtype)));
-  }
-  const struct {
-    const char* name;
-    int64_t value;
-  } sizes[] = {{"batch (B)", s.batch},
-               {"seqlen_q (T)", s.seqlen_q},
-               {"seqlen_k (S)", s.seqlen_k},
-               {"num_heads (N)", s.num_heads},
-               {"num_heads_kv (Nkv)", s.num_heads_kv}};
-  for (const auto& sz : sizes) {
-    if (sz.value < 0) return Status::Invalid(std::string(sz.name) + " must be >= 0, got " + std::to_string(sz.value));
-  }
-  if (s.num_heads > 0) {
-    if (s.num_heads_kv <= 0)
-      return Status::Invalid("num_heads_kv (Nkv) must be >= 1 when num_heads (N) > 0, got " +
-                             std::to_string(s.num_heads_kv));
-    if (s.num_heads % s.num_heads_kv != 0)
-      return Status::Invalid("num_heads (N) must be a multiple of num_heads_kv (Nkv), got N = " +
-                             std::to_string(s.num_heads) + ", Nkv = " + std::to_string(s.num_heads_kv));
-  }
-  if (s.head_dim < 1 || s.head_dim > kMaxHeadDim) return Status::Invalid(range_message("head_dim (H)", 1, kMaxHeadDim, s.head_dim));
-  if (s.head_dim_v < 1 || s.head_dim_v > kMaxHeadDim)
-    return Status::Invalid(range_message("head_dim_v (Hv)", 1, kMaxHeadDim, s.head_dim_v));
-  if (!std::isfinite(scale)) return Status::Invalid("scale must be finite, got " + std::to_string(scale));
-  if (!(dropout_rate >= 0.0 && dropout_rate < 1.0))
-    return Status::Invalid("dropout_rate must be in [0, 1), got " + std::to_string(dropout_rate));
-  return Status::OK();
-}
-
-Status require(const void* ptr, int64_t elements, const char* name) {
-  if (elements > 0 && ptr == nullptr)
-    return Status::Invalid(std::string(name) + " must not be null (it has " + std::to_string(elements) + " elements)");
-  return Status::OK();
-}
-
-struct Sizes {
-  int64_t q, kv_k, kv_v, o, lse, mask;
-};
-
-Sizes element_counts(const AttentionShape& s) {
-  Sizes z;
-  z.q = s.batch * s.seqlen_q * s.num_heads * s.head_dim;
-  z.kv_k = s.batch * s.seqlen_k * s.num_heads_kv * s.head_dim;
-  z.kv_v = s.batch * s.seqlen_k * s.num_heads_kv * s.head_dim_v;
-  z.o = s.batch * s.seqlen_q * s.num_heads * s.head_dim_v;
-  z.lse = s.batch * s.num_heads * s.seqlen_q;
-  z.mask = z.lse * s.seqlen_k;
-  return z;
-}
-
 // ---------------------------------------------------------------------------
 // Tile loads: element type T -> accumulation type Acc.
 
@@ -814,33 +752,6 @@ void bwd_impl(const AttentionBwdParams& p, const CpuContext& ctx) {
 }
 
 }  // namespace
-
-Status validate(const AttentionFwdParams& p) {
-  TFA_RETURN_IF_ERROR(validate_common(p.dtype, p.shape, p.scale, p.dropout_rate));
-  const Sizes z = element_counts(p.shape);
-  TFA_RETURN_IF_ERROR(require(p.q, z.q, "q"));
-  TFA_RETURN_IF_ERROR(require(p.k, z.kv_k, "k"));
-  TFA_RETURN_IF_ERROR(require(p.v, z.kv_v, "v"));
-  TFA_RETURN_IF_ERROR(require(p.o, z.o, "o"));
-  TFA_RETURN_IF_ERROR(require(p.lse, z.lse, "lse"));
-  return Status::OK();
-}
-
-Status validate(const AttentionBwdParams& p) {
-  TFA_RETURN_IF_ERROR(validate_common(p.dtype, p.shape, p.scale, p.dropout_rate));
-  const Sizes z = element_counts(p.shape);
-  TFA_RETURN_IF_ERROR(require(p.q, z.q, "q"));
-  TFA_RETURN_IF_ERROR(require(p.k, z.kv_k, "k"));
-  TFA_RETURN_IF_ERROR(require(p.v, z.kv_v, "v"));
-  TFA_RETURN_IF_ERROR(require(p.o, z.o, "o"));
-  TFA_RETURN_IF_ERROR(require(p.lse, z.lse, "lse"));
-  TFA_RETURN_IF_ERROR(require(p.do_, z.o, "do"));
-  TFA_RETURN_IF_ERROR(require(p.dq, z.q, "dq"));
-  TFA_RETURN_IF_ERROR(require(p.dk, z.kv_k, "dk"));
-  TFA_RETURN_IF_ERROR(require(p.dv, z.kv_v, "dv"));
-  TFA_RETURN_IF_ERROR(require(p.workspace, z.lse, "workspace"));
-  return Status::OK();
-}
 
 int64_t attention_bwd_workspace_bytes(const AttentionShape& shape, DType dtype, int /*num_threads*/) {
   // delta = rowsum(dO * O) per [B, N, T], in float64 for every dtype; per-chunk

@@ -441,52 +441,7 @@ void backward(const LayerNormBwdParams& p, const CpuContext& ctx) {
   });
 }
 
-Status check_dtypes(DType dtype, DType param_dtype) {
-  if (param_dtype != DType::kFloat32 && param_dtype != dtype) {
-    return Status::Invalid(std::string("gamma/beta dtype must be float32 or the input dtype (") +
-                           dtype_name(dtype) + "), got " + dtype_name(param_dtype));
-  }
-  return Status::OK();
-}
-
-Status check_sizes(int64_t rows, int64_t cols) {
-  if (rows < 0) return Status::Invalid("rows must be >= 0, got " + std::to_string(rows));
-  if (cols < 1) return Status::Invalid("the normalized axis must have size >= 1, got " + std::to_string(cols));
-  return Status::OK();
-}
-
-Status need(const void* ptr, const char* name) {
-  return ptr ? Status::OK() : Status::Invalid(std::string(name) + " must not be null");
-}
-
 }  // namespace
-
-Status validate(const LayerNormFwdParams& p) {
-  TFA_RETURN_IF_ERROR(check_sizes(p.rows, p.cols));
-  TFA_RETURN_IF_ERROR(check_dtypes(p.dtype, p.param_dtype));
-  if (!(p.epsilon > 0) || !std::isfinite(p.epsilon)) {
-    return Status::Invalid("epsilon must be a finite number > 0, got " + std::to_string(p.epsilon));
-  }
-  if (p.rows == 0) return Status::OK();
-  TFA_RETURN_IF_ERROR(need(p.x, "x"));
-  TFA_RETURN_IF_ERROR(need(p.y, "y"));
-  TFA_RETURN_IF_ERROR(need(p.mean, "mean"));
-  TFA_RETURN_IF_ERROR(need(p.rstd, "rstd"));
-  return Status::OK();
-}
-
-Status validate(const LayerNormBwdParams& p) {
-  TFA_RETURN_IF_ERROR(check_sizes(p.rows, p.cols));
-  TFA_RETURN_IF_ERROR(check_dtypes(p.dtype, p.param_dtype));
-  if (p.rows == 0) return Status::OK();
-  TFA_RETURN_IF_ERROR(need(p.dy, "dy"));
-  TFA_RETURN_IF_ERROR(need(p.sum, "sum"));
-  TFA_RETURN_IF_ERROR(need(p.mean, "mean"));
-  TFA_RETURN_IF_ERROR(need(p.rstd, "rstd"));
-  TFA_RETURN_IF_ERROR(need(p.dx, "dx"));
-  TFA_RETURN_IF_ERROR(need(p.workspace, "workspace"));
-  return Status::OK();
-}
 
 int64_t layer_norm_bwd_workspace_bytes(int64_t rows, int64_t cols, DType dtype) {
   if (rows <= 0 || cols <= 0) return 0;
