@@ -146,6 +146,19 @@ def test_error_kinds_map_to_python_exceptions():
         _C.layer_norm_fwd_gpu(p)
 
 
+def test_gamma_and_beta_of_different_dtypes_are_refused():
+    # The kernels read gamma and beta as one dtype: a bfloat16 gamma with a
+    # float32 beta was read as float32 (garbage) before this was checked.
+    x = np.ones((2, 4), ml_dtypes.bfloat16)
+    with pytest.raises(ValueError, match=r"beta must have the dtype of gamma \(bfloat16\), got float32"):
+        _C.layer_norm_fwd(x, np.ones(4, ml_dtypes.bfloat16), np.zeros(4, np.float32))
+    stats = np.zeros(2, np.float32), np.ones(2, np.float32)
+    with pytest.raises(ValueError, match=r"gamma must have the dtype of param_like \(float32\), got bfloat16"):
+        _C.layer_norm_bwd(x, x, *stats, gamma=np.ones(4, ml_dtypes.bfloat16), param_like=np.ones(4, np.float32))
+    dx, dgamma, dbeta = _C.layer_norm_bwd(x, x, *stats, gamma=np.ones(4, ml_dtypes.bfloat16))
+    assert dgamma.dtype == dbeta.dtype == ml_dtypes.bfloat16
+
+
 def test_output_row_strides_that_overlap_are_refused():
     # The core's validation (every backend): rows of an output must not
     # overlap; the GPU entry point checks before touching a device.

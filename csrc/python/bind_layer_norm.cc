@@ -52,14 +52,19 @@ void require_same_shape(const py::array& a, const char* a_name, const py::array&
   check(core::same_shape_as(dims_of(b), b_name, dims_of(a), a_name));
 }
 
-void require_param(const py::array& p, const char* name, int64_t cols, DType dtype, DType* param_dtype) {
-  check(core::layer_norm_param(dims_of(p), name, cols));
-  require_contiguous(p, name);
-  const DType t = dtype_of(p, name);
-  if (*param_dtype != t && *param_dtype != dtype) {
-    throw py::value_error("gamma and beta must have the same dtype");
+// A [cols] parameter (gamma, beta) or null; its dtype must equal `other`'s
+// when that is given too (the kernels read both as one param_dtype).
+std::optional<DType> param_dtype_of(const std::optional<py::array>& p, const char* name, int64_t cols,
+                                    std::optional<DType> other, const char* other_name) {
+  if (!p) return other;
+  check(core::layer_norm_param(dims_of(*p), name, cols));
+  require_contiguous(*p, name);
+  const DType t = dtype_of(*p, name);
+  if (other && *other != t) {
+    throw py::value_error(std::string(name) + " must have the dtype of " + other_name + " (" + dtype_name(*other) +
+                          "), got " + dtype_name(t));
   }
-  *param_dtype = t;
+  return t;
 }
 
 std::vector<py::ssize_t> shape_of(const py::array& a) { return {a.shape(), a.shape() + a.ndim()}; }
@@ -73,15 +78,11 @@ py::tuple layer_norm_fwd(const py::array& x, std::optional<py::array> gamma, std
   const RowView v = row_view(x, "x");
   p.rows = v.rows;
   p.cols = v.cols;
-  p.param_dtype = p.dtype;  // provisional; set by the first parameter given
-  if (gamma) {
-    require_param(*gamma, "gamma", p.cols, p.dtype, &p.param_dtype);
-    p.gamma = gamma->data();
-  }
-  if (beta) {
-    require_param(*beta, "beta", p.cols, p.dtype, &p.param_dtype);
-    p.beta = beta->data();
-  }
+  // (Neither given: the dtype is never read.)
+  p.param_dtype = param_dtype_of(beta, "beta", p.cols, param_dtype_of(gamma, "gamma", p.cols, {}, ""), "gamma")
+                      .value_or(p.dtype);
+  if (gamma) p.gamma = gamma->data();
+  if (beta) p.beta = beta->data();
   if (residual) {
     require_same_shape(x, "x", *residual, "residual");
     if (dtype_of(*residual, "residual") != p.dtype) throw py::value_error("residual must have the dtype of x");
@@ -126,11 +127,10 @@ py::tuple layer_norm_bwd(const py::array& dy, const py::array& sum, const py::ar
   if (dtype_of(mean, "mean") != stats_dtype(p.dtype) || dtype_of(rstd, "rstd") != stats_dtype(p.dtype)) {
     throw py::value_error(std::string("mean and rstd must be ") + dtype_name(stats_dtype(p.dtype)));
   }
-  p.param_dtype = param_like ? dtype_of(*param_like, "param_like") : DType::kFloat32;
-  if (gamma) {
-    require_param(*gamma, "gamma", p.cols, p.dtype, &p.param_dtype);
-    p.gamma = gamma->data();
-  }
+  std::optional<DType> like;
+  if (param_like) like = dtype_of(*param_like, "param_like");
+  p.param_dtype = param_dtype_of(gamma, "gamma", p.cols, like, "param_like").value_or(DType::kFloat32);
+  if (gamma) p.gamma = gamma->data();
   if (dsum) {
     require_same_shape(dy, "dy", *dsum, "dsum");
     if (dtype_of(*dsum, "dsum") != p.dtype) throw py::value_error("dsum must have the dtype of dy");
