@@ -162,9 +162,8 @@ def _make_mask(np, rng, kind, B, N, T, S):
 
 
 def run_attention(C, case):
-    import criterion
     import numpy as np
-    from numpy_reference import naive_same_dtype, np_attention_bwd, np_attention_fwd, philox_keep_mask
+    from numpy_reference import check_attention
 
     dt_name = case["dtype"]
     dtype = _np_dtypes()[dt_name]
@@ -205,37 +204,23 @@ def run_attention(C, case):
                   dv_strides=strides(dv))
     C.attention_bwd_gpu(bwd, 0, family)
 
-    keep = philox_keep_mask(seed, rate, B, N, T, S) if rate > 0 else None
-    kw = dict(mask=mask, scale=scale, is_causal=causal, keep=keep, rate=rate)
-    ref_o, ref_lse, _, _, _ = np_attention_fwd(q, k, v, **kw)
-    ref_grads = np_attention_bwd(q, k, v, d_o, **kw)
-    naive_o, naive_grads = naive_same_dtype(q, k, v, d_o, dtype, **kw)
-    errors = {}
-    for name, got, naive, ref in [("o", o, naive_o, ref_o)] + list(
-        zip(("dq", "dk", "dv"), (dq, dk, dv), naive_grads, ref_grads)
-    ):
-        criterion.check_close(got, naive, ref, dt_name, name)
-        errors[name] = float(np.abs(got.astype(np.float64) - ref).max()) if got.size else 0.0
-    # lse: float32 statistics, +inf for rows with no allowed key.
-    ref_lse = ref_lse.astype(np.float64)
-    np.testing.assert_array_equal(np.isinf(lse), np.isinf(ref_lse), err_msg="lse: infinite pattern differs")
-    fin = np.isfinite(ref_lse)
-    lse_err = float(np.abs(lse[fin] - ref_lse[fin]).max()) if fin.any() else 0.0
-    assert lse_err <= 1e-4 * max(1.0, float(np.abs(ref_lse[fin]).max()) if fin.any() else 1.0), f"lse: error {lse_err:.3g}"
-    errors["lse"] = lse_err
+    # With dropout the CPU kernel drops the same keys: its output with the
+    # same seed meets the criterion against the same reference.
+    also = {}
     if rate > 0:
-        # The CPU kernel drops the same keys: its output with the same seed
-        # meets the criterion against the same reference.
-        o_cpu, _ = C.attention_fwd(q, k, v, mask=mask, scale=scale, is_causal=causal, dropout_rate=rate, seed=seed)
-        criterion.check_close(o_cpu, naive_o, ref_o, dt_name, "o (CPU kernel, same seed)")
+        also["o (CPU kernel, same seed)"], _ = C.attention_fwd(q, k, v, mask=mask, scale=scale, is_causal=causal,
+                                                               dropout_rate=rate, seed=seed)
+    errors = check_attention(dt_name, q, k, v, d_o, o, lse, dq, dk, dv, mask=mask, scale=scale, is_causal=causal,
+                             seed=seed, rate=rate, also_o=also)
+    if rate > 0:
+        o_cpu = also["o (CPU kernel, same seed)"]
         errors["o_vs_cpu"] = float(np.abs(o.astype(np.float64) - o_cpu.astype(np.float64)).max())
     return errors, (o, lse, dq, dk, dv)
 
 
 def run_layer_norm(C, case):
-    import criterion
     import numpy as np
-    from numpy_reference import layer_norm_bwd, layer_norm_fwd
+    from numpy_reference import check_layer_norm
 
     dt_name, pdt_name = case["dtype"], case.get("param_dtype", "float32")
     dtype, pdtype = _np_dtypes()[dt_name], _np_dtypes()[pdt_name]
@@ -280,32 +265,7 @@ def run_layer_norm(C, case):
                                  dy_row_stride=row_stride(dy), dsum_row_stride=row_stride(dsum),
                                  sum_row_stride=row_stride(s_in), dx_row_stride=row_stride(dx)))
 
-    g64, b64 = g.astype(np.float64), b.astype(np.float64)
-    ref_y, ref_s, ref_mean, ref_rstd = layer_norm_fwd(x, r if residual else np.zeros_like(x), g64, b64, eps)
-    d64 = dsum.astype(np.float64) if residual else 0.0
-    ref_dx, ref_dg, ref_db = layer_norm_bwd(ref_s, dy.astype(np.float64), d64, g64, eps)
-    # The naive implementation at the input precision (float32 statistics for
-    # half types, as every framework's layer norm).
-    c = np.float64 if dt_name == "float64" else np.float32
-    s_c = ref_s.astype(c)
-    naive_y = layer_norm_fwd(s_c, np.zeros_like(s_c), g.astype(c), b.astype(c), eps)[0].astype(dtype)
-    naive_dx, naive_dg, naive_db = (
-        t.astype(dtype) for t in layer_norm_bwd(s_c, dy.astype(c), (dsum.astype(c) if residual else c(0)), g.astype(c), eps)
-    )
-    errors = {}
-    for name, got, naive, ref in [
-        ("y", y, naive_y, ref_y),
-        ("dx", dx, naive_dx, ref_dx),
-        ("dgamma", dg, naive_dg.astype(pdtype), ref_dg),
-        ("dbeta", db, naive_db.astype(pdtype), ref_db),
-    ]:
-        criterion.check_close(got, naive, ref, pdt_name if name in ("dgamma", "dbeta") else dt_name, name)
-        errors[name] = float(np.abs(got.astype(np.float64) - ref).max())
-    if residual:
-        np.testing.assert_array_equal(s, ref_s.astype(dtype), err_msg="sum")
-    for name, got, ref in (("mean", mean, ref_mean), ("rstd", rstd, ref_rstd)):
-        err = float(np.abs(got - ref).max() / max(1.0, np.abs(ref).max()))
-        assert err <= (1e-12 if dt_name == "float64" else 1e-5), f"{name}: relative error {err:.3g}"
+    errors = check_layer_norm(dt_name, pdt_name, x, r, g, b, eps, y, s, mean, rstd, dy, dsum, dx, dg, db)
     return errors, (y, dx, dg, db, mean, rstd) + ((s,) if residual else ())
 
 

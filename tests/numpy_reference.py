@@ -1,12 +1,35 @@
 """The NumPy references every test tier compares with: attention forward and
 backward (masks, GQA, dropout with the kernels' Philox keep mask), the naive
 same-dtype attention of the accuracy criterion, and residual-add + layer
-norm. Float64 unless asked otherwise; NumPy only (no TensorFlow, no GPU).
+norm; and the checks of a kernel's outputs against them that the emulated and
+the real GPU tests share (check_attention, check_layer_norm). Float64 unless
+asked otherwise; NumPy only (no TensorFlow, no ml_dtypes, no GPU): bfloat16
+values travel as float32 arrays holding bfloat16 values, rounded by round_to.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+import criterion
+
+# ---------------------------------------------------------------------------
+# Rounding to a dtype by name.
+
+_HALF_TYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
+
+
+def round_to(x, dtype) -> np.ndarray:
+    """x rounded to `dtype` (a name, or a NumPy/ml_dtypes dtype), as float64 for
+    "bfloat16" without ml_dtypes: round to nearest even on the float32 bits."""
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name != "bfloat16":
+        return np.asarray(x).astype(_HALF_TYPES[name])
+    bits = np.ascontiguousarray(np.asarray(x, np.float32)).view(np.uint32).astype(np.uint64)
+    rounded = (bits + np.uint64(0x7FFF) + ((bits >> np.uint64(16)) & np.uint64(1))) & np.uint64(0xFFFF0000)
+    out = rounded.astype(np.uint32).view(np.float32)
+    nan = np.isnan(np.asarray(x, np.float32))
+    return np.where(nan, np.float32(np.nan), out).astype(np.float64)
 
 
 # ---------------------------------------------------------------------------
@@ -102,12 +125,46 @@ def np_attention_bwd(q, k, v, d_out, mask=None, scale=None, is_causal=False, kee
 
 def naive_same_dtype(q, k, v, d_out, dtype, **kw):
     """The naive implementation at the inputs' precision: float32 arithmetic for
-    half types (as Keras' softmax), probabilities and outputs rounded to dtype."""
-    compute = np.float64 if dtype is np.float64 else np.float32
+    half types (as Keras' softmax), outputs rounded to dtype (a name or a dtype)."""
+    compute = np.float64 if (dtype == "float64" or dtype is np.float64) else np.float32
     out, _, p, p_drop, _ = np_attention_fwd(q, k, v, compute=compute, **kw)
-    out = out.astype(dtype)
-    grads = [g.astype(dtype) for g in np_attention_bwd(q, k, v, d_out, compute=compute, **kw)]
+    out = round_to(out, dtype)
+    grads = [round_to(g, dtype) for g in np_attention_bwd(q, k, v, d_out, compute=compute, **kw)]
     return out, grads
+
+
+def check_attention(dtype_name, q, k, v, d_out, o, lse, dq, dk, dv, mask=None, scale=None, is_causal=False, seed=0,
+                    rate=0.0, also_o=None) -> dict:
+    """A kernel's forward (o, lse) and backward (dq, dk, dv) for inputs q, k, v,
+    d_out (NumPy arrays of `dtype_name`'s values, any float type) against the
+    float64 reference by the accuracy criterion; lse to 1e-4 relative with its
+    +inf pattern. Dropout: the kernels' Philox mask for `seed`. `also_o`: other
+    implementations' o for the same inputs ({label: array}), checked the same
+    way. Returns the max errors; AssertionError naming the output when one
+    fails."""
+    B, T, N, _ = q.shape
+    S = k.shape[1]
+    keep = philox_keep_mask(seed, rate, B, N, T, S) if rate > 0 else None
+    kw = dict(mask=mask, scale=scale, is_causal=is_causal, keep=keep, rate=rate)
+    ref_o, ref_lse, _, _, _ = np_attention_fwd(q, k, v, **kw)
+    ref_grads = np_attention_bwd(q, k, v, d_out, **kw)
+    naive_o, naive_grads = naive_same_dtype(q, k, v, d_out, dtype_name, **kw)
+    errors = {}
+    outputs = [("o", o, naive_o, ref_o)] + list(zip(("dq", "dk", "dv"), (dq, dk, dv), naive_grads, ref_grads))
+    outputs += [(label, other, naive_o, ref_o) for label, other in (also_o or {}).items()]
+    for name, got, naive, ref in outputs:
+        got = np.asarray(got, np.float64)
+        criterion.check_close(got, naive, ref, dtype_name, name)
+        errors[name] = float(np.abs(got - ref).max()) if got.size else 0.0
+    # lse: float32 statistics, +inf for rows with no allowed key.
+    lse, ref_lse = np.asarray(lse, np.float64), ref_lse.astype(np.float64)
+    np.testing.assert_array_equal(np.isinf(lse), np.isinf(ref_lse), err_msg="lse: infinite pattern differs")
+    fin = np.isfinite(ref_lse)
+    lse_err = float(np.abs(lse[fin] - ref_lse[fin]).max()) if fin.any() else 0.0
+    bound = 1e-4 * max(1.0, float(np.abs(ref_lse[fin]).max()) if fin.any() else 1.0)
+    assert lse_err <= bound, f"lse: error {lse_err:.3g} > {bound:.3g}"
+    errors["lse"] = lse_err
+    return errors
 
 
 # ---------------------------------------------------------------------------
@@ -121,6 +178,45 @@ def layer_norm_fwd(x, r, g, b, eps):
     rstd = 1.0 / np.sqrt(((s - mean) ** 2).mean(-1, keepdims=True) + eps)
     y = (s - mean) * rstd * g + b
     return y, s, mean[..., 0], rstd[..., 0]
+
+
+def check_layer_norm(dtype_name, param_dtype_name, x, residual, gamma, beta, eps, y, s, mean, rstd, dy, dsum, dx,
+                     dgamma, dbeta) -> dict:
+    """A kernel's residual-add + layer norm forward (y, the sum s when residual
+    is given, mean, rstd) and backward (dx, dgamma, dbeta for upstream dy and
+    dsum; dsum None without residual) against the float64 reference by the
+    accuracy criterion; the sum must equal x + residual rounded to the dtype
+    bitwise. NumPy arrays of the dtypes' values (any float type). Returns the
+    max errors; AssertionError naming the output when one fails."""
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    x64, g64, b64 = f64(x), f64(gamma), f64(beta)
+    r64 = f64(residual) if residual is not None else np.zeros_like(x64)
+    ref_s = f64(round_to(x64 + r64, dtype_name))  # the sum rounded to the dtype, as every implementation
+    ref_y, _, ref_mean, ref_rstd = layer_norm_fwd(ref_s, np.zeros_like(ref_s), g64, b64, eps)
+    d64 = f64(dsum) if dsum is not None else 0.0
+    ref_dx, ref_dg, ref_db = layer_norm_bwd(ref_s, f64(dy), d64, g64, eps)
+    # The naive implementation at the input precision (float32 statistics for
+    # half types, as every framework's layer norm).
+    c = np.float64 if dtype_name == "float64" else np.float32
+    s_c = ref_s.astype(c)
+    naive_y = round_to(layer_norm_fwd(s_c, np.zeros_like(s_c), g64.astype(c), b64.astype(c), eps)[0], dtype_name)
+    naive_dx, naive_dg, naive_db = layer_norm_bwd(s_c, f64(dy).astype(c), (d64.astype(c) if dsum is not None else c(0)),
+                                                  g64.astype(c), eps)
+    errors = {}
+    for name, got, naive, ref, dt in [
+        ("y", y, naive_y, ref_y, dtype_name),
+        ("dx", dx, round_to(naive_dx, dtype_name), ref_dx, dtype_name),
+        ("dgamma", dgamma, round_to(naive_dg, param_dtype_name), ref_dg, param_dtype_name),
+        ("dbeta", dbeta, round_to(naive_db, param_dtype_name), ref_db, param_dtype_name),
+    ]:
+        criterion.check_close(f64(got), naive, ref, dt, name)
+        errors[name] = float(np.abs(f64(got) - ref).max())
+    if residual is not None:
+        np.testing.assert_array_equal(f64(s), ref_s, err_msg="sum")
+    for name, got, ref in (("mean", mean, ref_mean), ("rstd", rstd, ref_rstd)):
+        err = float(np.abs(f64(got) - ref).max() / max(1.0, np.abs(ref).max()))
+        assert err <= (1e-12 if dtype_name == "float64" else 1e-5), f"{name}: relative error {err:.3g}"
+    return errors
 
 
 def layer_norm_bwd(s, dy, dsum, g, eps):

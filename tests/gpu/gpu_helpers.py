@@ -1,4 +1,6 @@
-"""GPU test helpers: _C on PyTorch tensors, float64 references, the accuracy criterion."""
+"""GPU test helpers: _C on PyTorch tensors; the checks against the float64
+references are tests/numpy_reference.py's (the ones the emulated tests use),
+on the outputs copied to NumPy."""
 
 from __future__ import annotations
 
@@ -9,8 +11,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: criterion.py
-import criterion  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: numpy_reference.py
+import numpy_reference  # noqa: E402, F401  (re-exported: check_attention, check_layer_norm)
 
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
@@ -64,32 +66,14 @@ def attention_bwd(C, q, k, v, o, lse, d_o, mask=None, causal=False, scale=None, 
     return dq, dk, dv
 
 
-def attention_reference(q, k, v, mask=None, causal=False, scale=None):
-    """The math of tf_fastattn/attention.h in q's dtype, with autograd: (o, lse).
-
-    Masked logits are filled with the dtype's lowest value (Keras' large
-    negative), so a fully masked row averages v uniformly; top-left causal.
-    """
-    B, T, N, H = q.shape
-    S, Nkv = k.shape[1], k.shape[2]
-    scale = H**-0.5 if scale is None else scale
-    g = N // Nkv
-    kk, vv = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
-    logits = torch.einsum("btnh,bsnh->bnts", q, kk) * scale
-    allowed = torch.ones(B, N, T, S, dtype=torch.bool, device=q.device)
-    if mask is not None:
-        allowed = allowed & mask
-    if causal:
-        allowed = allowed & torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
-    filled = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
-    p = torch.softmax(filled, dim=-1)
-    o = torch.einsum("bnts,bsnh->btnh", p, vv)
-    lse = torch.logsumexp(logits.float().masked_fill(~allowed, float("-inf")), dim=-1)
-    lse = torch.where(allowed.any(-1), lse, torch.full_like(lse, float("inf")))
-    return o, lse
-
-
-def assert_close(fused, naive, ref, dtype, name):
-    """The accuracy criterion (tests/criterion.py) on PyTorch tensors."""
-    as64 = [x.detach().double().cpu().numpy() for x in (fused, naive, ref)]
-    criterion.check_close(*as64, DTYPE_NAMES[dtype], name)
+def to_numpy(*tensors):
+    """Host NumPy copies: float16/bfloat16 values as float32 (exact), bool and
+    float32 as they are; None stays None."""
+    out = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+        else:
+            t = t.detach()
+            out.append((t.float() if t.dtype in (torch.float16, torch.bfloat16) else t).cpu().numpy())
+    return out

@@ -1,4 +1,5 @@
-"""Attention CUDA kernels against a float64 reference (the accuracy criterion).
+"""Attention CUDA kernels against the float64 NumPy reference (the accuracy
+criterion; numpy_reference.check_attention, as in the emulated tests).
 
 Every dtype x causal x mask x GQA x awkward shape, forward and backward, for
 the automatically chosen family and for the SIMT family forced (on sm_80+
@@ -13,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gpu_helpers import torch  # skips the module without PyTorch
-from gpu_helpers import assert_close, attention_bwd, attention_fwd, attention_reference
+from gpu_helpers import DTYPE_NAMES, attention_bwd, attention_fwd, numpy_reference, to_numpy
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # (B, T, S, N, Nkv, H, Hv): lengths 1, 7, 97, 1025; head dims 40, 80, 256; T != S.
@@ -60,18 +61,9 @@ def test_forward_backward(C, dtype, shape, causal, group, mask_kind, family):
     d_o = torch.randn_like(o)
     dq, dk, dv = attention_bwd(C, q, k, v, o, lse, d_o, mask, causal, family=family)
     torch.cuda.synchronize()
-
-    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    o_ref, lse_ref = attention_reference(q64, k64, v64, mask, causal)
-    grads_ref = torch.autograd.grad(o_ref, (q64, k64, v64), d_o.double())
-    qn, kn, vn = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    o_naive, _ = attention_reference(qn, kn, vn, mask, causal)
-    grads_naive = torch.autograd.grad(o_naive, (qn, kn, vn), d_o)
-
-    assert_close(o, o_naive, o_ref, dtype, "out")
-    torch.testing.assert_close(lse, lse_ref.float(), rtol=1e-4, atol=1e-4)
-    for name, fused, naive, ref in zip(("dq", "dk", "dv"), (dq, dk, dv), grads_naive, grads_ref):
-        assert_close(fused, naive, ref, dtype, name)
+    arrays = to_numpy(q, k, v, d_o, o, lse, dq, dk, dv)
+    (mask_np,) = to_numpy(mask)
+    numpy_reference.check_attention(DTYPE_NAMES[dtype], *arrays, mask=mask_np, is_causal=causal)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])

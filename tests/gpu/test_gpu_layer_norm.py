@@ -1,4 +1,5 @@
-"""Layer norm CUDA kernels against a float64 reference (the accuracy criterion).
+"""Layer norm CUDA kernels against the float64 NumPy reference (the accuracy
+criterion; numpy_reference.check_layer_norm, as in the emulated tests).
 
 Every dtype x awkward and large C (warp-per-row, block-per-row and streaming
 paths; aligned and odd C) x residual x gamma/beta dtype, forward and backward,
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 from gpu_helpers import torch  # skips the module without PyTorch
-from gpu_helpers import DTYPE_NAMES, assert_close, stream
+from gpu_helpers import DTYPE_NAMES, numpy_reference, stream, to_numpy
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 COLS = [1, 71, 229, 541, 1024, 4096, 20000, 65536]
@@ -44,11 +45,6 @@ def layer_norm_bwd_gpu(C, dy, s, gamma, mean, rstd):
     return dx, dgamma, dbeta
 
 
-def reference(x, r, gamma, beta, eps):
-    s = x + r if r is not None else x
-    return torch.nn.functional.layer_norm(s, s.shape[-1:], gamma.to(s.dtype), beta.to(s.dtype), eps)
-
-
 @pytest.mark.parametrize("param_float32", [True, False], ids=["params_f32", "params_dtype"])
 @pytest.mark.parametrize("residual", [False, True], ids=["x", "x+r"])
 @pytest.mark.parametrize("cols", COLS)
@@ -66,22 +62,11 @@ def test_forward_backward(C, dtype, cols, residual, param_float32):
     dy = torch.randn_like(y)
     dx, dgamma, dbeta = layer_norm_bwd_gpu(C, dy, s, gamma, mean, rstd)
     torch.cuda.synchronize()
-    if residual:
-        torch.testing.assert_close(s, x + r, rtol=0, atol=0)  # the sum is rounded like the reference
-
-    # The reference normalises the same rounded sum s; the float64 gradients
-    # are taken with respect to s (= dx = dresidual).
-    s64 = s.double().requires_grad_()
-    g64, b64 = gamma.double().requires_grad_(), beta.double().requires_grad_()
-    y_ref = reference(s64, None, g64, b64, eps)
-    ref_grads = torch.autograd.grad(y_ref, (s64, g64, b64), dy.double())
-    sn = s.detach().clone().requires_grad_()
-    gn, bn = gamma.detach().clone().requires_grad_(), beta.detach().clone().requires_grad_()
-    y_naive = reference(sn, None, gn, bn, eps)
-    naive_grads = torch.autograd.grad(y_naive, (sn, gn, bn), dy)
-    assert_close(y, y_naive, y_ref, dtype, "y")
-    for name, fused, naive, ref in zip(("dx", "dgamma", "dbeta"), (dx, dgamma, dbeta), naive_grads, ref_grads):
-        assert_close(fused, naive, ref, dtype if name == "dx" else pdtype, name)
+    # The sum must equal x + r rounded to the dtype bitwise; y, dx (= the
+    # gradient of the sum), dgamma, dbeta by the criterion.
+    numpy_reference.check_layer_norm(DTYPE_NAMES[dtype], DTYPE_NAMES[pdtype], *to_numpy(x, r, gamma, beta), eps,
+                                     *to_numpy(y, s if residual else None, mean, rstd, dy), None,
+                                     *to_numpy(dx, dgamma, dbeta))
 
 
 @pytest.mark.parametrize("cols", [541, 4096, 65536])
