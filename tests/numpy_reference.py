@@ -76,16 +76,27 @@ def allowed_mask(B, N, T, S, mask=None, is_causal=False) -> np.ndarray:
     return allowed
 
 
-def np_attention_fwd(q, k, v, mask=None, scale=None, is_causal=False, keep=None, rate=0.0, compute=np.float64):
-    """Returns (out, lse, p, p_drop) in `compute` precision. Rows with no allowed
-    key average value uniformly over all keys (lse = +inf)."""
+def _rounder(rounding, compute):
+    """x -> x rounded to the dtype `rounding` (None: unchanged), in `compute`."""
+    if rounding is None:
+        return lambda x: x
+    return lambda x: np.asarray(round_to(x, rounding)).astype(compute)
+
+
+def np_attention_fwd(q, k, v, mask=None, scale=None, is_causal=False, keep=None, rate=0.0, compute=np.float64,
+                     rounding=None):
+    """Returns (out, lse, p, p_drop, allowed) in `compute` precision. Rows with no
+    allowed key average value uniformly over all keys (lse = +inf). `rounding`
+    (a dtype name): every intermediate a plain implementation in that dtype
+    stores (logits, probabilities, dropped probabilities, out) is rounded to it."""
+    r = _rounder(rounding, compute)
     q, k, v = (np.asarray(x).astype(compute) for x in (q, k, v))
     B, T, N, H = q.shape
     S, Nkv = k.shape[1], k.shape[2]
     g = N // Nkv
     k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
     scale = compute(1.0 / np.sqrt(H) if scale is None else scale)
-    logits = np.einsum("btnh,bsnh->bnts", q, k) * scale
+    logits = r(np.einsum("btnh,bsnh->bnts", q, k) * scale)
     allowed = allowed_mask(B, N, T, S, mask, is_causal)
     any_allowed = allowed.any(-1, keepdims=True)
     masked = np.where(allowed, logits, -np.inf)
@@ -95,15 +106,18 @@ def np_attention_fwd(q, k, v, mask=None, scale=None, is_causal=False, keep=None,
     with np.errstate(invalid="ignore", divide="ignore"):
         p = np.where(any_allowed, e / denom, compute(1.0 / max(S, 1)))
         lse = np.where(any_allowed, m + np.log(denom), np.inf)[..., 0]
-    p = p.astype(compute)
-    p_drop = p if keep is None else p * keep.astype(compute) / compute(1.0 - rate)
-    out = np.einsum("bnts,bsnh->btnh", p_drop, v)
+    p = r(p.astype(compute))
+    p_drop = p if keep is None else r(p * keep.astype(compute) / compute(1.0 - rate))
+    out = r(np.einsum("bnts,bsnh->btnh", p_drop, v))
     return out, lse, p, p_drop, allowed
 
 
-def np_attention_bwd(q, k, v, d_out, mask=None, scale=None, is_causal=False, keep=None, rate=0.0, compute=np.float64):
-    """Gradients (dq, dk, dv) of np_attention_fwd's out for upstream d_out."""
-    _, _, p, p_drop, allowed = np_attention_fwd(q, k, v, mask, scale, is_causal, keep, rate, compute)
+def np_attention_bwd(q, k, v, d_out, mask=None, scale=None, is_causal=False, keep=None, rate=0.0, compute=np.float64,
+                     rounding=None):
+    """Gradients (dq, dk, dv) of np_attention_fwd's out for upstream d_out;
+    `rounding` as there (also dP, dS and the gradients are rounded)."""
+    r = _rounder(rounding, compute)
+    _, _, p, p_drop, allowed = np_attention_fwd(q, k, v, mask, scale, is_causal, keep, rate, compute, rounding)
     q, k, v, d_out = (np.asarray(x).astype(compute) for x in (q, k, v, d_out))
     B, T, N, H = q.shape
     S, Nkv, Hv = k.shape[1], k.shape[2], v.shape[3]
@@ -111,25 +125,28 @@ def np_attention_bwd(q, k, v, d_out, mask=None, scale=None, is_causal=False, kee
     kr, vr = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
     scale = compute(1.0 / np.sqrt(H) if scale is None else scale)
     dv = np.einsum("bnts,btnh->bsnh", p_drop, d_out)
-    dp = np.einsum("btnh,bsnh->bnts", d_out, vr)
+    dp = r(np.einsum("btnh,bsnh->bnts", d_out, vr))
     if keep is not None:
-        dp = dp * keep.astype(compute) / compute(1.0 - rate)
-    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+        dp = r(dp * keep.astype(compute) / compute(1.0 - rate))
+    ds = r(p * (dp - (dp * p).sum(-1, keepdims=True)))
     ds = np.where(allowed.any(-1, keepdims=True), ds, 0)  # uniform rows: constant p, no gradient
     dq = np.einsum("bnts,bsnh->btnh", ds, kr) * scale
     dk = np.einsum("bnts,btnh->bsnh", ds, q) * scale
     dk = dk.reshape(B, S, Nkv, g, H).sum(3)
     dv = dv.reshape(B, S, Nkv, g, Hv).sum(3)
-    return dq, dk, dv
+    return r(dq), r(dk), r(dv)
 
 
 def naive_same_dtype(q, k, v, d_out, dtype, **kw):
-    """The naive implementation at the inputs' precision: float32 arithmetic for
-    half types (as Keras' softmax), outputs rounded to dtype (a name or a dtype)."""
-    compute = np.float64 if (dtype == "float64" or dtype is np.float64) else np.float32
-    out, _, p, p_drop, _ = np_attention_fwd(q, k, v, compute=compute, **kw)
-    out = round_to(out, dtype)
-    grads = [round_to(g, dtype) for g in np_attention_bwd(q, k, v, d_out, compute=compute, **kw)]
+    """The plain implementation in `dtype` (a name or a dtype), the criterion's
+    baseline: float32 arithmetic for half types (as Keras' softmax and matmuls
+    accumulate), every stored intermediate (logits, probabilities, dP, dS) and
+    result rounded to dtype, as a framework running the math op by op in that
+    dtype does."""
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    compute = np.float64 if name == "float64" else np.float32
+    out = np_attention_fwd(q, k, v, compute=compute, rounding=name, **kw)[0]
+    grads = list(np_attention_bwd(q, k, v, d_out, compute=compute, rounding=name, **kw))
     return out, grads
 
 

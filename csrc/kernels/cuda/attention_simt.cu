@@ -226,26 +226,25 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
 
 #else  // TFA_BACKWARD
 
-// delta[b, n, t] = sum_h dO * O: one warp per row, fixed butterfly order.
+// delta[b, n, t] = sum_h dO * O, one warp per row, summed by its first lane in
+// exactly the arithmetic of the backward's dp = dO . V (float32 FMAs, head
+// dim ascending): in a row with one allowed key O equals that key's V, so
+// dp - delta is exactly 0 and so are that row's dq and dS, as in exact
+// arithmetic. (A float64 delta rounded to float32 left dp's own rounding:
+// dq up to 5e-6 against a criterion floor of 3e-6 in float32, seen when the
+// GPU tests ran under the emulator; a float32 butterfly sum before it, ~1e-6
+// at Hv = 256.)
 __device__ void attention_bwd_delta(const AttentionBwdParams& a) {
   const tf_fastattn::AttentionShape& sh = a.shape;
   const int64_t row = int64_t(blockIdx.x) * (kSimtThreads / 32) + threadIdx.x / 32;  // (b, t, n) flattened
-  if (row >= sh.batch * sh.seqlen_q * sh.num_heads) return;
-  const int lane = threadIdx.x % 32;
+  if (row >= sh.batch * sh.seqlen_q * sh.num_heads || threadIdx.x % 32 != 0) return;
   const int64_t n = row % sh.num_heads, t = (row / sh.num_heads) % sh.seqlen_q;
   const int64_t b = row / (sh.num_heads * sh.seqlen_q);
   const T* o = static_cast<const T*>(a.o) + a.o_strides.offset(b, t, n);
   const T* d_o = static_cast<const T*>(a.do_) + a.do_strides.offset(b, t, n);
-  // In float64 (exact products of float32 values), as the tensor-core delta:
-  // float32 accumulation over Hv terms made the gradient of a row with one
-  // allowed key, exactly 0 in exact arithmetic, ~1e-6 at Hv = 256 (seen under
-  // the emulator); now only delta's float32 rounding remains.
-  double sum = 0.0;
-  for (int64_t h = lane; h < sh.head_dim_v; h += 32) sum += double(to_acc(o[h])) * double(to_acc(d_o[h]));
-  sum = lanes_sum(sum, 32);
-  if (lane == 0) {
-    delta_of(a)[(b * sh.num_heads + n) * sh.seqlen_q + t] = float(sum);
-  }
+  float sum = 0.f;
+  for (int64_t h = 0; h < sh.head_dim_v; ++h) sum = fmaf(to_acc(d_o[h]), to_acc(o[h]), sum);
+  delta_of(a)[(b * sh.num_heads + n) * sh.seqlen_q + t] = sum;
 }
 
 // Probability and its logit gradient for one (t, s), with lse and delta of
@@ -339,7 +338,7 @@ __device__ void attention_bwd_dq(const AttentionBwdParams& a) {
           for (int i = 0; i < kQRM; ++i) {
             const float l = lhs[ty + kTY * i][hc + h];
 #pragma unroll
-            for (int e = 0; e < 4; ++e) (pass == 0 ? qk : dp)[i][e] += l * kk[e];
+            for (int e = 0; e < 4; ++e) (pass == 0 ? qk : dp)[i][e] = fmaf(l, kk[e], (pass == 0 ? qk : dp)[i][e]);
           }
         }
       }
@@ -453,8 +452,8 @@ __device__ void attention_bwd_dkdv(const AttentionBwdParams& a) {
           const float kk = k_s[j][hc + h], vv = v_s[j][hc + h];
 #pragma unroll
           for (int i = 0; i < kKI; ++i) {
-            qk[i] += kk * q_s[tx + kKX * i][h];
-            dp[i] += vv * do_s[tx + kKX * i][h];
+            qk[i] = fmaf(kk, q_s[tx + kKX * i][h], qk[i]);
+            dp[i] = fmaf(vv, do_s[tx + kKX * i][h], dp[i]);  // as delta sums it
           }
         }
       }
