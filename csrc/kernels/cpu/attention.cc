@@ -84,22 +84,34 @@ void transpose(const Acc* src, int64_t ld_src, int64_t rows, int64_t cols, Acc* 
     for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
 }
 
-// bfloat16 tiles for the AVX512-BF16 products (raw bits, no conversion).
-// dst[r * ld + c] = src[r * stride + c].
-inline void load_bits(const bfloat16_t* src, int64_t stride, int64_t rows, int64_t cols, uint16_t* dst, int64_t ld) {
+// Operands of the raw bfloat16 products (cpu::raw_products): the bits of a
+// bfloat16 input as they are; other types (never multiplied this way, as
+// raw_products offers the products for bfloat16 inputs only) rounded to it.
+template <typename T>
+inline uint16_t bf16_bits(const T& x) {
+  if constexpr (std::is_same<T, bfloat16_t>::value) {
+    return x.bits;
+  } else {
+    return cpu::to_bfloat16(static_cast<float>(cpu::to_float(x))).bits;
+  }
+}
+// dst[r * ld + c] = src[r * stride + c] as bfloat16 bits.
+template <typename T>
+void load_bits(const T* src, int64_t stride, int64_t rows, int64_t cols, uint16_t* dst, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[r * ld + c] = src[r * stride + c].bits;
+    for (int64_t c = 0; c < cols; ++c) dst[r * ld + c] = bf16_bits(src[r * stride + c]);
 }
 // src^T [cols][rows] pair-interleaved (see Bf16Kernels): element (c, r) at
 // dst[(c / 2) * ld + 2 * r + c % 2]. With odd cols the partner of the last
 // column is never written, so it keeps the buffer's initial zero.
-inline void load_pairs_t(const bfloat16_t* src, int64_t stride, int64_t rows, int64_t cols, uint16_t* dst,
-                         int64_t ld) {
+template <typename T>
+void load_pairs_t(const T* src, int64_t stride, int64_t rows, int64_t cols, uint16_t* dst, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[(c / 2) * ld + 2 * r + (c & 1)] = src[r * stride + c].bits;
+    for (int64_t c = 0; c < cols; ++c) dst[(c / 2) * ld + 2 * r + (c & 1)] = bf16_bits(src[r * stride + c]);
 }
 // x[r * ld + c] *= scale for r < rows, c < cols (logits from unscaled bf16 q).
-inline void scale_rows(float* x, int64_t ld, int64_t rows, int64_t cols, float scale) {
+template <typename Acc>
+void scale_rows(Acc* x, int64_t ld, int64_t rows, int64_t cols, Acc scale) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) x[r * ld + c] *= scale;
 }
@@ -244,18 +256,19 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
   const bool cache_kv = nkt * (Hp + Hvp) * kBc <= kKvCacheElems;
   const int64_t slots = cache_kv ? std::max<int64_t>(nkt, 1) : 1;
 
-  // bfloat16 logits with AVX512-BF16: scale * (q . k) from vdpbf16ps (exact
+  // Logits from the raw bfloat16 products where cpu::raw_products offers them
+  // (bfloat16 inputs, AVX512-BF16): scale * (q . k) from vdpbf16ps (exact
   // products, float32 sums, as the backward's), K^T cached pair-interleaved.
-  const cpu::Bf16Kernels* bk = nullptr;
-  if constexpr (std::is_same<T, bfloat16_t>::value) bk = cpu::bf16_kernels();
+  const cpu::RawProducts<Acc> raw = cpu::raw_products<T>();
+  const bool bits = raw.gemm != nullptr;
   const int64_t Hp2 = round_up(H, 2);
 
   const int64_t cost = kBr * std::max<int64_t>(S, 1) * (H + Hv) * 2;
   ctx.parallel_for(items, cost, [&](int64_t begin, int64_t end) {
     // Per-chunk scratch; zero-initialised so that padding lanes are finite.
-    std::vector<Acc> qs(bk ? 0 : kBr * Hp, 0), kt(bk ? 0 : slots * Hp * kBc, 0), vt(slots * kBc * Hvp, 0),
+    std::vector<Acc> qs(bits ? 0 : kBr * Hp, 0), kt(bits ? 0 : slots * Hp * kBc, 0), vt(slots * kBc * Hvp, 0),
         st(kBr * kBc, 0), acc(kBr * Hvp, 0), m(kBr), l(kBr);
-    std::vector<uint16_t> qb(bk ? kBr * Hp2 : 0, 0), ktb(bk ? slots * Hp2 * kBc : 0, 0);
+    std::vector<uint16_t> qb(bits ? kBr * Hp2 : 0, 0), ktb(bits ? slots * Hp2 * kBc : 0, 0);
     int64_t cached_bh = -1, cached_tiles = 0;  // (b * Nkv + hk) whose first cached_tiles tiles are in kt, vt
     for (int64_t w = begin; w < end; ++w) {
       const int64_t qi = interleave(w % nqt, nqt, p.is_causal);
@@ -266,10 +279,11 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
       }
       const int64_t t0 = qi * kBr, nr = std::min(kBr, T_ - t0);
       // q is pre-scaled: logits = (scale q) . k. The backward scales the same way.
-      if constexpr (std::is_same<T, bfloat16_t>::value) {
-        if (bk) load_bits(q + sq.offset(b, t0, n), sq.seq, nr, H, qb.data(), Hp2);
+      if (bits) {
+        load_bits(q + sq.offset(b, t0, n), sq.seq, nr, H, qb.data(), Hp2);
+      } else {
+        load_tile(q + sq.offset(b, t0, n), sq.seq, nr, H, scale, qs.data(), Hp);
       }
-      if (!bk) load_tile(q + sq.offset(b, t0, n), sq.seq, nr, H, scale, qs.data(), Hp);
       std::fill(acc.begin(), acc.end(), Acc(0));
       std::fill(m.begin(), m.end(), neg_inf);
       std::fill(l.begin(), l.end(), Acc(0));
@@ -280,24 +294,24 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
         const T* kb = k + sk.offset(b, s0, hk);
         const T* vb = v + sv.offset(b, s0, hk);
         const int64_t tile = s0 / kBc, slot = cache_kv ? tile : 0;
-        Acc* ktile = bk ? nullptr : kt.data() + slot * Hp * kBc;
-        uint16_t* ktbtile = bk ? ktb.data() + slot * Hp2 * kBc : nullptr;
+        Acc* ktile = bits ? nullptr : kt.data() + slot * Hp * kBc;
+        uint16_t* ktbtile = bits ? ktb.data() + slot * Hp2 * kBc : nullptr;
         Acc* vtile = vt.data() + slot * kBc * Hvp;
         if (!cache_kv || tile >= cached_tiles) {
-          if constexpr (std::is_same<T, bfloat16_t>::value) {
-            if (bk) load_pairs_t(kb, sk.seq, nc, H, ktbtile, 2 * kBc);
+          if (bits) {
+            load_pairs_t(kb, sk.seq, nc, H, ktbtile, 2 * kBc);
+          } else {
+            load_tile_t(kb, sk.seq, nc, H, Acc(1), ktile, kBc);
           }
-          if (!bk) load_tile_t(kb, sk.seq, nc, H, Acc(1), ktile, kBc);
           load_tile(vb, sv.seq, nc, Hv, Acc(1), vtile, Hvp);
           if (cache_kv) cached_tiles = tile + 1;  // tiles are visited in order from 0
         }
-        if constexpr (std::is_same<T, bfloat16_t>::value) {
-          if (bk) {
-            bk->gemm(nr, ncp, Hp2 / 2, qb.data(), Hp2, ktbtile, 2 * kBc, st.data(), kBc, false);
-            scale_rows(st.data(), kBc, nr, nc, scale);
-          }
+        if (bits) {
+          raw.gemm(nr, ncp, Hp2 / 2, qb.data(), Hp2, ktbtile, 2 * kBc, st.data(), kBc, false);
+          scale_rows(st.data(), kBc, nr, nc, scale);
+        } else {
+          mk.gemm(nr, ncp, H, qs.data(), Hp, ktile, kBc, st.data(), kBc, false);
         }
-        if (!bk) mk.gemm(nr, ncp, H, qs.data(), Hp, ktile, kBc, st.data(), kBc, false);
         if (mv.tile_needs_mask(t0, s0, nc)) apply_mask(mv, b, n, t0, nr, s0, nc, st.data(), kBc, int64_t(1));
 
         // Online softmax (FlashAttention-2): running max m and normaliser l
@@ -348,11 +362,12 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
 // stay float32: rounding P to bf16 before P V (as GPU flash kernels do) made
 // the test harness fail the accuracy criterion (dq, dk up to 1.45x the bound at
 // T=S=7, dropout 0.3) because delta = dO . o then drifts from the recomputed P.
-struct Bf16Ops {
-  const cpu::Bf16Kernels* bk = nullptr;
+template <typename Acc>
+struct RawOperands {
+  cpu::RawProducts<Acc> raw;
   const uint16_t *q = nullptr, *do_ = nullptr, *kt = nullptr, *vt = nullptr;
   int64_t Hp2 = 0, Hvp2 = 0;
-  float scale = 0;
+  Acc scale = 0;
 };
 
 // Scratch and the shared per-tile math of every backward pass.
@@ -384,24 +399,20 @@ struct BwdTile {
   // buffers; the arithmetic is the same whoever calls it (determinism).
   void compute(const MicroKernels<Acc>& mk, const MaskView& mv, const Dropout& drop, int64_t b, int64_t n, int64_t t0,
                int64_t nr, int64_t s0, int64_t nc, int64_t H, int64_t Hv, const Acc* q_, const Acc* do_, const Acc* kt_,
-               const Acc* vt_, const Acc* lse_, const double* delta_, const Bf16Ops* bf = nullptr) {
+               const Acc* vt_, const Acc* lse_, const double* delta_, const RawOperands<Acc>* bf = nullptr) {
     const int64_t ncp = round_up(nc, kPad);
-    bool use_bf = false;
-    if constexpr (std::is_same<Acc, float>::value) {
-      if (bf != nullptr && bf->bk != nullptr) {
-        bf->bk->gemm(nr, ncp, bf->Hp2 / 2, bf->q, bf->Hp2, bf->kt, 2 * kBc, pb.data(), kBc, false);
-        scale_rows(pb.data(), kBc, nr, nc, bf->scale);
-        use_bf = true;
-      }
+    const bool use_bf = bf != nullptr && bf->raw.gemm != nullptr;
+    if (use_bf) {
+      bf->raw.gemm(nr, ncp, bf->Hp2 / 2, bf->q, bf->Hp2, bf->kt, 2 * kBc, pb.data(), kBc, false);
+      scale_rows(pb.data(), kBc, nr, nc, bf->scale);
+    } else {
+      mk.gemm(nr, ncp, H, q_, Hp, kt_, kBc, pb.data(), kBc, false);
     }
-    if (!use_bf) mk.gemm(nr, ncp, H, q_, Hp, kt_, kBc, pb.data(), kBc, false);
     if (mv.tile_needs_mask(t0, s0, nc)) apply_mask(mv, b, n, t0, nr, s0, nc, pb.data(), kBc, int64_t(1));
     // p = exp(x - lse); lse = +inf (fully masked row) gives p = 0 here.
     for (int64_t r = 0; r < nr; ++r) mk.exp_shift_sum(pb.data() + r * kBc, nc, lse_[r]);
     // do . v_s
-    if constexpr (std::is_same<Acc, float>::value) {
-      if (use_bf) bf->bk->gemm(nr, ncp, bf->Hvp2 / 2, bf->do_, bf->Hvp2, bf->vt, 2 * kBc, dsb.data(), kBc, false);
-    }
+    if (use_bf) bf->raw.gemm(nr, ncp, bf->Hvp2 / 2, bf->do_, bf->Hvp2, bf->vt, 2 * kBc, dsb.data(), kBc, false);
     if (wide && !use_bf) {
       if (drop.on) dropout_tile(drop, b, n, t0, nr, s0, nc, dm.data(), kBc, false);
       mk.ds_wide(nr, ncp, Hv, do_, Hvp, vt_, kBc, pb.data(), drop.on ? dm.data() : nullptr, delta_, dsb.data(), kBc);
@@ -449,7 +460,7 @@ template <typename T>
 struct BwdProblem {
   using Acc = typename cpu::AccType<T>::type;
   // float32: dP and dS in float64 (see BwdTile).
-  static constexpr bool kWide = std::is_same<T, float>::value;
+  static constexpr bool kWide = cpu::wide_ds<T>();
 
   const AttentionBwdParams& p;
   const MicroKernels<Acc>& mk;
@@ -554,9 +565,10 @@ struct BwdProblem {
   }
 
   // Whole-sequence floats one fused work item keeps (see kFusedBwdMaxFloats).
-  int64_t fused_floats(const cpu::Bf16Kernels* bk) const {
+  // bits: with the raw bfloat16 operands too.
+  int64_t fused_floats(bool bits) const {
     const int64_t Sp = nkt * kBc, Tp = nqt * kBr, Hp2 = round_up(H, 2), Hvp2 = round_up(Hv, 2);
-    return Sp * (3 * Hp + 2 * Hvp) + Tp * (2 * Hp + Hvp + 3) + (bk ? (Sp + Tp) * (Hp2 + Hvp2) / 2 : 0);
+    return Sp * (3 * Hp + 2 * Hvp) + Tp * (2 * Hp + Hvp + 3) + (bits ? (Sp + Tp) * (Hp2 + Hvp2) / 2 : 0);
   }
 
   // Fused pass: one item per (b, kv head) computes dq, dk and dv together, 5
@@ -567,10 +579,10 @@ struct BwdProblem {
   // tile), with the same micro-kernel calls on the same values, so both forms
   // give bitwise-identical results and the choice may depend on the thread
   // count. Measured at B=1, N=8, T=S=2048, H=64, 2 threads: see the commit.
-  // bk: the bf16 products (bfloat16 with AVX512-BF16 or AMX: logits and dP
-  // from the bf16 inputs), or null.
-  void fused_pass(const cpu::Bf16Kernels* bk, const CpuContext& ctx) const {
-    constexpr bool kBf = std::is_same<T, bfloat16_t>::value;
+  // raw: the raw bfloat16 products (cpu::raw_products: logits and dP from the
+  // inputs' bits), or none (null gemm).
+  void fused_pass(const cpu::RawProducts<Acc>& raw, const CpuContext& ctx) const {
+    const bool bits = raw.gemm != nullptr;
     const int64_t Sp = nkt * kBc, Tp = nqt * kBr, heads_kv = B * Nkv;
     const int64_t Hp2 = round_up(H, 2), Hvp2 = round_up(Hv, 2);
     const int64_t cost = std::max<int64_t>(S, 1) * T_ * group * (3 * H + 2 * Hv) * 2;
@@ -580,17 +592,17 @@ struct BwdProblem {
           qa(Tp * Hp, 0), doa(Tp * Hvp, 0), dq_acc(Tp * Hp), lse_a(Tp), fm(kBc), uni(Hv);
       std::vector<double> delta_a(Tp);
       std::vector<uint16_t> qb, dob, ktb, vtb;
-      if (bk) {
+      if (bits) {
         qb.assign(Tp * Hp2, 0);
         dob.assign(Tp * Hvp2, 0);
         ktb.assign(nkt * Hp2 * kBc, 0);
         vtb.assign(nkt * Hvp2 * kBc, 0);
       }
-      Bf16Ops bf;
-      bf.bk = bk;
+      RawOperands<Acc> bf;
+      bf.raw = raw;
       bf.Hp2 = Hp2;
       bf.Hvp2 = Hvp2;
-      bf.scale = static_cast<float>(p.scale);
+      bf.scale = scale;
       for (int64_t w = begin; w < end; ++w) {
         const int64_t hk = w % Nkv, b = w / Nkv;
         for (int64_t kj = 0; kj < nkt; ++kj) {
@@ -598,11 +610,9 @@ struct BwdProblem {
           load_tile(k + sk.offset(b, s0, hk), sk.seq, nc, H, Acc(1), kr.data() + s0 * Hp, Hp);
           transpose(kr.data() + s0 * Hp, Hp, nc, H, kt.data() + kj * Hp * kBc, kBc);
           load_tile_t(v + sv.offset(b, s0, hk), sv.seq, nc, Hv, Acc(1), vt.data() + kj * Hvp * kBc, kBc);
-          if constexpr (kBf) {
-            if (bk) {
-              load_pairs_t(k + sk.offset(b, s0, hk), sk.seq, nc, H, ktb.data() + kj * Hp2 * kBc, 2 * kBc);
-              load_pairs_t(v + sv.offset(b, s0, hk), sv.seq, nc, Hv, vtb.data() + kj * Hvp2 * kBc, 2 * kBc);
-            }
+          if (bits) {
+            load_pairs_t(k + sk.offset(b, s0, hk), sk.seq, nc, H, ktb.data() + kj * Hp2 * kBc, 2 * kBc);
+            load_pairs_t(v + sv.offset(b, s0, hk), sv.seq, nc, Hv, vtb.data() + kj * Hvp2 * kBc, 2 * kBc);
           }
         }
         std::fill(dk_acc.begin(), dk_acc.end(), Acc(0));
@@ -610,11 +620,9 @@ struct BwdProblem {
         for (int64_t n = hk * group; n < (hk + 1) * group; ++n) {
           load_tile(q + sq.offset(b, 0, n), sq.seq, T_, H, scale, qa.data(), Hp);
           load_tile(dout + sdo.offset(b, 0, n), sdo.seq, T_, Hv, Acc(1), doa.data(), Hvp);
-          if constexpr (kBf) {
-            if (bk) {
-              load_bits(q + sq.offset(b, 0, n), sq.seq, T_, H, qb.data(), Hp2);
-              load_bits(dout + sdo.offset(b, 0, n), sdo.seq, T_, Hv, dob.data(), Hvp2);
-            }
+          if (bits) {
+            load_bits(q + sq.offset(b, 0, n), sq.seq, T_, H, qb.data(), Hp2);
+            load_bits(dout + sdo.offset(b, 0, n), sdo.seq, T_, Hv, dob.data(), Hvp2);
           }
           for (int64_t t = 0; t < T_; ++t) {
             lse_a[t] = lse[(b * N + n) * T_ + t];
@@ -626,7 +634,7 @@ struct BwdProblem {
             for (int64_t qi = 0; qi < nqt; ++qi) {
               const int64_t t0 = qi * kBr, nr = std::min(kBr, T_ - t0);
               if (!(p.is_causal && t0 + nr - 1 < s0)) {
-                if (bk) {
+                if (bits) {
                   bf.q = qb.data() + t0 * Hp2;
                   bf.do_ = dob.data() + t0 * Hvp2;
                   bf.kt = ktb.data() + kj * Hp2 * kBc;
@@ -737,15 +745,17 @@ template <typename T>
 void bwd_impl(const AttentionBwdParams& p, const CpuContext& ctx) {
   const BwdProblem<T> P(p);
   P.compute_delta(ctx);
-  const cpu::Bf16Kernels* bk = std::is_same<T, bfloat16_t>::value ? cpu::bf16_kernels() : nullptr;
+  const cpu::RawProducts<typename BwdProblem<T>::Acc> raw = cpu::raw_products<T>();
+  const bool bits = raw.gemm != nullptr;
   const int64_t heads_kv = P.B * P.Nkv, nthreads = std::max(1, ctx.num_threads);
   // (b, kv head) items are few: only fuse when they still spread evenly. The
-  // bf16 products exist only in the fused pass, so with them the choice must
-  // not depend on the thread count (determinism): fuse whenever memory allows.
-  const bool fused = heads_kv > 0 && P.T_ > 0 && P.S > 0 && P.fused_floats(bk) <= kFusedBwdMaxFloats &&
-                     (bk != nullptr || heads_kv % nthreads == 0 || heads_kv >= 4 * nthreads);
+  // raw bf16 products exist only in the fused pass, so with them the choice
+  // must not depend on the thread count (determinism): fuse whenever memory
+  // allows.
+  const bool fused = heads_kv > 0 && P.T_ > 0 && P.S > 0 && P.fused_floats(bits) <= kFusedBwdMaxFloats &&
+                     (bits || heads_kv % nthreads == 0 || heads_kv >= 4 * nthreads);
   if (fused) {
-    P.fused_pass(bk, ctx);
+    P.fused_pass(raw, ctx);
   } else {
     P.three_pass(ctx);
   }

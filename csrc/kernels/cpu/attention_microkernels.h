@@ -13,7 +13,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
+#include "kernels/cpu/cpu_types.h"
 #include "tf_fastattn/philox.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -801,6 +803,38 @@ inline const Bf16Kernels* bf16_kernels() {
   if (ok) return amx_enabled() ? &amx : &avx512;
 #endif
   return nullptr;
+}
+
+// The head-dim products (logits = q k^T, dP = dO V^T) computed from the
+// inputs' raw bfloat16 bits, for input type T: chosen here, at the boundary,
+// so that the attention drivers never branch on the dtype. `gemm` is set only
+// for bfloat16 inputs on a CPU with AVX512-BF16 (on AMX tiles where usable,
+// see bf16_kernels); otherwise it is null and the drivers multiply converted
+// float tiles with MicroKernels::gemm. A and B as in Bf16Kernels::gemm.
+template <typename Acc>
+struct RawProducts {
+  void (*gemm)(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
+               Acc* c, int64_t ldc, bool accumulate) = nullptr;
+};
+
+template <typename T>
+inline RawProducts<typename AccType<T>::type> raw_products() {
+  return {};
+}
+template <>
+inline RawProducts<float> raw_products<bfloat16_t>() {
+  RawProducts<float> r;
+  if (const Bf16Kernels* bk = bf16_kernels()) r.gemm = bk->gemm;
+  return r;
+}
+
+// Whether the backward forms dS with MicroKernels::ds_wide (dP summed in
+// float64) for input type T: float32 inputs, where the float32 dP's rounding
+// exceeded the accuracy criterion's floor (see BwdTile in attention.cc); half
+// types have larger floors, float64 inputs accumulate in float64 anyway.
+template <typename T>
+constexpr bool wide_ds() {
+  return std::is_same<T, float>::value;
 }
 
 // Dropout of rows t0 .. t0 + nr - 1 x keys s0 .. s0 + nc - 1 (see
