@@ -25,6 +25,7 @@ import tf_fastattn.layers  # noqa: E402
 from tf_fastattn._timing import attention_flops  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+import numpy_reference  # noqa: E402
 from test_attention import peak_rss_growth  # noqa: E402
 
 LARGE = os.environ.get("TFA_BENCH_LARGE", "") not in ("", "0")
@@ -106,6 +107,24 @@ def _run(benchmark, fns, what, T, dtype, causal, direction):
     if benchmark.stats is not None:  # None under --benchmark-disable
         benchmark.extra_info["GFLOP/s"] = flops / benchmark.stats.stats.median / 1e9
     benchmark.extra_info["flops"] = flops
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES.keys())
+def test_benchmarked_op_meets_the_criterion(dtype, causal):
+    """What is timed is right: the fused op at the benchmarks' B, N, H (T =
+    256), forward and gradients, against the float64 NumPy reference by the
+    accuracy criterion every test tier uses."""
+    T = 256
+    q, k, v, d_out = (tf.cast(tf.random.normal([B, T, N, H], seed=i), DTYPES[dtype]) for i in range(4))
+    with tf.GradientTape() as tape:
+        tape.watch([q, k, v])
+        o = tf_fastattn.dot_product_attention(q, k, v, is_causal=causal, implementation="fused")
+    grads = tape.gradient(o, [q, k, v], output_gradients=d_out)
+    as_np = [t.numpy().astype("float32") for t in (q, k, v, d_out, o)]
+    # (lse stays inside the op: not checked here.)
+    numpy_reference.check_attention(dtype, *as_np, None, *(g.numpy().astype("float32") for g in grads),
+                                    is_causal=causal)
 
 
 @pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])
