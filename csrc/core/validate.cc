@@ -129,29 +129,31 @@ Status check_output_row_stride(int64_t stride, int64_t rows, int64_t cols, const
                          std::to_string(cols) + " in magnitude (rows must not overlap), got " + std::to_string(stride));
 }
 
+// What both directions check: sizes, options, and q, k, v, o, lse (the
+// forward's outputs, the backward's inputs) present.
+Status validate_shared(const AttentionParams& p, const void* o, const void* lse, Sizes* z) {
+  TFA_RETURN_IF_ERROR(validate_common(p.dtype, p.shape, p.scale, p.dropout_rate));
+  *z = element_counts(p.shape);
+  TFA_RETURN_IF_ERROR(require(p.q, z->q, "q"));
+  TFA_RETURN_IF_ERROR(require(p.k, z->kv_k, "k"));
+  TFA_RETURN_IF_ERROR(require(p.v, z->kv_v, "v"));
+  TFA_RETURN_IF_ERROR(require(o, z->o, "o"));
+  return require(lse, z->lse, "lse");
+}
+
 }  // namespace
 
 Status validate(const AttentionFwdParams& p) {
-  TFA_RETURN_IF_ERROR(validate_common(p.dtype, p.shape, p.scale, p.dropout_rate));
+  Sizes z;
+  TFA_RETURN_IF_ERROR(validate_shared(p, p.o, p.lse, &z));
   const AttentionShape& s = p.shape;
-  const Sizes z = element_counts(s);
-  TFA_RETURN_IF_ERROR(require(p.q, z.q, "q"));
-  TFA_RETURN_IF_ERROR(require(p.k, z.kv_k, "k"));
-  TFA_RETURN_IF_ERROR(require(p.v, z.kv_v, "v"));
-  TFA_RETURN_IF_ERROR(require(p.o, z.o, "o"));
-  TFA_RETURN_IF_ERROR(require(p.lse, z.lse, "lse"));
   return check_output_strides(p.o_strides, s.batch, s.seqlen_q, s.num_heads, s.head_dim_v, "o");
 }
 
 Status validate(const AttentionBwdParams& p) {
-  TFA_RETURN_IF_ERROR(validate_common(p.dtype, p.shape, p.scale, p.dropout_rate));
+  Sizes z;
+  TFA_RETURN_IF_ERROR(validate_shared(p, p.o, p.lse, &z));
   const AttentionShape& s = p.shape;
-  const Sizes z = element_counts(s);
-  TFA_RETURN_IF_ERROR(require(p.q, z.q, "q"));
-  TFA_RETURN_IF_ERROR(require(p.k, z.kv_k, "k"));
-  TFA_RETURN_IF_ERROR(require(p.v, z.kv_v, "v"));
-  TFA_RETURN_IF_ERROR(require(p.o, z.o, "o"));
-  TFA_RETURN_IF_ERROR(require(p.lse, z.lse, "lse"));
   TFA_RETURN_IF_ERROR(require(p.do_, z.o, "do"));
   TFA_RETURN_IF_ERROR(require(p.dq, z.q, "dq"));
   TFA_RETURN_IF_ERROR(require(p.dk, z.kv_k, "dk"));

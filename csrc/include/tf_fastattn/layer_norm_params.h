@@ -10,6 +10,11 @@
 
 namespace tf_fastattn {
 
+// An unset (0) row stride means contiguous rows: cols elements apart.
+inline void default_row_stride(int64_t* stride, int64_t cols) {
+  if (*stride == 0) *stride = cols;
+}
+
 struct LayerNormFwdParams {
   DType dtype = DType::kFloat32;        // x, residual, y, sum
   DType param_dtype = DType::kFloat32;  // gamma, beta: float32 or dtype
@@ -35,11 +40,9 @@ struct LayerNormFwdParams {
 
   void finalize() {
     param_is_float = param_dtype == DType::kFloat32;
-    // (no <initializer_list> here: NVRTC compiles this header without standard headers)
-    x_row_stride = x_row_stride ? x_row_stride : cols;
-    residual_row_stride = residual_row_stride ? residual_row_stride : cols;
-    y_row_stride = y_row_stride ? y_row_stride : cols;
-    sum_row_stride = sum_row_stride ? sum_row_stride : cols;
+    // (an array, not a braced list: NVRTC compiles this header without <initializer_list>)
+    int64_t* strides[] = {&x_row_stride, &residual_row_stride, &y_row_stride, &sum_row_stride};
+    for (int64_t* s : strides) default_row_stride(s, cols);
   }
 };
 
@@ -74,10 +77,8 @@ struct LayerNormBwdParams {
 
   void finalize() {
     param_is_float = param_dtype == DType::kFloat32;
-    dy_row_stride = dy_row_stride ? dy_row_stride : cols;
-    dsum_row_stride = dsum_row_stride ? dsum_row_stride : cols;
-    sum_row_stride = sum_row_stride ? sum_row_stride : cols;
-    dx_row_stride = dx_row_stride ? dx_row_stride : cols;
+    int64_t* strides[] = {&dy_row_stride, &dsum_row_stride, &sum_row_stride, &dx_row_stride};
+    for (int64_t* s : strides) default_row_stride(s, cols);
   }
 };
 
