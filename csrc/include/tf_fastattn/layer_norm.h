@@ -6,6 +6,10 @@
 //   rstd = 1 / sqrt(sum((s - mean)^2) / cols + epsilon)
 //   y    = (s - mean) * rstd * gamma + beta     (gamma if scale, beta if center)
 // Statistics are accumulated and saved in float32 (float64 for float64 input).
+// The rows of x, residual, y, sum, dy, dsum and dx may lie any number of
+// elements apart (the params' *_row_stride; unset means cols, contiguous) with
+// each row's columns contiguous, e.g. x[:, :C] of a wider array; mean and rstd
+// are contiguous.
 //
 // Backward, with xhat = (s - mean) * rstd, g = dy * gamma:
 //   ds     = rstd * (g - mean(g) - xhat * mean(g * xhat)) + dsum
