@@ -24,7 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def _kernel_module_file() -> str | None:
+def kernel_module_file() -> str | None:
     """The installed tf_fastattn/_C*.so, found without importing the package
     (which imports TensorFlow: seconds per worker)."""
     import glob
@@ -38,7 +38,7 @@ def _kernel_module_file() -> str | None:
 
 def emulator_path() -> str | None:
     """tf_fastattn/_cuda_emulator.so next to _C, or None where it is not built (not x86-64)."""
-    c = _kernel_module_file()
+    c = kernel_module_file()
     path = os.path.join(os.path.dirname(c), "_cuda_emulator.so") if c else ""
     return path if os.path.exists(path) else None
 
@@ -318,7 +318,7 @@ def load_kernel_module():
     import importlib.machinery
     import importlib.util
 
-    origin = _kernel_module_file()
+    origin = kernel_module_file()
     loader = importlib.machinery.ExtensionFileLoader("tf_fastattn._C", origin)
     spec = importlib.util.spec_from_file_location("tf_fastattn._C", origin, loader=loader)
     module = importlib.util.module_from_spec(spec)

@@ -243,7 +243,7 @@ def _run_gpu_suite(select=None):
 
     env = cuda_emulation.environment(80)
     env["PYTHONPATH"] = os.path.join(cuda_emulation.HERE, "emulation_torch")
-    env["TFA_C_PATH"] = cuda_emulation._kernel_module_file()
+    env["TFA_C_PATH"] = cuda_emulation.kernel_module_file()
     cmd = [sys.executable, "-m", "pytest", os.path.join(cuda_emulation.HERE, "gpu"),
            f"--confcutdir={os.path.join(cuda_emulation.HERE, 'gpu')}", "-p", "no:cacheprovider", "-rxs", "-q"]
     proc = subprocess.run(cmd + (["-k", select] if select else []), capture_output=True, text=True, env=env,

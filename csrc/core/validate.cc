@@ -97,9 +97,8 @@ Status check_output_strides(const TensorStrides& st, int64_t batch, int64_t seq,
   for (const Axis& a : axes) {
     if (a.size <= 1) continue;
     if (a.stride < span) {
-      return Status::Invalid(std::string("output ") + name + "_strides (batch " + std::to_string(st.batch) +
-                             ", seq " + std::to_string(st.seq) + ", head " + std::to_string(st.head) +
-                             ") make elements of " + name + " [" + std::to_string(batch) + ", " + std::to_string(seq) +
+      return Status::Invalid(std::string("output ") + name + "_strides " + strides_string(st) +
+                             " make elements of " + name + " [" + std::to_string(batch) + ", " + std::to_string(seq) +
                              ", " + std::to_string(heads) + ", " + std::to_string(dim) +
                              "] overlap (unset strides mean C-contiguous)");
     }

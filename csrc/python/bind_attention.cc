@@ -67,24 +67,32 @@ double resolve_scale(std::optional<double> scale, const AttentionShape& s) {
   return scale ? *scale : 1.0 / std::sqrt(static_cast<double>(s.head_dim > 0 ? s.head_dim : 1));
 }
 
+// What both directions share: the problem, q, k, v (any layout with a
+// contiguous last axis), the mask and the options.
+void fill_shared(AttentionParams* p, const py::array& q, const py::array& k, const py::array& v,
+                 const std::optional<py::array>& mask, std::optional<double> scale, bool is_causal,
+                 double dropout_rate, uint64_t seed) {
+  p->shape = shape_of(q, k, v);
+  p->dtype = dtype_of(q, "query");
+  p->mask = mask_view(mask, p->shape, &p->mask_strides);
+  p->scale = resolve_scale(scale, p->shape);
+  p->is_causal = is_causal;
+  p->dropout_rate = dropout_rate;
+  p->seed = seed;
+  p->q = q.data();
+  p->k = k.data();
+  p->v = v.data();
+  p->q_strides = strides_of(q, "query");
+  p->k_strides = strides_of(k, "key");
+  p->v_strides = strides_of(v, "value");
+}
+
 py::tuple attention_fwd(const py::array& q, const py::array& k, const py::array& v, std::optional<py::array> mask,
                         std::optional<double> scale, bool is_causal, double dropout_rate, uint64_t seed,
                         int num_threads, std::optional<py::tuple> outputs) {
   const Outputs out_arrays(outputs, "attention_fwd", {"out", "lse"});
   AttentionFwdParams p;
-  p.shape = shape_of(q, k, v);
-  p.dtype = dtype_of(q, "query");
-  p.mask = mask_view(mask, p.shape, &p.mask_strides);
-  p.scale = resolve_scale(scale, p.shape);
-  p.is_causal = is_causal;
-  p.dropout_rate = dropout_rate;
-  p.seed = seed;
-  p.q = q.data();
-  p.k = k.data();
-  p.v = v.data();
-  p.q_strides = strides_of(q, "query");
-  p.k_strides = strides_of(k, "key");
-  p.v_strides = strides_of(v, "value");
+  fill_shared(&p, q, k, v, mask, scale, is_causal, dropout_rate, seed);
   const AttentionShape& s = p.shape;
   py::array o = out_arrays.take(0, q.dtype(), {s.batch, s.seqlen_q, s.num_heads, s.head_dim_v});
   py::array lse = out_arrays.take(1, stats_dtype(p.dtype), {s.batch, s.num_heads, s.seqlen_q});
@@ -105,8 +113,7 @@ py::tuple attention_bwd(const py::array& q, const py::array& k, const py::array&
                         int num_threads, std::optional<py::tuple> outputs) {
   const Outputs out_arrays(outputs, "attention_bwd", {"dquery", "dkey", "dvalue"});
   AttentionBwdParams p;
-  p.shape = shape_of(q, k, v);
-  p.dtype = dtype_of(q, "query");
+  fill_shared(&p, q, k, v, mask, scale, is_causal, dropout_rate, seed);
   const AttentionShape& s = p.shape;
   check(core::attention_bwd_inputs(dims_of(o), dims_of(lse), dims_of(d_o), s));
   if (dtype_of(o, "out") != p.dtype || dtype_of(d_o, "d_out") != p.dtype) {
@@ -116,20 +123,9 @@ py::tuple attention_bwd(const py::array& q, const py::array& k, const py::array&
   if (dtype_of(lse, "lse") != stats_dtype(p.dtype)) {
     throw py::value_error(std::string("lse must be ") + dtype_name(stats_dtype(p.dtype)));
   }
-  p.mask = mask_view(mask, s, &p.mask_strides);
-  p.scale = resolve_scale(scale, s);
-  p.is_causal = is_causal;
-  p.dropout_rate = dropout_rate;
-  p.seed = seed;
-  p.q = q.data();
-  p.k = k.data();
-  p.v = v.data();
   p.o = o.data();
   p.lse = lse.data();
   p.do_ = d_o.data();
-  p.q_strides = strides_of(q, "query");
-  p.k_strides = strides_of(k, "key");
-  p.v_strides = strides_of(v, "value");
   p.o_strides = strides_of(o, "out");
   p.do_strides = strides_of(d_o, "d_out");
   py::array dq = out_arrays.take(0, q.dtype(), {s.batch, s.seqlen_q, s.num_heads, s.head_dim});

@@ -45,6 +45,12 @@ Config config(int64_t cols, DType dtype, bool backward) {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
+// Every row of a tensor (null: none) starts 16-byte aligned: its base is, and
+// its row stride is a whole number of 16-byte vectors of `per16` elements.
+bool rows_aligned16(const void* p, int64_t row_stride, int64_t per16) {
+  return p == nullptr || (aligned16(p) && row_stride % per16 == 0);
+}
+
 std::string kernel_name(const char* dir, const Config& c, bool aligned) {
   return std::string("tfa_layer_norm_") + dir + "_v" + std::to_string(c.vecs) + (aligned ? "_a" : "_u");
 }
@@ -82,10 +88,9 @@ Status layer_norm_fwd_gpu(const LayerNormFwdParams& p, const GpuContext& ctx) {
   const Config c = config(p.cols, p.dtype, false);
   // 16-byte vectors: every row of every tensor starts 16-byte aligned.
   const int64_t e = 16 / static_cast<int64_t>(dtype_size(p.dtype));
-  const bool aligned = p.cols % e == 0 && aligned16(p.x) && aligned16(p.y) && p.x_row_stride % e == 0 &&
-                       p.y_row_stride % e == 0 &&
-                       (!p.residual || (aligned16(p.residual) && p.residual_row_stride % e == 0)) &&
-                       (!p.sum || (aligned16(p.sum) && p.sum_row_stride % e == 0));
+  const bool aligned = p.cols % e == 0 && rows_aligned16(p.x, p.x_row_stride, e) &&
+                       rows_aligned16(p.y, p.y_row_stride, e) && rows_aligned16(p.residual, p.residual_row_stride, e) &&
+                       rows_aligned16(p.sum, p.sum_row_stride, e);
   gpu::CUfunction f;
   TFA_RETURN_IF_ERROR(
       gpu::get_kernel(dev, gpu::layer_norm_variant(p.dtype), kernel_name("fwd", c, aligned).c_str(), 0, &f));
@@ -112,9 +117,9 @@ Status layer_norm_bwd_gpu(const LayerNormBwdParams& p, const GpuContext& ctx) {
   }
   const Config c = config(p.cols, p.dtype, true);
   const int64_t e = 16 / static_cast<int64_t>(dtype_size(p.dtype));
-  const bool aligned = p.cols % e == 0 && aligned16(p.dy) && aligned16(p.sum) && aligned16(p.dx) &&
-                       p.dy_row_stride % e == 0 && p.sum_row_stride % e == 0 && p.dx_row_stride % e == 0 &&
-                       (!p.dsum || (aligned16(p.dsum) && p.dsum_row_stride % e == 0));
+  const bool aligned = p.cols % e == 0 && rows_aligned16(p.dy, p.dy_row_stride, e) &&
+                       rows_aligned16(p.sum, p.sum_row_stride, e) && rows_aligned16(p.dx, p.dx_row_stride, e) &&
+                       rows_aligned16(p.dsum, p.dsum_row_stride, e);
   const gpu::KernelVariant v = gpu::layer_norm_variant(p.dtype);
   gpu::CUfunction rows_fn, reduce_fn;
   TFA_RETURN_IF_ERROR(gpu::get_kernel(dev, v, kernel_name("bwd", c, aligned).c_str(), 0, &rows_fn));
