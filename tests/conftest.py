@@ -22,4 +22,6 @@ def _ops_must_load_in_ci():
     # In CI a missing op library is a build failure, not a reason to skip.
     if os.environ.get("CI") and _loader.unavailable_reason() is not None:
         pytest.fail(f"op library did not load in CI: {_loader.unavailable_reason()}")
+    if os.environ.get("CI") and _loader.xla_reason() is not None:
+        pytest.fail(f"the ops' XLA kernels did not load in CI: {_loader.xla_reason()}")
     yield

@@ -259,7 +259,9 @@ def test_reference_implementation_never_uses_the_op():
     assert not any(op.type.startswith("TfFastattn") for op in graph.get_operations())
 
 
-def test_xla_context_emits_reference_math(rng):
+def test_xla_context_runs_the_fused_op(rng):
+    # With the XLA kernels loaded the op runs as a custom call (bitwise cases
+    # in tests/test_xla.py); without them XLA gets the reference math.
     x, r, g, b = make_inputs(rng, (6,), 71, tf.float32)
 
     @tf.function(jit_compile=True)
@@ -273,8 +275,14 @@ def test_xla_context_emits_reference_math(rng):
     y, dx = f(x, r)
     y_ref = reference.layer_norm(x, g, b, residual=r)[0]
     np.testing.assert_allclose(y.numpy(), y_ref.numpy(), atol=3e-6)
-    with pytest.raises(ValueError, match="cannot run inside XLA"):
-        tf.function(jit_compile=True)(lambda x: tf_fastattn.layer_norm(x, g, b, implementation="fused"))(x)
+    ops = {op.type for op in f.get_concrete_function(x, r).graph.get_operations()}
+    assert ("TfFastattn>LayerNorm" in ops) == (_loader.xla_reason() is None)
+    fused = tf.function(jit_compile=True)(lambda x: tf_fastattn.layer_norm(x, g, b, implementation="fused"))
+    if _loader.xla_reason() is None:
+        np.testing.assert_array_equal(fused(x).numpy(), tf_fastattn.layer_norm(x, g, b).numpy())
+    else:
+        with pytest.raises(ValueError, match="cannot run inside XLA"):
+            fused(x)
 
 
 FALLBACK_SCRIPT = textwrap.dedent(

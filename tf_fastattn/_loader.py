@@ -9,6 +9,7 @@ package keeps working through the pure-TensorFlow reference in
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import struct
@@ -74,7 +75,32 @@ def _load():
             except Exception as e:  # noqa: BLE001 - any load failure means: use the fallback
                 reason = f"loading {path} failed: {e}"
     state["reason"] = reason
+    state["xla_reason"], state["xla_gpu_reason"] = _load_xla(cfg, state)
     return state
+
+
+def _load_xla(cfg, state) -> tuple:
+    """Loads the XLA kernels (`_tf_fastattn_xla.so`) after the op library.
+    Returns (why XLA cannot run the fused ops or None, why not on the GPU or None)."""
+    if state["ops"] is None:
+        return "the op library is not loaded", None
+    if os.environ.get("TF_FASTATTN_DISABLE_XLA", "") not in ("", "0"):
+        return "disabled by TF_FASTATTN_DISABLE_XLA", None
+    name = getattr(cfg, "XLA_LIBRARY", None)
+    path = os.path.join(os.path.dirname(state["path"]), name) if name else None
+    if path is None or not os.path.exists(path):
+        return f"XLA kernel library not found (looked for {path or '_tf_fastattn_xla.so'})", None
+    try:
+        lib = ctypes.CDLL(path)
+        lib.tf_fastattn_xla_register.restype = ctypes.c_char_p
+        message = lib.tf_fastattn_xla_register().decode()
+    except (OSError, AttributeError) as e:
+        return f"loading {path} failed: {e}", None
+    state["xla_path"] = path
+    gpu_prefix = "GPU custom calls unavailable"
+    if message.startswith(gpu_prefix):
+        return None, message
+    return message or None, None
 
 
 def state() -> dict:
@@ -87,6 +113,10 @@ def state() -> dict:
 def ops():
     """The loaded op module, or None."""
     return state()["ops"]
+
+
+def _gpus_visible() -> bool:
+    return bool(tf.config.list_physical_devices("GPU"))
 
 
 def _gpu_reason() -> str | None:
@@ -109,8 +139,19 @@ def unavailable_reason() -> str | None:
     return state()["reason"] or _gpu_reason()
 
 
+def xla_reason() -> str | None:
+    """Why code traced for XLA (jit_compile) cannot use the fused ops, or None
+    when the ops' XLA kernels are registered (they then run as XLA custom calls)."""
+    s = state()
+    if s["reason"] is not None:
+        return s["reason"]
+    if s["xla_reason"] is None and tf.config.list_physical_devices("GPU") and s["xla_gpu_reason"]:
+        return s["xla_gpu_reason"]
+    return s["xla_reason"]
+
+
 def in_xla_context() -> bool:
-    """Whether code is being traced for XLA, which cannot compile custom ops."""
+    """Whether code is being traced for XLA (jit_compile)."""
     if tf.executing_eagerly():
         return False
     from tensorflow.python.ops import control_flow_util
@@ -134,8 +175,9 @@ def use_fused(op_name: str, implementation: str, unsupported: str | None = None,
     when it cannot run. "auto" falls back: silently for `unsupported` (the
     stock math serves that configuration, as it would without tf_fastattn),
     with a warning once per reason when the op library cannot run here.
-    Inside an XLA context the reference math is emitted silently: XLA has no
-    kernels for custom ops. `gpu_variant` = (op, dtype name, head dim or None)
+    Inside an XLA context the op is emitted when its XLA kernels are
+    registered (it then runs as an XLA custom call: `xla_reason`), otherwise
+    the reference math, silently. `gpu_variant` = (op, dtype name, head dim or None)
     names the GPU kernel variant the call would run: with a GPU visible,
     "auto" uses it only once it passed its self-check (_selfcheck.py).
     """
@@ -148,9 +190,13 @@ def use_fused(op_name: str, implementation: str, unsupported: str | None = None,
         return False
     reason = unavailable_reason()
     if reason is None and in_xla_context():
-        if implementation == "fused":
-            raise ValueError(f"{op_name}: implementation='fused' cannot run inside XLA (jit_compile)")
-        return False
+        xla = xla_reason()
+        if xla is None and gpu_variant is not None and gpu_variant[1] == "float64" and _gpus_visible():
+            xla = "the GPU kernels have no float64 variant"
+        if xla is not None:
+            if implementation == "fused":
+                raise ValueError(f"{op_name}: implementation='fused' cannot run inside XLA (jit_compile): {xla}")
+            return False
     if reason is None:
         if implementation == "auto" and gpu_variant is not None:
             from tf_fastattn import _selfcheck
@@ -172,7 +218,9 @@ def build_info() -> dict:
     Returns a dict with: `version` (of tf_fastattn), `tf_version_built`,
     `tf_version_running`, `ops_loaded` (bool), `ops_library` (path or None),
     `reason` (why the ops did not load, or None), `kernels` (op names
-    registered for each device), `cpu_features` the CPU kernels dispatch on,
+    registered for each device, XLA's compilation devices included), `xla`
+    (whether code traced for XLA runs the fused ops as custom calls, the
+    library, and why not: `reason`, `gpu_reason` for the GPU alone), `cpu_features` the CPU kernels dispatch on,
     `cpu_attention_paths` (the CPU attention's micro-kernel tier for float32
     products, bfloat16 products and dropout),
     `gpu_runtime` (whether the CUDA driver and NVRTC were found, and why not),
@@ -200,6 +248,8 @@ def build_info() -> dict:
         "ops_library": s.get("path"),
         "reason": s["reason"],
         "kernels": kernels,
+        "xla": {"available": xla_reason() is None, "library": s.get("xla_path"), "reason": xla_reason(),
+                "gpu_reason": s.get("xla_gpu_reason")},
     }
     try:
         from tf_fastattn import gpu as gpu_runtime

@@ -10,6 +10,7 @@
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "core/attention_checks.h"
+#include "tf/attention_attrs.h"
 #include "tf/tf_common.h"
 #include "tf_fastattn/attention.h"
 
@@ -127,38 +128,6 @@ recomputed from lse (nothing T x S is stored); d_key and d_value of a kv head
 sum over the query heads of its group. Deterministic.
 )doc");
 
-// Attributes shared by the forward and the backward kernel.
-struct AttentionAttrs {
-  int num_mask = 0;
-  int num_seed = 0;
-  bool is_causal = false;
-  double scale = 0;         // nan: 1/sqrt(H)
-  double dropout_rate = 0;  // both exact: see get_exact_attr
-
-  explicit AttentionAttrs(OpKernelConstruction* ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("num_mask", &num_mask));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("num_seed", &num_seed));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("is_causal", &is_causal));
-    OP_REQUIRES_OK(ctx, get_exact_attr(ctx, "scale", &scale));
-    OP_REQUIRES_OK(ctx, get_exact_attr(ctx, "dropout_rate", &dropout_rate));
-    OP_REQUIRES(ctx, num_mask <= 1, invalid_argument("num_mask must be 0 or 1, got ", num_mask));
-    OP_REQUIRES(ctx, num_seed <= 1, invalid_argument("num_seed must be 0 or 1, got ", num_seed));
-    // nan selects the default; any other non-finite scale is an error.
-    OP_REQUIRES(ctx, std::isnan(scale) || std::isfinite(scale),
-                invalid_argument("scale must be finite, got ", scale));
-    OP_REQUIRES(ctx, dropout_rate >= 0 && dropout_rate < 1,
-                invalid_argument("dropout_rate must be in [0, 1), got ", dropout_rate));
-    OP_REQUIRES(ctx, dropout_rate == 0 || num_seed == 1,
-                invalid_argument("dropout_rate > 0 needs a seed input, got none"));
-  }
-
-  // The scale the kernel uses: 1/sqrt(H) in double precision by default.
-  double resolved_scale(int64_t head_dim) const {
-    if (std::isnan(scale)) return 1.0 / std::sqrt(static_cast<double>(head_dim > 0 ? head_dim : 1));
-    return scale;
-  }
-};
-
 // q [B, T, N, H], k [B, S, Nkv, H], v [B, S, Nkv, Hv]: the core's checks
 // (core/attention_checks.h), the same messages as every front end.
 absl::Status attention_shape(const Tensor& q, const Tensor& k, const Tensor& v, AttentionShape* s) {
@@ -170,13 +139,7 @@ absl::Status attention_shape(const Tensor& q, const Tensor& k, const Tensor& v, 
 absl::Status mask_view(const Tensor& mask, const AttentionShape& s, const bool** data, MaskStrides* strides) {
   int64_t dims[4];
   TF_RETURN_IF_ERROR(to_tf_status(core::attention_mask_dims(dims_of(mask), s, dims)));
-  int64_t st[4];
-  int64_t contiguous = 1;
-  for (int i = 3; i >= 0; --i) {
-    st[i] = dims[i] == 1 ? 0 : contiguous;
-    contiguous *= dims[i];
-  }
-  *strides = MaskStrides{st[0], st[1], st[2], st[3]};
+  *strides = core::dense_mask_strides(dims);
   *data = mask.NumElements() ? mask.flat<bool>().data() : nullptr;
   return absl::OkStatus();
 }

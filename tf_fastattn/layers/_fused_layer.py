@@ -1,5 +1,5 @@
-"""What the fused Keras layers share: the `implementation` choice and opting
-out of XLA while the fused op can run.
+"""What the fused Keras layers share: the `implementation` choice and whether
+Keras may compile them with XLA (yes, when the ops' XLA kernels loaded).
 
 The fused behaviour of each layer lives in a mixin (`FusedMultiHeadAttentionMixin`,
 ...) that overrides only the methods doing the math. The public layers
@@ -25,9 +25,11 @@ class FusedLayerMixin:
         _loader.check_implementation(implementation)
         self.implementation = implementation
         # Keras turns on XLA for jit_compile="auto" when a GPU is present (and
-        # honours jit_compile=True only if every layer supports it); XLA cannot
-        # run custom ops, so the layer opts out while the op can run.
-        self.supports_jit = implementation == "reference" or _loader.unavailable_reason() is not None
+        # honours jit_compile=True only if every layer supports it). Under XLA
+        # the fused ops run as custom calls when their XLA kernels loaded;
+        # otherwise the layer opts out of XLA while the op can run.
+        self.supports_jit = (implementation == "reference" or _loader.unavailable_reason() is not None
+                             or _loader.xla_reason() is None)
 
 
 class SerializedImplementation:
