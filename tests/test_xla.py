@@ -17,6 +17,7 @@ import tensorflow as tf
 
 import tf_fastattn
 from tf_fastattn import _loader, attention, layers
+import real_models
 from tfa_helpers import DTYPES, random_tensor, requires_ops
 
 pytestmark = [
@@ -314,3 +315,34 @@ def test_build_info_reports_xla():
     assert info["xla"]["available"] is True and info["xla"]["reason"] is None
     assert info["xla"]["library"].endswith("_tf_fastattn_xla.so")
     assert "TfFastattn>Attention" in info["kernels"]["XLA_CPU_JIT"]
+
+
+# ---- real models -------------------------------------------------------------------
+
+
+# One model in the quick suite, all in the slow one (about 15 s each).
+@pytest.mark.parametrize("name", [n if n == "keras_hub_bert_classifier" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in real_models.MODELS])
+def test_real_models_train_under_xla_as_the_original(name):
+    """keras.io and keras-hub models (tests/real_models.py), converted, trained
+    with jit_compile=True next to the stock model under XLA: Keras keeps XLA on,
+    the XLA program holds the custom calls, and the losses match."""
+    build, data = real_models.MODELS[name]
+    keras.utils.set_random_seed(0)
+    model = build()
+    x, y = data(np.random.default_rng(0))
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)  # optimizer state
+    converted = tf_fastattn.convert_model(model, implementation="fused")
+    for m in (model, converted):
+        m.jit_compile = True
+        assert m.jit_compile is True
+        m.make_train_function(force=True)
+        m.make_predict_function(force=True)
+    x, y = data(np.random.default_rng(1))
+    text = hlo(tf.function(lambda x: converted(x, training=True), jit_compile=True), x)
+    assert 'custom_call_target="tf_fastattn_attention_fwd"' in text
+    assert 'custom_call_target="tf_fastattn_layer_norm_fwd"' in text
+    np.testing.assert_allclose(converted.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=2e-6)
+    h_converted = converted.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False).history["loss"]
+    h_model = model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False).history["loss"]
+    np.testing.assert_allclose(h_converted, h_model, rtol=1e-5)
