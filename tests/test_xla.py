@@ -346,3 +346,31 @@ def test_real_models_train_under_xla_as_the_original(name):
     h_converted = converted.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False).history["loss"]
     h_model = model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False).history["loss"]
     np.testing.assert_allclose(h_converted, h_model, rtol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16", "mixed_float16"])
+def test_grouped_query_attention_and_mixed_precision_under_xla(policy, rng):
+    keras.utils.set_random_seed(2)
+    gqa = layers.GroupedQueryAttention(head_dim=8, num_query_heads=4, num_key_value_heads=2, dtype=policy)
+    norm = layers.LayerNormalization(dtype=policy)
+    q = tf.constant(rng.standard_normal((2, 12, 16)).astype("float32"))
+    v = tf.constant(rng.standard_normal((2, 10, 16)).astype("float32"))
+    mask = tf.constant(rng.random((2, 12, 10)) < 0.7)
+
+    def f(q, v):
+        with tf.GradientTape() as tape:
+            tape.watch([q, v])
+            y = norm(tf.cast(q, gqa.compute_dtype) + gqa(q, v, attention_mask=mask))
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) ** 2)
+        return y, tape.gradient(loss, [q, v] + gqa.trainable_weights + norm.trainable_weights)
+
+    eager = f(q, v)
+    jit = tf.function(f, jit_compile=True)
+    got = jit(q, v)
+    rtol = 1e-5 if policy == "float32" else 1e-2
+    for a, b in zip(keras.tree.flatten(eager), keras.tree.flatten(got)):
+        np.testing.assert_allclose(np.asarray(tf.cast(b, tf.float32)), np.asarray(tf.cast(a, tf.float32)),
+                                   rtol=rtol, atol=rtol)
+    text = hlo(jit, q, v)
+    assert 'custom_call_target="tf_fastattn_attention_bwd"' in text
+    assert 'custom_call_target="tf_fastattn_layer_norm_bwd"' in text
