@@ -25,6 +25,12 @@ def _print_build_info(info: dict) -> None:
         print(f"  op library: NOT loaded ({info['reason']}); the reference implementation is used")
     for device, names in info["kernels"].items():
         print(f"  {device} ops: {', '.join(names)}")
+    xla = info.get("xla", {})
+    if xla.get("available"):
+        gpu = f"; on the GPU: {xla['gpu_reason']}" if xla.get("gpu_reason") else ""
+        print(f"  under XLA: fused ops as custom calls ({xla['library']}){gpu}")
+    elif info["ops_loaded"]:
+        print(f"  under XLA: reference math ({xla.get('reason')})")
     features = info.get("cpu_features")
     print(f"  CPU features: {', '.join(features) if isinstance(features, list) else features}")
     paths = info.get("cpu_attention_paths")
