@@ -196,6 +196,10 @@ def run_attention(C, case):
                   mask=mask.ctypes.data if mask is not None else 0, mask_strides=mask_strides, scale=scale,
                   is_causal=causal, dropout_rate=rate, seed=seed, q_strides=strides(q), k_strides=strides(k),
                   v_strides=strides(v))
+    if case.get("seed_device"):
+        # The seed in (emulated) device memory; the params' own seed is wrong.
+        seed_buffer = np.array([seed], np.uint64)
+        common.update(seed=seed + 1, seed_device=seed_buffer.ctypes.data)
     fwd = C.AttentionFwdParams(**common, o=o.ctypes.data, lse=lse.ctypes.data, o_strides=strides(o))
     C.attention_fwd_gpu(fwd, 0, family)
     bwd = C.AttentionBwdParams(**common, o=o.ctypes.data, lse=lse.ctypes.data, do_=d_o.ctypes.data,

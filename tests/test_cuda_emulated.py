@@ -38,7 +38,7 @@ def case_id(c):
         extra = ("" if c.get("residual", True) else "-noresidual") + (f"-pad{c['row_pad']}" if c.get("row_pad") else "")
         return f"ln-{c['dtype']}-params_{c.get('param_dtype', 'float32')}-C{c['cols']}{extra}"
     s = f"attn-{c.get('family', 'auto')}-{c['dtype']}-" + "B{B}T{T}S{S}N{N}kv{Nkv}H{H}Hv{Hv}".format(**c)
-    for k in ("causal", "mask", "dropout", "strided"):
+    for k in ("causal", "mask", "dropout", "strided", "seed_device"):
         if c.get(k):
             s += f"-{k}" + ("" if c[k] is True else f"_{c[k]}")
     return s
@@ -64,6 +64,10 @@ QUICK = [
     attention("float16", 1, 70, 97, 4, 2, 64, 64, causal=True, strided=True),
     attention("bfloat16", 1, 97, 70, 2, 1, 100, 80, dropout=0.1, strided=True),
     attention("float32", 2, 7, 97, 4, 2, 40, 64, mask="dense", dropout=0.1, strided=True),
+    # The dropout seed in device memory (AttentionParams::seed_device, XLA's
+    # custom calls), tensor-core and SIMT kernels.
+    attention("bfloat16", 1, 97, 97, 2, 1, 64, 64, causal=True, dropout=0.25, seed_device=True),
+    attention("float32", 1, 97, 7, 4, 2, 40, 64, causal=True, dropout=0.1, seed_device=True),
     # layer norm: a warp per row (C 71, 1024) and a block per row (C 4096, float32).
     layer_norm("float32", 5, 1),
     layer_norm("float32", 5, 71),

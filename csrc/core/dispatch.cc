@@ -3,18 +3,33 @@
 namespace tf_fastattn {
 namespace core {
 
+namespace {
+
+// seed_device is a GPU address: the CPU kernels take the seed by value.
+Status check_cpu_seed(const AttentionParams& p) {
+  if (!p.seed_device) return Status::OK();
+  return Status::Invalid("seed_device (the device address of the dropout seed) is for the GPU kernels; "
+                         "the CPU kernels take the seed itself");
+}
+
+}  // namespace
+
 // The params' derived fields are filled here, once, for every backend (the
 // backends do not finalize() again).
 Status attention_fwd(const AttentionFwdParams& p, const ExecContext& ctx) {
   AttentionFwdParams a = p;
   a.finalize();
-  return ctx.backend == Backend::kGpu ? attention_fwd_gpu(a, ctx.gpu) : attention_fwd_cpu(a, ctx.cpu);
+  if (ctx.backend == Backend::kGpu) return attention_fwd_gpu(a, ctx.gpu);
+  TFA_RETURN_IF_ERROR(check_cpu_seed(a));
+  return attention_fwd_cpu(a, ctx.cpu);
 }
 
 Status attention_bwd(const AttentionBwdParams& p, const ExecContext& ctx) {
   AttentionBwdParams a = p;
   a.finalize();
-  return ctx.backend == Backend::kGpu ? attention_bwd_gpu(a, ctx.gpu) : attention_bwd_cpu(a, ctx.cpu);
+  if (ctx.backend == Backend::kGpu) return attention_bwd_gpu(a, ctx.gpu);
+  TFA_RETURN_IF_ERROR(check_cpu_seed(a));
+  return attention_bwd_cpu(a, ctx.cpu);
 }
 
 int64_t attention_bwd_workspace_bytes(const AttentionShape& shape, DType dtype, const ExecContext& ctx) {

@@ -418,14 +418,6 @@ int cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, CUstream) {
   return kSuccess;
 }
 
-int cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream) {
-  std::memcpy(dst, reinterpret_cast<const void*>(src), n);
-  return kSuccess;
-}
-
-// Launches run to completion when they are made: nothing is ever pending.
-int cuStreamSynchronize(CUstream) { return kSuccess; }
-
 // ---- NVRTC ------------------------------------------------------------------
 using nvrtcProgram = Program*;
 

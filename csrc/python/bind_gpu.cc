@@ -191,6 +191,8 @@ void attention_fields(py::class_<Cls>& c) {
   c.def_readwrite("is_causal", &AttentionParams::is_causal);
   c.def_readwrite("dropout_rate", &AttentionParams::dropout_rate);
   c.def_readwrite("seed", &AttentionParams::seed);
+  // The device address of an 8-byte seed the kernels read instead (0 = none).
+  pointer_property(c, "seed_device", &AttentionParams::seed_device);
 }
 
 // The fields both layer-norm directions have (tf_fastattn/layer_norm_params.h).

@@ -77,8 +77,6 @@ void load_driver(DriverState* s) {
   sym(lib, "cuFuncSetAttribute", &d.cuFuncSetAttribute, &missing);
   sym(lib, "cuLaunchKernel", &d.cuLaunchKernel, &missing);
   sym(lib, "cuMemsetD8Async", &d.cuMemsetD8Async, &missing);
-  sym(lib, "cuMemcpyDtoHAsync_v2", &d.cuMemcpyDtoHAsync, &missing);
-  sym(lib, "cuStreamSynchronize", &d.cuStreamSynchronize, &missing);
   if (!missing.empty()) {
     s->status = Status::Unavailable(path + " lacks " + missing + " (driver too old for CUDA 12?)");
     return;

@@ -1,8 +1,6 @@
 // Per-context module table and launches; see modules.h.
 #include "runtime/modules.h"
 
-#include "tf_fastattn/gpu.h"
-
 #include <map>
 #include <mutex>
 #include <utility>
@@ -144,27 +142,10 @@ Status memset_zero(const DeviceInfo& dev, void* ptr, size_t bytes, void* stream)
   return r == 0 ? Status::OK() : driver_error(*d, r, "cuMemsetD8Async");
 }
 
-Status copy_to_host(const DeviceInfo& dev, void* dst, const void* src, size_t bytes, void* stream) {
-  if (bytes == 0) return Status::OK();
-  const Driver* d = nullptr;
-  TFA_RETURN_IF_ERROR(driver(&d));
-  ScopedContext scope(*d, dev.context);
-  CUresult r = d->cuMemcpyDtoHAsync(dst, reinterpret_cast<CUdeviceptr>(src), bytes, static_cast<CUstream>(stream));
-  if (r != 0) return driver_error(*d, r, "cuMemcpyDtoHAsync");
-  r = d->cuStreamSynchronize(static_cast<CUstream>(stream));
-  return r == 0 ? Status::OK() : driver_error(*d, r, "cuStreamSynchronize");
-}
-
 }  // namespace gpu
 }  // namespace tf_fastattn
 
 namespace tf_fastattn {
-
-Status read_device_u64(const void* src, const GpuContext& ctx, uint64_t* out) {
-  gpu::DeviceInfo dev;
-  TFA_RETURN_IF_ERROR(gpu::device_for_stream(ctx.stream, &dev));
-  return gpu::copy_to_host(dev, out, src, sizeof(*out), ctx.stream);
-}
 
 Status gpu_runtime_status() {
   const gpu::Driver* d = nullptr;

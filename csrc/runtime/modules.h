@@ -39,9 +39,5 @@ Status launch(const DeviceInfo& dev, CUfunction f, Dim3 grid, Dim3 block, int dy
 // Zeroes `bytes` bytes at device address `ptr` on `stream`.
 Status memset_zero(const DeviceInfo& dev, void* ptr, size_t bytes, void* stream);
 
-// Copies `bytes` bytes at device address `src` to host memory `dst` in
-// `stream`'s order and waits for the stream: synchronous.
-Status copy_to_host(const DeviceInfo& dev, void* dst, const void* src, size_t bytes, void* stream);
-
 }  // namespace gpu
 }  // namespace tf_fastattn

@@ -153,9 +153,8 @@ Status attention_common(const ffi::RemainingArgs& args, const AttentionAttrs& a,
     const ffi::AnyBuffer seed = *args.get<ffi::AnyBuffer>(i++);
     if (seed.element_count() != 1) return Status::Invalid("seed must be a scalar int64");
     if (exec.backend == core::Backend::kGpu) {
-      // The seed is an XLA value in device memory; the kernels take it as an
-      // argument: read it (this waits for the stream).
-      TFA_RETURN_IF_ERROR(read_device_u64(seed.untyped_data(), exec.gpu, &p->seed));
+      // An XLA value in device memory: the kernels read it there.
+      p->seed_device = static_cast<const uint64_t*>(seed.untyped_data());
     } else {
       p->seed = *static_cast<const uint64_t*>(seed.untyped_data());
     }

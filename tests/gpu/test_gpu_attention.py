@@ -111,6 +111,26 @@ def test_dropout_mask_equals_cpu(C, causal, family):
         np.testing.assert_allclose(b.cpu().numpy(), a, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["auto", "simt"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=lambda d: str(d).split(".")[-1])
+def test_dropout_seed_in_device_memory(C, dtype, family):
+    # AttentionParams::seed_device (XLA's custom calls pass their seed operand
+    # so): the kernels read the seed there, with the same masks and results,
+    # bitwise, as the seed passed by value.
+    q, k, v, mask = make_inputs((2, 45, 37, 4, 2, 64, 64), 2, dtype, "none")
+    seed_device = torch.from_numpy(np.array([987654321], dtype=np.int64)).cuda()
+    by_value = attention_fwd(C, q, k, v, mask, True, dropout=0.2, seed=987654321, family=family)
+    on_device = attention_fwd(C, q, k, v, mask, True, dropout=0.2, seed=1, family=family, seed_device=seed_device)
+    o, lse = by_value
+    d_o = torch.randn_like(o)
+    grads = attention_bwd(C, q, k, v, o, lse, d_o, mask, True, dropout=0.2, seed=987654321, family=family)
+    grads_device = attention_bwd(C, q, k, v, o, lse, d_o, mask, True, dropout=0.2, seed=1, family=family,
+                                 seed_device=seed_device)
+    torch.cuda.synchronize()
+    for a, b in zip(by_value + grads, on_device + grads_device):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("mask_kind", ["none", "full_with_empty_rows"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])

@@ -64,6 +64,10 @@ struct AttentionParams {
   bool is_causal = false;
   double dropout_rate = 0.0;  // in [0, 1)
   uint64_t seed = 0;          // Philox key when dropout_rate > 0
+  // GPU only: the device address of the Philox key, read by the kernels
+  // instead of `seed` when set (front ends whose seed is a device value: XLA's
+  // custom calls; no host round trip).
+  const uint64_t* seed_device = nullptr;
 
   // Derived by finalize() from the fields above (the kernels read these).
   double inv_keep_f64 = 1;         // 1 / (1 - dropout_rate) in float64 (the CPU's float64 path)
@@ -126,8 +130,8 @@ struct AttentionBwdParams : AttentionParams {
 // the same sizes and alignments for these types): a field added or reordered
 // changes these sizes, and both builds check them.
 static_assert(sizeof(AttentionShape) == 56, "AttentionShape layout");
-static_assert(sizeof(AttentionParams) == 264, "AttentionParams layout");
-static_assert(sizeof(AttentionFwdParams) == 304, "AttentionFwdParams layout");
-static_assert(sizeof(AttentionBwdParams) == 440, "AttentionBwdParams layout");
+static_assert(sizeof(AttentionParams) == 272, "AttentionParams layout");
+static_assert(sizeof(AttentionFwdParams) == 312, "AttentionFwdParams layout");
+static_assert(sizeof(AttentionBwdParams) == 448, "AttentionBwdParams layout");
 
 }  // namespace tf_fastattn

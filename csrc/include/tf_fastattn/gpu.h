@@ -42,9 +42,4 @@ Status attention_fwd_gpu(const AttentionFwdParams& p, const GpuContext& ctx);
 Status attention_bwd_gpu(const AttentionBwdParams& p, const GpuContext& ctx);
 int64_t attention_bwd_workspace_bytes_gpu(const AttentionShape& shape, DType dtype);
 
-// Reads the 8-byte value at device address `src` in `ctx.stream`'s order,
-// waiting for the stream (front ends whose dropout seed lives in device
-// memory: XLA's custom calls).
-Status read_device_u64(const void* src, const GpuContext& ctx, uint64_t* out);
-
 }  // namespace tf_fastattn

@@ -148,7 +148,7 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
 #pragma unroll
         for (int nt = 0; nt < kBN / 8; ++nt) {
           const int64_t s = s0 + nt * 8 + 2 * c;
-          const tf_fastattn::Philox4 w = tf_fastattn::dropout_words(a.seed, uint32_t(b), uint32_t(n),
+          const tf_fastattn::Philox4 w = tf_fastattn::dropout_words(dropout_seed(a), uint32_t(b), uint32_t(n),
                                                                     uint32_t(row_t[r]), uint32_t(s / 4));
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
@@ -178,7 +178,7 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
           const bool use = row_t[r] < sh.seqlen_q && l[r] == 0.f;
           tf_fastattn::Philox4 w{};
           if (use && a.has_dropout) {
-            w = tf_fastattn::dropout_words(a.seed, uint32_t(b), uint32_t(n), uint32_t(row_t[r]), uint32_t(s / 4));
+            w = tf_fastattn::dropout_words(dropout_seed(a), uint32_t(b), uint32_t(n), uint32_t(row_t[r]), uint32_t(s / 4));
           }
 #pragma unroll
           for (int e = 0; e < 2; ++e) {

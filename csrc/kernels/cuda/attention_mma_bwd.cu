@@ -210,7 +210,7 @@ __device__ void bwd_dq(const AttentionBwdParams& a) {
         const int64_t s = s0 + nt * 8 + 2 * c;  // this lane's key pair: half of one Philox draw
         tf_fastattn::Philox4 w{};
         if (a.has_dropout && live[r]) {
-          w = tf_fastattn::dropout_words(a.seed, uint32_t(b), uint32_t(n), uint32_t(row_t[r]), uint32_t(s / 4));
+          w = tf_fastattn::dropout_words(dropout_seed(a), uint32_t(b), uint32_t(n), uint32_t(row_t[r]), uint32_t(s / 4));
         }
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
@@ -328,7 +328,7 @@ __device__ void dkdv_pass(const AttentionBwdParams& a, const KvTiles& sm, int64_
               const bool empty = lse == inf_f32();
               if (empty || allowed(a, b, n, t, s)) {
                 const float dfac =
-                    a.has_dropout ? (tf_fastattn::dropout_keep(a.seed, a.dropout_threshold, uint32_t(b), uint32_t(n),
+                    a.has_dropout ? (tf_fastattn::dropout_keep(dropout_seed(a), a.dropout_threshold, uint32_t(b), uint32_t(n),
                                                            uint32_t(t), uint32_t(s))
                                      ? a.inv_keep
                                      : 0.f)

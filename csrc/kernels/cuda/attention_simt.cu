@@ -165,7 +165,7 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
 #pragma unroll
       for (int c = 0; c < kOC; ++c) o_acc[i][c] *= alpha;
       if (a.has_dropout && t < sh.seqlen_q) {
-        const tf_fastattn::Philox4 w = tf_fastattn::dropout_words(a.seed, uint32_t(co.b), uint32_t(co.n), uint32_t(t),
+        const tf_fastattn::Philox4 w = tf_fastattn::dropout_words(dropout_seed(a), uint32_t(co.b), uint32_t(co.n), uint32_t(t),
                                                                   uint32_t(s0 / 4 + tx));
 #pragma unroll
         for (int e = 0; e < 4; ++e) p[e] *= keep_factor(a, w.x[e] >= a.dropout_threshold);
@@ -191,7 +191,7 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
         float p[4];
         tf_fastattn::Philox4 w;
         if (a.has_dropout && t < sh.seqlen_q) {
-          w = tf_fastattn::dropout_words(a.seed, uint32_t(co.b), uint32_t(co.n), uint32_t(t), uint32_t(s0 / 4 + tx));
+          w = tf_fastattn::dropout_words(dropout_seed(a), uint32_t(co.b), uint32_t(co.n), uint32_t(t), uint32_t(s0 / 4 + tx));
         }
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
@@ -272,7 +272,7 @@ __device__ __forceinline__ ProbGrad prob_grad(const AttentionBwdParams& a, int64
 __device__ __forceinline__ float dropout_factor(const AttentionParams& a, int64_t b, int64_t n, int64_t t, int64_t s) {
   const tf_fastattn::AttentionShape& sh = a.shape;
   if (!a.has_dropout || t >= sh.seqlen_q || s >= sh.seqlen_k) return 1.f;
-  return keep_factor(a, tf_fastattn::dropout_keep(a.seed, a.dropout_threshold, uint32_t(b), uint32_t(n), uint32_t(t),
+  return keep_factor(a, tf_fastattn::dropout_keep(dropout_seed(a), a.dropout_threshold, uint32_t(b), uint32_t(n), uint32_t(t),
                                                   uint32_t(s)));
 }
 
