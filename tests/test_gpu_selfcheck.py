@@ -57,3 +57,23 @@ def test_the_check_runs_while_a_model_is_traced():
 
     traced(tf.constant(1.0))
     assert results[0]["ok"], results[0]["message"]
+
+
+def test_the_xla_check_passes_the_custom_calls_and_fails_a_wrong_one():
+    # The check a GPU runs once before the layers support XLA there; here on
+    # the CPU's custom calls.
+    r = _selfcheck.xla_check("/CPU:0")
+    assert r["ok"], r["message"]
+    q = tf.ones([1, 8, 2, 16], tf.bfloat16)
+    hlo = _selfcheck._xla_attention.experimental_get_compiler_ir(q, q, q, q)(stage="hlo")
+    assert 'custom_call_target="tf_fastattn_attention_bwd"' in hlo
+    assert "attention bfloat16 max errors" in r["message"] and "layer_norm float32 max errors" in r["message"]
+
+    def wrong(x, r, g, b, dy):
+        out = _selfcheck._xla_layer_norm(x, r, g, b, dy)
+        return [out[0] + 1e-3] + out[1:]
+
+    r = _selfcheck.xla_check("/CPU:0", layer_norm=wrong)
+    assert not r["ok"] and r["message"].startswith("layer_norm float32 under XLA: AssertionError: y: max error"), r
+    # Without a GPU nothing is checked.
+    assert _selfcheck.xla_gpu_reason() is None and not _selfcheck._xla_result

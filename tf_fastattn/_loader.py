@@ -145,9 +145,14 @@ def xla_reason() -> str | None:
     s = state()
     if s["reason"] is not None:
         return s["reason"]
-    if s["xla_reason"] is None and tf.config.list_physical_devices("GPU") and s["xla_gpu_reason"]:
+    if s["xla_reason"] is not None or not _gpus_visible():
+        return s["xla_reason"]
+    if s["xla_gpu_reason"]:
         return s["xla_gpu_reason"]
-    return s["xla_reason"]
+    # With a GPU: the GPU custom calls must first pass their one-time check.
+    from tf_fastattn import _selfcheck
+
+    return _selfcheck.xla_gpu_reason()
 
 
 def in_xla_context() -> bool:

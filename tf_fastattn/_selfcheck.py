@@ -154,3 +154,61 @@ def check(op: str, dtype: str, head_dim: int | None = None, device: str = "/GPU:
         return {"ok": True, "message": "max errors: " + ", ".join(worst)}
     except Exception as e:  # a failed launch counts as a failed check
         return {"ok": False, "message": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"}
+
+
+# ---- the XLA custom calls on the GPU ------------------------------------------
+# Under XLA on a GPU the ops run as XLA custom calls (csrc/xla_glue), a path no
+# GPU has run yet. Before Keras is told that the layers support XLA (and turns
+# it on for jit_compile="auto"), that path is checked once per process on the
+# first visible GPU, like a kernel variant: attention (bfloat16, causal) and
+# residual layer norm (float32), forward and gradients, compiled by XLA,
+# against the reference math by the accuracy criterion.
+
+
+@tf.function(autograph=False, jit_compile=True)
+def _xla_attention(q, k, v, d_o):
+    from tf_fastattn.attention import fused_attention
+
+    out, _ = fused_attention(q, k, v, is_causal=True)
+    return [out] + tf.gradients(out, [q, k, v], grad_ys=d_o)
+
+
+@tf.function(autograph=False, jit_compile=True)
+def _xla_layer_norm(x, r, g, b, dy):
+    from tf_fastattn.layer_norm import _fused  # the op itself: no fallback decision inside the check
+
+    y, _ = _fused(x, g, b, r, 1e-3, True, True)
+    return [y] + tf.gradients(y, [x, g, b], grad_ys=dy)
+
+
+_xla_result: list = []  # [{"ok", "message"}], filled once
+
+
+def xla_check(device: str = "/GPU:0", attention=None, layer_norm=None) -> dict:
+    """The XLA custom calls' check on `device`: {"ok", "message"}. `attention`
+    and `layer_norm` replace the XLA-compiled computations (to test the check)."""
+    messages = []
+    for op, dtype, head_dim, fused in (("attention", "bfloat16", 64, attention or _xla_attention),
+                                       ("layer_norm", "float32", None, layer_norm or _xla_layer_norm)):
+        r = check(op, dtype, head_dim, device=device, fused=fused)
+        if not r["ok"]:
+            return {"ok": False, "message": f"{op} {dtype} under XLA: {r['message']}"}
+        messages.append(f"{op} {dtype} {r['message']}")
+    return {"ok": True, "message": "; ".join(messages)}
+
+
+def xla_gpu_reason() -> str | None:
+    """None when the XLA custom calls passed their check on the first visible
+    GPU (or no GPU is visible), else why code under XLA gets the reference
+    math there. Checked once per process; a failure warns once."""
+    if _first_gpu_arch() is None:
+        return None
+    if not _xla_result:
+        _xla_result.append(xla_check("/GPU:0"))
+        _results[f"xla custom calls sm_{_first_gpu_arch()}"] = _xla_result[0]
+        if not _xla_result[0]["ok"]:
+            warnings.warn(f"tf_fastattn: the XLA custom calls failed their self-check on this GPU "
+                          f"({_xla_result[0]['message']}); code under XLA uses the reference math and the layers "
+                          "leave XLA off", RuntimeWarning, stacklevel=3)
+    r = _xla_result[0]
+    return None if r["ok"] else f"the XLA custom calls failed their self-check on this GPU: {r['message']}"
