@@ -5,6 +5,7 @@
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "core/layer_norm_checks.h"
+#include "tf/layer_norm_attrs.h"
 #include "tf/tf_common.h"
 #include "tf_fastattn/layer_norm.h"
 
@@ -110,27 +111,20 @@ absl::Status check_param(const Tensor& p, const char* name, bool used, int64_t c
 template <class Device>
 class LayerNormOp : public OpKernel {
  public:
-  explicit LayerNormOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, get_exact_attr(ctx, "epsilon", &epsilon_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("center", &center_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("num_residual", &num_residual_));
-    OP_REQUIRES(ctx, num_residual_ <= 1, invalid_argument("num_residual must be 0 or 1, got ", num_residual_));
-    OP_REQUIRES(ctx, epsilon_ > 0, invalid_argument("epsilon must be > 0, got ", epsilon_));
-  }
+  explicit LayerNormOp(OpKernelConstruction* ctx) : OpKernel(ctx), attrs_(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
     int64_t rows = 0, cols = 0;
     TFA_OP_REQUIRES_OK(ctx, core::layer_norm_rows(dims_of(x), "x", &rows, &cols));
-    const Tensor* residual = num_residual_ ? &ctx->input(1) : nullptr;
-    const Tensor& gamma = ctx->input(1 + num_residual_);
-    const Tensor& beta = ctx->input(2 + num_residual_);
+    const Tensor* residual = attrs_.num_residual ? &ctx->input(1) : nullptr;
+    const Tensor& gamma = ctx->input(1 + attrs_.num_residual);
+    const Tensor& beta = ctx->input(2 + attrs_.num_residual);
     if (residual) {
       TFA_OP_REQUIRES_OK(ctx, core::same_shape_as(dims_of(*residual), "residual", dims_of(x), "x"));
     }
-    OP_REQUIRES_OK(ctx, check_param(gamma, "gamma", scale_, cols));
-    OP_REQUIRES_OK(ctx, check_param(beta, "beta", center_, cols));
+    OP_REQUIRES_OK(ctx, check_param(gamma, "gamma", attrs_.scale, cols));
+    OP_REQUIRES_OK(ctx, check_param(beta, "beta", attrs_.center, cols));
     OP_REQUIRES_OK(ctx, check_stats_dtype("statistics", x.dtype(), ctx->expected_output_dtype(2)));
 
     TensorShape stats_shape = x.shape();
@@ -153,31 +147,24 @@ class LayerNormOp : public OpKernel {
     p.cols = cols;
     p.x = ptr(x);
     p.residual = residual ? ptr(*residual) : nullptr;
-    p.gamma = scale_ ? ptr(gamma) : nullptr;
-    p.beta = center_ ? ptr(beta) : nullptr;
+    p.gamma = attrs_.scale ? ptr(gamma) : nullptr;
+    p.beta = attrs_.center ? ptr(beta) : nullptr;
     p.y = mutable_ptr(y);
     p.sum = sum ? mutable_ptr(sum) : nullptr;
     p.mean = mutable_ptr(mean);
     p.rstd = mutable_ptr(rstd);
-    p.epsilon = epsilon_;
+    p.epsilon = attrs_.epsilon;
     TFA_OP_REQUIRES_OK(ctx, core::layer_norm_fwd(p, exec_context<Device>(ctx)));
   }
 
  private:
-  double epsilon_;  // exact: see get_exact_attr
-  bool center_, scale_;
-  int num_residual_;
+  LayerNormAttrs attrs_;
 };
 
 template <class Device>
 class LayerNormGradOp : public OpKernel {
  public:
-  explicit LayerNormGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("center", &center_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("num_dsum", &num_dsum_));
-    OP_REQUIRES(ctx, num_dsum_ <= 1, invalid_argument("num_dsum must be 0 or 1, got ", num_dsum_));
-  }
+  explicit LayerNormGradOp(OpKernelConstruction* ctx) : OpKernel(ctx), attrs_(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& dy = ctx->input(0);
@@ -185,19 +172,19 @@ class LayerNormGradOp : public OpKernel {
     const Tensor& mean = ctx->input(2);
     const Tensor& rstd = ctx->input(3);
     const Tensor& gamma = ctx->input(4);
-    const Tensor* dsum = num_dsum_ ? &ctx->input(5) : nullptr;
+    const Tensor* dsum = attrs_.num_dsum ? &ctx->input(5) : nullptr;
     int64_t rows = 0, cols = 0;
     TFA_OP_REQUIRES_OK(ctx, core::layer_norm_rows(dims_of(dy), "dy", &rows, &cols));
     TFA_OP_REQUIRES_OK(ctx, core::same_shape_as(dims_of(sum), "sum", dims_of(dy), "dy"));
     if (dsum) TFA_OP_REQUIRES_OK(ctx, core::same_shape_as(dims_of(*dsum), "dsum", dims_of(dy), "dy"));
     TFA_OP_REQUIRES_OK(ctx, core::layer_norm_stats(dims_of(mean), dims_of(rstd), rows));
     OP_REQUIRES_OK(ctx, check_stats_dtype("statistics", dy.dtype(), mean.dtype()));
-    OP_REQUIRES_OK(ctx, check_param(gamma, "gamma", scale_, cols));
+    OP_REQUIRES_OK(ctx, check_param(gamma, "gamma", attrs_.scale, cols));
 
     Tensor *dx, *dgamma, *dbeta;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, dy.shape(), &dx));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({scale_ ? cols : 0}), &dgamma));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({center_ ? cols : 0}), &dbeta));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({attrs_.scale ? cols : 0}), &dgamma));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({attrs_.center ? cols : 0}), &dbeta));
 
     LayerNormBwdParams p;
     p.dtype = to_dtype(dy.dtype());
@@ -207,12 +194,12 @@ class LayerNormGradOp : public OpKernel {
     p.dy = ptr(dy);
     p.dsum = dsum ? ptr(*dsum) : nullptr;
     p.sum = ptr(sum);
-    p.gamma = scale_ ? ptr(gamma) : nullptr;
+    p.gamma = attrs_.scale ? ptr(gamma) : nullptr;
     p.mean = ptr(mean);
     p.rstd = ptr(rstd);
     p.dx = mutable_ptr(dx);
-    p.dgamma = scale_ ? mutable_ptr(dgamma) : nullptr;
-    p.dbeta = center_ ? mutable_ptr(dbeta) : nullptr;
+    p.dgamma = attrs_.scale ? mutable_ptr(dgamma) : nullptr;
+    p.dbeta = attrs_.center ? mutable_ptr(dbeta) : nullptr;
     const core::ExecContext exec = exec_context<Device>(ctx);
     Tensor workspace;
     const int64_t ws_bytes = core::layer_norm_bwd_workspace_bytes(rows, cols, p.dtype, exec);
@@ -222,8 +209,7 @@ class LayerNormGradOp : public OpKernel {
   }
 
  private:
-  bool center_, scale_;
-  int num_dsum_;
+  LayerNormGradAttrs attrs_;
 };
 
 REGISTER_KERNEL_BUILDER(Name("TfFastattn>LayerNorm").Device(tfw::DEVICE_CPU), LayerNormOp<CpuDevice>);

@@ -19,6 +19,7 @@
 #include "tensorflow/core/framework/kernel_def.pb.h"
 #include "tensorflow/core/framework/op.h"
 #include "tf/attention_attrs.h"
+#include "tf/layer_norm_attrs.h"
 #include "tf/tf_common.h"
 #include "xla_glue/custom_calls.h"
 #include "xla/hlo/builder/xla_builder.h"
@@ -107,18 +108,24 @@ std::vector<xla::XlaOp> custom_call(XlaOpKernelContext* ctx, const char* target,
   return out;
 }
 
-// ---- attention ---------------------------------------------------------------
-
-// q, k, v, [mask], [seed]: operands, shapes and the checked AttentionShape.
-absl::Status attention_operands(XlaOpKernelContext* ctx, const AttentionAttrs& a, std::vector<xla::XlaOp>* ops,
-                                std::vector<xla::Shape>* shapes, AttentionShape* s) {
-  const int n = 3 + a.num_mask + a.num_seed;
-  for (int i = 0; i < n; ++i) {
+// Appends inputs [begin, end) and their dense shapes.
+absl::Status add_inputs(XlaOpKernelContext* ctx, int begin, int end, std::vector<xla::XlaOp>* ops,
+                        std::vector<xla::Shape>* shapes) {
+  for (int i = begin; i < end; ++i) {
     xla::Shape sh;
     TF_RETURN_IF_ERROR(input_shape(ctx, i, &sh));
     ops->push_back(ctx->Input(i));
     shapes->push_back(sh);
   }
+  return absl::OkStatus();
+}
+
+// ---- attention ---------------------------------------------------------------
+
+// q, k, v, [mask], [seed]: operands, shapes and the checked AttentionShape.
+absl::Status attention_operands(XlaOpKernelContext* ctx, const AttentionAttrs& a, std::vector<xla::XlaOp>* ops,
+                                std::vector<xla::Shape>* shapes, AttentionShape* s) {
+  TF_RETURN_IF_ERROR(add_inputs(ctx, 0, 3 + a.num_mask + a.num_seed, ops, shapes));
   TF_RETURN_IF_ERROR(to_tf_status(core::attention_shape(dims_of((*shapes)[0]), dims_of((*shapes)[1]),
                                                         dims_of((*shapes)[2]), s)));
   if (a.num_mask) {
@@ -174,12 +181,7 @@ class AttentionGradXla : public XlaOpKernel {
     AttentionShape s;
     OP_REQUIRES_OK(ctx, attention_operands(ctx, attrs_, &ops, &shapes, &s));
     const int rest = 3 + attrs_.num_mask + attrs_.num_seed;
-    for (int i = rest; i < rest + 3; ++i) {
-      xla::Shape sh;
-      OP_REQUIRES_OK(ctx, input_shape(ctx, i, &sh));
-      ops.push_back(ctx->Input(i));
-      shapes.push_back(sh);
-    }
+    OP_REQUIRES_OK(ctx, add_inputs(ctx, rest, rest + 3, &ops, &shapes));
     OP_REQUIRES_OK(ctx, to_tf_status(core::attention_bwd_inputs(dims_of(shapes[rest]), dims_of(shapes[rest + 1]),
                                                                 dims_of(shapes[rest + 2]), s)));
     OP_REQUIRES_OK(ctx, tf::check_stats_dtype("lse", ctx->input_type(0), ctx->input_type(rest + 1)));
@@ -200,35 +202,23 @@ class AttentionGradXla : public XlaOpKernel {
 
 class LayerNormXla : public XlaOpKernel {
  public:
-  explicit LayerNormXla(OpKernelConstruction* ctx) : XlaOpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, get_exact_attr(ctx, "epsilon", &epsilon_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("center", &center_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("num_residual", &num_residual_));
-    OP_REQUIRES(ctx, num_residual_ <= 1, invalid_argument("num_residual must be 0 or 1, got ", num_residual_));
-    OP_REQUIRES(ctx, epsilon_ > 0, invalid_argument("epsilon must be > 0, got ", epsilon_));
-  }
+  explicit LayerNormXla(OpKernelConstruction* ctx) : XlaOpKernel(ctx), attrs_(ctx) {}
 
   void Compile(XlaOpKernelContext* ctx) override {
     std::vector<xla::XlaOp> ops;
     std::vector<xla::Shape> shapes;
-    for (int i = 0; i < 3 + num_residual_; ++i) {
-      xla::Shape sh;
-      OP_REQUIRES_OK(ctx, input_shape(ctx, i, &sh));
-      ops.push_back(ctx->Input(i));
-      shapes.push_back(sh);
-    }
+    OP_REQUIRES_OK(ctx, add_inputs(ctx, 0, 3 + attrs_.num_residual, &ops, &shapes));
     int64_t rows = 0, cols = 0;
     const core::Dims x = dims_of(shapes[0]);
     OP_REQUIRES_OK(ctx, to_tf_status(core::layer_norm_rows(x, "x", &rows, &cols)));
-    if (num_residual_) {
+    if (attrs_.num_residual) {
       OP_REQUIRES_OK(ctx, to_tf_status(core::same_shape_as(dims_of(shapes[1]), "residual", x, "x")));
     }
-    if (scale_) {
-      OP_REQUIRES_OK(ctx, to_tf_status(core::layer_norm_param(dims_of(shapes[1 + num_residual_]), "gamma", cols)));
+    if (attrs_.scale) {
+      OP_REQUIRES_OK(ctx, to_tf_status(core::layer_norm_param(dims_of(shapes[1 + attrs_.num_residual]), "gamma", cols)));
     }
-    if (center_) {
-      OP_REQUIRES_OK(ctx, to_tf_status(core::layer_norm_param(dims_of(shapes[2 + num_residual_]), "beta", cols)));
+    if (attrs_.center) {
+      OP_REQUIRES_OK(ctx, to_tf_status(core::layer_norm_param(dims_of(shapes[2 + attrs_.num_residual]), "beta", cols)));
     }
     OP_REQUIRES_OK(ctx, tf::check_stats_dtype("statistics", ctx->input_type(0), ctx->expected_output_dtype(2)));
     xla::PrimitiveType st;
@@ -236,67 +226,54 @@ class LayerNormXla : public XlaOpKernel {
     const absl::Span<const int64_t> dims = shapes[0].dimensions();
     const xla::Shape stats = dense(st, dims.subspan(0, dims.size() - 1));
     std::vector<xla::Shape> results = {shapes[0]};
-    if (num_residual_) results.push_back(shapes[0]);
+    if (attrs_.num_residual) results.push_back(shapes[0]);
     results.push_back(stats);
     results.push_back(stats);
-    const std::string config = dictionary({attr("epsilon", epsilon_), attr("has_residual", num_residual_ == 1),
-                                           attr("center", center_), attr("scale", scale_)});
+    const std::string config = dictionary({attr("epsilon", attrs_.epsilon), attr("has_residual", attrs_.num_residual == 1),
+                                           attr("center", attrs_.center), attr("scale", attrs_.scale)});
     const std::vector<xla::XlaOp> out = custom_call(ctx, kLayerNormFwd, ops, shapes, results, config);
     size_t r = 0;
     ctx->SetOutput(0, out[r++]);
-    ctx->SetOutput(1, num_residual_ ? out[r++] : ctx->Input(0));  // s = x without a residual
+    ctx->SetOutput(1, attrs_.num_residual ? out[r++] : ctx->Input(0));  // s = x without a residual
     ctx->SetOutput(2, out[r++]);
     ctx->SetOutput(3, out[r++]);
   }
 
  private:
-  double epsilon_;
-  bool center_, scale_;
-  int num_residual_;
+  tf::LayerNormAttrs attrs_;
 };
 
 class LayerNormGradXla : public XlaOpKernel {
  public:
-  explicit LayerNormGradXla(OpKernelConstruction* ctx) : XlaOpKernel(ctx), exec_(exec_for(ctx)) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("center", &center_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("num_dsum", &num_dsum_));
-    OP_REQUIRES(ctx, num_dsum_ <= 1, invalid_argument("num_dsum must be 0 or 1, got ", num_dsum_));
-  }
+  explicit LayerNormGradXla(OpKernelConstruction* ctx) : XlaOpKernel(ctx), attrs_(ctx), exec_(exec_for(ctx)) {}
 
   void Compile(XlaOpKernelContext* ctx) override {
     std::vector<xla::XlaOp> ops;
     std::vector<xla::Shape> shapes;
-    for (int i = 0; i < 5 + num_dsum_; ++i) {
-      xla::Shape sh;
-      OP_REQUIRES_OK(ctx, input_shape(ctx, i, &sh));
-      ops.push_back(ctx->Input(i));
-      shapes.push_back(sh);
-    }
+    OP_REQUIRES_OK(ctx, add_inputs(ctx, 0, 5 + attrs_.num_dsum, &ops, &shapes));
     int64_t rows = 0, cols = 0;
     const core::Dims dy = dims_of(shapes[0]);
     OP_REQUIRES_OK(ctx, to_tf_status(core::layer_norm_rows(dy, "dy", &rows, &cols)));
     OP_REQUIRES_OK(ctx, to_tf_status(core::same_shape_as(dims_of(shapes[1]), "sum", dy, "dy")));
-    if (num_dsum_) OP_REQUIRES_OK(ctx, to_tf_status(core::same_shape_as(dims_of(shapes[5]), "dsum", dy, "dy")));
+    if (attrs_.num_dsum) OP_REQUIRES_OK(ctx, to_tf_status(core::same_shape_as(dims_of(shapes[5]), "dsum", dy, "dy")));
     OP_REQUIRES_OK(ctx, to_tf_status(core::layer_norm_stats(dims_of(shapes[2]), dims_of(shapes[3]), rows)));
     OP_REQUIRES_OK(ctx, tf::check_stats_dtype("statistics", ctx->input_type(0), ctx->input_type(2)));
-    if (scale_) OP_REQUIRES_OK(ctx, to_tf_status(core::layer_norm_param(dims_of(shapes[4]), "gamma", cols)));
+    if (attrs_.scale) OP_REQUIRES_OK(ctx, to_tf_status(core::layer_norm_param(dims_of(shapes[4]), "gamma", cols)));
     xla::PrimitiveType u;
     OP_REQUIRES_OK(ctx, xla_type(ctx->input_type(4), &u));
     const DType dtype = tf::to_dtype(ctx->input_type(0));
     const int64_t ws = core::layer_norm_bwd_workspace_bytes(rows, cols, dtype, exec_);
     const std::string config =
-        dictionary({attr("has_dsum", num_dsum_ == 1), attr("center", center_), attr("scale", scale_)});
+        dictionary({attr("has_dsum", attrs_.num_dsum == 1), attr("center", attrs_.center), attr("scale", attrs_.scale)});
     const std::vector<xla::XlaOp> out =
         custom_call(ctx, kLayerNormBwd, ops, shapes,
-                    {shapes[0], dense(u, {scale_ ? cols : 0}), dense(u, {center_ ? cols : 0}), dense(xla::U8, {ws})},
+                    {shapes[0], dense(u, {attrs_.scale ? cols : 0}), dense(u, {attrs_.center ? cols : 0}), dense(xla::U8, {ws})},
                     config);
     for (int i = 0; i < 3; ++i) ctx->SetOutput(i, out[i]);
   }
 
  private:
-  bool center_, scale_;
-  int num_dsum_;
+  tf::LayerNormGradAttrs attrs_;
   core::ExecContext exec_;
 };
 
