@@ -146,7 +146,9 @@ def dot_product_attention(
       implementation: "auto" (fused op when available, else the reference
         with a one-time warning), "fused" (raise ValueError when the op cannot
         run) or "reference" (pure TensorFlow, `tf_fastattn.reference.attention`).
-        Code traced for XLA (`jit_compile=True`) always gets the reference math.
+        Code traced for XLA (`jit_compile=True`) runs the op as an XLA custom
+        call when its XLA kernels loaded (`build_info()["xla"]`), bitwise as
+        without XLA; otherwise it gets the reference math.
 
     Returns:
       `[B, T, N, Hv]` in the inputs' dtype.

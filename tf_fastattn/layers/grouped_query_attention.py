@@ -91,7 +91,8 @@ class GroupedQueryAttention(
     Keras does; dropout is fused and seeded from the layer's seed generator.
     Rows with no allowed key follow Keras: the uniform average of the values
     without dropout, zeros with dropout. `return_attention_scores=True` uses
-    Keras' own computation, as does code traced for XLA.
+    Keras' own computation. Under XLA the op runs as an XLA custom call (see
+    `tf_fastattn.layers.MultiHeadAttention`).
 
     Args:
       (every argument of `keras.layers.GroupQueryAttention`), plus

@@ -141,10 +141,11 @@ class MultiHeadAttention(FusedMultiHeadAttentionMixin, SerializedImplementation,
     layer matches that too, so outputs equal the stock layer's in both cases.
 
     `return_attention_scores=True` and non-default `attention_axes` run Keras'
-    own computation (the op never forms the scores). So does code traced for
-    XLA (`jit_compile=True`): XLA cannot run custom ops. While the op can run,
-    the layer sets `supports_jit = False`, so Keras' `jit_compile="auto"`
-    leaves XLA off.
+    own computation (the op never forms the scores). Under XLA
+    (`jit_compile=True`, and Keras' `"auto"` with a GPU) the op runs as an XLA
+    custom call and the layer reports `supports_jit = True`; where the ops'
+    XLA kernels cannot load, the layer sets `supports_jit = False` while the
+    op can run (Keras then leaves XLA off) and forced XLA gets Keras' math.
 
     Args:
       (every argument of `keras.layers.MultiHeadAttention`), plus
