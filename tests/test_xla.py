@@ -320,9 +320,15 @@ def test_build_info_reports_xla():
 # ---- real models -------------------------------------------------------------------
 
 
-# One model in the quick suite, all in the slow one (about 15 s each).
-@pytest.mark.parametrize("name", [n if n == "keras_hub_bert_classifier" else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in real_models.MODELS])
+# keras-hub BERT (padding mask, dict inputs) in the quick suite; the keras.io
+# translator (encoder-decoder, dict inputs, causal) and keras-hub GPT-2 (its
+# cached attention class, causal + padding) in the slow one: 15-20 s each,
+# mostly XLA compilation. (tests/test_real_models.py runs every model without XLA.)
+XLA_MODELS = {"keras_hub_bert_classifier": [], "keras_io_translator": [pytest.mark.slow],
+              "keras_hub_gpt2_causal_lm": [pytest.mark.slow]}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=m) for n, m in XLA_MODELS.items()])
 def test_real_models_train_under_xla_as_the_original(name):
     """keras.io and keras-hub models (tests/real_models.py), converted, trained
     with jit_compile=True next to the stock model under XLA: Keras keeps XLA on,
