@@ -124,7 +124,7 @@ def _gpu_reason() -> str | None:
     # CUDA driver and NVRTC. Without them the reference math runs instead.
     if "gpu_reason" not in _state:
         reason = None
-        if tf.config.list_physical_devices("GPU"):
+        if _gpus_visible():
             from tf_fastattn import gpu
 
             info = gpu.runtime_info()
@@ -225,7 +225,8 @@ def build_info() -> dict:
     `reason` (why the ops did not load, or None), `kernels` (op names
     registered for each device, XLA's compilation devices included), `xla`
     (whether code traced for XLA runs the fused ops as custom calls, the
-    library, and why not: `reason`, `gpu_reason` for the GPU alone), `cpu_features` the CPU kernels dispatch on,
+    library, and why not: `reason`, `gpu_reason` for the GPU alone),
+    `cpu_features` the CPU kernels dispatch on,
     `cpu_attention_paths` (the CPU attention's micro-kernel tier for float32
     products, bfloat16 products and dropout),
     `gpu_runtime` (whether the CUDA driver and NVRTC were found, and why not),
@@ -236,6 +237,7 @@ def build_info() -> dict:
     from tf_fastattn import __version__
 
     s = state()
+    xla = xla_reason()
     kernels = {}
     if s["ops"] is not None:
         from tensorflow.python.framework import kernels as tf_kernels
@@ -253,7 +255,7 @@ def build_info() -> dict:
         "ops_library": s.get("path"),
         "reason": s["reason"],
         "kernels": kernels,
-        "xla": {"available": xla_reason() is None, "library": s.get("xla_path"), "reason": xla_reason(),
+        "xla": {"available": xla is None, "library": s.get("xla_path"), "reason": xla,
                 "gpu_reason": s.get("xla_gpu_reason")},
     }
     try:

@@ -94,14 +94,17 @@ Status attention_mask_dims(const Dims& mask, const AttentionShape& s, int64_t pa
   return Status::OK();
 }
 
-MaskStrides dense_mask_strides(const int64_t padded[4]) {
+Status dense_mask_strides(const Dims& mask, const AttentionShape& s, MaskStrides* out) {
+  int64_t padded[4];
+  TFA_RETURN_IF_ERROR(attention_mask_dims(mask, s, padded));
   int64_t st[4];
   int64_t contiguous = 1;
   for (int i = 3; i >= 0; --i) {
     st[i] = padded[i] == 1 ? 0 : contiguous;
     contiguous *= padded[i];
   }
-  return MaskStrides{st[0], st[1], st[2], st[3]};
+  *out = MaskStrides{st[0], st[1], st[2], st[3]};
+  return Status::OK();
 }
 
 Status attention_bwd_inputs(const Dims& o, const Dims& lse, const Dims& d_o, const AttentionShape& s) {

@@ -42,9 +42,9 @@ Status attention_shape(const Dims& q, const Dims& k, const Dims& v, AttentionSha
 // Returns the padded sizes (1 on broadcast axes).
 Status attention_mask_dims(const Dims& mask, const AttentionShape& s, int64_t padded[4]);
 
-// The element strides of a dense (row-major) mask with those padded sizes:
-// 0 on the broadcast axes.
-MaskStrides dense_mask_strides(const int64_t padded[4]);
+// attention_mask_dims, then the element strides of a dense (row-major) mask
+// of that shape: 0 on the broadcast axes.
+Status dense_mask_strides(const Dims& mask, const AttentionShape& s, MaskStrides* out);
 
 // The backward's saved and upstream tensors: out and d_out [B, T, N, Hv],
 // lse [B, N, T].

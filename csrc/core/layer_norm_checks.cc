@@ -41,5 +41,24 @@ Status layer_norm_param(const Dims& p, const char* name, int64_t cols) {
                          "] (the last axis of x), got " + dims_string(p));
 }
 
+Status layer_norm_fwd_inputs(const Dims& x, const Dims* residual, const Dims& gamma, const Dims& beta, bool center,
+                             bool scale, int64_t* rows, int64_t* cols) {
+  TFA_RETURN_IF_ERROR(layer_norm_rows(x, "x", rows, cols));
+  if (residual) TFA_RETURN_IF_ERROR(same_shape_as(*residual, "residual", x, "x"));
+  if (scale) TFA_RETURN_IF_ERROR(layer_norm_param(gamma, "gamma", *cols));
+  if (center) TFA_RETURN_IF_ERROR(layer_norm_param(beta, "beta", *cols));
+  return Status::OK();
+}
+
+Status layer_norm_bwd_inputs(const Dims& dy, const Dims& sum, const Dims* dsum, const Dims& mean, const Dims& rstd,
+                             const Dims& gamma, bool scale, int64_t* rows, int64_t* cols) {
+  TFA_RETURN_IF_ERROR(layer_norm_rows(dy, "dy", rows, cols));
+  TFA_RETURN_IF_ERROR(same_shape_as(sum, "sum", dy, "dy"));
+  if (dsum) TFA_RETURN_IF_ERROR(same_shape_as(*dsum, "dsum", dy, "dy"));
+  TFA_RETURN_IF_ERROR(layer_norm_stats(mean, rstd, *rows));
+  if (scale) TFA_RETURN_IF_ERROR(layer_norm_param(gamma, "gamma", *cols));
+  return Status::OK();
+}
+
 }  // namespace core
 }  // namespace tf_fastattn

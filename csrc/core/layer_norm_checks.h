@@ -23,5 +23,17 @@ Status same_shape_as(const Dims& t, const char* name, const Dims& x, const char*
 // gamma or beta: [cols].
 Status layer_norm_param(const Dims& p, const char* name, int64_t cols);
 
+// Every shape check of the forward's inputs, in this order: x (rows, cols),
+// the residual (null: none) of x's shape, gamma when `scale` and beta when
+// `center` of [cols].
+Status layer_norm_fwd_inputs(const Dims& x, const Dims* residual, const Dims& gamma, const Dims& beta, bool center,
+                             bool scale, int64_t* rows, int64_t* cols);
+
+// Every shape check of the backward's inputs, in this order: dy (rows,
+// cols), sum and dsum (null: none) of dy's shape, mean and rstd of `rows`
+// elements, gamma when `scale` of [cols].
+Status layer_norm_bwd_inputs(const Dims& dy, const Dims& sum, const Dims* dsum, const Dims& mean, const Dims& rstd,
+                             const Dims& gamma, bool scale, int64_t* rows, int64_t* cols);
+
 }  // namespace core
 }  // namespace tf_fastattn

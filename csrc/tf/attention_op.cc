@@ -137,9 +137,7 @@ absl::Status attention_shape(const Tensor& q, const Tensor& k, const Tensor& v, 
 // The mask, left-padded with 1s to rank 4, must be broadcastable to
 // [B, N, T, S]; its element strides are 0 on broadcast axes.
 absl::Status mask_view(const Tensor& mask, const AttentionShape& s, const bool** data, MaskStrides* strides) {
-  int64_t dims[4];
-  TF_RETURN_IF_ERROR(to_tf_status(core::attention_mask_dims(dims_of(mask), s, dims)));
-  *strides = core::dense_mask_strides(dims);
+  TF_RETURN_IF_ERROR(to_tf_status(core::dense_mask_strides(dims_of(mask), s, strides)));
   *data = mask.NumElements() ? mask.flat<bool>().data() : nullptr;
   return absl::OkStatus();
 }

@@ -102,12 +102,6 @@ REGISTER_OP("TfFastattn>LayerNormGrad")
     })
     .Doc("Gradient of TfFastattn>LayerNorm: dx (also the residual's gradient, including dsum), dgamma, dbeta.");
 
-// gamma/beta must be [C] when used (core/layer_norm_checks.h); their dtype is float32 or T.
-absl::Status check_param(const Tensor& p, const char* name, bool used, int64_t cols) {
-  if (!used) return absl::OkStatus();
-  return to_tf_status(core::layer_norm_param(dims_of(p), name, cols));
-}
-
 template <class Device>
 class LayerNormOp : public OpKernel {
  public:
@@ -115,16 +109,14 @@ class LayerNormOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
-    int64_t rows = 0, cols = 0;
-    TFA_OP_REQUIRES_OK(ctx, core::layer_norm_rows(dims_of(x), "x", &rows, &cols));
     const Tensor* residual = attrs_.num_residual ? &ctx->input(1) : nullptr;
     const Tensor& gamma = ctx->input(1 + attrs_.num_residual);
     const Tensor& beta = ctx->input(2 + attrs_.num_residual);
-    if (residual) {
-      TFA_OP_REQUIRES_OK(ctx, core::same_shape_as(dims_of(*residual), "residual", dims_of(x), "x"));
-    }
-    OP_REQUIRES_OK(ctx, check_param(gamma, "gamma", attrs_.scale, cols));
-    OP_REQUIRES_OK(ctx, check_param(beta, "beta", attrs_.center, cols));
+    const core::Dims residual_dims = residual ? dims_of(*residual) : core::Dims();
+    int64_t rows = 0, cols = 0;
+    TFA_OP_REQUIRES_OK(ctx, core::layer_norm_fwd_inputs(dims_of(x), residual ? &residual_dims : nullptr,
+                                                        dims_of(gamma), dims_of(beta), attrs_.center, attrs_.scale,
+                                                        &rows, &cols));
     OP_REQUIRES_OK(ctx, check_stats_dtype("statistics", x.dtype(), ctx->expected_output_dtype(2)));
 
     TensorShape stats_shape = x.shape();
@@ -173,13 +165,12 @@ class LayerNormGradOp : public OpKernel {
     const Tensor& rstd = ctx->input(3);
     const Tensor& gamma = ctx->input(4);
     const Tensor* dsum = attrs_.num_dsum ? &ctx->input(5) : nullptr;
+    const core::Dims dsum_dims = dsum ? dims_of(*dsum) : core::Dims();
     int64_t rows = 0, cols = 0;
-    TFA_OP_REQUIRES_OK(ctx, core::layer_norm_rows(dims_of(dy), "dy", &rows, &cols));
-    TFA_OP_REQUIRES_OK(ctx, core::same_shape_as(dims_of(sum), "sum", dims_of(dy), "dy"));
-    if (dsum) TFA_OP_REQUIRES_OK(ctx, core::same_shape_as(dims_of(*dsum), "dsum", dims_of(dy), "dy"));
-    TFA_OP_REQUIRES_OK(ctx, core::layer_norm_stats(dims_of(mean), dims_of(rstd), rows));
+    TFA_OP_REQUIRES_OK(ctx, core::layer_norm_bwd_inputs(dims_of(dy), dims_of(sum), dsum ? &dsum_dims : nullptr,
+                                                        dims_of(mean), dims_of(rstd), dims_of(gamma), attrs_.scale,
+                                                        &rows, &cols));
     OP_REQUIRES_OK(ctx, check_stats_dtype("statistics", dy.dtype(), mean.dtype()));
-    OP_REQUIRES_OK(ctx, check_param(gamma, "gamma", attrs_.scale, cols));
 
     Tensor *dx, *dgamma, *dbeta;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, dy.shape(), &dx));

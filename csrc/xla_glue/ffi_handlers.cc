@@ -32,12 +32,6 @@ ffi::Error to_error(const Status& s) {
   return ffi::Error::Internal(s.message());
 }
 
-#define TFA_FFI_RETURN_IF_ERROR(expr)      \
-  do {                                     \
-    const ::tf_fastattn::Status _s = (expr); \
-    if (!_s.ok()) return to_error(_s);     \
-  } while (0)
-
 Status to_dtype(ffi::DataType t, const char* name, DType* out) {
   switch (t) {
     case ffi::DataType::F16: *out = DType::kFloat16; return Status::OK();
@@ -107,19 +101,6 @@ CpuContext xla_cpu_context(ffi::ThreadPool* pool) {
   return c;
 }
 
-core::ExecContext cpu_exec(ffi::ThreadPool* pool) {
-  core::ExecContext e;
-  e.cpu = xla_cpu_context(pool);
-  return e;
-}
-
-core::ExecContext gpu_exec(void* stream) {
-  core::ExecContext e;
-  e.backend = core::Backend::kGpu;
-  e.gpu.stream = stream;
-  return e;
-}
-
 // ---- attention --------------------------------------------------------------
 
 struct AttentionAttrs {
@@ -144,10 +125,8 @@ Status attention_common(const ffi::RemainingArgs& args, const AttentionAttrs& a,
   size_t i = 3;
   if (a.has_mask) {
     const ffi::AnyBuffer mask = *args.get<ffi::AnyBuffer>(i++);
-    int64_t padded[4];
-    TFA_RETURN_IF_ERROR(core::attention_mask_dims(dims_of(mask), p->shape, padded));
+    TFA_RETURN_IF_ERROR(core::dense_mask_strides(dims_of(mask), p->shape, &p->mask_strides));
     p->mask = static_cast<const bool*>(data(mask));
-    p->mask_strides = core::dense_mask_strides(padded);
   }
   if (a.has_seed) {
     const ffi::AnyBuffer seed = *args.get<ffi::AnyBuffer>(i++);
@@ -213,18 +192,16 @@ Status layer_norm_fwd(const core::ExecContext& exec, const ffi::RemainingArgs& a
   const size_t n_args = 3 + has_residual, n_rets = 3 + has_residual;
   if (args.size() != n_args || rets.size() != n_rets) return Status::Internal("layer norm custom call: bad arity");
   const ffi::AnyBuffer x = *args.get<ffi::AnyBuffer>(0);
-  LayerNormFwdParams p;
-  TFA_RETURN_IF_ERROR(core::layer_norm_rows(dims_of(x), "x", &p.rows, &p.cols));
-  TFA_RETURN_IF_ERROR(to_dtype(x.element_type(), "x", &p.dtype));
-  if (has_residual) {
-    const ffi::AnyBuffer residual = *args.get<ffi::AnyBuffer>(1);
-    TFA_RETURN_IF_ERROR(core::same_shape_as(dims_of(residual), "residual", dims_of(x), "x"));
-    p.residual = data(residual);
-  }
   const ffi::AnyBuffer gamma = *args.get<ffi::AnyBuffer>(1 + has_residual);
   const ffi::AnyBuffer beta = *args.get<ffi::AnyBuffer>(2 + has_residual);
-  if (scale) TFA_RETURN_IF_ERROR(core::layer_norm_param(dims_of(gamma), "gamma", p.cols));
-  if (center) TFA_RETURN_IF_ERROR(core::layer_norm_param(dims_of(beta), "beta", p.cols));
+  const std::optional<ffi::AnyBuffer> residual =
+      has_residual ? std::optional<ffi::AnyBuffer>(*args.get<ffi::AnyBuffer>(1)) : std::nullopt;
+  const core::Dims residual_dims = residual ? dims_of(*residual) : core::Dims();
+  LayerNormFwdParams p;
+  TFA_RETURN_IF_ERROR(core::layer_norm_fwd_inputs(dims_of(x), residual ? &residual_dims : nullptr, dims_of(gamma),
+                                                  dims_of(beta), center, scale, &p.rows, &p.cols));
+  p.residual = residual ? data(*residual) : nullptr;
+  TFA_RETURN_IF_ERROR(to_dtype(x.element_type(), "x", &p.dtype));
   TFA_RETURN_IF_ERROR(to_dtype(gamma.element_type(), "gamma", &p.param_dtype));
   p.x = data(x);
   p.gamma = scale ? data(gamma) : nullptr;
@@ -252,18 +229,16 @@ Status layer_norm_bwd(const core::ExecContext& exec, const ffi::RemainingArgs& a
   const ffi::AnyBuffer mean = *args.get<ffi::AnyBuffer>(2);
   const ffi::AnyBuffer rstd = *args.get<ffi::AnyBuffer>(3);
   const ffi::AnyBuffer gamma = *args.get<ffi::AnyBuffer>(4);
+  const std::optional<ffi::AnyBuffer> dsum =
+      has_dsum ? std::optional<ffi::AnyBuffer>(*args.get<ffi::AnyBuffer>(5)) : std::nullopt;
+  const core::Dims dsum_dims = dsum ? dims_of(*dsum) : core::Dims();
   LayerNormBwdParams p;
-  TFA_RETURN_IF_ERROR(core::layer_norm_rows(dims_of(dy), "dy", &p.rows, &p.cols));
-  TFA_RETURN_IF_ERROR(core::same_shape_as(dims_of(sum), "sum", dims_of(dy), "dy"));
-  TFA_RETURN_IF_ERROR(core::layer_norm_stats(dims_of(mean), dims_of(rstd), p.rows));
-  if (scale) TFA_RETURN_IF_ERROR(core::layer_norm_param(dims_of(gamma), "gamma", p.cols));
+  TFA_RETURN_IF_ERROR(core::layer_norm_bwd_inputs(dims_of(dy), dims_of(sum), dsum ? &dsum_dims : nullptr,
+                                                  dims_of(mean), dims_of(rstd), dims_of(gamma), scale, &p.rows,
+                                                  &p.cols));
   TFA_RETURN_IF_ERROR(to_dtype(dy.element_type(), "dy", &p.dtype));
   TFA_RETURN_IF_ERROR(to_dtype(gamma.element_type(), "gamma", &p.param_dtype));
-  if (has_dsum) {
-    const ffi::AnyBuffer dsum = *args.get<ffi::AnyBuffer>(5);
-    TFA_RETURN_IF_ERROR(core::same_shape_as(dims_of(dsum), "dsum", dims_of(dy), "dy"));
-    p.dsum = data(dsum);
-  }
+  p.dsum = dsum ? data(*dsum) : nullptr;
   p.dy = data(dy);
   p.sum = data(sum);
   p.mean = data(mean);
@@ -325,8 +300,17 @@ using HostPool = ffi::ThreadPool;
 using CudaStream = ffi::PlatformStream<void*>;
 
 // The execution context of each platform's handlers.
-core::ExecContext exec_of(HostPool& pool) { return cpu_exec(&pool); }
-core::ExecContext exec_of(void* stream) { return gpu_exec(stream); }
+core::ExecContext exec_of(HostPool& pool) {
+  core::ExecContext e;
+  e.cpu = xla_cpu_context(&pool);
+  return e;
+}
+core::ExecContext exec_of(void* stream) {
+  core::ExecContext e;
+  e.backend = core::Backend::kGpu;
+  e.gpu.stream = stream;
+  return e;
+}
 
 template <class P>
 ffi::Error attention_fwd_impl(P platform, ffi::RemainingArgs args, ffi::RemainingRets rets, bool is_causal,

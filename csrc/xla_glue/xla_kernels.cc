@@ -37,7 +37,6 @@ namespace {
 
 namespace tfw = ::tensorflow;
 using tf::AttentionAttrs;
-using tf::get_exact_attr;
 using tf::invalid_argument;
 using tf::to_tf_status;
 using tfw::OpKernelConstruction;
@@ -53,22 +52,20 @@ core::Dims dims_of(const xla::Shape& s) {
   return core::Dims::from(static_cast<int>(s.dimensions().size()), [&](int i) { return s.dimensions(i); });
 }
 
-// The shape of input i (static under XLA) with the dense row-major layout the
-// handlers read.
+// The dense row-major layout the handlers read.
+xla::Shape dense(xla::PrimitiveType t, absl::Span<const int64_t> dims) {
+  return xla::ShapeUtil::MakeShapeWithDescendingLayout(t, dims);
+}
+
+// The shape of input i (static under XLA), dense.
 absl::Status input_shape(XlaOpKernelContext* ctx, int i, xla::Shape* out) {
   TF_ASSIGN_OR_RETURN(const xla::Shape s, ctx->InputXlaShape(i));
   if (s.is_dynamic()) {
     return invalid_argument(ctx->op_kernel().type_string(), ": input ", i,
                             " has a dynamic shape; the fused op under XLA needs static shapes");
   }
-  *out = xla::ShapeUtil::MakeShapeWithDescendingLayout(s.element_type(), s.dimensions());
+  *out = dense(s.element_type(), s.dimensions());
   return absl::OkStatus();
-}
-
-absl::Status xla_type(tfw::DataType t, xla::PrimitiveType* out) { return tfw::DataTypeToPrimitiveType(t, out); }
-
-xla::Shape dense(xla::PrimitiveType t, absl::Span<const int64_t> dims) {
-  return xla::ShapeUtil::MakeShapeWithDescendingLayout(t, dims);
 }
 
 // An MLIR dictionary entry. Floats carry a decimal point and their exact
@@ -128,10 +125,8 @@ absl::Status attention_operands(XlaOpKernelContext* ctx, const AttentionAttrs& a
   TF_RETURN_IF_ERROR(add_inputs(ctx, 0, 3 + a.num_mask + a.num_seed, ops, shapes));
   TF_RETURN_IF_ERROR(to_tf_status(core::attention_shape(dims_of((*shapes)[0]), dims_of((*shapes)[1]),
                                                         dims_of((*shapes)[2]), s)));
-  if (a.num_mask) {
-    int64_t padded[4];
-    TF_RETURN_IF_ERROR(to_tf_status(core::attention_mask_dims(dims_of((*shapes)[3]), *s, padded)));
-  }
+  MaskStrides unused;
+  if (a.num_mask) TF_RETURN_IF_ERROR(to_tf_status(core::dense_mask_strides(dims_of((*shapes)[3]), *s, &unused)));
   if (a.num_seed && xla::ShapeUtil::ElementsIn((*shapes)[3 + a.num_mask]) != 1) {
     return invalid_argument("seed must be a scalar int64, got shape ",
                             core::dims_string(dims_of((*shapes)[3 + a.num_mask])));
@@ -156,8 +151,8 @@ class AttentionXla : public XlaOpKernel {
     OP_REQUIRES_OK(ctx, attention_operands(ctx, attrs_, &ops, &shapes, &s));
     OP_REQUIRES_OK(ctx, tf::check_stats_dtype("lse", ctx->input_type(0), ctx->expected_output_dtype(1)));
     xla::PrimitiveType t, st;
-    OP_REQUIRES_OK(ctx, xla_type(ctx->input_type(0), &t));
-    OP_REQUIRES_OK(ctx, xla_type(ctx->expected_output_dtype(1), &st));
+    OP_REQUIRES_OK(ctx, tfw::DataTypeToPrimitiveType(ctx->input_type(0), &t));
+    OP_REQUIRES_OK(ctx, tfw::DataTypeToPrimitiveType(ctx->expected_output_dtype(1), &st));
     const std::vector<xla::XlaOp> out =
         custom_call(ctx, kAttentionFwd, ops, shapes,
                     {dense(t, {s.batch, s.seqlen_q, s.num_heads, s.head_dim_v}),
@@ -208,33 +203,27 @@ class LayerNormXla : public XlaOpKernel {
     std::vector<xla::XlaOp> ops;
     std::vector<xla::Shape> shapes;
     OP_REQUIRES_OK(ctx, add_inputs(ctx, 0, 3 + attrs_.num_residual, &ops, &shapes));
+    const int nr = attrs_.num_residual;
+    const core::Dims residual = nr ? dims_of(shapes[1]) : core::Dims();
     int64_t rows = 0, cols = 0;
-    const core::Dims x = dims_of(shapes[0]);
-    OP_REQUIRES_OK(ctx, to_tf_status(core::layer_norm_rows(x, "x", &rows, &cols)));
-    if (attrs_.num_residual) {
-      OP_REQUIRES_OK(ctx, to_tf_status(core::same_shape_as(dims_of(shapes[1]), "residual", x, "x")));
-    }
-    if (attrs_.scale) {
-      OP_REQUIRES_OK(ctx, to_tf_status(core::layer_norm_param(dims_of(shapes[1 + attrs_.num_residual]), "gamma", cols)));
-    }
-    if (attrs_.center) {
-      OP_REQUIRES_OK(ctx, to_tf_status(core::layer_norm_param(dims_of(shapes[2 + attrs_.num_residual]), "beta", cols)));
-    }
+    OP_REQUIRES_OK(ctx, to_tf_status(core::layer_norm_fwd_inputs(dims_of(shapes[0]), nr ? &residual : nullptr,
+                                                                 dims_of(shapes[1 + nr]), dims_of(shapes[2 + nr]),
+                                                                 attrs_.center, attrs_.scale, &rows, &cols)));
     OP_REQUIRES_OK(ctx, tf::check_stats_dtype("statistics", ctx->input_type(0), ctx->expected_output_dtype(2)));
     xla::PrimitiveType st;
-    OP_REQUIRES_OK(ctx, xla_type(ctx->expected_output_dtype(2), &st));
+    OP_REQUIRES_OK(ctx, tfw::DataTypeToPrimitiveType(ctx->expected_output_dtype(2), &st));
     const absl::Span<const int64_t> dims = shapes[0].dimensions();
     const xla::Shape stats = dense(st, dims.subspan(0, dims.size() - 1));
     std::vector<xla::Shape> results = {shapes[0]};
-    if (attrs_.num_residual) results.push_back(shapes[0]);
+    if (nr) results.push_back(shapes[0]);
     results.push_back(stats);
     results.push_back(stats);
-    const std::string config = dictionary({attr("epsilon", attrs_.epsilon), attr("has_residual", attrs_.num_residual == 1),
+    const std::string config = dictionary({attr("epsilon", attrs_.epsilon), attr("has_residual", nr == 1),
                                            attr("center", attrs_.center), attr("scale", attrs_.scale)});
     const std::vector<xla::XlaOp> out = custom_call(ctx, kLayerNormFwd, ops, shapes, results, config);
     size_t r = 0;
     ctx->SetOutput(0, out[r++]);
-    ctx->SetOutput(1, attrs_.num_residual ? out[r++] : ctx->Input(0));  // s = x without a residual
+    ctx->SetOutput(1, nr ? out[r++] : ctx->Input(0));  // s = x without a residual
     ctx->SetOutput(2, out[r++]);
     ctx->SetOutput(3, out[r++]);
   }
@@ -251,24 +240,22 @@ class LayerNormGradXla : public XlaOpKernel {
     std::vector<xla::XlaOp> ops;
     std::vector<xla::Shape> shapes;
     OP_REQUIRES_OK(ctx, add_inputs(ctx, 0, 5 + attrs_.num_dsum, &ops, &shapes));
+    const core::Dims dsum = attrs_.num_dsum ? dims_of(shapes[5]) : core::Dims();
     int64_t rows = 0, cols = 0;
-    const core::Dims dy = dims_of(shapes[0]);
-    OP_REQUIRES_OK(ctx, to_tf_status(core::layer_norm_rows(dy, "dy", &rows, &cols)));
-    OP_REQUIRES_OK(ctx, to_tf_status(core::same_shape_as(dims_of(shapes[1]), "sum", dy, "dy")));
-    if (attrs_.num_dsum) OP_REQUIRES_OK(ctx, to_tf_status(core::same_shape_as(dims_of(shapes[5]), "dsum", dy, "dy")));
-    OP_REQUIRES_OK(ctx, to_tf_status(core::layer_norm_stats(dims_of(shapes[2]), dims_of(shapes[3]), rows)));
+    OP_REQUIRES_OK(ctx, to_tf_status(core::layer_norm_bwd_inputs(
+                            dims_of(shapes[0]), dims_of(shapes[1]), attrs_.num_dsum ? &dsum : nullptr,
+                            dims_of(shapes[2]), dims_of(shapes[3]), dims_of(shapes[4]), attrs_.scale, &rows, &cols)));
     OP_REQUIRES_OK(ctx, tf::check_stats_dtype("statistics", ctx->input_type(0), ctx->input_type(2)));
-    if (attrs_.scale) OP_REQUIRES_OK(ctx, to_tf_status(core::layer_norm_param(dims_of(shapes[4]), "gamma", cols)));
     xla::PrimitiveType u;
-    OP_REQUIRES_OK(ctx, xla_type(ctx->input_type(4), &u));
+    OP_REQUIRES_OK(ctx, tfw::DataTypeToPrimitiveType(ctx->input_type(4), &u));
     const DType dtype = tf::to_dtype(ctx->input_type(0));
     const int64_t ws = core::layer_norm_bwd_workspace_bytes(rows, cols, dtype, exec_);
     const std::string config =
         dictionary({attr("has_dsum", attrs_.num_dsum == 1), attr("center", attrs_.center), attr("scale", attrs_.scale)});
-    const std::vector<xla::XlaOp> out =
-        custom_call(ctx, kLayerNormBwd, ops, shapes,
-                    {shapes[0], dense(u, {attrs_.scale ? cols : 0}), dense(u, {attrs_.center ? cols : 0}), dense(xla::U8, {ws})},
-                    config);
+    const std::vector<xla::XlaOp> out = custom_call(
+        ctx, kLayerNormBwd, ops, shapes,
+        {shapes[0], dense(u, {attrs_.scale ? cols : 0}), dense(u, {attrs_.center ? cols : 0}), dense(xla::U8, {ws})},
+        config);
     for (int i = 0; i < 3; ++i) ctx->SetOutput(i, out[i]);
   }
 
@@ -326,7 +313,8 @@ std::string register_all() {
 
   for (size_t i = 0; i < std::size(kOps); ++i) {
     for (const std::string& d : devices) {
-      new tfw::XlaOpRegistrar(tfw::XlaOpRegistrationBuilder::Name(kOps[i]).Device(d).TypeConstraint("T", types_for(d)).Build(kFactories[i]));
+      new tfw::XlaOpRegistrar(
+          tfw::XlaOpRegistrationBuilder::Name(kOps[i]).Device(d).TypeConstraint("T", types_for(d)).Build(kFactories[i]));
     }
   }
   // XLA turns its registrations into kernels once per process, at its first
