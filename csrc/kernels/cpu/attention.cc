@@ -58,9 +58,18 @@ inline Acc load(const T& x) {
   return static_cast<Acc>(cpu::to_float(x));
 }
 
+// The vectorised float32 tile copies (cpu::CopyKernels), or null.
+inline const cpu::CopyKernels* f32_copies() {
+  static const cpu::CopyKernels* k = cpu::copy_kernels();
+  return k;
+}
+
 // dst[r * ld + c] = scale * src[r * stride + c] for r < rows, c < cols.
 template <typename T, typename Acc>
 void load_tile(const T* src, int64_t stride, int64_t rows, int64_t cols, Acc scale, Acc* dst, int64_t ld) {
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<Acc, float>) {
+    if (const cpu::CopyKernels* ck = f32_copies()) return ck->rows(src, stride, rows, cols, scale, dst, ld);
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const T* s = src + r * stride;
     Acc* d = dst + r * ld;
@@ -71,6 +80,9 @@ void load_tile(const T* src, int64_t stride, int64_t rows, int64_t cols, Acc sca
 // The transposed tile: dst[c * ld + r] = scale * src[r * stride + c].
 template <typename T, typename Acc>
 void load_tile_t(const T* src, int64_t stride, int64_t rows, int64_t cols, Acc scale, Acc* dst, int64_t ld) {
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<Acc, float>) {
+    if (const cpu::CopyKernels* ck = f32_copies()) return ck->transposed(src, stride, rows, cols, scale, dst, ld);
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const T* s = src + r * stride;
     for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = scale * load<T, Acc>(s[c]);
@@ -80,8 +92,24 @@ void load_tile_t(const T* src, int64_t stride, int64_t rows, int64_t cols, Acc s
 // Transpose of an already converted tile (rows x cols, ld_src) into dst (ld_dst).
 template <typename Acc>
 void transpose(const Acc* src, int64_t ld_src, int64_t rows, int64_t cols, Acc* dst, int64_t ld_dst) {
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (const cpu::CopyKernels* ck = f32_copies()) return ck->transposed(src, ld_src, rows, cols, 1.0f, dst, ld_dst);
+  }
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+}
+
+// The way out: dst[r * stride + c] = T(scale * src[r * ld + c]).
+template <typename T, typename Acc>
+void store_tile(const Acc* src, int64_t ld, int64_t rows, int64_t cols, Acc scale, T* dst, int64_t stride) {
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<Acc, float>) {
+    if (const cpu::CopyKernels* ck = f32_copies()) return ck->rows(src, ld, rows, cols, scale, dst, stride);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const Acc* s = src + r * ld;
+    T* d = dst + r * stride;
+    for (int64_t c = 0; c < cols; ++c) d[c] = cpu::from_acc<T>(scale * s[c]);
+  }
 }
 
 // Operands of the raw bfloat16 products (cpu::raw_products): the bits of a
@@ -328,8 +356,7 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
         T* orow = o + so.offset(b, t, n);
         Acc* ar = acc.data() + r * Hvp;
         if (l[r] > Acc(0)) {
-          const Acc inv = Acc(1) / l[r];
-          for (int64_t h = 0; h < Hv; ++h) orow[h] = cpu::from_acc<T>(ar[h] * inv);
+          store_tile(ar, Hvp, 1, Hv, Acc(1) / l[r], orow, int64_t(0));
           lse[(b * N + n) * T_ + t] = m[r] + std::log(l[r]);
         } else {
           uniform_row(drop, v + sv.offset(b, 0, hk), sv.seq, S, Hv, b, n, t, ar);
@@ -651,17 +678,10 @@ struct BwdProblem {
               uniform_rows_dv(b, n, t0, nr, s0, nc, dv_acc.data() + s0 * Hvp, fm.data(), uni.data());
             }
           }
-          for (int64_t t = 0; t < T_; ++t) {
-            T* dqr = dq + sdq.offset(b, t, n);
-            for (int64_t h = 0; h < H; ++h) dqr[h] = cpu::from_acc<T>(scale * dq_acc[t * Hp + h]);
-          }
+          store_tile(dq_acc.data(), Hp, T_, H, scale, dq + sdq.offset(b, 0, n), sdq.seq);
         }
-        for (int64_t s_ = 0; s_ < S; ++s_) {
-          T* dkr = dk + sdk.offset(b, s_, hk);
-          T* dvr = dv + sdv.offset(b, s_, hk);
-          for (int64_t h = 0; h < H; ++h) dkr[h] = cpu::from_acc<T>(dk_acc[s_ * Hp + h]);
-          for (int64_t h = 0; h < Hv; ++h) dvr[h] = cpu::from_acc<T>(dv_acc[s_ * Hvp + h]);
-        }
+        store_tile(dk_acc.data(), Hp, S, H, Acc(1), dk + sdk.offset(b, 0, hk), sdk.seq);
+        store_tile(dv_acc.data(), Hvp, S, Hv, Acc(1), dv + sdv.offset(b, 0, hk), sdv.seq);
       }
     });
   }
@@ -697,12 +717,8 @@ struct BwdProblem {
               uniform_rows_dv(b, n, t0, nr, s0, nc, dv_acc.data(), fm.data(), uni.data());
             }
           }
-          for (int64_t c = 0; c < nc; ++c) {
-            T* dkr = dk + sdk.offset(b, s0 + c, hk);
-            T* dvr = dv + sdv.offset(b, s0 + c, hk);
-            for (int64_t h = 0; h < H; ++h) dkr[h] = cpu::from_acc<T>(dk_acc[c * Hp + h]);
-            for (int64_t h = 0; h < Hv; ++h) dvr[h] = cpu::from_acc<T>(dv_acc[c * Hvp + h]);
-          }
+          store_tile(dk_acc.data(), Hp, nc, H, Acc(1), dk + sdk.offset(b, s0, hk), sdk.seq);
+          store_tile(dv_acc.data(), Hvp, nc, Hv, Acc(1), dv + sdv.offset(b, s0, hk), sdv.seq);
         }
       });
     }
@@ -731,10 +747,7 @@ struct BwdProblem {
             tile.compute(mk, mv, drop, b, n, t0, nr, s0, nc, H, Hv);
             mk.gemm(nr, Hp, nc, tile.dsb.data(), kBc, kb.data(), Hp, dq_acc.data(), Hp, true);
           }
-          for (int64_t r = 0; r < nr; ++r) {
-            T* dqr = dq + sdq.offset(b, t0 + r, n);
-            for (int64_t h = 0; h < H; ++h) dqr[h] = cpu::from_acc<T>(scale * dq_acc[r * Hp + h]);
-          }
+          store_tile(dq_acc.data(), Hp, nr, H, scale, dq + sdq.offset(b, t0, n), sdq.seq);
         }
       });
     }
