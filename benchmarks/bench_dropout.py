@@ -8,12 +8,16 @@ tf_fastattn.layers.MultiHeadAttention against Keras in the same run.
   stock, same weights, training=True.
 
 dropout in {0, 0.1, 0.25}, T = S in {512, 2048}, H in {64, 256}, float32 and
-bfloat16; B = 1, N = 4.
+bfloat16; B = 1, N = 4. `test_dropout_interleaved`: the H = 64 cells with
+dropout 0 and 0.1, fused and Keras rounds alternating in one process (medians
+and ratio in the JSON's extra_info).
 
 Run:  pytest benchmarks/bench_dropout.py --benchmark-json=dropout.json
 """
 
 import os
+import statistics
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -70,3 +74,32 @@ def test_dropout_fwd_bwd(benchmark, what, T, H, dtype, dropout, impl):
     fn()  # trace
     benchmark.group = f"{what} fwd_bwd {dtype} T={T} H={H} dropout={dropout}"
     benchmark.pedantic(fn, rounds=5, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [512, 2048])
+@pytest.mark.parametrize("what", ["op", "layer"])
+def test_dropout_interleaved(benchmark, what, T, dtype, dropout):
+    """H = 64: fused and Keras rounds alternating in one process (fused, Keras,
+    Keras, fused, ...), so that a shared machine's drift between rounds does
+    not become the ratio (single cells at T = 512 take 3-15 ms). Timed: one
+    pair; extra_info: each side's median and their ratio."""
+    make = _op_fn if what == "op" else _layer_fn
+    fns = {impl: make(impl, T, 64, DTYPES[dtype], dropout) for impl in ("fused", "keras")}
+    for fn in fns.values():
+        fn()  # trace
+    times = {"fused": [], "keras": []}
+    order = ["fused", "keras"]
+
+    def pair():
+        for impl in order:
+            start = time.perf_counter()
+            fns[impl]()
+            times[impl].append(time.perf_counter() - start)
+        order.reverse()
+
+    benchmark.group = f"{what} fwd_bwd {dtype} T={T} H=64 dropout={dropout} interleaved"
+    benchmark.pedantic(pair, rounds=15 if T == 512 else 7, iterations=1, warmup_rounds=1)
+    fused, keras_ = (statistics.median(times[impl][1:]) for impl in ("fused", "keras"))  # [0]: warm-up
+    benchmark.extra_info.update(fused_ms=1e3 * fused, keras_ms=1e3 * keras_, speedup=keras_ / fused)

@@ -11,7 +11,10 @@ Each with attention dropout 0.1 (keras-hub's default) and 0. And the keras.io
 "Timeseries classification with a Transformer model" at the example's sizes
 (T = 500, head_size 256, 4 heads, 4 blocks, batch 64), attention dropout 0.25
 (the example's) and 0. One timed round is one `train_on_batch` (forward,
-backward, Adam update).
+backward, Adam update). `test_timeseries_interleaved` times the timeseries
+model's stock and fused steps alternating in one process and reports their
+medians and ratio in extra_info (`--benchmark-columns` do not show it; read
+the JSON).
 
 Run:  pytest benchmarks/bench_models.py --benchmark-json=models.json \
           --benchmark-columns=median,min --benchmark-sort=name
@@ -19,6 +22,7 @@ Run:  pytest benchmarks/bench_models.py --benchmark-json=models.json \
 
 import os
 import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -77,21 +81,58 @@ def _batch(kind, vocabulary, batch, T):
     return {"token_ids": tokens, "padding_mask": padding}, np.roll(tokens, -1, axis=1)
 
 
-@pytest.mark.parametrize("impl", ["fused", "stock"])
-@pytest.mark.parametrize("dropout", ["default", 0.0])
-@pytest.mark.parametrize("case", CASES)
-def test_train_step(benchmark, case, dropout, impl):
-    kind, vocabulary, batch, T = CASES[case]
-    dropout = (0.25 if kind == "timeseries" else 0.1) if dropout == "default" else dropout
+def _rate(kind, dropout):
+    return (0.25 if kind == "timeseries" else 0.1) if dropout == "default" else dropout
+
+
+def _built(kind, vocabulary, T, dropout, impl):
     keras.utils.set_random_seed(0)
     model = _model(kind, vocabulary, T, dropout)
     if impl == "fused":
         model, report = tf_fastattn.convert_model(model, inplace=True, implementation="fused", return_report=True)
         layers = TIMESERIES["num_transformer_blocks"] * 3 if kind == "timeseries" else 3 * SHAPE["num_layers"] + 1
         assert len(report.replaced) == layers and not report.skipped
+    return model
+
+
+@pytest.mark.parametrize("impl", ["fused", "stock"])
+@pytest.mark.parametrize("dropout", ["default", 0.0])
+@pytest.mark.parametrize("case", CASES)
+def test_train_step(benchmark, case, dropout, impl):
+    kind, vocabulary, batch, T = CASES[case]
+    dropout = _rate(kind, dropout)
+    model = _built(kind, vocabulary, T, dropout, impl)
     x, y = _batch(kind, vocabulary, batch, T)
     model.train_on_batch(x, y)  # trace and build the optimizer
     benchmark.group = f"{case} dropout={dropout}"
     benchmark.extra_info["tokens"] = batch * T
     rounds = 3 if kind == "timeseries" else 5
     benchmark.pedantic(lambda: model.train_on_batch(x, y), rounds=rounds, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("dropout", ["default", 0.0])
+def test_timeseries_interleaved(benchmark, dropout):
+    """The keras.io timeseries Transformer, stock and fused in one process with
+    their steps alternating (stock, fused, fused, stock, ...), so that the
+    ratio is not the drift of a shared machine between two runs. Timed: one
+    pair of steps; extra_info: each model's median step and their ratio."""
+    kind, vocabulary, batch, T = CASES["keras_io_timeseries_T500"]
+    dropout = _rate(kind, dropout)
+    models = {impl: _built(kind, vocabulary, T, dropout, impl) for impl in ("stock", "fused")}
+    x, y = _batch(kind, vocabulary, batch, T)
+    for model in models.values():
+        model.train_on_batch(x, y)
+    times = {"stock": [], "fused": []}
+    order = ["stock", "fused"]
+
+    def pair():
+        for impl in order:
+            start = time.perf_counter()
+            models[impl].train_on_batch(x, y)
+            times[impl].append(time.perf_counter() - start)
+        order.reverse()
+
+    benchmark.group = f"keras_io_timeseries_T500 dropout={dropout} interleaved"
+    benchmark.pedantic(pair, rounds=6, iterations=1, warmup_rounds=1)
+    stock, fused = (np.median(times[impl][1:]) for impl in ("stock", "fused"))  # [0]: the warm-up round
+    benchmark.extra_info.update(stock_step_s=float(stock), fused_step_s=float(fused), speedup=float(stock / fused))
