@@ -64,16 +64,18 @@ inline const cpu::CopyKernels* f32_copies() {
   return k;
 }
 
-// dst[r * ld + c] = scale * src[r * stride + c] for r < rows, c < cols.
-template <typename T, typename Acc>
-void load_tile(const T* src, int64_t stride, int64_t rows, int64_t cols, Acc scale, Acc* dst, int64_t ld) {
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<Acc, float>) {
+// dst[r * ld + c] = scale * src[r * stride + c] for r < rows, c < cols, in
+// Acc and stored as D: the tiles' way in (S an input type, D = Acc) and out
+// (S = Acc, D an output type).
+template <typename S, typename D, typename Acc>
+void copy_tile(const S* src, int64_t stride, int64_t rows, int64_t cols, Acc scale, D* dst, int64_t ld) {
+  if constexpr (std::is_same_v<S, float> && std::is_same_v<D, float>) {
     if (const cpu::CopyKernels* ck = f32_copies()) return ck->rows(src, stride, rows, cols, scale, dst, ld);
   }
   for (int64_t r = 0; r < rows; ++r) {
-    const T* s = src + r * stride;
-    Acc* d = dst + r * ld;
-    for (int64_t c = 0; c < cols; ++c) d[c] = scale * load<T, Acc>(s[c]);
+    const S* s = src + r * stride;
+    D* d = dst + r * ld;
+    for (int64_t c = 0; c < cols; ++c) d[c] = cpu::from_acc<D>(scale * load<S, Acc>(s[c]));
   }
 }
 
@@ -97,19 +99,6 @@ void transpose(const Acc* src, int64_t ld_src, int64_t rows, int64_t cols, Acc* 
   }
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
-}
-
-// The way out: dst[r * stride + c] = T(scale * src[r * ld + c]).
-template <typename T, typename Acc>
-void store_tile(const Acc* src, int64_t ld, int64_t rows, int64_t cols, Acc scale, T* dst, int64_t stride) {
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<Acc, float>) {
-    if (const cpu::CopyKernels* ck = f32_copies()) return ck->rows(src, ld, rows, cols, scale, dst, stride);
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    const Acc* s = src + r * ld;
-    T* d = dst + r * stride;
-    for (int64_t c = 0; c < cols; ++c) d[c] = cpu::from_acc<T>(scale * s[c]);
-  }
 }
 
 // Operands of the raw bfloat16 products (cpu::raw_products): the bits of a
@@ -310,7 +299,7 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
       if (bits) {
         load_bits(q + sq.offset(b, t0, n), sq.seq, nr, H, qb.data(), Hp2);
       } else {
-        load_tile(q + sq.offset(b, t0, n), sq.seq, nr, H, scale, qs.data(), Hp);
+        copy_tile(q + sq.offset(b, t0, n), sq.seq, nr, H, scale, qs.data(), Hp);
       }
       std::fill(acc.begin(), acc.end(), Acc(0));
       std::fill(m.begin(), m.end(), neg_inf);
@@ -331,7 +320,7 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
           } else {
             load_tile_t(kb, sk.seq, nc, H, Acc(1), ktile, kBc);
           }
-          load_tile(vb, sv.seq, nc, Hv, Acc(1), vtile, Hvp);
+          copy_tile(vb, sv.seq, nc, Hv, Acc(1), vtile, Hvp);
           if (cache_kv) cached_tiles = tile + 1;  // tiles are visited in order from 0
         }
         if (bits) {
@@ -356,11 +345,11 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
         T* orow = o + so.offset(b, t, n);
         Acc* ar = acc.data() + r * Hvp;
         if (l[r] > Acc(0)) {
-          store_tile(ar, Hvp, 1, Hv, Acc(1) / l[r], orow, int64_t(0));
+          copy_tile(ar, Hvp, 1, Hv, Acc(1) / l[r], orow, int64_t(0));
           lse[(b * N + n) * T_ + t] = m[r] + std::log(l[r]);
         } else {
           uniform_row(drop, v + sv.offset(b, 0, hk), sv.seq, S, Hv, b, n, t, ar);
-          for (int64_t h = 0; h < Hv; ++h) orow[h] = cpu::from_acc<T>(ar[h]);
+          copy_tile(ar, Hvp, 1, Hv, Acc(1), orow, int64_t(0));
           lse[(b * N + n) * T_ + t] = std::numeric_limits<Acc>::infinity();
         }
       }
@@ -563,8 +552,8 @@ struct BwdProblem {
 
   // Loads q (pre-scaled like the forward), dO, lse and delta of one query tile.
   void load_query_tile(BwdTile<Acc>& tile, int64_t b, int64_t n, int64_t t0, int64_t nr) const {
-    load_tile(q + sq.offset(b, t0, n), sq.seq, nr, H, scale, tile.qs.data(), Hp);
-    load_tile(dout + sdo.offset(b, t0, n), sdo.seq, nr, Hv, Acc(1), tile.dob.data(), Hvp);
+    copy_tile(q + sq.offset(b, t0, n), sq.seq, nr, H, scale, tile.qs.data(), Hp);
+    copy_tile(dout + sdo.offset(b, t0, n), sdo.seq, nr, Hv, Acc(1), tile.dob.data(), Hvp);
     for (int64_t r = 0; r < nr; ++r) {
       tile.lse_r[r] = lse[(b * N + n) * T_ + t0 + r];
       tile.delta_r[r] = delta[(b * N + n) * T_ + t0 + r];
@@ -634,7 +623,7 @@ struct BwdProblem {
         const int64_t hk = w % Nkv, b = w / Nkv;
         for (int64_t kj = 0; kj < nkt; ++kj) {
           const int64_t s0 = kj * kBc, nc = std::min(kBc, S - s0);
-          load_tile(k + sk.offset(b, s0, hk), sk.seq, nc, H, Acc(1), kr.data() + s0 * Hp, Hp);
+          copy_tile(k + sk.offset(b, s0, hk), sk.seq, nc, H, Acc(1), kr.data() + s0 * Hp, Hp);
           transpose(kr.data() + s0 * Hp, Hp, nc, H, kt.data() + kj * Hp * kBc, kBc);
           load_tile_t(v + sv.offset(b, s0, hk), sv.seq, nc, Hv, Acc(1), vt.data() + kj * Hvp * kBc, kBc);
           if (bits) {
@@ -645,8 +634,8 @@ struct BwdProblem {
         std::fill(dk_acc.begin(), dk_acc.end(), Acc(0));
         std::fill(dv_acc.begin(), dv_acc.end(), Acc(0));
         for (int64_t n = hk * group; n < (hk + 1) * group; ++n) {
-          load_tile(q + sq.offset(b, 0, n), sq.seq, T_, H, scale, qa.data(), Hp);
-          load_tile(dout + sdo.offset(b, 0, n), sdo.seq, T_, Hv, Acc(1), doa.data(), Hvp);
+          copy_tile(q + sq.offset(b, 0, n), sq.seq, T_, H, scale, qa.data(), Hp);
+          copy_tile(dout + sdo.offset(b, 0, n), sdo.seq, T_, Hv, Acc(1), doa.data(), Hvp);
           if (bits) {
             load_bits(q + sq.offset(b, 0, n), sq.seq, T_, H, qb.data(), Hp2);
             load_bits(dout + sdo.offset(b, 0, n), sdo.seq, T_, Hv, dob.data(), Hvp2);
@@ -678,10 +667,10 @@ struct BwdProblem {
               uniform_rows_dv(b, n, t0, nr, s0, nc, dv_acc.data() + s0 * Hvp, fm.data(), uni.data());
             }
           }
-          store_tile(dq_acc.data(), Hp, T_, H, scale, dq + sdq.offset(b, 0, n), sdq.seq);
+          copy_tile(dq_acc.data(), Hp, T_, H, scale, dq + sdq.offset(b, 0, n), sdq.seq);
         }
-        store_tile(dk_acc.data(), Hp, S, H, Acc(1), dk + sdk.offset(b, 0, hk), sdk.seq);
-        store_tile(dv_acc.data(), Hvp, S, Hv, Acc(1), dv + sdv.offset(b, 0, hk), sdv.seq);
+        copy_tile(dk_acc.data(), Hp, S, H, Acc(1), dk + sdk.offset(b, 0, hk), sdk.seq);
+        copy_tile(dv_acc.data(), Hvp, S, Hv, Acc(1), dv + sdv.offset(b, 0, hk), sdv.seq);
       }
     });
   }
@@ -717,8 +706,8 @@ struct BwdProblem {
               uniform_rows_dv(b, n, t0, nr, s0, nc, dv_acc.data(), fm.data(), uni.data());
             }
           }
-          store_tile(dk_acc.data(), Hp, nc, H, Acc(1), dk + sdk.offset(b, s0, hk), sdk.seq);
-          store_tile(dv_acc.data(), Hvp, nc, Hv, Acc(1), dv + sdv.offset(b, s0, hk), sdv.seq);
+          copy_tile(dk_acc.data(), Hp, nc, H, Acc(1), dk + sdk.offset(b, s0, hk), sdk.seq);
+          copy_tile(dv_acc.data(), Hvp, nc, Hv, Acc(1), dv + sdv.offset(b, s0, hk), sdv.seq);
         }
       });
     }
@@ -741,13 +730,13 @@ struct BwdProblem {
           const int64_t s_end = !any_live ? 0 : p.is_causal ? std::min(S, t0 + nr) : S;
           for (int64_t s0 = 0; s0 < s_end; s0 += kBc) {
             const int64_t nc = std::min(kBc, S - s0);
-            load_tile(k + sk.offset(b, s0, hk), sk.seq, nc, H, Acc(1), kb.data(), Hp);
+            copy_tile(k + sk.offset(b, s0, hk), sk.seq, nc, H, Acc(1), kb.data(), Hp);
             transpose(kb.data(), Hp, nc, H, tile.kt.data(), kBc);
             load_tile_t(v + sv.offset(b, s0, hk), sv.seq, nc, Hv, Acc(1), tile.vt.data(), kBc);
             tile.compute(mk, mv, drop, b, n, t0, nr, s0, nc, H, Hv);
             mk.gemm(nr, Hp, nc, tile.dsb.data(), kBc, kb.data(), Hp, dq_acc.data(), Hp, true);
           }
-          store_tile(dq_acc.data(), Hp, nr, H, scale, dq + sdq.offset(b, t0, n), sdq.seq);
+          copy_tile(dq_acc.data(), Hp, nr, H, scale, dq + sdq.offset(b, t0, n), sdq.seq);
         }
       });
     }
