@@ -16,8 +16,6 @@ Run:  pytest benchmarks/bench_dropout.py --benchmark-json=dropout.json
 """
 
 import os
-import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -27,6 +25,7 @@ import tensorflow as tf  # noqa: E402
 
 import tf_fastattn  # noqa: E402
 from bench_attention import attention_fwd_bwd, layer_fns  # noqa: E402
+from interleaved import interleaved_medians  # noqa: E402
 
 B, N = 1, 4
 DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16}
@@ -81,25 +80,14 @@ def test_dropout_fwd_bwd(benchmark, what, T, H, dtype, dropout, impl):
 @pytest.mark.parametrize("T", [512, 2048])
 @pytest.mark.parametrize("what", ["op", "layer"])
 def test_dropout_interleaved(benchmark, what, T, dtype, dropout):
-    """H = 64: fused and Keras rounds alternating in one process (fused, Keras,
-    Keras, fused, ...), so that a shared machine's drift between rounds does
-    not become the ratio (single cells at T = 512 take 3-15 ms). Timed: one
-    pair; extra_info: each side's median and their ratio."""
+    """H = 64, fused and Keras rounds alternating (interleaved.py; single cells
+    at T = 512 take 3-15 ms). Timed: one pair; extra_info: each side's median
+    and their ratio."""
     make = _op_fn if what == "op" else _layer_fn
     fns = {impl: make(impl, T, 64, DTYPES[dtype], dropout) for impl in ("fused", "keras")}
     for fn in fns.values():
         fn()  # trace
-    times = {"fused": [], "keras": []}
-    order = ["fused", "keras"]
-
-    def pair():
-        for impl in order:
-            start = time.perf_counter()
-            fns[impl]()
-            times[impl].append(time.perf_counter() - start)
-        order.reverse()
-
     benchmark.group = f"{what} fwd_bwd {dtype} T={T} H=64 dropout={dropout} interleaved"
-    benchmark.pedantic(pair, rounds=15 if T == 512 else 7, iterations=1, warmup_rounds=1)
-    fused, keras_ = (statistics.median(times[impl][1:]) for impl in ("fused", "keras"))  # [0]: warm-up
-    benchmark.extra_info.update(fused_ms=1e3 * fused, keras_ms=1e3 * keras_, speedup=keras_ / fused)
+    med = interleaved_medians(benchmark, fns, rounds=15 if T == 512 else 7)
+    benchmark.extra_info.update(fused_ms=1e3 * med["fused"], keras_ms=1e3 * med["keras"],
+                                speedup=med["keras"] / med["fused"])

@@ -22,7 +22,6 @@ Run:  pytest benchmarks/bench_models.py --benchmark-json=models.json \
 
 import os
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -31,6 +30,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import tf_fastattn  # noqa: E402
+from interleaved import interleaved_medians  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import real_models  # noqa: E402
@@ -112,27 +112,17 @@ def test_train_step(benchmark, case, dropout, impl):
 
 @pytest.mark.parametrize("dropout", ["default", 0.0])
 def test_timeseries_interleaved(benchmark, dropout):
-    """The keras.io timeseries Transformer, stock and fused in one process with
-    their steps alternating (stock, fused, fused, stock, ...), so that the
-    ratio is not the drift of a shared machine between two runs. Timed: one
-    pair of steps; extra_info: each model's median step and their ratio."""
+    """The keras.io timeseries Transformer, stock and fused steps alternating
+    (interleaved.py). Timed: one pair of steps; extra_info: each model's
+    median step and their ratio."""
     kind, vocabulary, batch, T = CASES["keras_io_timeseries_T500"]
     dropout = _rate(kind, dropout)
     models = {impl: _built(kind, vocabulary, T, dropout, impl) for impl in ("stock", "fused")}
     x, y = _batch(kind, vocabulary, batch, T)
     for model in models.values():
         model.train_on_batch(x, y)
-    times = {"stock": [], "fused": []}
-    order = ["stock", "fused"]
-
-    def pair():
-        for impl in order:
-            start = time.perf_counter()
-            models[impl].train_on_batch(x, y)
-            times[impl].append(time.perf_counter() - start)
-        order.reverse()
-
     benchmark.group = f"keras_io_timeseries_T500 dropout={dropout} interleaved"
-    benchmark.pedantic(pair, rounds=6, iterations=1, warmup_rounds=1)
-    stock, fused = (np.median(times[impl][1:]) for impl in ("stock", "fused"))  # [0]: the warm-up round
-    benchmark.extra_info.update(stock_step_s=float(stock), fused_step_s=float(fused), speedup=float(stock / fused))
+    med = interleaved_medians(benchmark, {impl: lambda m=m: m.train_on_batch(x, y) for impl, m in models.items()},
+                              rounds=6)
+    benchmark.extra_info.update(stock_step_s=med["stock"], fused_step_s=med["fused"],
+                                speedup=med["stock"] / med["fused"])

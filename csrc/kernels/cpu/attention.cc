@@ -79,7 +79,8 @@ void copy_tile(const S* src, int64_t stride, int64_t rows, int64_t cols, Acc sca
   }
 }
 
-// The transposed tile: dst[c * ld + r] = scale * src[r * stride + c].
+// The transposed tile: dst[c * ld + r] = scale * src[r * stride + c] (also
+// of tiles already converted to Acc).
 template <typename T, typename Acc>
 void load_tile_t(const T* src, int64_t stride, int64_t rows, int64_t cols, Acc scale, Acc* dst, int64_t ld) {
   if constexpr (std::is_same_v<T, float> && std::is_same_v<Acc, float>) {
@@ -89,16 +90,6 @@ void load_tile_t(const T* src, int64_t stride, int64_t rows, int64_t cols, Acc s
     const T* s = src + r * stride;
     for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = scale * load<T, Acc>(s[c]);
   }
-}
-
-// Transpose of an already converted tile (rows x cols, ld_src) into dst (ld_dst).
-template <typename Acc>
-void transpose(const Acc* src, int64_t ld_src, int64_t rows, int64_t cols, Acc* dst, int64_t ld_dst) {
-  if constexpr (std::is_same_v<Acc, float>) {
-    if (const cpu::CopyKernels* ck = f32_copies()) return ck->transposed(src, ld_src, rows, cols, 1.0f, dst, ld_dst);
-  }
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
 }
 
 // Operands of the raw bfloat16 products (cpu::raw_products): the bits of a
@@ -624,7 +615,7 @@ struct BwdProblem {
         for (int64_t kj = 0; kj < nkt; ++kj) {
           const int64_t s0 = kj * kBc, nc = std::min(kBc, S - s0);
           copy_tile(k + sk.offset(b, s0, hk), sk.seq, nc, H, Acc(1), kr.data() + s0 * Hp, Hp);
-          transpose(kr.data() + s0 * Hp, Hp, nc, H, kt.data() + kj * Hp * kBc, kBc);
+          load_tile_t(kr.data() + s0 * Hp, Hp, nc, H, Acc(1), kt.data() + kj * Hp * kBc, kBc);
           load_tile_t(v + sv.offset(b, s0, hk), sv.seq, nc, Hv, Acc(1), vt.data() + kj * Hvp * kBc, kBc);
           if (bits) {
             load_pairs_t(k + sk.offset(b, s0, hk), sk.seq, nc, H, ktb.data() + kj * Hp2 * kBc, 2 * kBc);
@@ -731,7 +722,7 @@ struct BwdProblem {
           for (int64_t s0 = 0; s0 < s_end; s0 += kBc) {
             const int64_t nc = std::min(kBc, S - s0);
             copy_tile(k + sk.offset(b, s0, hk), sk.seq, nc, H, Acc(1), kb.data(), Hp);
-            transpose(kb.data(), Hp, nc, H, tile.kt.data(), kBc);
+            load_tile_t(kb.data(), Hp, nc, H, Acc(1), tile.kt.data(), kBc);
             load_tile_t(v + sv.offset(b, s0, hk), sv.seq, nc, Hv, Acc(1), tile.vt.data(), kBc);
             tile.compute(mk, mv, drop, b, n, t0, nr, s0, nc, H, Hv);
             mk.gemm(nr, Hp, nc, tile.dsb.data(), kBc, kb.data(), Hp, dq_acc.data(), Hp, true);

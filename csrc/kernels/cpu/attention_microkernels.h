@@ -245,7 +245,7 @@ TFA_AVX512 inline void gemm_avx512(int64_t m, int64_t n, int64_t k, const float*
 // B=1, N=8, T=S=2048, H=64, 2 threads): +6% (full) and +2% (causal) over the
 // float32 product, against +20% for a float64-FMA product. kKc = 16: on the
 // AMD EPYC development CPU (Zen 5) one 64 x 64 x 256 tile ran at about 140
-// GFLOP/s a core with kKc = 8 and 160 with 16 (the plain product: 225); the
+// GFLOP/s a core with kKc = 8 and about 155 with 16 (the plain product: 225); the
 // conversions and float64 adds every 8 terms were the difference. Accuracy
 // (error over the criterion's bound, float32 backward, 16 shapes x full and
 // causal, logits scaled 1x and 4x): mean 0.430 with 8, 0.441 with 16, the
