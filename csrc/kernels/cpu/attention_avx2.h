@@ -28,12 +28,13 @@ TFA_AVX2 inline __m256i tail_mask8(int64_t remaining) {
 // of A in the 16 ymm registers (MR = 6 uses 15).
 template <int MR, bool TRANS_A>
 TFA_AVX2 inline void gemm_block_avx2(int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                                     int64_t ldc, bool accumulate) {
+                                     int64_t ldc, GemmInto into) {
   __m256 acc[MR][2];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 2
-    for (int j = 0; j < 2; ++j) acc[i][j] = accumulate ? _mm256_loadu_ps(c + i * ldc + 8 * j) : _mm256_setzero_ps();
+    for (int j = 0; j < 2; ++j)
+      acc[i][j] = into == GemmInto::kChain ? _mm256_loadu_ps(c + i * ldc + 8 * j) : _mm256_setzero_ps();
   for (int64_t p = 0; p < k; ++p) {
     const __m256 b0 = _mm256_loadu_ps(b + p * ldb), b1 = _mm256_loadu_ps(b + p * ldb + 8);
 #pragma GCC unroll 8
@@ -41,6 +42,13 @@ TFA_AVX2 inline void gemm_block_avx2(int64_t k, const float* a, int64_t lda, con
       const __m256 av = _mm256_broadcast_ss(TRANS_A ? a + p * lda + i : a + i * lda + p);
       acc[i][0] = _mm256_fmadd_ps(av, b0, acc[i][0]);
       acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
+    }
+  }
+  if (into == GemmInto::kAdd) {
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      acc[i][0] = _mm256_add_ps(_mm256_loadu_ps(c + i * ldc), acc[i][0]);
+      acc[i][1] = _mm256_add_ps(_mm256_loadu_ps(c + i * ldc + 8), acc[i][1]);
     }
   }
 #pragma GCC unroll 8
@@ -56,19 +64,25 @@ template <bool TRANS_A>
 TFA_AVX2 inline void gemm_avx2(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                                int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   const int64_t row_step = TRANS_A ? 1 : lda;
-  for (int64_t j = 0; j < n; j += 16) {
-    int64_t i = 0;
-    for (; i + 6 <= m; i += 6)
-      gemm_block_avx2<6, TRANS_A>(k, a + i * row_step, lda, b + j, ldb, c + i * ldc + j, ldc, accumulate);
-    const float* ai = a + i * row_step;
-    float* ci = c + i * ldc + j;
-    switch (m - i) {
-      case 5: gemm_block_avx2<5, TRANS_A>(k, ai, lda, b + j, ldb, ci, ldc, accumulate); break;
-      case 4: gemm_block_avx2<4, TRANS_A>(k, ai, lda, b + j, ldb, ci, ldc, accumulate); break;
-      case 3: gemm_block_avx2<3, TRANS_A>(k, ai, lda, b + j, ldb, ci, ldc, accumulate); break;
-      case 2: gemm_block_avx2<2, TRANS_A>(k, ai, lda, b + j, ldb, ci, ldc, accumulate); break;
-      case 1: gemm_block_avx2<1, TRANS_A>(k, ai, lda, b + j, ldb, ci, ldc, accumulate); break;
-      default: break;
+  for (int64_t k0 = 0; k0 < std::max<int64_t>(k, 1); k0 += kGemmKc) {  // chunks as the AVX-512 tier's
+    const int64_t kc = std::min(kGemmKc, k - k0);
+    const GemmInto into = gemm_into(k0, accumulate);
+    const float* ak = TRANS_A ? a + k0 * lda : a + k0;
+    const float* bk = b + k0 * ldb;
+    for (int64_t j = 0; j < n; j += 16) {
+      int64_t i = 0;
+      for (; i + 6 <= m; i += 6)
+        gemm_block_avx2<6, TRANS_A>(kc, ak + i * row_step, lda, bk + j, ldb, c + i * ldc + j, ldc, into);
+      const float* ai = ak + i * row_step;
+      float* ci = c + i * ldc + j;
+      switch (m - i) {
+        case 5: gemm_block_avx2<5, TRANS_A>(kc, ai, lda, bk + j, ldb, ci, ldc, into); break;
+        case 4: gemm_block_avx2<4, TRANS_A>(kc, ai, lda, bk + j, ldb, ci, ldc, into); break;
+        case 3: gemm_block_avx2<3, TRANS_A>(kc, ai, lda, bk + j, ldb, ci, ldc, into); break;
+        case 2: gemm_block_avx2<2, TRANS_A>(kc, ai, lda, bk + j, ldb, ci, ldc, into); break;
+        case 1: gemm_block_avx2<1, TRANS_A>(kc, ai, lda, bk + j, ldb, ci, ldc, into); break;
+        default: break;
+      }
     }
   }
 }
