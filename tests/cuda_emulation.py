@@ -183,6 +183,8 @@ def run_attention(C, case):
         return [a.strides[i] // a.itemsize for i in range(3)]
 
     q, k, v, d_o = tensor(T, N, H), tensor(S, Nkv, H), tensor(S, Nkv, Hv), tensor(T, N, Hv)
+    if case.get("q_mult"):  # sharper softmax: logits with std ~q_mult
+        q = (q * case["q_mult"]).astype(dtype)
     mm = _make_mask(np, rng, case.get("mask"), B, N, T, S)
     mask, mask_strides = mm if mm else (None, [0, 0, 0, 0])
     scale = 1.0 / np.sqrt(H)

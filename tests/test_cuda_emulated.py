@@ -38,7 +38,7 @@ def case_id(c):
         extra = ("" if c.get("residual", True) else "-noresidual") + (f"-pad{c['row_pad']}" if c.get("row_pad") else "")
         return f"ln-{c['dtype']}-params_{c.get('param_dtype', 'float32')}-C{c['cols']}{extra}"
     s = f"attn-{c.get('family', 'auto')}-{c['dtype']}-" + "B{B}T{T}S{S}N{N}kv{Nkv}H{H}Hv{Hv}".format(**c)
-    for k in ("causal", "mask", "dropout", "strided", "seed_device"):
+    for k in ("causal", "mask", "dropout", "strided", "seed_device", "q_mult"):
         if c.get(k):
             s += f"-{k}" + ("" if c[k] is True else f"_{c[k]}")
     return s
@@ -77,7 +77,16 @@ QUICK = [
     # still 16-byte aligned (pad 8), and not (pad 3: the unaligned kernels).
     layer_norm("float16", 5, 1024, row_pad=8),
     layer_norm("float32", 5, 71, row_pad=3),
+    # Logits with std ~8 (q scaled 8x, a peaked softmax): the products over
+    # the head dim summed in chunks of 64 (one float32 chain over 256 terms
+    # put o at 1.5x the criterion's bound).
+    attention("float32", 1, 128, 128, 2, 1, 256, 256, causal=True, q_mult=8),
+    attention("float32", 1, 97, 200, 2, 2, 128, 128, q_mult=8),
 ]
+
+# Known miss (benchmarks/RESULTS.md, "float32 backward on the GPU"): its o
+# passes, dk is 1.3x the bound (the SIMT backward's float32 dS).
+SHARP_OVER = attention("float32", 1, 64, 300, 2, 2, 256, 256, q_mult=8)
 
 
 # ---------------------------------------------------------------------------
@@ -110,12 +119,19 @@ QUICK += [case for _, case in MUTANTS.values() if case not in QUICK]
 
 @pytest.fixture(scope="module")
 def quick_results():
-    return dict(zip(map(case_id, QUICK), run_cases(QUICK, arch=80, precompile="cases")))
+    cases = QUICK + [SHARP_OVER]
+    return dict(zip(map(case_id, cases), run_cases(cases, arch=80, precompile="cases")))
 
 
 @pytest.mark.parametrize("case", QUICK, ids=case_id)
 def test_quick(quick_results, case):
     r = quick_results[case_id(case)]
+    assert r["ok"], r["message"]
+
+
+@pytest.mark.xfail(strict=True, reason="float32 SIMT backward: dk over the criterion with logits of std ~8, H = 256")
+def test_sharp_softmax_known_miss(quick_results):
+    r = quick_results[case_id(SHARP_OVER)]
     assert r["ok"], r["message"]
 
 
@@ -125,9 +141,9 @@ def test_results_do_not_depend_on_the_schedule(quick_results):
     on an ordering between barriers (a race on shared memory would)."""
     for schedule, seed in (("random", 7), ("ordered", 0)):
         other = dict(zip(map(case_id, QUICK), run_cases(QUICK, arch=80, schedule=schedule, seed=seed)))
-        for cid, r in quick_results.items():
-            assert other[cid]["ok"], f"{cid} ({schedule}, seed {seed}): {other[cid].get('message')}"
-            assert other[cid]["digest"] == r["digest"], f"{cid}: outputs differ under the {schedule} schedule"
+        for cid, r in other.items():
+            assert r["ok"], f"{cid} ({schedule}, seed {seed}): {r.get('message')}"
+            assert r["digest"] == quick_results[cid]["digest"], f"{cid}: outputs differ under the {schedule} schedule"
 
 
 @pytest.mark.parametrize("name", list(MUTANTS))

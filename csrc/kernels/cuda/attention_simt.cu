@@ -130,6 +130,15 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
       const int64_t ld_k = a.k_strides.seq;
       load_tile<kBN, kHc>(&kv_s[0][0], kHc + 1, k + s0 * ld_k + hc, ld_k, sh.seqlen_k - s0, sh.head_dim - hc);
       __syncthreads();
+      // Each chunk of kHc (<= 64) terms summed from 0, then added into x: one
+      // chain over head dim 256 rounded at the running sum's magnitude (the CPU
+      // kernels' gemm chunks, attention_microkernels.h).
+      float part[kRM][4];
+#pragma unroll
+      for (int i = 0; i < kRM; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) part[i][e] = 0.f;
+      }
       for (int h = 0; h < kHc; ++h) {
         float kk[4];
 #pragma unroll
@@ -138,8 +147,13 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
         for (int i = 0; i < kRM; ++i) {
           const float qq = q_s[ty + kTY * i][hc + h];
 #pragma unroll
-          for (int e = 0; e < 4; ++e) x[i][e] += qq * kk[e];
+          for (int e = 0; e < 4; ++e) part[i][e] += qq * kk[e];
         }
+      }
+#pragma unroll
+      for (int i = 0; i < kRM; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) x[i][e] += part[i][e];
       }
     }
     // Online softmax (running max m and sum l, both without dropout).
@@ -228,7 +242,7 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
 
 // delta[b, n, t] = sum_h dO * O, one warp per row, summed by its first lane in
 // exactly the arithmetic of the backward's dp = dO . V (float32 FMAs, head
-// dim ascending): in a row with one allowed key O equals that key's V, so
+// dim ascending, in chunks of kHc each summed from 0 and then added): in a row with one allowed key O equals that key's V, so
 // dp - delta is exactly 0 and so are that row's dq and dS, as in exact
 // arithmetic. (A float64 delta rounded to float32 left dp's own rounding:
 // dq up to 5e-6 against a criterion floor of 3e-6 in float32, seen when the
@@ -243,7 +257,11 @@ __device__ void attention_bwd_delta(const AttentionBwdParams& a) {
   const T* o = static_cast<const T*>(a.o) + a.o_strides.offset(b, t, n);
   const T* d_o = static_cast<const T*>(a.do_) + a.do_strides.offset(b, t, n);
   float sum = 0.f;
-  for (int64_t h = 0; h < sh.head_dim_v; ++h) sum = fmaf(to_acc(d_o[h]), to_acc(o[h]), sum);
+  for (int64_t h0 = 0; h0 < sh.head_dim_v; h0 += kHc) {  // dp's chunks of kHc
+    float part = 0.f;
+    for (int64_t h = h0; h < sh.head_dim_v && h < h0 + kHc; ++h) part = fmaf(to_acc(d_o[h]), to_acc(o[h]), part);
+    sum += part;
+  }
   delta_of(a)[(b * sh.num_heads + n) * sh.seqlen_q + t] = sum;
 }
 
@@ -330,6 +348,12 @@ __device__ void attention_bwd_dq(const AttentionBwdParams& a) {
         load_tile<kBN, kHc>(&kv_s[0][0], kHc + 1, src + s0 * (pass == 0 ? ld_k : ld_v) + hc,
                             pass == 0 ? ld_k : ld_v, sh.seqlen_k - s0, hd - hc);
         __syncthreads();
+        float part[kQRM][4];  // chunk sums, as the forward's
+#pragma unroll
+        for (int i = 0; i < kQRM; ++i) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) part[i][e] = 0.f;
+        }
         for (int h = 0; h < kHc; ++h) {
           float kk[4];
 #pragma unroll
@@ -338,8 +362,13 @@ __device__ void attention_bwd_dq(const AttentionBwdParams& a) {
           for (int i = 0; i < kQRM; ++i) {
             const float l = lhs[ty + kTY * i][hc + h];
 #pragma unroll
-            for (int e = 0; e < 4; ++e) (pass == 0 ? qk : dp)[i][e] = fmaf(l, kk[e], (pass == 0 ? qk : dp)[i][e]);
+            for (int e = 0; e < 4; ++e) part[i][e] = fmaf(l, kk[e], part[i][e]);
           }
+        }
+#pragma unroll
+        for (int i = 0; i < kQRM; ++i) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) (pass == 0 ? qk : dp)[i][e] += part[i][e];
         }
       }
     }
@@ -448,13 +477,21 @@ __device__ void attention_bwd_dkdv(const AttentionBwdParams& a) {
         load_tile<kKM, kHc>(&q_s[0][0], kHc + 1, q + t0 * ld_q + hc, ld_q, rows, sh.head_dim - hc);
         load_tile<kKM, kHc>(&do_s[0][0], kHc + 1, d_o + t0 * ld_o + hc, ld_o, rows, sh.head_dim_v - hc);
         __syncthreads();
+        float qk_part[kKI], dp_part[kKI];  // chunk sums, as the forward's
+#pragma unroll
+        for (int i = 0; i < kKI; ++i) qk_part[i] = dp_part[i] = 0.f;
         for (int h = 0; h < kHc; ++h) {
           const float kk = k_s[j][hc + h], vv = v_s[j][hc + h];
 #pragma unroll
           for (int i = 0; i < kKI; ++i) {
-            qk[i] = fmaf(kk, q_s[tx + kKX * i][h], qk[i]);
-            dp[i] = fmaf(vv, do_s[tx + kKX * i][h], dp[i]);  // as delta sums it
+            qk_part[i] = fmaf(kk, q_s[tx + kKX * i][h], qk_part[i]);
+            dp_part[i] = fmaf(vv, do_s[tx + kKX * i][h], dp_part[i]);
           }
+        }
+#pragma unroll
+        for (int i = 0; i < kKI; ++i) {
+          qk[i] += qk_part[i];
+          dp[i] += dp_part[i];
         }
       }
 #pragma unroll
