@@ -64,9 +64,7 @@ template <bool TRANS_A>
 TFA_AVX2 inline void gemm_avx2(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                                int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   const int64_t row_step = TRANS_A ? 1 : lda;
-  for (int64_t k0 = 0; k0 < std::max<int64_t>(k, 1); k0 += kGemmKc) {  // chunks as the AVX-512 tier's
-    const int64_t kc = std::min(kGemmKc, k - k0);
-    const GemmInto into = gemm_into(k0, accumulate);
+  for_each_k_chunk(k, accumulate, [&](int64_t k0, int64_t kc, GemmInto into) TFA_AVX2 {
     const float* ak = TRANS_A ? a + k0 * lda : a + k0;
     const float* bk = b + k0 * ldb;
     for (int64_t j = 0; j < n; j += 16) {
@@ -84,7 +82,7 @@ TFA_AVX2 inline void gemm_avx2(int64_t m, int64_t n, int64_t k, const float* a, 
         default: break;
       }
     }
-  }
+  });
 }
 
 // ---- the float32 backward's dS tile (see MicroKernels::ds_wide) -----------

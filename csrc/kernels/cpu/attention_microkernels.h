@@ -81,8 +81,14 @@ constexpr int64_t kGemmKc = 64;
 // What a chunk does with C: C = sum (kStore), the chain starts from C
 // (kChain), C = C + sum (kAdd).
 enum class GemmInto { kStore, kChain, kAdd };
-inline GemmInto gemm_into(int64_t k0, bool accumulate) {
-  return k0 > 0 ? GemmInto::kAdd : accumulate ? GemmInto::kChain : GemmInto::kStore;
+
+// The one chunk schedule of every tier: f(k0, kc, into) for the chunks
+// [k0, k0 + kc) of k in order (once, with kc = 0, when k = 0).
+template <typename F>
+inline void for_each_k_chunk(int64_t k, bool accumulate, F&& f) {
+  for (int64_t k0 = 0; k0 < std::max<int64_t>(k, 1); k0 += kGemmKc)
+    f(k0, std::min(kGemmKc, k - k0),
+      k0 > 0 ? GemmInto::kAdd : accumulate ? GemmInto::kChain : GemmInto::kStore);
 }
 
 // ---------------------------------------------------------------------------
@@ -95,18 +101,17 @@ void gemm_portable(int64_t m, int64_t n, int64_t k, const Acc* a, int64_t lda, c
   std::vector<Acc> part(k > kGemmKc ? n : 0);
   for (int64_t i = 0; i < m; ++i) {
     Acc* ci = c + i * ldc;
-    for (int64_t k0 = 0; k0 < std::max<int64_t>(k, 1); k0 += kGemmKc) {
-      const GemmInto into = gemm_into(k0, accumulate);
+    for_each_k_chunk(k, accumulate, [&](int64_t k0, int64_t kc, GemmInto into) {
       Acc* sum = into == GemmInto::kAdd ? part.data() : ci;
       if (into != GemmInto::kChain) std::fill(sum, sum + n, Acc(0));
-      for (int64_t p = k0; p < std::min(k, k0 + kGemmKc); ++p) {
+      for (int64_t p = k0; p < k0 + kc; ++p) {
         const Acc av = TRANS_A ? a[p * lda + i] : a[i * lda + p];
         const Acc* bp = b + p * ldb;
         for (int64_t j = 0; j < n; ++j) sum[j] += av * bp[j];
       }
       if (into == GemmInto::kAdd)
         for (int64_t j = 0; j < n; ++j) ci[j] += part[j];
-    }
+    });
   }
 }
 
@@ -262,9 +267,7 @@ TFA_AVX512 inline void gemm_rows_avx512(int64_t m, int64_t k, const float* a, in
 template <bool TRANS_A>
 TFA_AVX512 inline void gemm_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                                    int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  for (int64_t k0 = 0; k0 < std::max<int64_t>(k, 1); k0 += kGemmKc) {
-    const int64_t kc = std::min(kGemmKc, k - k0);
-    const GemmInto into = gemm_into(k0, accumulate);
+  for_each_k_chunk(k, accumulate, [&](int64_t k0, int64_t kc, GemmInto into) TFA_AVX512 {
     const float* ak = TRANS_A ? a + k0 * lda : a + k0;
     const float* bk = b + k0 * ldb;
     for (int64_t j = 0; j < n; j += 64) {
@@ -275,7 +278,7 @@ TFA_AVX512 inline void gemm_avx512(int64_t m, int64_t n, int64_t k, const float*
         default: gemm_rows_avx512<1, TRANS_A>(m, kc, ak, lda, bk + j, ldb, c + j, ldc, into); break;
       }
     }
-  }
+  });
 }
 
 // ds_wide: float32 FMAs (exact products) summed over chunks of kKc terms of
