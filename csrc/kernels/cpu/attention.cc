@@ -92,6 +92,26 @@ void load_tile_t(const T* src, int64_t stride, int64_t rows, int64_t cols, Acc s
   }
 }
 
+// Inputs already in the accumulation type (float32 and float64) whose rows
+// hold whole 16-lane vectors are read where they are instead of copied: a
+// strided row-major tile is what the micro-kernels take. Null otherwise.
+template <typename T, typename Acc>
+inline const Acc* in_place(const T* x, int64_t cols) {
+  if constexpr (std::is_same<T, Acc>::value) {
+    return cols % 16 == 0 ? x : nullptr;
+  } else {
+    (void)x;
+    (void)cols;
+    return nullptr;
+  }
+}
+// Whether multiplying by s is exact (s = 2^e): then (s q) . k and s (q . k)
+// round alike, so q may be read unscaled and the logits scaled instead.
+inline bool power_of_two(double s) {
+  int e = 0;
+  return s > 0 && std::frexp(s, &e) == 0.5;
+}
+
 // Operands of the raw bfloat16 products (cpu::raw_products): the bits of a
 // bfloat16 input as they are; other types (never multiplied this way, as
 // raw_products offers the products for bfloat16 inputs only) rounded to it.
@@ -271,10 +291,17 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
   const bool bits = raw.gemm != nullptr;
   const int64_t Hp2 = round_up(H, 2);
 
+  // q (when the scale is a power of two: logits = scale (q . k), the same
+  // bits) and V are read in place where in_place allows; the results are the
+  // same as from the copies.
+  const bool q_direct = !bits && power_of_two(p.scale) && in_place<T, Acc>(q, H) != nullptr;
+  const bool v_direct = in_place<T, Acc>(v, Hv) != nullptr;
+
   const int64_t cost = kBr * std::max<int64_t>(S, 1) * (H + Hv) * 2;
   ctx.parallel_for(items, cost, [&](int64_t begin, int64_t end) {
     // Per-chunk scratch; zero-initialised so that padding lanes are finite.
-    std::vector<Acc> qs(bits ? 0 : kBr * Hp, 0), kt(bits ? 0 : slots * Hp * kBc, 0), vt(slots * kBc * Hvp, 0),
+    std::vector<Acc> qs(bits || q_direct ? 0 : kBr * Hp, 0), kt(bits ? 0 : slots * Hp * kBc, 0),
+        vt(v_direct ? 0 : slots * kBc * Hvp, 0),
         st(kBr * kBc, 0), acc(kBr * Hvp, 0), m(kBr), l(kBr);
     std::vector<uint16_t> qb(bits ? kBr * Hp2 : 0, 0), ktb(bits ? slots * Hp2 * kBc : 0, 0);
     int64_t cached_bh = -1, cached_tiles = 0;  // (b * Nkv + hk) whose first cached_tiles tiles are in kt, vt
@@ -287,9 +314,11 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
       }
       const int64_t t0 = qi * kBr, nr = std::min(kBr, T_ - t0);
       // q is pre-scaled: logits = (scale q) . k. The backward scales the same way.
+      const Acc* qa = q_direct ? in_place<T, Acc>(q + sq.offset(b, t0, n), H) : qs.data();
+      const int64_t ldq = q_direct ? sq.seq : Hp;
       if (bits) {
         load_bits(q + sq.offset(b, t0, n), sq.seq, nr, H, qb.data(), Hp2);
-      } else {
+      } else if (!q_direct) {
         copy_tile(q + sq.offset(b, t0, n), sq.seq, nr, H, scale, qs.data(), Hp);
       }
       std::fill(acc.begin(), acc.end(), Acc(0));
@@ -304,21 +333,23 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
         const int64_t tile = s0 / kBc, slot = cache_kv ? tile : 0;
         Acc* ktile = bits ? nullptr : kt.data() + slot * Hp * kBc;
         uint16_t* ktbtile = bits ? ktb.data() + slot * Hp2 * kBc : nullptr;
-        Acc* vtile = vt.data() + slot * kBc * Hvp;
+        const Acc* vtile = v_direct ? in_place<T, Acc>(vb, Hv) : vt.data() + slot * kBc * Hvp;
+        const int64_t ldv = v_direct ? sv.seq : Hvp;
         if (!cache_kv || tile >= cached_tiles) {
           if (bits) {
             load_pairs_t(kb, sk.seq, nc, H, ktbtile, 2 * kBc);
           } else {
             load_tile_t(kb, sk.seq, nc, H, Acc(1), ktile, kBc);
           }
-          copy_tile(vb, sv.seq, nc, Hv, Acc(1), vtile, Hvp);
+          if (!v_direct) copy_tile(vb, sv.seq, nc, Hv, Acc(1), vt.data() + slot * kBc * Hvp, Hvp);
           if (cache_kv) cached_tiles = tile + 1;  // tiles are visited in order from 0
         }
         if (bits) {
           raw.gemm(nr, ncp, Hp2 / 2, qb.data(), Hp2, ktbtile, 2 * kBc, st.data(), kBc, false);
           scale_rows(st.data(), kBc, nr, nc, scale);
         } else {
-          mk.gemm(nr, ncp, H, qs.data(), Hp, ktile, kBc, st.data(), kBc, false);
+          mk.gemm(nr, ncp, H, qa, ldq, ktile, kBc, st.data(), kBc, false);
+          if (q_direct) scale_rows(st.data(), kBc, nr, nc, scale);
         }
         if (mv.tile_needs_mask(t0, s0, nc)) apply_mask(mv, b, n, t0, nr, s0, nc, st.data(), kBc, int64_t(1));
 
@@ -328,7 +359,7 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
         if (drop.on) {
           dropout_tile(drop, b, n, t0, nr, s0, nc, st.data(), kBc, true);
         }
-        mk.gemm(nr, Hvp, nc, st.data(), kBc, vtile, Hvp, acc.data(), Hvp, true);
+        mk.gemm(nr, Hvp, nc, st.data(), kBc, vtile, ldv, acc.data(), Hvp, true);
       }
 
       for (int64_t r = 0; r < nr; ++r) {
@@ -399,21 +430,25 @@ struct BwdTile {
       : Hp(hp), Hvp(hvp), qs(kBr * hp, 0), dob(kBr * hvp, 0), kt(hp * kBc, 0), vt(hvp * kBc, 0), pb(kBr * kBc, 0),
         dsb(kBr * kBc, 0), dm(kBr * kBc, 0), lse_r(kBr), delta_r(kBr), wide(wide_) {}
 
-  // From (scale q) [nr][Hp], dO [nr][Hvp], K^T and V^T [.][kBc], lse and delta
+  // From (scale q) [nr][ldq] (or q itself with q_scale = scale, a power of
+  // two: the same logits), dO [nr][lddo], K^T and V^T [.][kBc], lse and delta
   // of rows [t0, t0+nr) and keys [s0, s0+nc): pb = p * D (dropped
   // probabilities) and dsb = dx, both [nr][kBc] row-major. The operands are
   // passed explicitly so that the fused pass can point into whole-sequence
-  // buffers; the arithmetic is the same whoever calls it (determinism).
+  // buffers or the inputs; the arithmetic is the same whoever calls it
+  // (determinism).
   void compute(const MicroKernels<Acc>& mk, const MaskView& mv, const Dropout& drop, int64_t b, int64_t n, int64_t t0,
-               int64_t nr, int64_t s0, int64_t nc, int64_t H, int64_t Hv, const Acc* q_, const Acc* do_, const Acc* kt_,
-               const Acc* vt_, const Acc* lse_, const double* delta_, const RawOperands<Acc>* bf = nullptr) {
+               int64_t nr, int64_t s0, int64_t nc, int64_t H, int64_t Hv, const Acc* q_, int64_t ldq, Acc q_scale,
+               const Acc* do_, int64_t lddo, const Acc* kt_, const Acc* vt_, const Acc* lse_, const double* delta_,
+               const RawOperands<Acc>* bf = nullptr) {
     const int64_t ncp = round_up(nc, kPad);
     const bool use_bf = bf != nullptr && bf->raw.gemm != nullptr;
     if (use_bf) {
       bf->raw.gemm(nr, ncp, bf->Hp2 / 2, bf->q, bf->Hp2, bf->kt, 2 * kBc, pb.data(), kBc, false);
       scale_rows(pb.data(), kBc, nr, nc, bf->scale);
     } else {
-      mk.gemm(nr, ncp, H, q_, Hp, kt_, kBc, pb.data(), kBc, false);
+      mk.gemm(nr, ncp, H, q_, ldq, kt_, kBc, pb.data(), kBc, false);
+      if (q_scale != Acc(1)) scale_rows(pb.data(), kBc, nr, nc, q_scale);
     }
     if (mv.tile_needs_mask(t0, s0, nc)) apply_mask(mv, b, n, t0, nr, s0, nc, pb.data(), kBc, int64_t(1));
     // p = exp(x - lse); lse = +inf (fully masked row) gives p = 0 here.
@@ -422,7 +457,7 @@ struct BwdTile {
     if (use_bf) bf->raw.gemm(nr, ncp, bf->Hvp2 / 2, bf->do_, bf->Hvp2, bf->vt, 2 * kBc, dsb.data(), kBc, false);
     if (wide && !use_bf) {
       if (drop.on) dropout_tile(drop, b, n, t0, nr, s0, nc, dm.data(), kBc, false);
-      mk.ds_wide(nr, ncp, Hv, do_, Hvp, vt_, kBc, pb.data(), drop.on ? dm.data() : nullptr, delta_, dsb.data(), kBc);
+      mk.ds_wide(nr, ncp, Hv, do_, lddo, vt_, kBc, pb.data(), drop.on ? dm.data() : nullptr, delta_, dsb.data(), kBc);
       if (drop.on) {
         for (int64_t r = 0; r < nr; ++r) {
           Acc* pr = pb.data() + r * kBc;
@@ -432,7 +467,7 @@ struct BwdTile {
       }
       return;
     }
-    if (!use_bf) mk.gemm(nr, ncp, Hv, do_, Hvp, vt_, kBc, dsb.data(), kBc, false);
+    if (!use_bf) mk.gemm(nr, ncp, Hv, do_, lddo, vt_, kBc, dsb.data(), kBc, false);
     if (drop.on) dropout_tile(drop, b, n, t0, nr, s0, nc, dm.data(), kBc, false);
     for (int64_t r = 0; r < nr; ++r) {
       Acc* pr = pb.data() + r * kBc;
@@ -451,8 +486,8 @@ struct BwdTile {
   }
   void compute(const MicroKernels<Acc>& mk, const MaskView& mv, const Dropout& drop, int64_t b, int64_t n, int64_t t0,
                int64_t nr, int64_t s0, int64_t nc, int64_t H, int64_t Hv) {
-    compute(mk, mv, drop, b, n, t0, nr, s0, nc, H, Hv, qs.data(), dob.data(), kt.data(), vt.data(), lse_r.data(),
-            delta_r.data());
+    compute(mk, mv, drop, b, n, t0, nr, s0, nc, H, Hv, qs.data(), Hp, Acc(1), dob.data(), Hvp, kt.data(), vt.data(),
+            lse_r.data(), delta_r.data());
   }
 };
 
@@ -593,10 +628,18 @@ struct BwdProblem {
     const int64_t Sp = nkt * kBc, Tp = nqt * kBr, heads_kv = B * Nkv;
     const int64_t Hp2 = round_up(H, 2), Hvp2 = round_up(Hv, 2);
     const int64_t cost = std::max<int64_t>(S, 1) * T_ * group * (3 * H + 2 * Hv) * 2;
+    // k, dO and (when the scale is a power of two, see the forward) q are read
+    // in place where in_place allows; dk then sums dS^T q and is scaled once
+    // at the end, which for such scales gives the same bits.
+    const bool k_direct = !bits && in_place<T, Acc>(k, H) != nullptr;
+    const bool do_direct = !bits && in_place<T, Acc>(dout, Hv) != nullptr;
+    const bool q_direct = !bits && power_of_two(p.scale) && in_place<T, Acc>(q, H) != nullptr;
+    const Acc q_scale = q_direct ? scale : Acc(1);
     ctx.parallel_for(heads_kv, cost, [&](int64_t begin, int64_t end) {
       BwdTile<Acc> tile(Hp, Hvp, kWide);
-      std::vector<Acc> kr(Sp * Hp, 0), kt(Sp * Hp, 0), vt(Sp * Hvp, 0), dk_acc(Sp * Hp), dv_acc(Sp * Hvp),
-          qa(Tp * Hp, 0), doa(Tp * Hvp, 0), dq_acc(Tp * Hp), lse_a(Tp), fm(kBc), uni(Hv);
+      std::vector<Acc> kr(k_direct ? 0 : Sp * Hp, 0), kt(Sp * Hp, 0), vt(Sp * Hvp, 0), dk_acc(Sp * Hp),
+          dv_acc(Sp * Hvp), qa(q_direct ? 0 : Tp * Hp, 0), doa(do_direct ? 0 : Tp * Hvp, 0), dq_acc(Tp * Hp),
+          lse_a(Tp), fm(kBc), uni(Hv);
       std::vector<double> delta_a(Tp);
       std::vector<uint16_t> qb, dob, ktb, vtb;
       if (bits) {
@@ -612,10 +655,16 @@ struct BwdProblem {
       bf.scale = scale;
       for (int64_t w = begin; w < end; ++w) {
         const int64_t hk = w % Nkv, b = w / Nkv;
+        const Acc* kp = k_direct ? in_place<T, Acc>(k + sk.offset(b, 0, hk), H) : kr.data();
+        const int64_t ldk = k_direct ? sk.seq : Hp;
         for (int64_t kj = 0; kj < nkt; ++kj) {
           const int64_t s0 = kj * kBc, nc = std::min(kBc, S - s0);
-          copy_tile(k + sk.offset(b, s0, hk), sk.seq, nc, H, Acc(1), kr.data() + s0 * Hp, Hp);
-          load_tile_t(kr.data() + s0 * Hp, Hp, nc, H, Acc(1), kt.data() + kj * Hp * kBc, kBc);
+          if (k_direct) {
+            load_tile_t(kp + s0 * ldk, ldk, nc, H, Acc(1), kt.data() + kj * Hp * kBc, kBc);
+          } else {
+            copy_tile(k + sk.offset(b, s0, hk), sk.seq, nc, H, Acc(1), kr.data() + s0 * Hp, Hp);
+            load_tile_t(kr.data() + s0 * Hp, Hp, nc, H, Acc(1), kt.data() + kj * Hp * kBc, kBc);
+          }
           load_tile_t(v + sv.offset(b, s0, hk), sv.seq, nc, Hv, Acc(1), vt.data() + kj * Hvp * kBc, kBc);
           if (bits) {
             load_pairs_t(k + sk.offset(b, s0, hk), sk.seq, nc, H, ktb.data() + kj * Hp2 * kBc, 2 * kBc);
@@ -625,8 +674,11 @@ struct BwdProblem {
         std::fill(dk_acc.begin(), dk_acc.end(), Acc(0));
         std::fill(dv_acc.begin(), dv_acc.end(), Acc(0));
         for (int64_t n = hk * group; n < (hk + 1) * group; ++n) {
-          copy_tile(q + sq.offset(b, 0, n), sq.seq, T_, H, scale, qa.data(), Hp);
-          copy_tile(dout + sdo.offset(b, 0, n), sdo.seq, T_, Hv, Acc(1), doa.data(), Hvp);
+          const Acc* qp = q_direct ? in_place<T, Acc>(q + sq.offset(b, 0, n), H) : qa.data();
+          const Acc* dop = do_direct ? in_place<T, Acc>(dout + sdo.offset(b, 0, n), Hv) : doa.data();
+          const int64_t ldq = q_direct ? sq.seq : Hp, lddo = do_direct ? sdo.seq : Hvp;
+          if (!q_direct) copy_tile(q + sq.offset(b, 0, n), sq.seq, T_, H, scale, qa.data(), Hp);
+          if (!do_direct) copy_tile(dout + sdo.offset(b, 0, n), sdo.seq, T_, Hv, Acc(1), doa.data(), Hvp);
           if (bits) {
             load_bits(q + sq.offset(b, 0, n), sq.seq, T_, H, qb.data(), Hp2);
             load_bits(dout + sdo.offset(b, 0, n), sdo.seq, T_, Hv, dob.data(), Hvp2);
@@ -647,20 +699,20 @@ struct BwdProblem {
                   bf.kt = ktb.data() + kj * Hp2 * kBc;
                   bf.vt = vtb.data() + kj * Hvp2 * kBc;
                 }
-                tile.compute(mk, mv, drop, b, n, t0, nr, s0, nc, H, Hv, qa.data() + t0 * Hp, doa.data() + t0 * Hvp,
-                             kt.data() + kj * Hp * kBc, vt.data() + kj * Hvp * kBc, lse_a.data() + t0,
+                tile.compute(mk, mv, drop, b, n, t0, nr, s0, nc, H, Hv, qp + t0 * ldq, ldq, q_scale, dop + t0 * lddo,
+                             lddo, kt.data() + kj * Hp * kBc, vt.data() + kj * Hvp * kBc, lse_a.data() + t0,
                              delta_a.data() + t0, &bf);
-                mk.gemm_tn(nc, Hvp, nr, tile.pb.data(), kBc, doa.data() + t0 * Hvp, Hvp, dv_acc.data() + s0 * Hvp, Hvp,
+                mk.gemm_tn(nc, Hvp, nr, tile.pb.data(), kBc, dop + t0 * lddo, lddo, dv_acc.data() + s0 * Hvp, Hvp,
                            true);
-                mk.gemm_tn(nc, Hp, nr, tile.dsb.data(), kBc, qa.data() + t0 * Hp, Hp, dk_acc.data() + s0 * Hp, Hp, true);
-                mk.gemm(nr, Hp, nc, tile.dsb.data(), kBc, kr.data() + s0 * Hp, Hp, dq_acc.data() + t0 * Hp, Hp, true);
+                mk.gemm_tn(nc, Hp, nr, tile.dsb.data(), kBc, qp + t0 * ldq, ldq, dk_acc.data() + s0 * Hp, Hp, true);
+                mk.gemm(nr, Hp, nc, tile.dsb.data(), kBc, kp + s0 * ldk, ldk, dq_acc.data() + t0 * Hp, Hp, true);
               }
               uniform_rows_dv(b, n, t0, nr, s0, nc, dv_acc.data() + s0 * Hvp, fm.data(), uni.data());
             }
           }
           copy_tile(dq_acc.data(), Hp, T_, H, scale, dq + sdq.offset(b, 0, n), sdq.seq);
         }
-        copy_tile(dk_acc.data(), Hp, S, H, Acc(1), dk + sdk.offset(b, 0, hk), sdk.seq);
+        copy_tile(dk_acc.data(), Hp, S, H, q_scale, dk + sdk.offset(b, 0, hk), sdk.seq);
         copy_tile(dv_acc.data(), Hvp, S, Hv, Acc(1), dv + sdv.offset(b, 0, hk), sdv.seq);
       }
     });
