@@ -485,55 +485,52 @@ TFA_AVX512 inline void softmax_step_avx512(int64_t nr, int64_t nc, float* s, int
 }
 
 // Dropout with Philox4x32-10 on 16 counters at once (64 keys of a row per
-// vector; philox.h's generator, bit for bit). For rows r < nr and keys c < nc,
+// block; philox.h's generator, bit for bit). For rows r < nr and keys c < nc,
 // with f = kept where the word of key s0 + c of row t0 + r is >= threshold
 // and 0 otherwise: out[r * ld + c] = f, or with apply, out[r * ld + c] *= f
-// (rounded as out * kept). s0 % 4 == 0. The counters (s / 4, t, n, b) of 16
-// consecutive key quads run in the lanes; R rows at once keep the multiplier
-// busy while each round waits for the last one's products.
+// (rounded as out * kept). s0 % 4 == 0.
+//
+// Layout: each word of the 16 counters (key quads s / 4, ..., s / 4 + 15) is
+// two vectors, quads 0-7 and 8-15, one per 64-bit lane in its low half. Then
+// one vpmuludq gives eight whole 32 x 32 -> 64-bit products, the high words
+// are one shift away and the low words are the products themselves: their
+// high halves are never read (vpmuludq reads the low halves, XOR keeps the
+// halves apart), so they may hold anything. 12 vector operations per row and
+// round instead of 16 with 16 counters in 32-bit lanes.
 //
 // The counter (s / 4, t, n, b) makes the first rounds partly shared: the
-// quad s / 4 varies with the lane only, t with the row only, n and b not at
-// all. So round 0 is the same for every row except for the word t enters
-// (a scalar per row), round 1's products are one shared vector and one scalar
-// per row, and round 2 has one shared product; the rows' own vectors start
-// with round 2's second product. That leaves 15 of the 20 vector products
-// per row (philox4x32_10 in philox.h is the reference; the tests compare the
-// masks with NumPy's Philox).
-//
-// 32 x 32 -> 64-bit products of the even and odd lanes, split into their
-// high and low words with shifts and blends (cheaper than two-source
-// permutes here).
-TFA_AVX512 inline void philox_mulhilo_avx512(__m512i a, __m512i m, __m512i* hi, __m512i* lo) {
-  const __m512i even = _mm512_mul_epu32(a, m);                         // lanes 0, 2, ...: 64-bit products
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);  // lanes 1, 3, ...
-  *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-}
+// quad varies with the lane only, t with the row only, n and b not at all.
+// So round 0 is the same for every row except for the word t enters (a
+// scalar per row), round 1's products are one shared pair of vectors and one
+// scalar per row, and round 2 has one shared product; the rows' own vectors
+// start with round 2's second product (15 of the 20 products per row).
 
-// What the rows of one block of 64 keys share (see above).
 struct PhiloxShared {
-  __m512i r0_x3, r1_x1, r2_h0, r2_l0;
+  __m512i r0_x3[2], r1_x1[2], r2_h0[2], r2_l0[2];
 };
 
 TFA_AVX512 inline PhiloxShared philox_shared_avx512(uint32_t k0_0, uint32_t k1_0, uint32_t ln, uint32_t b,
                                                     uint32_t quad0) {
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
   const uint32_t k0_1 = k0_0 + kPhiloxW0;
   PhiloxShared sh;
-  __m512i h, l;
-  philox_mulhilo_avx512(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(quad0)), lane), m0, &h, &l);
-  const __m512i r0_x2 = _mm512_xor_si512(h, _mm512_set1_epi32(static_cast<int>(b ^ k1_0)));
-  sh.r0_x3 = l;
-  philox_mulhilo_avx512(r0_x2, m1, &h, &l);
-  const __m512i r1_x0 = _mm512_xor_si512(h, _mm512_set1_epi32(static_cast<int>(ln ^ k0_1)));
-  sh.r1_x1 = l;
-  philox_mulhilo_avx512(r1_x0, m0, &sh.r2_h0, &sh.r2_l0);
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    const __m512i quad = _mm512_add_epi64(_mm512_set1_epi64(quad0 + 8 * h), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m512i p0 = _mm512_mul_epu32(quad, m0);
+    const __m512i r0_x2 = _mm512_xor_si512(_mm512_srli_epi64(p0, 32), _mm512_set1_epi32(static_cast<int>(b ^ k1_0)));
+    sh.r0_x3[h] = p0;
+    const __m512i p1 = _mm512_mul_epu32(r0_x2, m1);
+    const __m512i r1_x0 = _mm512_xor_si512(_mm512_srli_epi64(p1, 32), _mm512_set1_epi32(static_cast<int>(ln ^ k0_1)));
+    sh.r1_x1[h] = p1;
+    const __m512i p2 = _mm512_mul_epu32(r1_x0, m0);
+    sh.r2_h0[h] = _mm512_srli_epi64(p2, 32);
+    sh.r2_l0[h] = p2;
+  }
   return sh;
 }
 
-// R rows t0 .. t0 + R - 1 of the block of keys s0 + c .. (c < nc <= 64).
+// R rows t0 .. t0 + R - 1 of one block of keys (nc <= 64 of them).
 template <int R>
 TFA_AVX512 inline void dropout_rows_avx512(const PhiloxShared& sh, uint64_t seed, uint32_t hn, uint32_t threshold,
                                            float kept, uint32_t t0, int64_t nc, float* out, int64_t ld, bool apply) {
@@ -543,20 +540,23 @@ TFA_AVX512 inline void dropout_rows_avx512(const PhiloxShared& sh, uint64_t seed
   const uint32_t k0_0 = static_cast<uint32_t>(seed), k1_0 = static_cast<uint32_t>(seed >> 32);
   const uint32_t k0_1 = k0_0 + kPhiloxW0, k1_1 = k1_0 + kPhiloxW1;
   const uint32_t k0_2 = k0_1 + kPhiloxW0, k1_2 = k1_1 + kPhiloxW1;
-  __m512i x0[R], x1[R], x2[R], x3[R];
+  __m512i x0[R][2], x1[R][2], x2[R][2], x3[R][2];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     // Round 0 gives x0 = hn ^ t ^ k0 (a scalar); round 1's product of it:
     uint32_t hr, lr;
     philox_mulhilo(kPhiloxM0, hn ^ (t0 + static_cast<uint32_t>(r)) ^ k0_0, &hr, &lr);
-    const __m512i r1_x2 = _mm512_xor_si512(sh.r0_x3, _mm512_set1_epi32(static_cast<int>(hr ^ k1_1)));
-    // Round 2: the row's product of x2; x3 (= lr) enters x2 as a scalar.
-    __m512i h1, l1;
-    philox_mulhilo_avx512(r1_x2, m1, &h1, &l1);
-    x0[r] = _mm512_ternarylogic_epi32(h1, sh.r1_x1, _mm512_set1_epi32(static_cast<int>(k0_2)), 0x96);
-    x1[r] = l1;
-    x2[r] = _mm512_xor_si512(sh.r2_h0, _mm512_set1_epi32(static_cast<int>(lr ^ k1_2)));
-    x3[r] = sh.r2_l0;
+    const __m512i a1 = _mm512_set1_epi32(static_cast<int>(hr ^ k1_1)), a2 = _mm512_set1_epi32(static_cast<int>(lr ^ k1_2));
+    const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0_2));
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      // Round 2: the row's product of x2; x3 (= lr) enters x2 as a scalar.
+      const __m512i p1 = _mm512_mul_epu32(_mm512_xor_si512(sh.r0_x3[h], a1), m1);
+      x0[r][h] = _mm512_ternarylogic_epi32(_mm512_srli_epi64(p1, 32), sh.r1_x1[h], key0, 0x96);
+      x1[r][h] = p1;
+      x2[r][h] = _mm512_xor_si512(sh.r2_h0[h], a2);
+      x3[r][h] = sh.r2_l0[h];
+    }
   }
   uint32_t k0 = k0_2 + kPhiloxW0, k1 = k1_2 + kPhiloxW1;
 #pragma GCC unroll 7
@@ -564,23 +564,30 @@ TFA_AVX512 inline void dropout_rows_avx512(const PhiloxShared& sh, uint64_t seed
     const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0)), key1 = _mm512_set1_epi32(static_cast<int>(k1));
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
-      __m512i hi0, lo0, hi1, lo1;
-      philox_mulhilo_avx512(x0[r], m0, &hi0, &lo0);
-      philox_mulhilo_avx512(x2[r], m1, &hi1, &lo1);
-      x0[r] = _mm512_ternarylogic_epi32(hi1, x1[r], key0, 0x96);  // hi1 ^ x1 ^ k0
-      x2[r] = _mm512_ternarylogic_epi32(hi0, x3[r], key1, 0x96);  // hi0 ^ x3 ^ k1
-      x1[r] = lo1;
-      x3[r] = lo0;
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m512i p0 = _mm512_mul_epu32(x0[r][h], m0), p1 = _mm512_mul_epu32(x2[r][h], m1);
+        x0[r][h] = _mm512_ternarylogic_epi32(_mm512_srli_epi64(p1, 32), x1[r][h], key0, 0x96);  // hi1 ^ x1 ^ k0
+        x2[r][h] = _mm512_ternarylogic_epi32(_mm512_srli_epi64(p0, 32), x3[r][h], key1, 0x96);  // hi0 ^ x3 ^ k1
+        x1[r][h] = p1;
+        x3[r][h] = p0;
+      }
     }
     k0 += kPhiloxW0;
     k1 += kPhiloxW1;
   }
+  // The low halves of the two vectors of a word, quads 0-15 in 32-bit lanes.
+  const __m512i low_halves = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
+    const __m512i y0 = _mm512_permutex2var_epi32(x0[r][0], low_halves, x0[r][1]);
+    const __m512i y1 = _mm512_permutex2var_epi32(x1[r][0], low_halves, x1[r][1]);
+    const __m512i y2 = _mm512_permutex2var_epi32(x2[r][0], low_halves, x2[r][1]);
+    const __m512i y3 = _mm512_permutex2var_epi32(x3[r][0], low_halves, x3[r][1]);
     // Word u of lane i decides key 4 i + u: transpose the 4 x 16 words
     // into key order (within 128-bit lanes, then across them).
-    const __m512i a = _mm512_unpacklo_epi32(x0[r], x1[r]), bq = _mm512_unpacklo_epi32(x2[r], x3[r]);
-    const __m512i cq = _mm512_unpackhi_epi32(x0[r], x1[r]), d = _mm512_unpackhi_epi32(x2[r], x3[r]);
+    const __m512i a = _mm512_unpacklo_epi32(y0, y1), bq = _mm512_unpacklo_epi32(y2, y3);
+    const __m512i cq = _mm512_unpackhi_epi32(y0, y1), d = _mm512_unpackhi_epi32(y2, y3);
     const __m512i q0 = _mm512_unpacklo_epi64(a, bq), q1 = _mm512_unpackhi_epi64(a, bq);
     const __m512i q2 = _mm512_unpacklo_epi64(cq, d), q3 = _mm512_unpackhi_epi64(cq, d);
     const __m512i u0 = _mm512_shuffle_i32x4(q0, q1, 0x44), u1 = _mm512_shuffle_i32x4(q2, q3, 0x44);
@@ -601,11 +608,12 @@ TFA_AVX512 inline void dropout_rows_avx512(const PhiloxShared& sh, uint64_t seed
   }
 }
 
-// Blocks of 64 keys outer (their shared rounds once), rows 4 at a time inner.
+// Blocks of 64 keys outer (their shared rounds once), rows 3 at a time inner.
 TFA_AVX512 inline void dropout_tile_avx512(uint64_t seed, uint32_t threshold, float kept, uint32_t b, uint32_t n,
                                            uint32_t t0, int64_t nr, int64_t s0, int64_t nc, float* out, int64_t ld,
                                            bool apply) {
   const uint32_t k0_0 = static_cast<uint32_t>(seed), k1_0 = static_cast<uint32_t>(seed >> 32);
+  constexpr int RB = 3;  // 24 of the 32 registers hold the rows' counters
   uint32_t hn, ln;  // round 0's product of n: the same for every lane and row
   philox_mulhilo(kPhiloxM1, n, &hn, &ln);
   for (int64_t c = 0; c < nc; c += 64) {
@@ -613,15 +621,9 @@ TFA_AVX512 inline void dropout_tile_avx512(uint64_t seed, uint32_t threshold, fl
     const int64_t ncb = std::min<int64_t>(64, nc - c);
     float* oc = out + c;
     int64_t r = 0;
-    for (; r + 4 <= nr; r += 4)
-      dropout_rows_avx512<4>(sh, seed, hn, threshold, kept, t0 + static_cast<uint32_t>(r), ncb, oc + r * ld, ld, apply);
-    const uint32_t tr = t0 + static_cast<uint32_t>(r);
-    switch (nr - r) {
-      case 3: dropout_rows_avx512<3>(sh, seed, hn, threshold, kept, tr, ncb, oc + r * ld, ld, apply); break;
-      case 2: dropout_rows_avx512<2>(sh, seed, hn, threshold, kept, tr, ncb, oc + r * ld, ld, apply); break;
-      case 1: dropout_rows_avx512<1>(sh, seed, hn, threshold, kept, tr, ncb, oc + r * ld, ld, apply); break;
-      default: break;
-    }
+    for (; r + RB <= nr; r += RB)
+      dropout_rows_avx512<RB>(sh, seed, hn, threshold, kept, t0 + static_cast<uint32_t>(r), ncb, oc + r * ld, ld, apply);
+    for (; r < nr; ++r) dropout_rows_avx512<1>(sh, seed, hn, threshold, kept, t0 + static_cast<uint32_t>(r), ncb, oc + r * ld, ld, apply);
   }
 }
 
