@@ -19,7 +19,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <new>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -49,6 +51,88 @@ constexpr int64_t kKvCacheElems = int64_t(1) << 21;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
+
+// ---------------------------------------------------------------------------
+// Scratch buffers. The work chunks' buffers (per thread about 1-4 MiB for
+// whole-sequence backward items) are allocated on every call; glibc serves
+// blocks that large from fresh mmap'ed pages and returns them on free, so
+// every call faulted its scratch in again: about 5% of a small problem's time
+// (B 1, N 4, T 512, H 64, forward + backward, one thread). Freed blocks now
+// stay with their thread for its next call, up to kScratchKeepBytes a thread
+// (the chunks allocate and free on the same thread). Contents are not reused:
+// the buffers are initialised as before.
+
+constexpr size_t kScratchKeepBytes = size_t(16) << 20;
+constexpr size_t kScratchKeepBlocks = 32;
+
+class ScratchCache {
+ public:
+  ScratchCache() { blocks_.reserve(kScratchKeepBlocks); }
+  ~ScratchCache() {
+    for (const Block& b : blocks_) std::free(b.p);
+  }
+  // The smallest kept block of at least `bytes` (and not over 4x as large), or a new one.
+  void* take(size_t bytes) {
+    size_t best = blocks_.size();
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      if (blocks_[i].bytes >= bytes && blocks_[i].bytes <= 4 * bytes + 4096 &&
+          (best == blocks_.size() || blocks_[i].bytes < blocks_[best].bytes))
+        best = i;
+    }
+    if (best < blocks_.size()) {
+      void* p = blocks_[best].p;
+      kept_ -= blocks_[best].bytes;
+      blocks_[best] = blocks_.back();
+      blocks_.pop_back();
+      return p;
+    }
+    void* p = std::malloc(bytes);
+    if (p == nullptr) throw std::bad_alloc();
+    return p;
+  }
+  // `p` was taken with `bytes`; blocks are kept by size (the block taken may
+  // have been larger, which only undercounts).
+  void give(void* p, size_t bytes) {
+    if (kept_ + bytes <= kScratchKeepBytes && blocks_.size() < kScratchKeepBlocks) {
+      blocks_.push_back(Block{p, bytes});
+      kept_ += bytes;
+    } else {
+      std::free(p);
+    }
+  }
+  static ScratchCache& local() {
+    thread_local ScratchCache cache;
+    return cache;
+  }
+
+ private:
+  struct Block {
+    void* p;
+    size_t bytes;
+  };
+  std::vector<Block> blocks_;
+  size_t kept_ = 0;
+};
+
+template <typename T>
+struct ScratchAllocator {
+  using value_type = T;
+  ScratchAllocator() = default;
+  template <typename U>
+  ScratchAllocator(const ScratchAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(ScratchCache::local().take(std::max<size_t>(n, 1) * sizeof(T))); }
+  void deallocate(T* p, size_t n) { ScratchCache::local().give(p, std::max<size_t>(n, 1) * sizeof(T)); }
+  template <typename U>
+  bool operator==(const ScratchAllocator<U>&) const {
+    return true;
+  }
+  template <typename U>
+  bool operator!=(const ScratchAllocator<U>&) const {
+    return false;
+  }
+};
+template <typename T>
+using Scratch = std::vector<T, ScratchAllocator<T>>;
 
 // ---------------------------------------------------------------------------
 // Tile loads: element type T -> accumulation type Acc.
@@ -300,10 +384,10 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
   const int64_t cost = kBr * std::max<int64_t>(S, 1) * (H + Hv) * 2;
   ctx.parallel_for(items, cost, [&](int64_t begin, int64_t end) {
     // Per-chunk scratch; zero-initialised so that padding lanes are finite.
-    std::vector<Acc> qs(bits || q_direct ? 0 : kBr * Hp, 0), kt(bits ? 0 : slots * Hp * kBc, 0),
+    Scratch<Acc> qs(bits || q_direct ? 0 : kBr * Hp, 0), kt(bits ? 0 : slots * Hp * kBc, 0),
         vt(v_direct ? 0 : slots * kBc * Hvp, 0),
         st(kBr * kBc, 0), acc(kBr * Hvp, 0), m(kBr), l(kBr);
-    std::vector<uint16_t> qb(bits ? kBr * Hp2 : 0, 0), ktb(bits ? slots * Hp2 * kBc : 0, 0);
+    Scratch<uint16_t> qb(bits ? kBr * Hp2 : 0, 0), ktb(bits ? slots * Hp2 * kBc : 0, 0);
     int64_t cached_bh = -1, cached_tiles = 0;  // (b * Nkv + hk) whose first cached_tiles tiles are in kt, vt
     for (int64_t w = begin; w < end; ++w) {
       const int64_t qi = interleave(w % nqt, nqt, p.is_causal);
@@ -423,8 +507,8 @@ struct RawOperands {
 template <typename Acc>
 struct BwdTile {
   int64_t Hp, Hvp;
-  std::vector<Acc> qs, dob, kt, vt, pb, dsb, dm, lse_r;
-  std::vector<double> delta_r;
+  Scratch<Acc> qs, dob, kt, vt, pb, dsb, dm, lse_r;
+  Scratch<double> delta_r;
   bool wide;
   BwdTile(int64_t hp, int64_t hvp, bool wide_)
       : Hp(hp), Hvp(hvp), qs(kBr * hp, 0), dob(kBr * hvp, 0), kt(hp * kBc, 0), vt(hvp * kBc, 0), pb(kBr * kBc, 0),
@@ -637,11 +721,11 @@ struct BwdProblem {
     const Acc q_scale = q_direct ? scale : Acc(1);
     ctx.parallel_for(heads_kv, cost, [&](int64_t begin, int64_t end) {
       BwdTile<Acc> tile(Hp, Hvp, kWide);
-      std::vector<Acc> kr(k_direct ? 0 : Sp * Hp, 0), kt(Sp * Hp, 0), vt(Sp * Hvp, 0), dk_acc(Sp * Hp),
+      Scratch<Acc> kr(k_direct ? 0 : Sp * Hp, 0), kt(Sp * Hp, 0), vt(Sp * Hvp, 0), dk_acc(Sp * Hp),
           dv_acc(Sp * Hvp), qa(q_direct ? 0 : Tp * Hp, 0), doa(do_direct ? 0 : Tp * Hvp, 0), dq_acc(Tp * Hp),
           lse_a(Tp), fm(kBc), uni(Hv);
-      std::vector<double> delta_a(Tp);
-      std::vector<uint16_t> qb, dob, ktb, vtb;
+      Scratch<double> delta_a(Tp);
+      Scratch<uint16_t> qb, dob, ktb, vtb;
       if (bits) {
         qb.assign(Tp * Hp2, 0);
         dob.assign(Tp * Hvp2, 0);
@@ -727,7 +811,7 @@ struct BwdProblem {
       const int64_t cost = kBc * std::max<int64_t>(T_, 1) * group * (2 * H + 2 * Hv);
       ctx.parallel_for(kv_items, cost, [&](int64_t begin, int64_t end) {
         BwdTile<Acc> tile(Hp, Hvp, kWide);
-        std::vector<Acc> dk_acc(kBc * Hp, 0), dv_acc(kBc * Hvp, 0), fm(kBc), uni(Hv);
+        Scratch<Acc> dk_acc(kBc * Hp, 0), dv_acc(kBc * Hvp, 0), fm(kBc), uni(Hv);
         for (int64_t w = begin; w < end; ++w) {
           const int64_t kj = interleave(w % nkt, nkt, p.is_causal);
           const int64_t hk = (w / nkt) % Nkv, b = w / (nkt * Nkv);
@@ -761,7 +845,7 @@ struct BwdProblem {
       const int64_t cost = kBr * std::max<int64_t>(S, 1) * (2 * H + Hv) * 2;
       ctx.parallel_for(q_items, cost, [&](int64_t begin, int64_t end) {
         BwdTile<Acc> tile(Hp, Hvp, kWide);
-        std::vector<Acc> kb(kBc * Hp, 0), dq_acc(kBr * Hp, 0);
+        Scratch<Acc> kb(kBc * Hp, 0), dq_acc(kBr * Hp, 0);
         for (int64_t w = begin; w < end; ++w) {
           const int64_t qi = interleave(w % nqt, nqt, p.is_causal);
           const int64_t n = (w / nqt) % N, b = w / (nqt * N), hk = n / group;
