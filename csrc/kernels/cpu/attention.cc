@@ -224,6 +224,10 @@ void load_pairs_t(const T* src, int64_t stride, int64_t rows, int64_t cols, uint
 // x[r * ld + c] *= scale for r < rows, c < cols (logits from unscaled bf16 q).
 template <typename Acc>
 void scale_rows(Acc* x, int64_t ld, int64_t rows, int64_t cols, Acc scale) {
+  if constexpr (std::is_same_v<Acc, float>) {
+    // In place through the vectorised copy (it reads each vector before writing it).
+    if (const cpu::CopyKernels* ck = f32_copies()) return ck->rows(x, ld, rows, cols, scale, x, ld);
+  }
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) x[r * ld + c] *= scale;
 }
@@ -541,14 +545,8 @@ struct BwdTile {
     if (use_bf) bf->raw.gemm(nr, ncp, bf->Hvp2 / 2, bf->do_, bf->Hvp2, bf->vt, 2 * kBc, dsb.data(), kBc, false);
     if (wide && !use_bf) {
       if (drop.on) dropout_tile(drop, b, n, t0, nr, s0, nc, dm.data(), kBc, false);
+      // With dropout, ds_wide also turns pb into the dropped probabilities.
       mk.ds_wide(nr, ncp, Hv, do_, lddo, vt_, kBc, pb.data(), drop.on ? dm.data() : nullptr, delta_, dsb.data(), kBc);
-      if (drop.on) {
-        for (int64_t r = 0; r < nr; ++r) {
-          Acc* pr = pb.data() + r * kBc;
-          const Acc* fr = dm.data() + r * kBc;
-          for (int64_t c = 0; c < nc; ++c) pr[c] *= fr[c];
-        }
-      }
       return;
     }
     if (!use_bf) mk.gemm(nr, ncp, Hv, do_, lddo, vt_, kBc, dsb.data(), kBc, false);

@@ -94,7 +94,7 @@ TFA_AVX2 inline __m256d hi_pd_avx2(__m256 x) { return _mm256_cvtps_pd(_mm256_ext
 // added into float64 accumulators (4 MR registers), as the AVX-512 tier.
 template <int MR>
 TFA_AVX2 inline void ds_wide_block_avx2(int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
-                                        const float* p, const float* f, const double* delta, float* ds, int64_t ldp) {
+                                        float* p, const float* f, const double* delta, float* ds, int64_t ldp) {
   __m256d dacc[MR][4];
 #pragma GCC unroll 4
   for (int i = 0; i < MR; ++i)
@@ -134,6 +134,7 @@ TFA_AVX2 inline void ds_wide_block_avx2(int64_t k, const float* a, int64_t lda, 
         const __m256 fv = _mm256_loadu_ps(f + off);
         xlo = _mm256_fmsub_pd(lo_pd_avx2(fv), dacc[i][2 * j], dl);
         xhi = _mm256_fmsub_pd(hi_pd_avx2(fv), dacc[i][2 * j + 1], dl);
+        _mm256_storeu_ps(p + off, _mm256_mul_ps(pv, fv));
       } else {
         xlo = _mm256_sub_pd(dacc[i][2 * j], dl);
         xhi = _mm256_sub_pd(dacc[i][2 * j + 1], dl);
@@ -145,7 +146,7 @@ TFA_AVX2 inline void ds_wide_block_avx2(int64_t k, const float* a, int64_t lda, 
 }
 
 TFA_AVX2 inline void ds_wide_avx2(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-                                  int64_t ldb, const float* p, const float* f, const double* delta, float* ds,
+                                  int64_t ldb, float* p, const float* f, const double* delta, float* ds,
                                   int64_t ldp) {
   for (int64_t j = 0; j < n; j += 16) {
     const float* fj = f != nullptr ? f + j : nullptr;

@@ -51,12 +51,13 @@ struct MicroKernels {
   //   ds[i][j] = Acc(p[i][j] * (f[i][j] * (A B)[i][j] - delta[i]))
   // for i < m, j < n (n a multiple of 16), A [m][k] and B [k][n] row-major,
   // A B summed in float64 (see the tiers), the rest in float64 and rounded
-  // once; f null means f = 1 (no dropout); p, f, ds share the leading
-  // dimension ldp. dS = P (dP - delta) cancels when one key dominates a row,
+  // once; f null means f = 1 (no dropout), otherwise p is then replaced by
+  // the float32 product p * f (the dropped probabilities); p, f, ds share the
+  // leading dimension ldp. dS = P (dP - delta) cancels when one key dominates a row,
   // so float32 rounding of dP (a few ulps of |dP|, not of dP - delta)
   // decided the gradient's error.
-  void (*ds_wide)(int64_t m, int64_t n, int64_t k, const Acc* a, int64_t lda, const Acc* b, int64_t ldb,
-                  const Acc* p, const Acc* f, const double* delta, Acc* ds, int64_t ldp);
+  void (*ds_wide)(int64_t m, int64_t n, int64_t k, const Acc* a, int64_t lda, const Acc* b, int64_t ldb, Acc* p,
+                  const Acc* f, const double* delta, Acc* ds, int64_t ldp);
   // The forward's online-softmax step on one tile of logits s [nr][nc] (lds):
   // per row r, m_new = max(m[r], max_j s[r][j]); a row with m_new = -inf is
   // set to 0; otherwise corr = exp(m[r] - m_new), s[r][j] = exp(s[r][j] -
@@ -117,8 +118,8 @@ void gemm_portable(int64_t m, int64_t n, int64_t k, const Acc* a, int64_t lda, c
 
 // Portable: every product (exact in float64 for float32 operands) summed in float64.
 template <typename Acc>
-void ds_wide_portable(int64_t m, int64_t n, int64_t k, const Acc* a, int64_t lda, const Acc* b, int64_t ldb,
-                      const Acc* p, const Acc* f, const double* delta, Acc* ds, int64_t ldp) {
+void ds_wide_portable(int64_t m, int64_t n, int64_t k, const Acc* a, int64_t lda, const Acc* b, int64_t ldb, Acc* p,
+                      const Acc* f, const double* delta, Acc* ds, int64_t ldp) {
   double acc[64];
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t j0 = 0; j0 < n; j0 += 64) {
@@ -129,12 +130,14 @@ void ds_wide_portable(int64_t m, int64_t n, int64_t k, const Acc* a, int64_t lda
         const Acc* bq = b + q * ldb + j0;
         for (int64_t j = 0; j < nb; ++j) acc[j] += av * static_cast<double>(bq[j]);
       }
-      const Acc* pi = p + i * ldp + j0;
+      Acc* pi = p + i * ldp + j0;
       Acc* di = ds + i * ldp + j0;
       if (f != nullptr) {
         const Acc* fi = f + i * ldp + j0;
-        for (int64_t j = 0; j < nb; ++j)
+        for (int64_t j = 0; j < nb; ++j) {
           di[j] = static_cast<Acc>(static_cast<double>(pi[j]) * (static_cast<double>(fi[j]) * acc[j] - delta[i]));
+          pi[j] *= fi[j];
+        }
       } else {
         for (int64_t j = 0; j < nb; ++j) di[j] = static_cast<Acc>(static_cast<double>(pi[j]) * (acc[j] - delta[i]));
       }
@@ -304,8 +307,7 @@ TFA_AVX512 inline __m512d hi_pd(__m512 x) {
 
 template <int MR, int NV>
 TFA_AVX512 inline void ds_wide_block_avx512(int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
-                                            const float* p, const float* f, const double* delta, float* ds,
-                                            int64_t ldp) {
+                                            float* p, const float* f, const double* delta, float* ds, int64_t ldp) {
   __m512d dlo[MR][NV], dhi[MR][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
@@ -349,6 +351,7 @@ TFA_AVX512 inline void ds_wide_block_avx512(int64_t k, const float* a, int64_t l
         const __m512 fv = _mm512_loadu_ps(f + off);
         xlo = _mm512_fmsub_pd(lo_pd(fv), dlo[i][j], dl);
         xhi = _mm512_fmsub_pd(hi_pd(fv), dhi[i][j], dl);
+        _mm512_storeu_ps(p + off, _mm512_mul_ps(pv, fv));
       } else {
         xlo = _mm512_sub_pd(dlo[i][j], dl);
         xhi = _mm512_sub_pd(dhi[i][j], dl);
@@ -361,8 +364,8 @@ TFA_AVX512 inline void ds_wide_block_avx512(int64_t k, const float* a, int64_t l
 
 template <int NV>
 TFA_AVX512 inline void ds_wide_rows_avx512(int64_t m, int64_t k, const float* a, int64_t lda, const float* b,
-                                           int64_t ldb, const float* p, const float* f, const double* delta,
-                                           float* ds, int64_t ldp) {
+                                           int64_t ldb, float* p, const float* f, const double* delta, float* ds,
+                                           int64_t ldp) {
   const auto fi = [&](int64_t i) { return f != nullptr ? f + i * ldp : nullptr; };
   int64_t i = 0;
   for (; i + 4 <= m; i += 4)
@@ -377,7 +380,7 @@ TFA_AVX512 inline void ds_wide_rows_avx512(int64_t m, int64_t k, const float* a,
 
 // Column panels of 32 (n is a multiple of 16, so the last panel is 16 or 32).
 TFA_AVX512 inline void ds_wide_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-                                      int64_t ldb, const float* p, const float* f, const double* delta, float* ds,
+                                      int64_t ldb, float* p, const float* f, const double* delta, float* ds,
                                       int64_t ldp) {
   for (int64_t j = 0; j < n; j += 32) {
     const float* fj = f != nullptr ? f + j : nullptr;
