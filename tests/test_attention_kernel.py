@@ -126,6 +126,43 @@ def test_float32_sharp_softmax_at_large_head_dims(shape, is_causal):
         check_close(f, n, r, "float32", name)
 
 
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+def test_padding_that_masks_whole_key_tiles(dtype_name, is_causal):
+    """Key padding as BERT batches have it: whole 64-key tiles masked for some
+    sequences (the kernels skip those tiles) and partial ones for others. The
+    results match the reference, and the masked keys' values do not matter:
+    the same bits when they hold other (large) values."""
+    rng = np.random.default_rng(5)
+    dtype = NP_DTYPES[dtype_name]
+    B, T, S, N, Nkv, H, Hv = 3, 150, 200, 2, 1, 64, 64
+    q, k, v, d_out = make_inputs(rng, B, T, S, N, Nkv, H, Hv, dtype)
+    lengths = np.array([64, 130, 200])
+    padding = np.arange(S)[None, :] < lengths[:, None]
+    mask = padding[:, None, None, :]
+    kw = dict(mask=mask, is_causal=is_causal, dropout_rate=0.2, seed=9)
+    out, lse = _C.attention_fwd(q, k, v, **kw)
+    grads = _C.attention_bwd(q, k, v, out, lse, d_out, **kw)
+    keep = philox_keep_mask(9, 0.2, B, N, T, S)
+    ref_kw = dict(mask=mask, is_causal=is_causal, keep=keep, rate=0.2)
+    ref_out, *_ = np_attention_fwd(q, k, v, **ref_kw)
+    ref_grads = np_attention_bwd(q, k, v, d_out, **ref_kw)
+    naive_out, naive_grads = naive_same_dtype(q, k, v, d_out, dtype, **ref_kw)
+    check_close(out, naive_out, ref_out, dtype_name, "out")
+    for name, f, n, r in zip(("dq", "dk", "dv"), grads, naive_grads, ref_grads):
+        check_close(f, n, r, dtype_name, name)
+    k2, v2 = k.copy(), v.copy()
+    k2[~padding], v2[~padding] = 1e4, -3e3
+    out2, lse2 = _C.attention_fwd(q, k2, v2, **kw)
+    grads2 = _C.attention_bwd(q, k2, v2, out2, lse2, d_out, **kw)
+    np.testing.assert_array_equal(out2, out)
+    np.testing.assert_array_equal(lse2, lse)
+    np.testing.assert_array_equal(grads2[0], grads[0])
+    for g2, g in zip(grads2[1:], grads[1:]):
+        np.testing.assert_array_equal(g2[padding], g[padding])
+        assert not np.any(g2[~padding]), "masked keys got gradients"
+
+
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float32", "float64"])
 def test_dropout_matches_philox_mask(dtype_name):
     rng = np.random.default_rng(3)

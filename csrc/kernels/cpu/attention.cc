@@ -247,16 +247,45 @@ struct MaskView {
     if (causal && s > t) return false;
     return mask == nullptr || mask[b * st.batch + n * st.head + t * st.row + s * st.col];
   }
+  // The vectorised masks, where the CPU has them and the mask's keys are
+  // contiguous or broadcast; null otherwise.
+  const cpu::MaskKernels* vectorised() const {
+    static const cpu::MaskKernels* k = cpu::mask_kernels();
+    return (mask == nullptr || st.col == 0 || st.col == 1) ? k : nullptr;
+  }
+  const bool* at(int64_t b, int64_t n, int64_t t, int64_t s) const {
+    return mask == nullptr ? nullptr : mask + b * st.batch + n * st.head + t * st.row + s * st.col;
+  }
+  // Whether any entry of the tile rows [t0, t0 + nr) x keys [s0, s0 + nc) is
+  // allowed. A tile with none has probabilities 0 everywhere, so the kernels
+  // skip it: it would add exact zeros (and 0 * v, which is NaN for a masked
+  // key holding inf or NaN). Tiles past the causal diagonal are skipped
+  // already; this is for explicit masks (padding).
+  bool tile_any_allowed(int64_t b, int64_t n, int64_t t0, int64_t nr, int64_t s0, int64_t nc) const {
+    if (mask == nullptr) return !causal || s0 <= t0 + nr - 1;
+    if (const cpu::MaskKernels* k = vectorised()) {
+      return k->any(at(b, n, t0, s0), st.row, st.col, causal, t0 - s0, nr, nc);
+    }
+    for (int64_t r = 0; r < nr; ++r)
+      for (int64_t c = 0; c < nc; ++c)
+        if (allowed(b, n, t0 + r, s0 + c)) return true;
+    return false;
+  }
 };
 
-// Sets x[r * row_step + c * col_step] = -inf for every disallowed (t0 + r, s0 + c).
+// Sets x[r * ld + c] = -inf for every disallowed (t0 + r, s0 + c).
 template <typename Acc>
 void apply_mask(const MaskView& mv, int64_t b, int64_t n, int64_t t0, int64_t nr, int64_t s0, int64_t nc, Acc* x,
-                int64_t row_step, int64_t col_step) {
+                int64_t ld) {
+  if constexpr (std::is_same<Acc, float>::value) {
+    if (const cpu::MaskKernels* k = mv.vectorised()) {
+      return k->apply(mv.at(b, n, t0, s0), mv.st.row, mv.st.col, mv.causal, t0 - s0, nr, nc, x, ld);
+    }
+  }
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
   for (int64_t r = 0; r < nr; ++r)
     for (int64_t c = 0; c < nc; ++c)
-      if (!mv.allowed(b, n, t0 + r, s0 + c)) x[r * row_step + c * col_step] = neg_inf;
+      if (!mv.allowed(b, n, t0 + r, s0 + c)) x[r * ld + c] = neg_inf;
 }
 
 struct Dropout {
@@ -432,6 +461,7 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
           if (!v_direct) copy_tile(vb, sv.seq, nc, Hv, Acc(1), vt.data() + slot * kBc * Hvp, Hvp);
           if (cache_kv) cached_tiles = tile + 1;  // tiles are visited in order from 0
         }
+        if (mv.mask != nullptr && !mv.tile_any_allowed(b, n, t0, nr, s0, nc)) continue;  // all probabilities 0
         if (bits) {
           raw.gemm(nr, ncp, Hp2 / 2, qb.data(), Hp2, ktbtile, 2 * kBc, st.data(), kBc, false);
           scale_rows(st.data(), kBc, nr, nc, scale);
@@ -439,7 +469,7 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
           mk.gemm(nr, ncp, H, qa, ldq, ktile, kBc, st.data(), kBc, false);
           if (q_direct) scale_rows(st.data(), kBc, nr, nc, scale);
         }
-        if (mv.tile_needs_mask(t0, s0, nc)) apply_mask(mv, b, n, t0, nr, s0, nc, st.data(), kBc, int64_t(1));
+        if (mv.tile_needs_mask(t0, s0, nc)) apply_mask(mv, b, n, t0, nr, s0, nc, st.data(), kBc);
 
         // Online softmax (FlashAttention-2): running max m and normaliser l
         // without dropout; acc holds the unnormalised output.
@@ -538,7 +568,7 @@ struct BwdTile {
       mk.gemm(nr, ncp, H, q_, ldq, kt_, kBc, pb.data(), kBc, false);
       if (q_scale != Acc(1)) scale_rows(pb.data(), kBc, nr, nc, q_scale);
     }
-    if (mv.tile_needs_mask(t0, s0, nc)) apply_mask(mv, b, n, t0, nr, s0, nc, pb.data(), kBc, int64_t(1));
+    if (mv.tile_needs_mask(t0, s0, nc)) apply_mask(mv, b, n, t0, nr, s0, nc, pb.data(), kBc);
     // p = exp(x - lse); lse = +inf (fully masked row) gives p = 0 here.
     for (int64_t r = 0; r < nr; ++r) mk.exp_shift_sum(pb.data() + r * kBc, nc, lse_[r]);
     // do . v_s
@@ -774,7 +804,7 @@ struct BwdProblem {
             const int64_t s0 = kj * kBc, nc = std::min(kBc, S - s0);
             for (int64_t qi = 0; qi < nqt; ++qi) {
               const int64_t t0 = qi * kBr, nr = std::min(kBr, T_ - t0);
-              if (!(p.is_causal && t0 + nr - 1 < s0)) {
+              if (!(p.is_causal && t0 + nr - 1 < s0) && mv.tile_any_allowed(b, n, t0, nr, s0, nc)) {
                 if (bits) {
                   bf.q = qb.data() + t0 * Hp2;
                   bf.do_ = dob.data() + t0 * Hvp2;
@@ -822,7 +852,8 @@ struct BwdProblem {
           for (int64_t n = hk * group; n < (hk + 1) * group; ++n) {
             for (int64_t qi = 0; qi < nqt; ++qi) {
               const int64_t t0 = qi * kBr, nr = std::min(kBr, T_ - t0);
-              if (!(p.is_causal && t0 + nr - 1 < s0)) {  // else no row of this tile sees these keys
+              // else no row of this tile sees these keys
+              if (!(p.is_causal && t0 + nr - 1 < s0) && mv.tile_any_allowed(b, n, t0, nr, s0, nc)) {
                 load_query_tile(tile, b, n, t0, nr);
                 tile.compute(mk, mv, drop, b, n, t0, nr, s0, nc, H, Hv);
                 mk.gemm_tn(nc, Hvp, nr, tile.pb.data(), kBc, tile.dob.data(), Hvp, dv_acc.data(), Hvp, true);
@@ -855,6 +886,7 @@ struct BwdProblem {
           const int64_t s_end = !any_live ? 0 : p.is_causal ? std::min(S, t0 + nr) : S;
           for (int64_t s0 = 0; s0 < s_end; s0 += kBc) {
             const int64_t nc = std::min(kBc, S - s0);
+            if (mv.mask != nullptr && !mv.tile_any_allowed(b, n, t0, nr, s0, nc)) continue;  // all probabilities 0
             copy_tile(k + sk.offset(b, s0, hk), sk.seq, nc, H, Acc(1), kb.data(), Hp);
             load_tile_t(kb.data(), Hp, nc, H, Acc(1), tile.kt.data(), kBc);
             load_tile_t(v + sv.offset(b, s0, hk), sv.seq, nc, Hv, Acc(1), tile.vt.data(), kBc);

@@ -865,6 +865,60 @@ TFA_AVX512 inline void copy_transposed_avx512(const float* src, int64_t stride, 
   }
 }
 
+// ---------------------------------------------------------------------------
+// Masks of a logits tile (x [nr][nc], nc <= 64): key c of row r is allowed
+// when its mask byte is nonzero and, with causal, c <= diag + r (diag = t0 -
+// s0, the row's last key relative to the tile). The mask bytes of row r are
+// at mask + r * row_stride, key c at + c * col_stride with col_stride 0 or 1;
+// mask null: causal only. 64 keys of a row are one byte load and one bit mask.
+
+TFA_AVX512 inline uint64_t mask_row_bits_avx512(const bool* mrow, int64_t col_stride, uint64_t cols) {
+  if (mrow == nullptr) return cols;
+  if (col_stride == 0) return *mrow ? cols : 0;
+  const __m512i bytes = _mm512_maskz_loadu_epi8(cols, mrow);
+  return _mm512_test_epi8_mask(bytes, bytes);
+}
+inline uint64_t causal_bits(int64_t last, uint64_t cols) {  // keys 0 .. last
+  return last < 0 ? 0 : last >= 63 ? cols : cols & ((uint64_t(2) << last) - 1);
+}
+
+// Whether any entry of the tile is allowed.
+TFA_AVX512 inline bool mask_tile_any_avx512(const bool* mask, int64_t row_stride, int64_t col_stride, bool causal,
+                                            int64_t diag, int64_t nr, int64_t nc) {
+  const uint64_t cols = nc >= 64 ? ~uint64_t(0) : (uint64_t(1) << nc) - 1;
+  // Rows sharing their bytes (row_stride 0): the last row sees the most keys.
+  const int64_t first = (mask == nullptr || row_stride == 0) ? nr - 1 : 0;
+  for (int64_t r = first; r < nr; ++r) {
+    uint64_t keep = mask_row_bits_avx512(mask != nullptr ? mask + r * row_stride : nullptr, col_stride, cols);
+    if (causal) keep &= causal_bits(diag + r, cols);
+    if (keep != 0) return true;
+  }
+  return false;
+}
+
+// Sets the disallowed entries to -inf.
+TFA_AVX512 inline void mask_tile_avx512(const bool* mask, int64_t row_stride, int64_t col_stride, bool causal,
+                                        int64_t diag, int64_t nr, int64_t nc, float* x, int64_t ld) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const uint64_t cols = nc >= 64 ? ~uint64_t(0) : (uint64_t(1) << nc) - 1;
+  uint64_t shared = 0;
+  for (int64_t r = 0; r < nr; ++r) {
+    uint64_t keep;
+    if (mask != nullptr && row_stride == 0) {
+      if (r == 0) shared = mask_row_bits_avx512(mask, col_stride, cols);
+      keep = shared;
+    } else {
+      keep = mask_row_bits_avx512(mask != nullptr ? mask + r * row_stride : nullptr, col_stride, cols);
+    }
+    if (causal) keep &= causal_bits(diag + r, cols);
+    const uint64_t drop = cols & ~keep;
+    if (drop == 0) continue;
+    float* xr = x + r * ld;
+    for (int64_t c = 0; c < nc; c += 16)
+      _mm512_mask_storeu_ps(xr + c, static_cast<__mmask16>(drop >> c), neg_inf);
+  }
+}
+
 #undef TFA_AVX512BF16
 #undef TFA_AVX512
 
@@ -996,6 +1050,22 @@ inline RawProducts<float> raw_products<bfloat16_t>() {
 template <typename T>
 constexpr bool wide_ds() {
   return std::is_same<T, float>::value;
+}
+
+// The vectorised tile masks (see mask_tile_avx512), or null below the
+// AVX-512 tier (the kernels then test entry by entry; masks are exact either way).
+struct MaskKernels {
+  bool (*any)(const bool* mask, int64_t row_stride, int64_t col_stride, bool causal, int64_t diag, int64_t nr,
+              int64_t nc);
+  void (*apply)(const bool* mask, int64_t row_stride, int64_t col_stride, bool causal, int64_t diag, int64_t nr,
+                int64_t nc, float* x, int64_t ld);
+};
+inline const MaskKernels* mask_kernels() {
+#if TFA_HAVE_X86_DISPATCH
+  static const MaskKernels avx512 = {mask_tile_any_avx512, mask_tile_avx512};
+  if (cpu_tier() == CpuTier::kAvx512) return &avx512;
+#endif
+  return nullptr;
 }
 
 // Dropout of rows t0 .. t0 + nr - 1 x keys s0 .. s0 + nc - 1 (see
