@@ -126,20 +126,33 @@ def test_float32_sharp_softmax_at_large_head_dims(shape, is_causal):
         check_close(f, n, r, "float32", name)
 
 
+def _padding_masks(B, N, T, S, lengths, rng):
+    """Masks that leave whole 64-key tiles of some sequences with no allowed
+    entry: key padding [B, 1, 1, S], the same per query row [B, N, T, S] with
+    some entries of the allowed part dropped too, and a mask broadcast over
+    the keys [B, 1, T, 1] (query padding, rows with no key at all)."""
+    padding = np.arange(S)[None, :] < lengths[:, None]
+    per_row = np.broadcast_to(padding[:, None, None, :], (B, N, T, S)) & (rng.random((B, N, T, S)) < 0.9)
+    queries = (np.arange(T)[None, :] < (lengths[:, None] * T) // S)[:, None, :, None]
+    return {"key_padding": padding[:, None, None, :], "per_row": per_row, "query_padding": queries}
+
+
+@pytest.mark.parametrize("kind", ["key_padding", "per_row", "query_padding"])
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype_name", ["float32", "float64"])
-def test_padding_that_masks_whole_key_tiles(dtype_name, is_causal):
-    """Key padding as BERT batches have it: whole 64-key tiles masked for some
+def test_padding_that_masks_whole_key_tiles(dtype_name, is_causal, kind):
+    """Padding as BERT batches have it: whole 64-key tiles masked for some
     sequences (the kernels skip those tiles) and partial ones for others. The
-    results match the reference, and the masked keys' values do not matter:
-    the same bits when they hold other (large) values."""
+    results match the reference; keys whose whole tile is masked may hold NaN
+    and inf (which would reach the outputs as 0 * inf if those tiles were
+    computed) and the outputs keep their bits; the fused backward (one
+    thread) and the three-pass one (three) agree bitwise."""
     rng = np.random.default_rng(5)
     dtype = NP_DTYPES[dtype_name]
-    B, T, S, N, Nkv, H, Hv = 3, 150, 200, 2, 1, 64, 64
+    B, T, S, N, Nkv, H, Hv = 3, 150, 200, 2, 2, 64, 64
     q, k, v, d_out = make_inputs(rng, B, T, S, N, Nkv, H, Hv, dtype)
     lengths = np.array([64, 130, 200])
-    padding = np.arange(S)[None, :] < lengths[:, None]
-    mask = padding[:, None, None, :]
+    mask = _padding_masks(B, N, T, S, lengths, rng)[kind]
     kw = dict(mask=mask, is_causal=is_causal, dropout_rate=0.2, seed=9)
     out, lse = _C.attention_fwd(q, k, v, **kw)
     grads = _C.attention_bwd(q, k, v, out, lse, d_out, **kw)
@@ -151,16 +164,41 @@ def test_padding_that_masks_whole_key_tiles(dtype_name, is_causal):
     check_close(out, naive_out, ref_out, dtype_name, "out")
     for name, f, n, r in zip(("dq", "dk", "dv"), grads, naive_grads, ref_grads):
         check_close(f, n, r, dtype_name, name)
-    k2, v2 = k.copy(), v.copy()
-    k2[~padding], v2[~padding] = 1e4, -3e3
-    out2, lse2 = _C.attention_fwd(q, k2, v2, **kw)
-    grads2 = _C.attention_bwd(q, k2, v2, out2, lse2, d_out, **kw)
-    np.testing.assert_array_equal(out2, out)
-    np.testing.assert_array_equal(lse2, lse)
-    np.testing.assert_array_equal(grads2[0], grads[0])
-    for g2, g in zip(grads2[1:], grads[1:]):
-        np.testing.assert_array_equal(g2[padding], g[padding])
-        assert not np.any(g2[~padding]), "masked keys got gradients"
+    if kind != "query_padding":
+        # Keys past a sequence's last allowed tile: batch 0 keys 64.., batch 1 keys 192..
+        dead = np.arange(S)[None, :] >= (-(-lengths[:, None] // 64) * 64)
+        assert dead.any()
+        k, v = k.copy(), v.copy()
+        k[dead], v[dead] = np.nan, np.inf
+    for threads in (1, 3):  # B * Nkv = 6: fused with 1 thread, three-pass with 3
+        out2, lse2 = _C.attention_fwd(q, k, v, num_threads=threads, **kw)
+        grads2 = _C.attention_bwd(q, k, v, out2, lse2, d_out, num_threads=threads, **kw)
+        assert out2.tobytes() == out.tobytes() and lse2.tobytes() == lse.tobytes()
+        for g2, g in zip(grads2, grads):
+            assert g2.tobytes() == g.tobytes()
+
+
+@pytest.mark.parametrize("scale", [None, 0.25, 0.3])
+def test_backward_forms_agree_when_products_underflow(scale):
+    """One key far below the others (logit gaps of 80-105 nats): dk of that
+    key gets subnormal contributions, where (scale q) . k and scale (q . k)
+    round differently. Every pass forms the logits and dk one way, so the
+    fused backward (one thread) and the three-pass one (three) agree bitwise."""
+    rng = np.random.default_rng(1)
+    B, T, S, N, Nkv, H, Hv = 1, 64, 64, 4, 4, 64, 64
+    u = np.full(H, 1 / 8, np.float32)
+    s = 0.125 if scale is None else scale
+    for gap in (80.0, 90.0, 100.0, 105.0):
+        q = (u * 8 + 0.05 * rng.standard_normal((B, T, N, H))).astype(np.float32)
+        k = (0.05 * rng.standard_normal((B, S, Nkv, H))).astype(np.float32)
+        k[:, 1] -= (gap / (8 * s)) * u  # key 1's logit is about -gap
+        v, d_out = (rng.standard_normal((B, S, Nkv, Hv)).astype(np.float32) for _ in range(2))
+        results = []
+        for threads in (1, 3):
+            out, lse = _C.attention_fwd(q, k, v, scale=scale, num_threads=threads)
+            grads = _C.attention_bwd(q, k, v, out, lse, d_out, scale=scale, num_threads=threads)
+            results.append([x.tobytes() for x in (out, lse, *grads)])
+        assert results[0] == results[1], f"gap {gap}"
 
 
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float32", "float64"])

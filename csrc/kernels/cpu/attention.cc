@@ -1,9 +1,11 @@
 // CPU FlashAttention-2 forward and backward (see tf_fastattn/attention.h).
 //
-// Work is tiled into kBr query rows x kBc keys. Every tile of q, k, v, dO is
-// converted once to the accumulation type (float32, or float64 for float64
-// inputs) in small per-chunk buffers, so the inner products run on contiguous
-// float rows whatever the input dtype, and memory stays independent of T x S.
+// Work is tiled into kBr query rows x kBc keys. Tiles of q, k, v, dO are
+// converted to the accumulation type (float32, or float64 for float64 inputs)
+// in small per-chunk buffers, so the inner products run on contiguous float
+// rows whatever the input dtype, and memory stays independent of T x S;
+// inputs already in that type whose rows are whole 16-lane vectors are read
+// where they are (in_place).
 //
 // All tile products are one shape of GEMM, C[M][N] (+)= A[M][K] * B[K][N] with
 // row-major A, B and C, which is why some tiles are also kept transposed
@@ -69,9 +71,10 @@ class ScratchCache {
  public:
   ScratchCache() { blocks_.reserve(kScratchKeepBlocks); }
   ~ScratchCache() {
-    for (const Block& b : blocks_) std::free(b.p);
+    for (const Block& b : blocks_) std::free(b.raw);
   }
-  // The smallest kept block of at least `bytes` (and not over 4x as large), or a new one.
+  // A kept block of at least `bytes` (the smallest, and not over 4x as
+  // large), or a new one. Each block starts with a header holding its size.
   void* take(size_t bytes) {
     size_t best = blocks_.size();
     for (size_t i = 0; i < blocks_.size(); ++i) {
@@ -79,25 +82,27 @@ class ScratchCache {
           (best == blocks_.size() || blocks_[i].bytes < blocks_[best].bytes))
         best = i;
     }
+    char* raw;
     if (best < blocks_.size()) {
-      void* p = blocks_[best].p;
+      raw = static_cast<char*>(blocks_[best].raw);
       kept_ -= blocks_[best].bytes;
       blocks_[best] = blocks_.back();
       blocks_.pop_back();
-      return p;
+    } else {
+      raw = static_cast<char*>(std::malloc(bytes + kHeader));
+      if (raw == nullptr) throw std::bad_alloc();
+      *reinterpret_cast<size_t*>(raw) = bytes;
     }
-    void* p = std::malloc(bytes);
-    if (p == nullptr) throw std::bad_alloc();
-    return p;
+    return raw + kHeader;
   }
-  // `p` was taken with `bytes`; blocks are kept by size (the block taken may
-  // have been larger, which only undercounts).
-  void give(void* p, size_t bytes) {
+  void give(void* p) {
+    char* raw = static_cast<char*>(p) - kHeader;
+    const size_t bytes = *reinterpret_cast<size_t*>(raw);
     if (kept_ + bytes <= kScratchKeepBytes && blocks_.size() < kScratchKeepBlocks) {
-      blocks_.push_back(Block{p, bytes});
+      blocks_.push_back(Block{raw, bytes});
       kept_ += bytes;
     } else {
-      std::free(p);
+      std::free(raw);
     }
   }
   static ScratchCache& local() {
@@ -106,9 +111,10 @@ class ScratchCache {
   }
 
  private:
+  static constexpr size_t kHeader = 16;  // keeps malloc's 16-byte alignment
   struct Block {
-    void* p;
-    size_t bytes;
+    void* raw;
+    size_t bytes;  // usable bytes after the header
   };
   std::vector<Block> blocks_;
   size_t kept_ = 0;
@@ -121,7 +127,7 @@ struct ScratchAllocator {
   template <typename U>
   ScratchAllocator(const ScratchAllocator<U>&) {}
   T* allocate(size_t n) { return static_cast<T*>(ScratchCache::local().take(std::max<size_t>(n, 1) * sizeof(T))); }
-  void deallocate(T* p, size_t n) { ScratchCache::local().give(p, std::max<size_t>(n, 1) * sizeof(T)); }
+  void deallocate(T* p, size_t) { ScratchCache::local().give(p); }
   template <typename U>
   bool operator==(const ScratchAllocator<U>&) const {
     return true;
@@ -189,11 +195,22 @@ inline const Acc* in_place(const T* x, int64_t cols) {
     return nullptr;
   }
 }
-// Whether multiplying by s is exact (s = 2^e): then (s q) . k and s (q . k)
-// round alike, so q may be read unscaled and the logits scaled instead.
+// Whether s = 2^e with |e| <= 64: multiplying a float by it is exact unless
+// the product leaves the normal range.
 inline bool power_of_two(double s) {
   int e = 0;
-  return s > 0 && std::frexp(s, &e) == 0.5;
+  return s > 0 && std::frexp(s, &e) == 0.5 && e - 1 >= -64 && e - 1 <= 64;
+}
+// Whether the kernels form the logits as scale * (q . k) from q as it is
+// (read in place where in_place allows) instead of (scale q) . k from a
+// scaled copy: float32 and float64 inputs with a power-of-two scale. Both
+// give the same bits unless products underflow or overflow, so the forward
+// and every backward pass follow this one rule (each backward form then sums
+// dk = scale * (dS^T q), scaled once at the end): the fused and three-pass
+// backward stay bitwise equal, whatever the thread count.
+template <typename T>
+inline bool unscaled_q(double scale) {
+  return std::is_same<T, typename cpu::AccType<T>::type>::value && power_of_two(scale);
 }
 
 // Operands of the raw bfloat16 products (cpu::raw_products): the bits of a
@@ -221,7 +238,7 @@ void load_pairs_t(const T* src, int64_t stride, int64_t rows, int64_t cols, uint
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) dst[(c / 2) * ld + 2 * r + (c & 1)] = bf16_bits(src[r * stride + c]);
 }
-// x[r * ld + c] *= scale for r < rows, c < cols (logits from unscaled bf16 q).
+// x[r * ld + c] *= scale for r < rows, c < cols (logits from unscaled q).
 template <typename Acc>
 void scale_rows(Acc* x, int64_t ld, int64_t rows, int64_t cols, Acc scale) {
   if constexpr (std::is_same_v<Acc, float>) {
@@ -258,9 +275,10 @@ struct MaskView {
   }
   // Whether any entry of the tile rows [t0, t0 + nr) x keys [s0, s0 + nc) is
   // allowed. A tile with none has probabilities 0 everywhere, so the kernels
-  // skip it: it would add exact zeros (and 0 * v, which is NaN for a masked
-  // key holding inf or NaN). Tiles past the causal diagonal are skipped
-  // already; this is for explicit masks (padding).
+  // skip it: it would only add exact zeros (and 0 * v, which is NaN for a
+  // masked key holding inf or NaN), so skipping changes no bit except the
+  // sign of a zero sum. Every pass skips the same tiles. Tiles past the
+  // causal diagonal are skipped already; this is for explicit masks (padding).
   bool tile_any_allowed(int64_t b, int64_t n, int64_t t0, int64_t nr, int64_t s0, int64_t nc) const {
     if (mask == nullptr) return !causal || s0 <= t0 + nr - 1;
     if (const cpu::MaskKernels* k = vectorised()) {
@@ -408,10 +426,9 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
   const bool bits = raw.gemm != nullptr;
   const int64_t Hp2 = round_up(H, 2);
 
-  // q (when the scale is a power of two: logits = scale (q . k), the same
-  // bits) and V are read in place where in_place allows; the results are the
-  // same as from the copies.
-  const bool q_direct = !bits && power_of_two(p.scale) && in_place<T, Acc>(q, H) != nullptr;
+  // q (see unscaled_q) and V are read in place where in_place allows.
+  const bool q_unscaled = unscaled_q<T>(p.scale);
+  const bool q_direct = q_unscaled && in_place<T, Acc>(q, H) != nullptr;
   const bool v_direct = in_place<T, Acc>(v, Hv) != nullptr;
 
   const int64_t cost = kBr * std::max<int64_t>(S, 1) * (H + Hv) * 2;
@@ -430,13 +447,14 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
         cached_tiles = 0;
       }
       const int64_t t0 = qi * kBr, nr = std::min(kBr, T_ - t0);
-      // q is pre-scaled: logits = (scale q) . k. The backward scales the same way.
+      // logits = (scale q) . k, or scale * (q . k) (unscaled_q); the backward
+      // forms them the same way.
       const Acc* qa = q_direct ? in_place<T, Acc>(q + sq.offset(b, t0, n), H) : qs.data();
       const int64_t ldq = q_direct ? sq.seq : Hp;
       if (bits) {
         load_bits(q + sq.offset(b, t0, n), sq.seq, nr, H, qb.data(), Hp2);
       } else if (!q_direct) {
-        copy_tile(q + sq.offset(b, t0, n), sq.seq, nr, H, scale, qs.data(), Hp);
+        copy_tile(q + sq.offset(b, t0, n), sq.seq, nr, H, q_unscaled ? Acc(1) : scale, qs.data(), Hp);
       }
       std::fill(acc.begin(), acc.end(), Acc(0));
       std::fill(m.begin(), m.end(), neg_inf);
@@ -452,6 +470,8 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
         uint16_t* ktbtile = bits ? ktb.data() + slot * Hp2 * kBc : nullptr;
         const Acc* vtile = v_direct ? in_place<T, Acc>(vb, Hv) : vt.data() + slot * kBc * Hvp;
         const int64_t ldv = v_direct ? sv.seq : Hvp;
+        const bool skip = mv.mask != nullptr && !mv.tile_any_allowed(b, n, t0, nr, s0, nc);  // all probabilities 0
+        if (skip && !cache_kv) continue;
         if (!cache_kv || tile >= cached_tiles) {
           if (bits) {
             load_pairs_t(kb, sk.seq, nc, H, ktbtile, 2 * kBc);
@@ -461,13 +481,13 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
           if (!v_direct) copy_tile(vb, sv.seq, nc, Hv, Acc(1), vt.data() + slot * kBc * Hvp, Hvp);
           if (cache_kv) cached_tiles = tile + 1;  // tiles are visited in order from 0
         }
-        if (mv.mask != nullptr && !mv.tile_any_allowed(b, n, t0, nr, s0, nc)) continue;  // all probabilities 0
+        if (skip) continue;  // loaded all the same: later rows of the head may need the cached tile
         if (bits) {
           raw.gemm(nr, ncp, Hp2 / 2, qb.data(), Hp2, ktbtile, 2 * kBc, st.data(), kBc, false);
           scale_rows(st.data(), kBc, nr, nc, scale);
         } else {
           mk.gemm(nr, ncp, H, qa, ldq, ktile, kBc, st.data(), kBc, false);
-          if (q_direct) scale_rows(st.data(), kBc, nr, nc, scale);
+          if (q_unscaled) scale_rows(st.data(), kBc, nr, nc, scale);
         }
         if (mv.tile_needs_mask(t0, s0, nc)) apply_mask(mv, b, n, t0, nr, s0, nc, st.data(), kBc);
 
@@ -597,8 +617,8 @@ struct BwdTile {
     }
   }
   void compute(const MicroKernels<Acc>& mk, const MaskView& mv, const Dropout& drop, int64_t b, int64_t n, int64_t t0,
-               int64_t nr, int64_t s0, int64_t nc, int64_t H, int64_t Hv) {
-    compute(mk, mv, drop, b, n, t0, nr, s0, nc, H, Hv, qs.data(), Hp, Acc(1), dob.data(), Hvp, kt.data(), vt.data(),
+               int64_t nr, int64_t s0, int64_t nc, int64_t H, int64_t Hv, Acc q_scale) {
+    compute(mk, mv, drop, b, n, t0, nr, s0, nc, H, Hv, qs.data(), Hp, q_scale, dob.data(), Hvp, kt.data(), vt.data(),
             lse_r.data(), delta_r.data());
   }
 };
@@ -627,6 +647,8 @@ struct BwdProblem {
   MaskView mv;
   Dropout drop;
   Acc scale, inf;
+  bool q_unscaled;  // see unscaled_q
+  Acc q_scale;      // the factor of the logits and of dk: scale when q_unscaled, else 1
 
   explicit BwdProblem(const AttentionBwdParams& p_)
       : p(p_),
@@ -664,7 +686,9 @@ struct BwdProblem {
         mv{p_.mask, p_.mask_strides, p_.is_causal},
         drop(make_dropout(p_)),
         scale(static_cast<Acc>(p_.scale)),
-        inf(std::numeric_limits<Acc>::infinity()) {}
+        inf(std::numeric_limits<Acc>::infinity()),
+        q_unscaled(unscaled_q<T>(p_.scale)),
+        q_scale(q_unscaled ? scale : Acc(1)) {}
 
   // delta[b, n, t] = do . o
   void compute_delta(const CpuContext& ctx) const {
@@ -688,9 +712,9 @@ struct BwdProblem {
     });
   }
 
-  // Loads q (pre-scaled like the forward), dO, lse and delta of one query tile.
+  // Loads q (scaled unless q_unscaled, as the forward), dO, lse and delta of one query tile.
   void load_query_tile(BwdTile<Acc>& tile, int64_t b, int64_t n, int64_t t0, int64_t nr) const {
-    copy_tile(q + sq.offset(b, t0, n), sq.seq, nr, H, scale, tile.qs.data(), Hp);
+    copy_tile(q + sq.offset(b, t0, n), sq.seq, nr, H, q_unscaled ? Acc(1) : scale, tile.qs.data(), Hp);
     copy_tile(dout + sdo.offset(b, t0, n), sdo.seq, nr, Hv, Acc(1), tile.dob.data(), Hvp);
     for (int64_t r = 0; r < nr; ++r) {
       tile.lse_r[r] = lse[(b * N + n) * T_ + t0 + r];
@@ -740,13 +764,10 @@ struct BwdProblem {
     const int64_t Sp = nkt * kBc, Tp = nqt * kBr, heads_kv = B * Nkv;
     const int64_t Hp2 = round_up(H, 2), Hvp2 = round_up(Hv, 2);
     const int64_t cost = std::max<int64_t>(S, 1) * T_ * group * (3 * H + 2 * Hv) * 2;
-    // k, dO and (when the scale is a power of two, see the forward) q are read
-    // in place where in_place allows; dk then sums dS^T q and is scaled once
-    // at the end, which for such scales gives the same bits.
+    // k, dO and q (see unscaled_q) are read in place where in_place allows.
     const bool k_direct = !bits && in_place<T, Acc>(k, H) != nullptr;
     const bool do_direct = !bits && in_place<T, Acc>(dout, Hv) != nullptr;
-    const bool q_direct = !bits && power_of_two(p.scale) && in_place<T, Acc>(q, H) != nullptr;
-    const Acc q_scale = q_direct ? scale : Acc(1);
+    const bool q_direct = q_unscaled && in_place<T, Acc>(q, H) != nullptr;
     ctx.parallel_for(heads_kv, cost, [&](int64_t begin, int64_t end) {
       BwdTile<Acc> tile(Hp, Hvp, kWide);
       Scratch<Acc> kr(k_direct ? 0 : Sp * Hp, 0), kt(Sp * Hp, 0), vt(Sp * Hvp, 0), dk_acc(Sp * Hp),
@@ -789,7 +810,7 @@ struct BwdProblem {
           const Acc* qp = q_direct ? in_place<T, Acc>(q + sq.offset(b, 0, n), H) : qa.data();
           const Acc* dop = do_direct ? in_place<T, Acc>(dout + sdo.offset(b, 0, n), Hv) : doa.data();
           const int64_t ldq = q_direct ? sq.seq : Hp, lddo = do_direct ? sdo.seq : Hvp;
-          if (!q_direct) copy_tile(q + sq.offset(b, 0, n), sq.seq, T_, H, scale, qa.data(), Hp);
+          if (!q_direct) copy_tile(q + sq.offset(b, 0, n), sq.seq, T_, H, q_unscaled ? Acc(1) : scale, qa.data(), Hp);
           if (!do_direct) copy_tile(dout + sdo.offset(b, 0, n), sdo.seq, T_, Hv, Acc(1), doa.data(), Hvp);
           if (bits) {
             load_bits(q + sq.offset(b, 0, n), sq.seq, T_, H, qb.data(), Hp2);
@@ -855,14 +876,14 @@ struct BwdProblem {
               // else no row of this tile sees these keys
               if (!(p.is_causal && t0 + nr - 1 < s0) && mv.tile_any_allowed(b, n, t0, nr, s0, nc)) {
                 load_query_tile(tile, b, n, t0, nr);
-                tile.compute(mk, mv, drop, b, n, t0, nr, s0, nc, H, Hv);
+                tile.compute(mk, mv, drop, b, n, t0, nr, s0, nc, H, Hv, q_scale);
                 mk.gemm_tn(nc, Hvp, nr, tile.pb.data(), kBc, tile.dob.data(), Hvp, dv_acc.data(), Hvp, true);
                 mk.gemm_tn(nc, Hp, nr, tile.dsb.data(), kBc, tile.qs.data(), Hp, dk_acc.data(), Hp, true);
               }
               uniform_rows_dv(b, n, t0, nr, s0, nc, dv_acc.data(), fm.data(), uni.data());
             }
           }
-          copy_tile(dk_acc.data(), Hp, nc, H, Acc(1), dk + sdk.offset(b, s0, hk), sdk.seq);
+          copy_tile(dk_acc.data(), Hp, nc, H, q_scale, dk + sdk.offset(b, s0, hk), sdk.seq);
           copy_tile(dv_acc.data(), Hvp, nc, Hv, Acc(1), dv + sdv.offset(b, s0, hk), sdv.seq);
         }
       });
@@ -890,7 +911,7 @@ struct BwdProblem {
             copy_tile(k + sk.offset(b, s0, hk), sk.seq, nc, H, Acc(1), kb.data(), Hp);
             load_tile_t(kb.data(), Hp, nc, H, Acc(1), tile.kt.data(), kBc);
             load_tile_t(v + sv.offset(b, s0, hk), sv.seq, nc, Hv, Acc(1), tile.vt.data(), kBc);
-            tile.compute(mk, mv, drop, b, n, t0, nr, s0, nc, H, Hv);
+            tile.compute(mk, mv, drop, b, n, t0, nr, s0, nc, H, Hv, q_scale);
             mk.gemm(nr, Hp, nc, tile.dsb.data(), kBc, kb.data(), Hp, dq_acc.data(), Hp, true);
           }
           copy_tile(dq_acc.data(), Hp, nr, H, scale, dq + sdq.offset(b, t0, n), sdq.seq);

@@ -885,6 +885,7 @@ inline uint64_t causal_bits(int64_t last, uint64_t cols) {  // keys 0 .. last
 // Whether any entry of the tile is allowed.
 TFA_AVX512 inline bool mask_tile_any_avx512(const bool* mask, int64_t row_stride, int64_t col_stride, bool causal,
                                             int64_t diag, int64_t nr, int64_t nc) {
+  if (nr <= 0 || nc <= 0) return false;
   const uint64_t cols = nc >= 64 ? ~uint64_t(0) : (uint64_t(1) << nc) - 1;
   // Rows sharing their bytes (row_stride 0): the last row sees the most keys.
   const int64_t first = (mask == nullptr || row_stride == 0) ? nr - 1 : 0;
