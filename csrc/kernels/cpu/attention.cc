@@ -649,6 +649,9 @@ struct BwdProblem {
   Acc scale, inf;
   bool q_unscaled;  // see unscaled_q
   Acc q_scale;      // the factor of the logits and of dk: scale when q_unscaled, else 1
+  // The fused pass reads these in place (in_place; the raw bfloat16 products
+  // never do, as in_place refuses bfloat16).
+  bool k_direct, do_direct, q_direct;
 
   explicit BwdProblem(const AttentionBwdParams& p_)
       : p(p_),
@@ -688,7 +691,10 @@ struct BwdProblem {
         scale(static_cast<Acc>(p_.scale)),
         inf(std::numeric_limits<Acc>::infinity()),
         q_unscaled(unscaled_q<T>(p_.scale)),
-        q_scale(q_unscaled ? scale : Acc(1)) {}
+        q_scale(q_unscaled ? scale : Acc(1)),
+        k_direct(in_place<T, Acc>(k, H) != nullptr),
+        do_direct(in_place<T, Acc>(dout, Hv) != nullptr),
+        q_direct(q_unscaled && in_place<T, Acc>(q, H) != nullptr) {}
 
   // delta[b, n, t] = do . o
   void compute_delta(const CpuContext& ctx) const {
@@ -742,11 +748,15 @@ struct BwdProblem {
     }
   }
 
-  // Whole-sequence floats one fused work item keeps (see kFusedBwdMaxFloats).
-  // bits: with the raw bfloat16 operands too.
+  // Whole-sequence floats one fused work item keeps (see kFusedBwdMaxFloats):
+  // k rows (unless read in place), K^T, V^T, dk and dv sums; q and dO
+  // (unless read in place), dq sums, lse and delta. bits: with the raw
+  // bfloat16 operands too.
   int64_t fused_floats(bool bits) const {
     const int64_t Sp = nkt * kBc, Tp = nqt * kBr, Hp2 = round_up(H, 2), Hvp2 = round_up(Hv, 2);
-    return Sp * (3 * Hp + 2 * Hvp) + Tp * (2 * Hp + Hvp + 3) + (bits ? (Sp + Tp) * (Hp2 + Hvp2) / 2 : 0);
+    const int64_t per_key = (k_direct ? 2 : 3) * Hp + 2 * Hvp;
+    const int64_t per_query = (q_direct ? 1 : 2) * Hp + (do_direct ? 0 : Hvp) + 3;
+    return Sp * per_key + Tp * per_query + (bits ? (Sp + Tp) * (Hp2 + Hvp2) / 2 : 0);
   }
 
   // Fused pass: one item per (b, kv head) computes dq, dk and dv together, 5
@@ -764,10 +774,6 @@ struct BwdProblem {
     const int64_t Sp = nkt * kBc, Tp = nqt * kBr, heads_kv = B * Nkv;
     const int64_t Hp2 = round_up(H, 2), Hvp2 = round_up(Hv, 2);
     const int64_t cost = std::max<int64_t>(S, 1) * T_ * group * (3 * H + 2 * Hv) * 2;
-    // k, dO and q (see unscaled_q) are read in place where in_place allows.
-    const bool k_direct = !bits && in_place<T, Acc>(k, H) != nullptr;
-    const bool do_direct = !bits && in_place<T, Acc>(dout, Hv) != nullptr;
-    const bool q_direct = q_unscaled && in_place<T, Acc>(q, H) != nullptr;
     ctx.parallel_for(heads_kv, cost, [&](int64_t begin, int64_t end) {
       BwdTile<Acc> tile(Hp, Hvp, kWide);
       Scratch<Acc> kr(k_direct ? 0 : Sp * Hp, 0), kt(Sp * Hp, 0), vt(Sp * Hvp, 0), dk_acc(Sp * Hp),
