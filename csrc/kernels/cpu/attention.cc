@@ -277,10 +277,11 @@ struct MaskView {
   // allowed. A tile with none has probabilities 0 everywhere, so the kernels
   // skip it: it would only add exact zeros (and 0 * v, which is NaN for a
   // masked key holding inf or NaN), so skipping changes no bit except the
-  // sign of a zero sum. Every pass skips the same tiles. Tiles past the
-  // causal diagonal are skipped already; this is for explicit masks (padding).
+  // sign of a zero sum. Every pass skips the same tiles: those past the
+  // causal diagonal and those an explicit mask (padding) disallows entirely.
   bool tile_any_allowed(int64_t b, int64_t n, int64_t t0, int64_t nr, int64_t s0, int64_t nc) const {
-    if (mask == nullptr) return !causal || s0 <= t0 + nr - 1;
+    if (causal && s0 > t0 + nr - 1) return false;  // no row of the tile sees these keys
+    if (mask == nullptr) return true;
     if (const cpu::MaskKernels* k = vectorised()) {
       return k->any(at(b, n, t0, s0), st.row, st.col, causal, t0 - s0, nr, nc);
     }
@@ -470,7 +471,7 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
         uint16_t* ktbtile = bits ? ktb.data() + slot * Hp2 * kBc : nullptr;
         const Acc* vtile = v_direct ? in_place<T, Acc>(vb, Hv) : vt.data() + slot * kBc * Hvp;
         const int64_t ldv = v_direct ? sv.seq : Hvp;
-        const bool skip = mv.mask != nullptr && !mv.tile_any_allowed(b, n, t0, nr, s0, nc);  // all probabilities 0
+        const bool skip = !mv.tile_any_allowed(b, n, t0, nr, s0, nc);  // all probabilities 0
         if (skip && !cache_kv) continue;
         if (!cache_kv || tile >= cached_tiles) {
           if (bits) {
@@ -831,7 +832,7 @@ struct BwdProblem {
             const int64_t s0 = kj * kBc, nc = std::min(kBc, S - s0);
             for (int64_t qi = 0; qi < nqt; ++qi) {
               const int64_t t0 = qi * kBr, nr = std::min(kBr, T_ - t0);
-              if (!(p.is_causal && t0 + nr - 1 < s0) && mv.tile_any_allowed(b, n, t0, nr, s0, nc)) {
+              if (mv.tile_any_allowed(b, n, t0, nr, s0, nc)) {
                 if (bits) {
                   bf.q = qb.data() + t0 * Hp2;
                   bf.do_ = dob.data() + t0 * Hvp2;
@@ -879,8 +880,7 @@ struct BwdProblem {
           for (int64_t n = hk * group; n < (hk + 1) * group; ++n) {
             for (int64_t qi = 0; qi < nqt; ++qi) {
               const int64_t t0 = qi * kBr, nr = std::min(kBr, T_ - t0);
-              // else no row of this tile sees these keys
-              if (!(p.is_causal && t0 + nr - 1 < s0) && mv.tile_any_allowed(b, n, t0, nr, s0, nc)) {
+              if (mv.tile_any_allowed(b, n, t0, nr, s0, nc)) {
                 load_query_tile(tile, b, n, t0, nr);
                 tile.compute(mk, mv, drop, b, n, t0, nr, s0, nc, H, Hv, q_scale);
                 mk.gemm_tn(nc, Hvp, nr, tile.pb.data(), kBc, tile.dob.data(), Hvp, dv_acc.data(), Hvp, true);
@@ -913,7 +913,7 @@ struct BwdProblem {
           const int64_t s_end = !any_live ? 0 : p.is_causal ? std::min(S, t0 + nr) : S;
           for (int64_t s0 = 0; s0 < s_end; s0 += kBc) {
             const int64_t nc = std::min(kBc, S - s0);
-            if (mv.mask != nullptr && !mv.tile_any_allowed(b, n, t0, nr, s0, nc)) continue;  // all probabilities 0
+            if (!mv.tile_any_allowed(b, n, t0, nr, s0, nc)) continue;  // all probabilities 0
             copy_tile(k + sk.offset(b, s0, hk), sk.seq, nc, H, Acc(1), kb.data(), Hp);
             load_tile_t(kb.data(), Hp, nc, H, Acc(1), tile.kt.data(), kBc);
             load_tile_t(v + sv.offset(b, s0, hk), sv.seq, nc, Hv, Acc(1), tile.vt.data(), kBc);

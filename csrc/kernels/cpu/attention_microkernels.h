@@ -878,6 +878,9 @@ TFA_AVX512 inline uint64_t mask_row_bits_avx512(const bool* mrow, int64_t col_st
   const __m512i bytes = _mm512_maskz_loadu_epi8(cols, mrow);
   return _mm512_test_epi8_mask(bytes, bytes);
 }
+inline uint64_t key_bits(int64_t nc) {  // keys 0 .. nc - 1 (nc <= 64)
+  return nc >= 64 ? ~uint64_t(0) : (uint64_t(1) << nc) - 1;
+}
 inline uint64_t causal_bits(int64_t last, uint64_t cols) {  // keys 0 .. last
   return last < 0 ? 0 : last >= 63 ? cols : cols & ((uint64_t(2) << last) - 1);
 }
@@ -886,7 +889,7 @@ inline uint64_t causal_bits(int64_t last, uint64_t cols) {  // keys 0 .. last
 TFA_AVX512 inline bool mask_tile_any_avx512(const bool* mask, int64_t row_stride, int64_t col_stride, bool causal,
                                             int64_t diag, int64_t nr, int64_t nc) {
   if (nr <= 0 || nc <= 0) return false;
-  const uint64_t cols = nc >= 64 ? ~uint64_t(0) : (uint64_t(1) << nc) - 1;
+  const uint64_t cols = key_bits(nc);
   // Rows sharing their bytes (row_stride 0): the last row sees the most keys.
   const int64_t first = (mask == nullptr || row_stride == 0) ? nr - 1 : 0;
   for (int64_t r = first; r < nr; ++r) {
@@ -901,16 +904,12 @@ TFA_AVX512 inline bool mask_tile_any_avx512(const bool* mask, int64_t row_stride
 TFA_AVX512 inline void mask_tile_avx512(const bool* mask, int64_t row_stride, int64_t col_stride, bool causal,
                                         int64_t diag, int64_t nr, int64_t nc, float* x, int64_t ld) {
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  const uint64_t cols = nc >= 64 ? ~uint64_t(0) : (uint64_t(1) << nc) - 1;
-  uint64_t shared = 0;
+  const uint64_t cols = key_bits(nc);
+  // Rows sharing their bytes (row_stride 0, or no mask) read them once.
+  const bool shared = mask == nullptr || row_stride == 0;
+  const uint64_t shared_keep = shared ? mask_row_bits_avx512(mask, col_stride, cols) : 0;
   for (int64_t r = 0; r < nr; ++r) {
-    uint64_t keep;
-    if (mask != nullptr && row_stride == 0) {
-      if (r == 0) shared = mask_row_bits_avx512(mask, col_stride, cols);
-      keep = shared;
-    } else {
-      keep = mask_row_bits_avx512(mask != nullptr ? mask + r * row_stride : nullptr, col_stride, cols);
-    }
+    uint64_t keep = shared ? shared_keep : mask_row_bits_avx512(mask + r * row_stride, col_stride, cols);
     if (causal) keep &= causal_bits(diag + r, cols);
     const uint64_t drop = cols & ~keep;
     if (drop == 0) continue;
