@@ -95,7 +95,8 @@ def environment(arch: int, schedule: str = "random", seed: int = 0, mutation: tu
 
 
 def run_cases(cases: list[dict], arch: int = 80, schedule: str = "random", seed: int = 0,
-              mutation: tuple | None = None, precompile=(), timeout: float = 1500, thread_sanitizer: bool = False):
+              mutation: tuple | None = None, precompile=(), timeout: float = 1500, thread_sanitizer: bool = False,
+              workers: int | None = None):
     """Runs `cases` (dicts, see run_attention and run_layer_norm) in one emulated
     worker; returns their results in order: {"ok", "errors" or "message",
     "digest" (of the outputs' bytes), "seconds"}.
@@ -106,6 +107,10 @@ def run_cases(cases: list[dict], arch: int = 80, schedule: str = "random", seed:
     of sm_<arch>), compiled first on two threads; () for none.
     `thread_sanitizer`: the threads of a block as OS threads, the kernels built
     with -fsanitize=thread; a race raises RuntimeError with TSan's report.
+    `workers`: the cases run in this many workers at once (each takes every
+    workers-th case; default: one per CPU, at most 2), after one worker has
+    compiled the variants they use (the emulator runs a launch on the calling
+    thread, so one worker keeps one core busy).
     """
     def worker(payload, env):
         proc = subprocess.run([sys.executable, os.path.abspath(__file__)], input=json.dumps(payload),
@@ -116,15 +121,29 @@ def run_cases(cases: list[dict], arch: int = 80, schedule: str = "random", seed:
             raise RuntimeError(f"the emulated worker failed (exit {proc.returncode}):\n{report}")
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
+    if workers is None:
+        workers = min(2, os.cpu_count() or 1)
+    workers = max(1, min(workers, len(cases)))
     with tempfile.TemporaryDirectory() as private_cache:
         env = environment(arch, schedule, seed, mutation, private_cache if mutation else None, thread_sanitizer)
-        if thread_sanitizer:
-            # A process running under TSan cannot start the compiler (its
-            # children crash between fork and exec): compile into the cache
-            # first, in a worker without the sanitizer runtime.
+        if thread_sanitizer or workers > 1:
+            # Compile into the cache first, so that parallel workers do not
+            # compile the same variants twice; and a process running under TSan
+            # cannot start the compiler (its children crash between fork and
+            # exec), so this worker runs without the sanitizer runtime.
             plain = {k: v for k, v in env.items() if k != "LD_PRELOAD"}
-            worker({"cases": cases, "precompile": "cases", "compile_only": True}, plain)
-        return worker({"cases": cases, "precompile": "" if thread_sanitizer else (precompile or "")}, env)
+            worker({"cases": cases, "precompile": precompile or "cases", "compile_only": True}, plain)
+            precompile = ""
+        if workers == 1:
+            return worker({"cases": cases, "precompile": precompile or ""}, env)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(lambda i: worker({"cases": cases[i::workers], "precompile": ""}, env), range(workers)))
+        results = [None] * len(cases)
+        for i, part in enumerate(parts):
+            results[i::workers] = part
+        return results
 
 
 # ---------------------------------------------------------------------------

@@ -253,29 +253,43 @@ def test_thread_sanitizer_reports_the_missing_barrier():
 # the emulated driver, so the suite a GPU machine runs is run here first (it
 # found a stale error message and the float32 single-key-row dq, both fixed).
 
-def _run_gpu_suite(select=None):
+def _run_gpu_suite(select=None, shards=None):
+    """Runs tests/gpu under the emulator in `shards` pytest processes at once
+    (each every shards-th test; default: one per CPU, at most 2) and returns
+    the summed outcome counts."""
     import os
     import re
     import subprocess
     import sys
+    from concurrent.futures import ThreadPoolExecutor
 
     import cuda_emulation
 
+    shards = shards or min(2, os.cpu_count() or 1)
     env = cuda_emulation.environment(80)
     env["PYTHONPATH"] = os.path.join(cuda_emulation.HERE, "emulation_torch")
     env["TFA_C_PATH"] = cuda_emulation.kernel_module_file()
     cmd = [sys.executable, "-m", "pytest", os.path.join(cuda_emulation.HERE, "gpu"),
            f"--confcutdir={os.path.join(cuda_emulation.HERE, 'gpu')}", "-p", "no:cacheprovider", "-rxs", "-q"]
-    proc = subprocess.run(cmd + (["-k", select] if select else []), capture_output=True, text=True, env=env,
-                          cwd=cuda_emulation.ROOT, timeout=1500)
-    tail = proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert proc.returncode == 0, tail
-    summary = proc.stdout.strip().splitlines()[-1]
-    counts = {word: int(n) for n, word in re.findall(r"(\d+) (\w+)", summary)}
+
+    def shard(i):
+        return subprocess.run(cmd + (["-k", select] if select else []), capture_output=True, text=True,
+                              env={**env, "TFA_GPU_TEST_SHARD": f"{i}/{shards}"}, cwd=cuda_emulation.ROOT,
+                              timeout=1500)
+
+    with ThreadPoolExecutor(shards) as pool:
+        procs = list(pool.map(shard, range(shards)))
+    counts = {}
+    for proc in procs:
+        tail = proc.stdout[-3000:] + proc.stderr[-2000:]
+        assert proc.returncode == 0, tail
+        summary = proc.stdout.strip().splitlines()[-1]
+        for n, word in re.findall(r"(\d+) (\w+)", summary):
+            counts[word] = counts.get(word, 0) + int(n)
+        print(summary)
     # Run, not skipped (the stand-in must make the suite run); xfailed only
     # where tests/gpu marks a known miss.
-    assert counts.get("passed", 0) > 0 and not counts.get("skipped") and not counts.get("failed"), tail
-    print(summary)
+    assert counts.get("passed", 0) > 0 and not counts.get("skipped") and not counts.get("failed"), counts
     return counts
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import zlib
 
 import pytest
 
@@ -52,9 +53,17 @@ _REASON = _gpu_reason()
 _HERE = pathlib.Path(__file__).resolve().parent
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection, so shards split what runs
 def pytest_collection_modifyitems(config, items):
     # This hook sees every collected item of the session (also when the whole
     # tests/ tree runs): mark and skip only the ones in this folder.
+    shard = os.environ.get("TFA_GPU_TEST_SHARD")  # "i/n": the tests of this folder whose id hashes to i mod n
+    if shard:
+        i, n = map(int, shard.split("/"))
+        ours = [item for item in items if _HERE in pathlib.Path(item.path).resolve().parents]
+        drop = {id(item) for item in ours if zlib.crc32(item.nodeid.encode()) % n != i}
+        config.hook.pytest_deselected(items=[item for item in items if id(item) in drop])
+        items[:] = [item for item in items if id(item) not in drop]
     skip = pytest.mark.skip(reason=_REASON) if _REASON else None
     for item in items:
         if _HERE not in pathlib.Path(item.path).resolve().parents:
@@ -62,6 +71,14 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.gpu)
         if skip:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed_per_test(request):
+    # Draws from the global generator (randn_like) depend on the test alone,
+    # not on which tests ran before it in the process (or in its shard).
+    if torch is not None:
+        torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 @pytest.fixture(scope="session")

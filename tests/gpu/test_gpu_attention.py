@@ -56,16 +56,16 @@ def make_inputs(shape, group, dtype, mask_kind, seed=0):
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_forward_backward(request, C, dtype, shape, causal, group, mask_kind, family):
-    if dtype == torch.float32:
+    if dtype == torch.float32 and shape[2] > 1000 and "_cuda_emulator" not in C.gpu_runtime_info()["driver"]:
         # Known (benchmarks/RESULTS.md, "float32 backward on the GPU"): the
         # SIMT backward sums dq and dk (over keys, and for GQA/MQA over the
         # group's heads and rows) in one float32 FMA chain per element; the
-        # float32 NumPy baseline sums in blocks. Under the emulator 1 of the
-        # 180 float32 cases (T 7, S 1025, causal MQA with key padding: dq,
-        # a chain over 1025 keys) exceeds the criterion's float32 floor, by
-        # 1.3x (2 of 180, up to 3x, before the products over the head dim
-        # were summed in chunks of 64). Rows with one allowed key are exact
-        # (delta is summed as dP is).
+        # float32 NumPy baseline sums in blocks. Under the emulator, with dO
+        # drawn in the order the tests happened to run, 1 of the 180 float32
+        # cases (T 7, S 1025, causal MQA: dq, a chain over 1025 keys) exceeded
+        # the criterion's float32 floor by 1.3x; with dO drawn from a seed per
+        # test (conftest.py) none does, and there these cases must pass. On a
+        # GPU (FMA rounding, not yet run) the long key sequence stays marked.
         request.applymarker(pytest.mark.xfail(strict=False, reason="float32 SIMT backward: sequential float32 sums"))
     q, k, v, mask = make_inputs(shape, group, dtype, mask_kind)
     o, lse = attention_fwd(C, q, k, v, mask, causal, family=family)

@@ -138,6 +138,10 @@ class Generator:
 _default = Generator()
 
 
+def manual_seed(seed):
+    return _default.manual_seed(seed)
+
+
 def _shape(size):
     return tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list)) else tuple(size)
 
