@@ -94,11 +94,17 @@ def environment(arch: int, schedule: str = "random", seed: int = 0, mutation: tu
     return env
 
 
+def default_workers() -> int:
+    """Emulated workers to run at once: one per CPU, at most 2 (the emulator
+    runs a launch on the calling thread, so one worker keeps one core busy)."""
+    return min(2, os.cpu_count() or 1)
+
+
 def run_cases(cases: list[dict], arch: int = 80, schedule: str = "random", seed: int = 0,
               mutation: tuple | None = None, precompile=(), timeout: float = 1500, thread_sanitizer: bool = False,
               workers: int | None = None):
-    """Runs `cases` (dicts, see run_attention and run_layer_norm) in one emulated
-    worker; returns their results in order: {"ok", "errors" or "message",
+    """Runs `cases` (dicts, see run_attention and run_layer_norm) in emulated
+    worker processes; returns their results in order: {"ok", "errors" or "message",
     "digest" (of the outputs' bytes), "seconds"}.
 
     `mutation` = (file, old, new) plants a bug (the emulator's
@@ -108,9 +114,8 @@ def run_cases(cases: list[dict], arch: int = 80, schedule: str = "random", seed:
     `thread_sanitizer`: the threads of a block as OS threads, the kernels built
     with -fsanitize=thread; a race raises RuntimeError with TSan's report.
     `workers`: the cases run in this many workers at once (each takes every
-    workers-th case; default: one per CPU, at most 2), after one worker has
-    compiled the variants they use (the emulator runs a launch on the calling
-    thread, so one worker keeps one core busy).
+    workers-th case; default: default_workers()), after one worker has
+    compiled the variants they use.
     """
     def worker(payload, env):
         proc = subprocess.run([sys.executable, os.path.abspath(__file__)], input=json.dumps(payload),
@@ -121,9 +126,7 @@ def run_cases(cases: list[dict], arch: int = 80, schedule: str = "random", seed:
             raise RuntimeError(f"the emulated worker failed (exit {proc.returncode}):\n{report}")
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    if workers is None:
-        workers = min(2, os.cpu_count() or 1)
-    workers = max(1, min(workers, len(cases)))
+    workers = max(1, min(workers or default_workers(), len(cases)))
     with tempfile.TemporaryDirectory() as private_cache:
         env = environment(arch, schedule, seed, mutation, private_cache if mutation else None, thread_sanitizer)
         if thread_sanitizer or workers > 1:

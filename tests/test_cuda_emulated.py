@@ -255,8 +255,9 @@ def test_thread_sanitizer_reports_the_missing_barrier():
 
 def _run_gpu_suite(select=None, shards=None):
     """Runs tests/gpu under the emulator in `shards` pytest processes at once
-    (each every shards-th test; default: one per CPU, at most 2) and returns
-    the summed outcome counts."""
+    (TFA_GPU_TEST_SHARD: each the tests whose id hashes to its index;
+    default: cuda_emulation.default_workers()) and returns the summed outcome
+    counts."""
     import os
     import re
     import subprocess
@@ -265,7 +266,7 @@ def _run_gpu_suite(select=None, shards=None):
 
     import cuda_emulation
 
-    shards = shards or min(2, os.cpu_count() or 1)
+    shards = shards or cuda_emulation.default_workers()
     env = cuda_emulation.environment(80)
     env["PYTHONPATH"] = os.path.join(cuda_emulation.HERE, "emulation_torch")
     env["TFA_C_PATH"] = cuda_emulation.kernel_module_file()

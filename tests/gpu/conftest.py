@@ -57,17 +57,16 @@ _HERE = pathlib.Path(__file__).resolve().parent
 def pytest_collection_modifyitems(config, items):
     # This hook sees every collected item of the session (also when the whole
     # tests/ tree runs): mark and skip only the ones in this folder.
+    ours = [item for item in items if _HERE in pathlib.Path(item.path).resolve().parents]
     shard = os.environ.get("TFA_GPU_TEST_SHARD")  # "i/n": the tests of this folder whose id hashes to i mod n
     if shard:
         i, n = map(int, shard.split("/"))
-        ours = [item for item in items if _HERE in pathlib.Path(item.path).resolve().parents]
         drop = {id(item) for item in ours if zlib.crc32(item.nodeid.encode()) % n != i}
         config.hook.pytest_deselected(items=[item for item in items if id(item) in drop])
         items[:] = [item for item in items if id(item) not in drop]
+        ours = [item for item in ours if id(item) not in drop]
     skip = pytest.mark.skip(reason=_REASON) if _REASON else None
-    for item in items:
-        if _HERE not in pathlib.Path(item.path).resolve().parents:
-            continue
+    for item in ours:
         item.add_marker(pytest.mark.gpu)
         if skip:
             item.add_marker(skip)

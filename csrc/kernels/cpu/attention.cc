@@ -648,8 +648,9 @@ struct BwdProblem {
   MaskView mv;
   Dropout drop;
   Acc scale, inf;
-  bool q_unscaled;  // see unscaled_q
-  Acc q_scale;      // the factor of the logits and of dk: scale when q_unscaled, else 1
+  bool q_unscaled;   // see unscaled_q
+  Acc q_scale;       // the factor of the logits and of dk: scale when q_unscaled, else 1
+  Acc q_copy_scale;  // the factor q is copied with: 1 when q_unscaled, else scale
   // The fused pass reads these in place (in_place; the raw bfloat16 products
   // never do, as in_place refuses bfloat16).
   bool k_direct, do_direct, q_direct;
@@ -693,6 +694,7 @@ struct BwdProblem {
         inf(std::numeric_limits<Acc>::infinity()),
         q_unscaled(unscaled_q<T>(p_.scale)),
         q_scale(q_unscaled ? scale : Acc(1)),
+        q_copy_scale(q_unscaled ? Acc(1) : scale),
         k_direct(in_place<T, Acc>(k, H) != nullptr),
         do_direct(in_place<T, Acc>(dout, Hv) != nullptr),
         q_direct(q_unscaled && in_place<T, Acc>(q, H) != nullptr) {}
@@ -721,7 +723,7 @@ struct BwdProblem {
 
   // Loads q (scaled unless q_unscaled, as the forward), dO, lse and delta of one query tile.
   void load_query_tile(BwdTile<Acc>& tile, int64_t b, int64_t n, int64_t t0, int64_t nr) const {
-    copy_tile(q + sq.offset(b, t0, n), sq.seq, nr, H, q_unscaled ? Acc(1) : scale, tile.qs.data(), Hp);
+    copy_tile(q + sq.offset(b, t0, n), sq.seq, nr, H, q_copy_scale, tile.qs.data(), Hp);
     copy_tile(dout + sdo.offset(b, t0, n), sdo.seq, nr, Hv, Acc(1), tile.dob.data(), Hvp);
     for (int64_t r = 0; r < nr; ++r) {
       tile.lse_r[r] = lse[(b * N + n) * T_ + t0 + r];
@@ -828,7 +830,7 @@ struct BwdProblem {
           const Acc* qp = q_direct ? in_place<T, Acc>(q + sq.offset(b, 0, n), H) : qa.data();
           const Acc* dop = do_direct ? in_place<T, Acc>(dout + sdo.offset(b, 0, n), Hv) : doa.data();
           const int64_t ldq = q_direct ? sq.seq : Hp, lddo = do_direct ? sdo.seq : Hvp;
-          if (!q_direct) copy_tile(q + sq.offset(b, 0, n), sq.seq, T_, H, q_unscaled ? Acc(1) : scale, qa.data(), Hp);
+          if (!q_direct) copy_tile(q + sq.offset(b, 0, n), sq.seq, T_, H, q_copy_scale, qa.data(), Hp);
           if (!do_direct) copy_tile(dout + sdo.offset(b, 0, n), sdo.seq, T_, Hv, Acc(1), doa.data(), Hvp);
           if (bits) {
             load_bits(q + sq.offset(b, 0, n), sq.seq, T_, H, qb.data(), Hp2);
