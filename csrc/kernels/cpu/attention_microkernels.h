@@ -65,6 +65,12 @@ struct MicroKernels {
   // accumulator row acc[r][0..hv) (ldacc) is multiplied by corr unless it is 1.
   void (*softmax_step)(int64_t nr, int64_t nc, Acc* s, int64_t lds, Acc* m, Acc* l, Acc* acc, int64_t ldacc,
                        int64_t hv);
+  // The half types' dS tile from dP held in ds (BwdTile): ds[i][j] = p[i][j] *
+  // (f[i][j] * ds[i][j] - Acc(delta[i])), then p[i][j] *= f[i][j]; f null:
+  // ds[i][j] = p[i][j] * (ds[i][j] - Acc(delta[i])). For i < m, j < n, one
+  // rounding per operation (no fused multiply-add), as the loop BwdTile runs
+  // where this is null.
+  void (*ds_narrow)(int64_t m, int64_t n, Acc* p, const Acc* f, const double* delta, Acc* ds, int64_t ld) = nullptr;
 };
 
 // Every tier's gemm sums k in chunks of kGemmKc terms: the first chunk's FMA
@@ -391,6 +397,28 @@ TFA_AVX512 inline void ds_wide_avx512(int64_t m, int64_t n, int64_t k, const flo
   }
 }
 
+TFA_AVX512 inline void ds_narrow_avx512(int64_t m, int64_t n, float* p, const float* f, const double* delta, float* ds,
+                                        int64_t ld) {
+  // The _round_ forms are never contracted into an FMA by the compiler.
+  constexpr int kRn = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  for (int64_t i = 0; i < m; ++i) {
+    const __m512 dl = _mm512_set1_ps(static_cast<float>(delta[i]));
+    float* pr = p + i * ld;
+    float* dr = ds + i * ld;
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 mk = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+      const __m512 pv = _mm512_maskz_loadu_ps(mk, pr + j);
+      __m512 dv = _mm512_maskz_loadu_ps(mk, dr + j);
+      if (f != nullptr) {
+        const __m512 fv = _mm512_maskz_loadu_ps(mk, f + i * ld + j);
+        dv = _mm512_mul_round_ps(fv, dv, kRn);
+        _mm512_mask_storeu_ps(pr + j, mk, _mm512_mul_round_ps(pv, fv, kRn));
+      }
+      _mm512_mask_storeu_ps(dr + j, mk, _mm512_mul_round_ps(pv, _mm512_sub_round_ps(dv, dl, kRn), kRn));
+    }
+  }
+}
+
 // exp(x) for 16 floats, about 1 ulp: x = n ln2 + r with |r| <= ln2 / 2 (ln2
 // split in two parts so r is exact), e^r from the degree-7 Taylor-like
 // polynomial 1 + r + r^2 P(r) (Cephes' minimax coefficients), then scaled by
@@ -697,6 +725,89 @@ TFA_AVX512BF16 inline void gemm_bf16_avx512(int64_t m, int64_t n, int64_t kp, co
   }
 }
 
+// The same product with A stored transposed, pair-interleaved like B: the
+// pair (A[i][2p], A[i][2p + 1]) is the 32-bit word at a + p * lda + 2 i (lda
+// elements per row pair, >= 2 m). Lets the backward form P^T dO and dS^T Q
+// with the pairs running over query rows.
+template <int MR, int NV>
+TFA_AVX512BF16 inline void gemm_bf16_tn_block(int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b,
+                                              int64_t ldb, float* c, int64_t ldc) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_loadu_ps(c + i * ldc + 16 * j);
+  for (int64_t p = 0; p < kp; ++p) {
+    __m512i bv[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) bv[j] = _mm512_loadu_si512(b + p * ldb + 32 * j);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      uint32_t pair;
+      std::memcpy(&pair, a + p * lda + 2 * i, sizeof(pair));
+      const __m512i av = _mm512_set1_epi32(static_cast<int>(pair));
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)av, (__m512bh)bv[j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(c + i * ldc + 16 * j, acc[i][j]);
+}
+
+template <int NV>
+TFA_AVX512BF16 inline void gemm_bf16_tn_rows(int64_t m, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b,
+                                             int64_t ldb, float* c, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + 6 <= m; i += 6) gemm_bf16_tn_block<6, NV>(kp, a + 2 * i, lda, b, ldb, c + i * ldc, ldc);
+  switch (m - i) {
+    case 5: gemm_bf16_tn_block<5, NV>(kp, a + 2 * i, lda, b, ldb, c + i * ldc, ldc); break;
+    case 4: gemm_bf16_tn_block<4, NV>(kp, a + 2 * i, lda, b, ldb, c + i * ldc, ldc); break;
+    case 3: gemm_bf16_tn_block<3, NV>(kp, a + 2 * i, lda, b, ldb, c + i * ldc, ldc); break;
+    case 2: gemm_bf16_tn_block<2, NV>(kp, a + 2 * i, lda, b, ldb, c + i * ldc, ldc); break;
+    case 1: gemm_bf16_tn_block<1, NV>(kp, a + 2 * i, lda, b, ldb, c + i * ldc, ldc); break;
+    default: break;
+  }
+}
+
+// C[m][n] += A[m][2 kp] * B[2 kp][n], A and B pair-interleaved (A as in
+// gemm_bf16_tn_block), C float; n % 16 == 0. Always accumulates.
+TFA_AVX512BF16 inline void gemm_bf16_tn_avx512(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda,
+                                               const uint16_t* b, int64_t ldb, float* c, int64_t ldc) {
+  for (int64_t j = 0; j < n; j += 64) {
+    switch (std::min<int64_t>(4, (n - j) / 16)) {
+      case 4: gemm_bf16_tn_rows<4>(m, kp, a, lda, b + 2 * j, ldb, c + j, ldc); break;
+      case 3: gemm_bf16_tn_rows<3>(m, kp, a, lda, b + 2 * j, ldb, c + j, ldc); break;
+      case 2: gemm_bf16_tn_rows<2>(m, kp, a, lda, b + 2 * j, ldb, c + j, ldc); break;
+      default: gemm_bf16_tn_rows<1>(m, kp, a, lda, b + 2 * j, ldb, c + j, ldc); break;
+    }
+  }
+}
+
+// Rows of a float tile x [rows][cols] (ldx) as bf16 row pairs: out[(r / 2) *
+// ldo + 2 c + r % 2] = bf16(x[r][c]) for c < cols (a multiple of 16), with the
+// partner of an odd last row written as 0.
+TFA_AVX512BF16 inline void pair_rows_bf16_avx512(const float* x, int64_t ldx, int64_t rows, int64_t cols,
+                                                 uint16_t* out, int64_t ldo) {
+  // vcvtne2ps2bf16 puts its second operand's 16 values in the low half; this
+  // index then alternates the halves: r0 c0, r1 c0, r0 c1, ...
+  alignas(64) static constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                           8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(kInterleave);
+  for (int64_t r = 0; r < rows; r += 2) {
+    const float* x0 = x + r * ldx;
+    const float* x1 = r + 1 < rows ? x0 + ldx : nullptr;
+    uint16_t* o = out + (r / 2) * ldo;
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __m512 v0 = _mm512_loadu_ps(x0 + c);
+      const __m512 v1 = x1 != nullptr ? _mm512_loadu_ps(x1 + c) : _mm512_setzero_ps();
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(v1, v0);
+      _mm512_storeu_si512(o + 2 * c, _mm512_permutexvar_epi16(idx, both));
+    }
+  }
+}
+
 // out[i] = bf16(x[i]), round to nearest even (vcvtneps2bf16).
 TFA_AVX512BF16 inline void to_bf16_avx512(const float* x, int64_t n, uint16_t* out) {
   for (int64_t i = 0; i < n; i += 16) {
@@ -990,6 +1101,10 @@ struct Bf16Kernels {
   void (*gemm)(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
                float* c, int64_t ldc, bool accumulate);
   void (*to_bf16)(const float* x, int64_t n, uint16_t* out);
+  // gemm_bf16_tn_avx512 (also where gemm runs on AMX tiles: A's layout is not a tile's).
+  void (*gemm_tn)(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
+                  float* c, int64_t ldc);
+  void (*pair_rows)(const float* x, int64_t ldx, int64_t rows, int64_t cols, uint16_t* out, int64_t ldo);
 };
 
 // Whether the bf16 products run on AMX tiles: the CPU has AMX-BF16 and
@@ -1012,8 +1127,8 @@ inline bool amx_enabled() {
 // kernels then convert bfloat16 to float32 and use the float32 products).
 inline const Bf16Kernels* bf16_kernels() {
 #if TFA_HAVE_X86_DISPATCH
-  static const Bf16Kernels avx512 = {gemm_bf16_avx512, to_bf16_avx512};
-  static const Bf16Kernels amx = {gemm_bf16_amx, to_bf16_avx512};
+  static const Bf16Kernels avx512 = {gemm_bf16_avx512, to_bf16_avx512, gemm_bf16_tn_avx512, pair_rows_bf16_avx512};
+  static const Bf16Kernels amx = {gemm_bf16_amx, to_bf16_avx512, gemm_bf16_tn_avx512, pair_rows_bf16_avx512};
   static const bool ok = cpu_tier() == CpuTier::kAvx512 && cpu_features().avx512bf16;
   if (ok) return amx_enabled() ? &amx : &avx512;
 #endif
@@ -1026,10 +1141,19 @@ inline const Bf16Kernels* bf16_kernels() {
 // for bfloat16 inputs on a CPU with AVX512-BF16 (on AMX tiles where usable,
 // see bf16_kernels); otherwise it is null and the drivers multiply converted
 // float tiles with MicroKernels::gemm. A and B as in Bf16Kernels::gemm.
+//
+// With gemm set, the backward's other products (P^T dO, dS^T Q, dS K) also
+// run on bf16 operands: P and dS rounded to bfloat16 (as the plain bfloat16
+// math stores them), q, dO and k from their bits. gemm_tn, pair_rows and
+// to_bf16 as in Bf16Kernels (set together with gemm).
 template <typename Acc>
 struct RawProducts {
   void (*gemm)(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
                Acc* c, int64_t ldc, bool accumulate) = nullptr;
+  void (*gemm_tn)(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
+                  Acc* c, int64_t ldc) = nullptr;
+  void (*pair_rows)(const Acc* x, int64_t ldx, int64_t rows, int64_t cols, uint16_t* out, int64_t ldo) = nullptr;
+  void (*to_bf16)(const Acc* x, int64_t n, uint16_t* out) = nullptr;
 };
 
 template <typename T>
@@ -1039,7 +1163,12 @@ inline RawProducts<typename AccType<T>::type> raw_products() {
 template <>
 inline RawProducts<float> raw_products<bfloat16_t>() {
   RawProducts<float> r;
-  if (const Bf16Kernels* bk = bf16_kernels()) r.gemm = bk->gemm;
+  if (const Bf16Kernels* bk = bf16_kernels()) {
+    r.gemm = bk->gemm;
+    r.gemm_tn = bk->gemm_tn;
+    r.pair_rows = bk->pair_rows;
+    r.to_bf16 = bk->to_bf16;
+  }
   return r;
 }
 
@@ -1109,7 +1238,7 @@ template <>
 inline const MicroKernels<float>& micro_kernels<float>() {
 #if TFA_HAVE_X86_DISPATCH
   static const MicroKernels<float> avx512 = {gemm_avx512<false>, gemm_avx512<true>, exp_shift_sum_avx512,
-                                             ds_wide_avx512, softmax_step_avx512};
+                                             ds_wide_avx512, softmax_step_avx512, ds_narrow_avx512};
   static const MicroKernels<float> avx2 = {gemm_avx2<false>, gemm_avx2<true>, exp_shift_sum_avx2, ds_wide_avx2,
                                            softmax_step_avx2};
   switch (cpu_tier()) {
