@@ -244,6 +244,11 @@ void load_pairs_t(const T* src, int64_t stride, int64_t rows, int64_t cols, uint
 // initial zero.
 template <typename T>
 void load_row_pairs(const T* src, int64_t stride, int64_t rows, int64_t cols, uint16_t* dst, int64_t ld) {
+  if constexpr (std::is_same<T, bfloat16_t>::value) {
+    static const auto vectorised = cpu::raw_products<T>().row_pairs;
+    static_assert(sizeof(bfloat16_t) == sizeof(uint16_t), "bfloat16_t holds its bits");
+    if (vectorised != nullptr) return vectorised(reinterpret_cast<const uint16_t*>(src), stride, rows, cols, dst, ld);
+  }
   for (int64_t r = 0; r < rows; ++r) {
     uint16_t* d = dst + (r / 2) * ld + (r & 1);
     for (int64_t c = 0; c < cols; ++c) d[2 * c] = bf16_bits(src[r * stride + c]);

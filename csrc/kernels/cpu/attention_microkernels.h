@@ -808,6 +808,39 @@ TFA_AVX512BF16 inline void pair_rows_bf16_avx512(const float* x, int64_t ldx, in
   }
 }
 
+// bf16 rows src [rows][cols] (stride elements) as row pairs: dst[(r / 2) * ld
+// + 2 c + r % 2] = src[r][c] (the B layout of gemm_bf16_avx512 over rows).
+// The partner of an odd last row is not written.
+TFA_AVX512BF16 inline void row_pairs_bf16_avx512(const uint16_t* src, int64_t stride, int64_t rows, int64_t cols,
+                                                 uint16_t* dst, int64_t ld) {
+  alignas(64) static constexpr uint16_t kLo[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                                   8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static constexpr uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                   24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_load_si512(kHi);
+  int64_t r = 0;
+  for (; r + 2 <= rows; r += 2) {
+    const uint16_t* s0 = src + r * stride;
+    const uint16_t* s1 = s0 + stride;
+    uint16_t* d = dst + (r / 2) * ld;
+    int64_t c = 0;
+    for (; c + 32 <= cols; c += 32) {
+      const __m512i a = _mm512_loadu_si512(s0 + c), b = _mm512_loadu_si512(s1 + c);
+      _mm512_storeu_si512(d + 2 * c, _mm512_permutex2var_epi16(a, lo, b));
+      _mm512_storeu_si512(d + 2 * c + 32, _mm512_permutex2var_epi16(a, hi, b));
+    }
+    for (; c < cols; ++c) {
+      d[2 * c] = s0[c];
+      d[2 * c + 1] = s1[c];
+    }
+  }
+  if (r < rows) {
+    const uint16_t* s0 = src + r * stride;
+    uint16_t* d = dst + (r / 2) * ld;
+    for (int64_t c = 0; c < cols; ++c) d[2 * c] = s0[c];
+  }
+}
+
 // out[i] = bf16(x[i]), round to nearest even (vcvtneps2bf16).
 TFA_AVX512BF16 inline void to_bf16_avx512(const float* x, int64_t n, uint16_t* out) {
   for (int64_t i = 0; i < n; i += 16) {
@@ -1105,6 +1138,7 @@ struct Bf16Kernels {
   void (*gemm_tn)(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
                   float* c, int64_t ldc);
   void (*pair_rows)(const float* x, int64_t ldx, int64_t rows, int64_t cols, uint16_t* out, int64_t ldo);
+  void (*row_pairs)(const uint16_t* src, int64_t stride, int64_t rows, int64_t cols, uint16_t* dst, int64_t ld);
 };
 
 // Whether the bf16 products run on AMX tiles: the CPU has AMX-BF16 and
@@ -1127,8 +1161,10 @@ inline bool amx_enabled() {
 // kernels then convert bfloat16 to float32 and use the float32 products).
 inline const Bf16Kernels* bf16_kernels() {
 #if TFA_HAVE_X86_DISPATCH
-  static const Bf16Kernels avx512 = {gemm_bf16_avx512, to_bf16_avx512, gemm_bf16_tn_avx512, pair_rows_bf16_avx512};
-  static const Bf16Kernels amx = {gemm_bf16_amx, to_bf16_avx512, gemm_bf16_tn_avx512, pair_rows_bf16_avx512};
+  static const Bf16Kernels avx512 = {gemm_bf16_avx512, to_bf16_avx512, gemm_bf16_tn_avx512, pair_rows_bf16_avx512,
+                                     row_pairs_bf16_avx512};
+  static const Bf16Kernels amx = {gemm_bf16_amx, to_bf16_avx512, gemm_bf16_tn_avx512, pair_rows_bf16_avx512,
+                                  row_pairs_bf16_avx512};
   static const bool ok = cpu_tier() == CpuTier::kAvx512 && cpu_features().avx512bf16;
   if (ok) return amx_enabled() ? &amx : &avx512;
 #endif
@@ -1154,6 +1190,8 @@ struct RawProducts {
                   Acc* c, int64_t ldc) = nullptr;
   void (*pair_rows)(const Acc* x, int64_t ldx, int64_t rows, int64_t cols, uint16_t* out, int64_t ldo) = nullptr;
   void (*to_bf16)(const Acc* x, int64_t n, uint16_t* out) = nullptr;
+  void (*row_pairs)(const uint16_t* src, int64_t stride, int64_t rows, int64_t cols, uint16_t* dst,
+                    int64_t ld) = nullptr;
 };
 
 template <typename T>
@@ -1168,6 +1206,7 @@ inline RawProducts<float> raw_products<bfloat16_t>() {
     r.gemm_tn = bk->gemm_tn;
     r.pair_rows = bk->pair_rows;
     r.to_bf16 = bk->to_bf16;
+    r.row_pairs = bk->row_pairs;
   }
   return r;
 }
