@@ -235,6 +235,11 @@ void load_bits(const T* src, int64_t stride, int64_t rows, int64_t cols, uint16_
 // column is never written, so it keeps the buffer's initial zero.
 template <typename T>
 void load_pairs_t(const T* src, int64_t stride, int64_t rows, int64_t cols, uint16_t* dst, int64_t ld) {
+  if constexpr (std::is_same<T, bfloat16_t>::value) {
+    static const auto vectorised = cpu::raw_products<T>().pairs_t;
+    if (vectorised != nullptr && rows > 0 && (rows - 1) * stride + cols < (int64_t(1) << 31))
+      return vectorised(reinterpret_cast<const uint16_t*>(src), stride, rows, cols, dst, ld);
+  }
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) dst[(c / 2) * ld + 2 * r + (c & 1)] = bf16_bits(src[r * stride + c]);
 }

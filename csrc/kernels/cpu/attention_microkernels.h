@@ -841,6 +841,30 @@ TFA_AVX512BF16 inline void row_pairs_bf16_avx512(const uint16_t* src, int64_t st
   }
 }
 
+// bf16 rows src [rows][cols] (stride elements) transposed into column pairs:
+// dst[(c / 2) * ld + 2 r + c % 2] = src[r][c], i.e. the 32-bit word (src[r][2p],
+// src[r][2p + 1]) goes to dst + p * ld + 2 r (the B layout of
+// gemm_bf16_avx512 over the columns). 16 rows per gather. With odd cols the
+// partner of the last column is not written. Needs (rows - 1) * stride +
+// cols < 2^31 (the gather's 32-bit indices).
+TFA_AVX512BF16 inline void pairs_t_bf16_avx512(const uint16_t* src, int64_t stride, int64_t rows, int64_t cols,
+                                               uint16_t* dst, int64_t ld) {
+  const int64_t whole = cols / 2;  // complete pairs
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const __mmask16 mk = rows - r0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (rows - r0)) - 1);
+    const __m512i idx = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(stride)));
+    const uint16_t* base = src + r0 * stride;
+    for (int64_t p = 0; p < whole; ++p) {
+      const __m512i w = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mk, idx, base + 2 * p, 2);
+      _mm512_mask_storeu_epi32(dst + p * ld + 2 * r0, mk, w);
+    }
+  }
+  if (cols % 2 != 0) {
+    for (int64_t r = 0; r < rows; ++r) dst[whole * ld + 2 * r] = src[r * stride + cols - 1];
+  }
+}
+
 // out[i] = bf16(x[i]), round to nearest even (vcvtneps2bf16).
 TFA_AVX512BF16 inline void to_bf16_avx512(const float* x, int64_t n, uint16_t* out) {
   for (int64_t i = 0; i < n; i += 16) {
@@ -1139,6 +1163,7 @@ struct Bf16Kernels {
                   float* c, int64_t ldc);
   void (*pair_rows)(const float* x, int64_t ldx, int64_t rows, int64_t cols, uint16_t* out, int64_t ldo);
   void (*row_pairs)(const uint16_t* src, int64_t stride, int64_t rows, int64_t cols, uint16_t* dst, int64_t ld);
+  void (*pairs_t)(const uint16_t* src, int64_t stride, int64_t rows, int64_t cols, uint16_t* dst, int64_t ld);
 };
 
 // Whether the bf16 products run on AMX tiles: the CPU has AMX-BF16 and
@@ -1162,9 +1187,9 @@ inline bool amx_enabled() {
 inline const Bf16Kernels* bf16_kernels() {
 #if TFA_HAVE_X86_DISPATCH
   static const Bf16Kernels avx512 = {gemm_bf16_avx512, to_bf16_avx512, gemm_bf16_tn_avx512, pair_rows_bf16_avx512,
-                                     row_pairs_bf16_avx512};
+                                     row_pairs_bf16_avx512, pairs_t_bf16_avx512};
   static const Bf16Kernels amx = {gemm_bf16_amx, to_bf16_avx512, gemm_bf16_tn_avx512, pair_rows_bf16_avx512,
-                                  row_pairs_bf16_avx512};
+                                  row_pairs_bf16_avx512, pairs_t_bf16_avx512};
   static const bool ok = cpu_tier() == CpuTier::kAvx512 && cpu_features().avx512bf16;
   if (ok) return amx_enabled() ? &amx : &avx512;
 #endif
@@ -1192,6 +1217,8 @@ struct RawProducts {
   void (*to_bf16)(const Acc* x, int64_t n, uint16_t* out) = nullptr;
   void (*row_pairs)(const uint16_t* src, int64_t stride, int64_t rows, int64_t cols, uint16_t* dst,
                     int64_t ld) = nullptr;
+  void (*pairs_t)(const uint16_t* src, int64_t stride, int64_t rows, int64_t cols, uint16_t* dst,
+                  int64_t ld) = nullptr;
 };
 
 template <typename T>
@@ -1207,6 +1234,7 @@ inline RawProducts<float> raw_products<bfloat16_t>() {
     r.pair_rows = bk->pair_rows;
     r.to_bf16 = bk->to_bf16;
     r.row_pairs = bk->row_pairs;
+    r.pairs_t = bk->pairs_t;
   }
   return r;
 }
