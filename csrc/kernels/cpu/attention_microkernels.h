@@ -1161,6 +1161,8 @@ struct Bf16Kernels {
   // gemm_bf16_tn_avx512 (also where gemm runs on AMX tiles: A's layout is not a tile's).
   void (*gemm_tn)(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
                   float* c, int64_t ldc);
+  // pair_rows_bf16_avx512, row_pairs_bf16_avx512, pairs_t_bf16_avx512: the
+  // operand layouts of the products above.
   void (*pair_rows)(const float* x, int64_t ldx, int64_t rows, int64_t cols, uint16_t* out, int64_t ldo);
   void (*row_pairs)(const uint16_t* src, int64_t stride, int64_t rows, int64_t cols, uint16_t* dst, int64_t ld);
   void (*pairs_t)(const uint16_t* src, int64_t stride, int64_t rows, int64_t cols, uint16_t* dst, int64_t ld);
@@ -1205,8 +1207,8 @@ inline const Bf16Kernels* bf16_kernels() {
 //
 // With gemm set, the backward's other products (P^T dO, dS^T Q, dS K) also
 // run on bf16 operands: P and dS rounded to bfloat16 (as the plain bfloat16
-// math stores them), q, dO and k from their bits. gemm_tn, pair_rows and
-// to_bf16 as in Bf16Kernels (set together with gemm).
+// math stores them), q, dO and k from their bits. The other members as in
+// Bf16Kernels, set together with gemm.
 template <typename Acc>
 struct RawProducts {
   void (*gemm)(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
