@@ -656,9 +656,10 @@ struct BwdTile {
   }
 };
 
-// The fused backward keeps whole-sequence float copies of one head's q, dO,
-// dq and one kv head's k, K^T, V^T, dk, dv per work chunk: O((T + S) H), never
-// T x S. Above this many floats it falls back to the three-pass form.
+// The fused backward keeps whole-sequence copies of one head's q, dO, dq and
+// one kv head's k, K^T, V^T, dk, dv per work chunk (float, or bf16 operands
+// with the raw products): O((T + S) H), never T x S. Above this many floats it
+// falls back to the three-pass form.
 constexpr int64_t kFusedBwdMaxFloats = int64_t(1) << 24;  // 64 MiB of float32
 
 // Everything the backward passes share: sizes, typed pointers, micro-kernels,
@@ -785,8 +786,9 @@ struct BwdProblem {
 
   // Whole-sequence floats one fused work item keeps (see kFusedBwdMaxFloats):
   // k rows (unless read in place), K^T, V^T, dk and dv sums; q and dO
-  // (unless read in place), dq sums, lse and delta. bits: with the raw
-  // bfloat16 operands too.
+  // (unless read in place), dq sums, lse and delta. bits (the raw bfloat16
+  // products): the sums, lse and delta, and the bf16 operands instead of the
+  // float copies, counted as half a float each.
   int64_t fused_floats(bool bits) const {
     const int64_t Sp = nkt * kBc, Tp = nqt * kBr, Hp2 = round_up(H, 2), Hvp2 = round_up(Hv, 2);
     if (bits) {
@@ -807,8 +809,10 @@ struct BwdProblem {
   // tile), with the same micro-kernel calls on the same values, so both forms
   // give bitwise-identical results and the choice may depend on the thread
   // count. Measured at B=1, N=8, T=S=2048, H=64, 2 threads: see the commit.
-  // raw: the raw bfloat16 products (cpu::raw_products: logits and dP from the
-  // inputs' bits), or none (null gemm).
+  // raw: the raw bfloat16 products (cpu::raw_products: every tile product on
+  // bf16 operands), or none (null gemm). With them this pass differs from the
+  // three-pass form (float products), so bwd_impl chooses it from the shape
+  // alone.
   void fused_pass(const cpu::RawProducts<Acc>& raw, const CpuContext& ctx) const {
     const bool bits = raw.gemm != nullptr;
     const int64_t Sp = nkt * kBc, Tp = nqt * kBr, heads_kv = B * Nkv;
@@ -898,7 +902,8 @@ struct BwdProblem {
               const int64_t t0 = qi * kBr, nr = std::min(kBr, T_ - t0);
               for (int64_t kj = kg; kj < std::min(nkt, kg + key_group); ++kj) {
                 const int64_t s0 = kj * kBc, nc = std::min(kBc, S - s0);
-                if (mv.tile_any_allowed(b, n, t0, nr, s0, nc) && bits) {
+                const bool live = mv.tile_any_allowed(b, n, t0, nr, s0, nc);
+                if (live && bits) {
                   bf.q = qb.data() + t0 * Hp2;
                   bf.do_ = dob.data() + t0 * Hvp2;
                   bf.kt = ktb.data() + kj * Hp2 * kBc;
@@ -918,7 +923,7 @@ struct BwdProblem {
                               Hp);
                   raw.gemm(nr, Hp, ks, ds16.data(), kBc, k2.data() + s0 * Hp, 2 * Hp, dq_acc.data() + t0 * Hp, Hp,
                            true);
-                } else if (mv.tile_any_allowed(b, n, t0, nr, s0, nc)) {
+                } else if (live) {
                   tile.compute(mk, mv, drop, b, n, t0, nr, s0, nc, H, Hv, qp + t0 * ldq, ldq, q_scale, dop + t0 * lddo,
                                lddo, kt.data() + kj * Hp * kBc, vt.data() + kj * Hvp * kBc, lse_a.data() + t0,
                                delta_a.data() + t0, &bf);
