@@ -669,7 +669,11 @@ TFA_AVX512 inline void dropout_tile_avx512(uint64_t seed, uint32_t threshold, fl
 
 #define TFA_AVX512BF16 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx512bf16,fma")))
 
-template <int MR, int NV>
+// TRANS_A: A stored transposed, pair-interleaved like B: the pair (A[i][2p],
+// A[i][2p + 1]) is the 32-bit word at a + p * lda + 2 i (lda elements per row
+// pair, >= 2 m). Lets the backward form P^T dO and dS^T Q with the pairs
+// running over query rows.
+template <int MR, int NV, bool TRANS_A>
 TFA_AVX512BF16 inline void gemm_bf16_block(int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
                                            float* c, int64_t ldc, bool accumulate) {
   __m512 acc[MR][NV];
@@ -684,7 +688,7 @@ TFA_AVX512BF16 inline void gemm_bf16_block(int64_t kp, const uint16_t* a, int64_
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       uint32_t pair;
-      std::memcpy(&pair, a + i * lda + 2 * p, sizeof(pair));
+      std::memcpy(&pair, TRANS_A ? a + p * lda + 2 * i : a + i * lda + 2 * p, sizeof(pair));
       const __m512i av = _mm512_set1_epi32(static_cast<int>(pair));
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)av, (__m512bh)bv[j]);
@@ -696,18 +700,36 @@ TFA_AVX512BF16 inline void gemm_bf16_block(int64_t kp, const uint16_t* a, int64_
     for (int j = 0; j < NV; ++j) _mm512_storeu_ps(c + i * ldc + 16 * j, acc[i][j]);
 }
 
-template <int NV>
+template <int NV, bool TRANS_A>
 TFA_AVX512BF16 inline void gemm_bf16_rows(int64_t m, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b,
                                           int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  // Row i of A starts at a + i * lda, or (TRANS_A) at a + 2 i.
+  const int64_t row_step = TRANS_A ? 2 : lda;
   int64_t i = 0;
-  for (; i + 6 <= m; i += 6) gemm_bf16_block<6, NV>(kp, a + i * lda, lda, b, ldb, c + i * ldc, ldc, accumulate);
+  for (; i + 6 <= m; i += 6)
+    gemm_bf16_block<6, NV, TRANS_A>(kp, a + i * row_step, lda, b, ldb, c + i * ldc, ldc, accumulate);
+  const uint16_t* ai = a + i * row_step;
+  float* ci = c + i * ldc;
   switch (m - i) {
-    case 5: gemm_bf16_block<5, NV>(kp, a + i * lda, lda, b, ldb, c + i * ldc, ldc, accumulate); break;
-    case 4: gemm_bf16_block<4, NV>(kp, a + i * lda, lda, b, ldb, c + i * ldc, ldc, accumulate); break;
-    case 3: gemm_bf16_block<3, NV>(kp, a + i * lda, lda, b, ldb, c + i * ldc, ldc, accumulate); break;
-    case 2: gemm_bf16_block<2, NV>(kp, a + i * lda, lda, b, ldb, c + i * ldc, ldc, accumulate); break;
-    case 1: gemm_bf16_block<1, NV>(kp, a + i * lda, lda, b, ldb, c + i * ldc, ldc, accumulate); break;
+    case 5: gemm_bf16_block<5, NV, TRANS_A>(kp, ai, lda, b, ldb, ci, ldc, accumulate); break;
+    case 4: gemm_bf16_block<4, NV, TRANS_A>(kp, ai, lda, b, ldb, ci, ldc, accumulate); break;
+    case 3: gemm_bf16_block<3, NV, TRANS_A>(kp, ai, lda, b, ldb, ci, ldc, accumulate); break;
+    case 2: gemm_bf16_block<2, NV, TRANS_A>(kp, ai, lda, b, ldb, ci, ldc, accumulate); break;
+    case 1: gemm_bf16_block<1, NV, TRANS_A>(kp, ai, lda, b, ldb, ci, ldc, accumulate); break;
     default: break;
+  }
+}
+
+template <bool TRANS_A>
+TFA_AVX512BF16 inline void gemm_bf16_panels(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda,
+                                            const uint16_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  for (int64_t j = 0; j < n; j += 64) {
+    switch (std::min<int64_t>(4, (n - j) / 16)) {
+      case 4: gemm_bf16_rows<4, TRANS_A>(m, kp, a, lda, b + 2 * j, ldb, c + j, ldc, accumulate); break;
+      case 3: gemm_bf16_rows<3, TRANS_A>(m, kp, a, lda, b + 2 * j, ldb, c + j, ldc, accumulate); break;
+      case 2: gemm_bf16_rows<2, TRANS_A>(m, kp, a, lda, b + 2 * j, ldb, c + j, ldc, accumulate); break;
+      default: gemm_bf16_rows<1, TRANS_A>(m, kp, a, lda, b + 2 * j, ldb, c + j, ldc, accumulate); break;
+    }
   }
 }
 
@@ -715,74 +737,14 @@ TFA_AVX512BF16 inline void gemm_bf16_rows(int64_t m, int64_t kp, const uint16_t*
 // pair-interleaved (ldb elements per row pair, >= 2 n), C float; n % 16 == 0.
 TFA_AVX512BF16 inline void gemm_bf16_avx512(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda,
                                             const uint16_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  for (int64_t j = 0; j < n; j += 64) {
-    switch (std::min<int64_t>(4, (n - j) / 16)) {
-      case 4: gemm_bf16_rows<4>(m, kp, a, lda, b + 2 * j, ldb, c + j, ldc, accumulate); break;
-      case 3: gemm_bf16_rows<3>(m, kp, a, lda, b + 2 * j, ldb, c + j, ldc, accumulate); break;
-      case 2: gemm_bf16_rows<2>(m, kp, a, lda, b + 2 * j, ldb, c + j, ldc, accumulate); break;
-      default: gemm_bf16_rows<1>(m, kp, a, lda, b + 2 * j, ldb, c + j, ldc, accumulate); break;
-    }
-  }
+  gemm_bf16_panels<false>(m, n, kp, a, lda, b, ldb, c, ldc, accumulate);
 }
 
-// The same product with A stored transposed, pair-interleaved like B: the
-// pair (A[i][2p], A[i][2p + 1]) is the 32-bit word at a + p * lda + 2 i (lda
-// elements per row pair, >= 2 m). Lets the backward form P^T dO and dS^T Q
-// with the pairs running over query rows.
-template <int MR, int NV>
-TFA_AVX512BF16 inline void gemm_bf16_tn_block(int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b,
-                                              int64_t ldb, float* c, int64_t ldc) {
-  __m512 acc[MR][NV];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_loadu_ps(c + i * ldc + 16 * j);
-  for (int64_t p = 0; p < kp; ++p) {
-    __m512i bv[NV];
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) bv[j] = _mm512_loadu_si512(b + p * ldb + 32 * j);
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      uint32_t pair;
-      std::memcpy(&pair, a + p * lda + 2 * i, sizeof(pair));
-      const __m512i av = _mm512_set1_epi32(static_cast<int>(pair));
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)av, (__m512bh)bv[j]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(c + i * ldc + 16 * j, acc[i][j]);
-}
-
-template <int NV>
-TFA_AVX512BF16 inline void gemm_bf16_tn_rows(int64_t m, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b,
-                                             int64_t ldb, float* c, int64_t ldc) {
-  int64_t i = 0;
-  for (; i + 6 <= m; i += 6) gemm_bf16_tn_block<6, NV>(kp, a + 2 * i, lda, b, ldb, c + i * ldc, ldc);
-  switch (m - i) {
-    case 5: gemm_bf16_tn_block<5, NV>(kp, a + 2 * i, lda, b, ldb, c + i * ldc, ldc); break;
-    case 4: gemm_bf16_tn_block<4, NV>(kp, a + 2 * i, lda, b, ldb, c + i * ldc, ldc); break;
-    case 3: gemm_bf16_tn_block<3, NV>(kp, a + 2 * i, lda, b, ldb, c + i * ldc, ldc); break;
-    case 2: gemm_bf16_tn_block<2, NV>(kp, a + 2 * i, lda, b, ldb, c + i * ldc, ldc); break;
-    case 1: gemm_bf16_tn_block<1, NV>(kp, a + 2 * i, lda, b, ldb, c + i * ldc, ldc); break;
-    default: break;
-  }
-}
-
-// C[m][n] += A[m][2 kp] * B[2 kp][n], A and B pair-interleaved (A as in
-// gemm_bf16_tn_block), C float; n % 16 == 0. Always accumulates.
+// C[m][n] += A[m][2 kp] * B[2 kp][n] with A pair-interleaved (TRANS_A of
+// gemm_bf16_block); always accumulates.
 TFA_AVX512BF16 inline void gemm_bf16_tn_avx512(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda,
                                                const uint16_t* b, int64_t ldb, float* c, int64_t ldc) {
-  for (int64_t j = 0; j < n; j += 64) {
-    switch (std::min<int64_t>(4, (n - j) / 16)) {
-      case 4: gemm_bf16_tn_rows<4>(m, kp, a, lda, b + 2 * j, ldb, c + j, ldc); break;
-      case 3: gemm_bf16_tn_rows<3>(m, kp, a, lda, b + 2 * j, ldb, c + j, ldc); break;
-      case 2: gemm_bf16_tn_rows<2>(m, kp, a, lda, b + 2 * j, ldb, c + j, ldc); break;
-      default: gemm_bf16_tn_rows<1>(m, kp, a, lda, b + 2 * j, ldb, c + j, ldc); break;
-    }
-  }
+  gemm_bf16_panels<true>(m, n, kp, a, lda, b, ldb, c, ldc, true);
 }
 
 // Rows of a float tile x [rows][cols] (ldx) as bf16 row pairs: out[(r / 2) *
