@@ -397,6 +397,10 @@ TFA_AVX512 inline void ds_wide_avx512(int64_t m, int64_t n, int64_t k, const flo
   }
 }
 
+inline __mmask16 tail_mask(int64_t remaining) {
+  return remaining >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << remaining) - 1u);
+}
+
 TFA_AVX512 inline void ds_narrow_avx512(int64_t m, int64_t n, float* p, const float* f, const double* delta, float* ds,
                                         int64_t ld) {
   // The _round_ forms are never contracted into an FMA by the compiler.
@@ -406,7 +410,7 @@ TFA_AVX512 inline void ds_narrow_avx512(int64_t m, int64_t n, float* p, const fl
     float* pr = p + i * ld;
     float* dr = ds + i * ld;
     for (int64_t j = 0; j < n; j += 16) {
-      const __mmask16 mk = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+      const __mmask16 mk = tail_mask(n - j);
       const __m512 pv = _mm512_maskz_loadu_ps(mk, pr + j);
       __m512 dv = _mm512_maskz_loadu_ps(mk, dr + j);
       if (f != nullptr) {
@@ -439,10 +443,6 @@ TFA_AVX512 inline __m512 exp_avx512(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_scalef_ps(p, n);
-}
-
-inline __mmask16 tail_mask(int64_t remaining) {
-  return remaining >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << remaining) - 1u);
 }
 
 TFA_AVX512 inline float row_max_avx512(const float* x, int64_t n) {
@@ -814,7 +814,7 @@ TFA_AVX512BF16 inline void pairs_t_bf16_avx512(const uint16_t* src, int64_t stri
   const int64_t whole = cols / 2;  // complete pairs
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t r0 = 0; r0 < rows; r0 += 16) {
-    const __mmask16 mk = rows - r0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (rows - r0)) - 1);
+    const __mmask16 mk = tail_mask(rows - r0);
     const __m512i idx = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(stride)));
     const uint16_t* base = src + r0 * stride;
     for (int64_t p = 0; p < whole; ++p) {
