@@ -207,6 +207,9 @@ def run_attention(C, case):
     q, k, v, d_o = tensor(T, N, H), tensor(S, Nkv, H), tensor(S, Nkv, Hv), tensor(T, N, Hv)
     if case.get("q_mult"):  # sharper softmax: logits with std ~q_mult
         q = (q * case["q_mult"]).astype(dtype)
+    window = tuple(case.get("window", (-1, -1)))
+    offset, cap = case.get("offset", 0), case.get("soft_cap", 0.0)
+    nan_keys = case.get("nan_keys", 0)  # keys 0 .. nan_keys - 1 hold NaN: no query may see them
     mm = _make_mask(np, rng, case.get("mask"), B, N, T, S)
     mask, mask_strides = mm if mm else (None, [0, 0, 0, 0])
     scale = 1.0 / np.sqrt(H)
@@ -216,14 +219,24 @@ def run_attention(C, case):
     dq, dk, dv = tensor(T, N, H, np.nan), tensor(S, Nkv, H, np.nan), tensor(S, Nkv, Hv, np.nan)
     shape = C.AttentionShape(B, T, S, N, Nkv, H, Hv)
     ws = np.zeros(C.attention_bwd_workspace_bytes_gpu(shape, dt_name), np.uint8)
-    common = dict(dtype=dt_name, shape=shape, q=q.ctypes.data, k=k.ctypes.data, v=v.ctypes.data,
+    k_in, v_in = k, v
+    if nan_keys:
+        k_in, v_in = k.copy(), v.copy()
+        k_in[:, :nan_keys] = np.nan
+        v_in[:, :nan_keys] = np.nan
+    common = dict(dtype=dt_name, shape=shape, q=q.ctypes.data, k=k_in.ctypes.data, v=v_in.ctypes.data,
                   mask=mask.ctypes.data if mask is not None else 0, mask_strides=mask_strides, scale=scale,
-                  is_causal=causal, dropout_rate=rate, seed=seed, q_strides=strides(q), k_strides=strides(k),
-                  v_strides=strides(v))
+                  is_causal=causal, dropout_rate=rate, seed=seed, q_strides=strides(q), k_strides=strides(k_in),
+                  v_strides=strides(v_in), window_left=window[0], window_right=window[1], query_offset=offset,
+                  logits_soft_cap=cap)
     if case.get("seed_device"):
         # The seed in (emulated) device memory; the params' own seed is wrong.
         seed_buffer = np.array([seed], np.uint64)
         common.update(seed=seed + 1, seed_device=seed_buffer.ctypes.data)
+    if case.get("offset_device"):
+        # The query offset in (emulated) device memory; the params' own is wrong.
+        offset_buffer = np.array([offset], np.int32)
+        common.update(query_offset=0 if offset else 1, query_offset_device=offset_buffer.ctypes.data)
     fwd = C.AttentionFwdParams(**common, o=o.ctypes.data, lse=lse.ctypes.data, o_strides=strides(o))
     C.attention_fwd_gpu(fwd, 0, family)
     bwd = C.AttentionBwdParams(**common, o=o.ctypes.data, lse=lse.ctypes.data, do_=d_o.ctypes.data,
@@ -234,12 +247,22 @@ def run_attention(C, case):
 
     # With dropout the CPU kernel drops the same keys: its output with the
     # same seed meets the criterion against the same reference.
+    # (Keys holding NaN are checked against the reference with those keys
+    # zeroed: no query may see them, so neither may reach any result.)
     also = {}
+    band = dict(window=window, query_offset=offset, logits_soft_cap=cap or None)
     if rate > 0:
-        also["o (CPU kernel, same seed)"], _ = C.attention_fwd(q, k, v, mask=mask, scale=scale, is_causal=causal,
-                                                               dropout_rate=rate, seed=seed)
+        also["o (CPU kernel, same seed)"], _ = C.attention_fwd(q, k_in, v_in, mask=mask, scale=scale,
+                                                               is_causal=causal, dropout_rate=rate, seed=seed,
+                                                               window=window, query_offset=offset,
+                                                               logits_soft_cap=cap)
+    if nan_keys:
+        for out in (o, dq, dk, dv):
+            assert np.isfinite(out.astype(np.float64)).all(), "NaN in keys no query may see reached a result"
+        k[:, :nan_keys] = 0
+        v[:, :nan_keys] = 0
     errors = check_attention(dt_name, q, k, v, d_o, o, lse, dq, dk, dv, mask=mask, scale=scale, is_causal=causal,
-                             seed=seed, rate=rate, also_o=also)
+                             seed=seed, rate=rate, also_o=also, **band)
     if rate > 0:
         o_cpu = also["o (CPU kernel, same seed)"]
         errors["o_vs_cpu"] = float(np.abs(o.astype(np.float64) - o_cpu.astype(np.float64)).max())

@@ -67,13 +67,39 @@ def philox_keep_mask(seed: int, rate: float, B: int, N: int, T: int, S: int) -> 
 # NumPy reference.
 
 
-def allowed_mask(B, N, T, S, mask=None, is_causal=False) -> np.ndarray:
+def band_mask(T, S, is_causal=False, window=None, query_offset=0) -> np.ndarray:
+    """[T, S]: query t (at position t + query_offset) may see key s: s <= pos
+    when causal, pos - left <= s <= pos + right for window (left, right), -1
+    = unbounded side."""
+    pos = np.arange(T)[:, None] + query_offset
+    s = np.arange(S)[None, :]
+    band = np.ones((T, S), bool)
+    if is_causal:
+        band &= s <= pos
+    left, right = window if window is not None else (-1, -1)
+    if left >= 0:
+        band &= s >= pos - left
+    if right >= 0:
+        band &= s <= pos + right
+    return band
+
+
+def allowed_mask(B, N, T, S, mask=None, is_causal=False, window=None, query_offset=0) -> np.ndarray:
     allowed = np.ones((B, N, T, S), bool)
     if mask is not None:
         allowed &= np.broadcast_to(np.asarray(mask, bool), (B, N, T, S))
-    if is_causal:
-        allowed &= np.tril(np.ones((T, S), bool))
+    allowed &= band_mask(T, S, is_causal, window, query_offset)
     return allowed
+
+
+def _logits(q, k, scale, cap, r):
+    """(logits, tanh of the capped ones or None), rounded by r where a plain
+    implementation stores them (x, x / cap, tanh, cap * tanh)."""
+    x = r(np.einsum("btnh,bsnh->bnts", q, k) * scale)
+    if not cap:
+        return x, None
+    t = r(np.tanh(r(x / q.dtype.type(cap))))
+    return r(t * q.dtype.type(cap)), t
 
 
 def _rounder(rounding, compute):
@@ -84,11 +110,13 @@ def _rounder(rounding, compute):
 
 
 def np_attention_fwd(q, k, v, mask=None, scale=None, is_causal=False, keep=None, rate=0.0, compute=np.float64,
-                     rounding=None):
+                     rounding=None, window=None, query_offset=0, logits_soft_cap=None):
     """Returns (out, lse, p, p_drop, allowed) in `compute` precision. Rows with no
     allowed key average value uniformly over all keys (lse = +inf). `rounding`
     (a dtype name): every intermediate a plain implementation in that dtype
-    stores (logits, probabilities, dropped probabilities, out) is rounded to it."""
+    stores (logits, probabilities, dropped probabilities, out) is rounded to it.
+    window, query_offset, logits_soft_cap: as the kernels' (band_mask; logits
+    cap * tanh(logits / cap))."""
     r = _rounder(rounding, compute)
     q, k, v = (np.asarray(x).astype(compute) for x in (q, k, v))
     B, T, N, H = q.shape
@@ -96,8 +124,8 @@ def np_attention_fwd(q, k, v, mask=None, scale=None, is_causal=False, keep=None,
     g = N // Nkv
     k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
     scale = compute(1.0 / np.sqrt(H) if scale is None else scale)
-    logits = r(np.einsum("btnh,bsnh->bnts", q, k) * scale)
-    allowed = allowed_mask(B, N, T, S, mask, is_causal)
+    logits, _ = _logits(q, k, scale, logits_soft_cap, r)
+    allowed = allowed_mask(B, N, T, S, mask, is_causal, window, query_offset)
     any_allowed = allowed.any(-1, keepdims=True)
     masked = np.where(allowed, logits, -np.inf)
     m = np.where(any_allowed, masked.max(-1, keepdims=True, initial=-np.inf), 0)
@@ -113,11 +141,12 @@ def np_attention_fwd(q, k, v, mask=None, scale=None, is_causal=False, keep=None,
 
 
 def np_attention_bwd(q, k, v, d_out, mask=None, scale=None, is_causal=False, keep=None, rate=0.0, compute=np.float64,
-                     rounding=None):
+                     rounding=None, window=None, query_offset=0, logits_soft_cap=None):
     """Gradients (dq, dk, dv) of np_attention_fwd's out for upstream d_out;
     `rounding` as there (also dP, dS and the gradients are rounded)."""
     r = _rounder(rounding, compute)
-    _, _, p, p_drop, allowed = np_attention_fwd(q, k, v, mask, scale, is_causal, keep, rate, compute, rounding)
+    _, _, p, p_drop, allowed = np_attention_fwd(q, k, v, mask, scale, is_causal, keep, rate, compute, rounding,
+                                                window, query_offset, logits_soft_cap)
     q, k, v, d_out = (np.asarray(x).astype(compute) for x in (q, k, v, d_out))
     B, T, N, H = q.shape
     S, Nkv, Hv = k.shape[1], k.shape[2], v.shape[3]
@@ -130,6 +159,9 @@ def np_attention_bwd(q, k, v, d_out, mask=None, scale=None, is_causal=False, kee
         dp = r(dp * keep.astype(compute) / compute(1.0 - rate))
     ds = r(p * (dp - (dp * p).sum(-1, keepdims=True)))
     ds = np.where(allowed.any(-1, keepdims=True), ds, 0)  # uniform rows: constant p, no gradient
+    if logits_soft_cap:  # through cap * tanh(x / cap): times 1 - tanh^2
+        _, t = _logits(q, kr, scale, logits_soft_cap, r)
+        ds = r(ds * r(1 - t * t))
     dq = np.einsum("bnts,bsnh->btnh", ds, kr) * scale
     dk = np.einsum("bnts,btnh->bsnh", ds, q) * scale
     dk = dk.reshape(B, S, Nkv, g, H).sum(3)
@@ -151,7 +183,7 @@ def naive_same_dtype(q, k, v, d_out, dtype, **kw):
 
 
 def check_attention(dtype_name, q, k, v, d_out, o, lse, dq, dk, dv, mask=None, scale=None, is_causal=False, seed=0,
-                    rate=0.0, also_o=None) -> dict:
+                    rate=0.0, also_o=None, window=None, query_offset=0, logits_soft_cap=None) -> dict:
     """A kernel's forward (o, lse) and backward (dq, dk, dv) for inputs q, k, v,
     d_out (NumPy arrays of `dtype_name`'s values, any float type) against the
     float64 reference by the accuracy criterion; lse to 1e-4 relative with its
@@ -163,7 +195,8 @@ def check_attention(dtype_name, q, k, v, d_out, o, lse, dq, dk, dv, mask=None, s
     B, T, N, _ = q.shape
     S = k.shape[1]
     keep = philox_keep_mask(seed, rate, B, N, T, S) if rate > 0 else None
-    kw = dict(mask=mask, scale=scale, is_causal=is_causal, keep=keep, rate=rate)
+    kw = dict(mask=mask, scale=scale, is_causal=is_causal, keep=keep, rate=rate, window=window,
+              query_offset=query_offset, logits_soft_cap=logits_soft_cap)
     ref_o, ref_lse, _, _, _ = np_attention_fwd(q, k, v, **kw)
     ref_grads = np_attention_bwd(q, k, v, d_out, **kw)
     naive_o, naive_grads = naive_same_dtype(q, k, v, d_out, dtype_name, **kw)
@@ -191,17 +224,18 @@ def check_attention(dtype_name, q, k, v, d_out, o, lse, dq, dk, dv, mask=None, s
 # Residual-add + layer norm.
 
 
-def layer_norm_fwd(x, r, g, b, eps):
-    """(y, s, mean, rstd) in float64; the sum s = x + r is rounded to x's dtype, as in every implementation."""
+def layer_norm_fwd(x, r, g, b, eps, norm="layer"):
+    """(y, s, mean, rstd) in float64; the sum s = x + r is rounded to x's dtype, as in every implementation.
+    norm "rms": mean = 0, y = s * rstd * g; "rms_scaling": y = s * rstd * g with the layer norm's rstd."""
     s = (x.astype(np.float64) + r.astype(np.float64)).astype(x.dtype).astype(np.float64)
-    mean = s.mean(-1, keepdims=True)
+    mean = np.zeros_like(s[..., :1]) if norm == "rms" else s.mean(-1, keepdims=True)
     rstd = 1.0 / np.sqrt(((s - mean) ** 2).mean(-1, keepdims=True) + eps)
-    y = (s - mean) * rstd * g + b
+    y = ((s - mean) * rstd * g + b) if norm == "layer" else s * rstd * g
     return y, s, mean[..., 0], rstd[..., 0]
 
 
 def check_layer_norm(dtype_name, param_dtype_name, x, residual, gamma, beta, eps, y, s, mean, rstd, dy, dsum, dx,
-                     dgamma, dbeta) -> dict:
+                     dgamma, dbeta, norm="layer") -> dict:
     """A kernel's residual-add + layer norm forward (y, the sum s when residual
     is given, mean, rstd) and backward (dx, dgamma, dbeta for upstream dy and
     dsum; dsum None without residual) against the float64 reference by the
@@ -213,23 +247,26 @@ def check_layer_norm(dtype_name, param_dtype_name, x, residual, gamma, beta, eps
     x64, g64, b64 = f64(x), f64(gamma), f64(beta)
     r64 = f64(residual) if residual is not None else np.zeros_like(x64)
     ref_s = f64(round_to(x64 + r64, dtype_name))  # the sum rounded to the dtype, as every implementation
-    ref_y, _, ref_mean, ref_rstd = layer_norm_fwd(ref_s, np.zeros_like(ref_s), g64, b64, eps)
+    ref_y, _, ref_mean, ref_rstd = layer_norm_fwd(ref_s, np.zeros_like(ref_s), g64, b64, eps, norm)
     d64 = f64(dsum) if dsum is not None else 0.0
-    ref_dx, ref_dg, ref_db = layer_norm_bwd(ref_s, f64(dy), d64, g64, eps)
+    ref_dx, ref_dg, ref_db = layer_norm_bwd(ref_s, f64(dy), d64, g64, eps, norm)
     # The naive implementation at the input precision (float32 statistics for
     # half types, as every framework's layer norm).
     c = np.float64 if dtype_name == "float64" else np.float32
     s_c = ref_s.astype(c)
-    naive_y = round_to(layer_norm_fwd(s_c, np.zeros_like(s_c), g64.astype(c), b64.astype(c), eps)[0], dtype_name)
+    naive_y = round_to(layer_norm_fwd(s_c, np.zeros_like(s_c), g64.astype(c), b64.astype(c), eps, norm)[0],
+                       dtype_name)
     naive_dx, naive_dg, naive_db = layer_norm_bwd(s_c, f64(dy).astype(c), (d64.astype(c) if dsum is not None else c(0)),
-                                                  g64.astype(c), eps)
+                                                  g64.astype(c), eps, norm)
     errors = {}
-    for name, got, naive, ref, dt in [
+    outputs = [
         ("y", y, naive_y, ref_y, dtype_name),
         ("dx", dx, round_to(naive_dx, dtype_name), ref_dx, dtype_name),
         ("dgamma", dgamma, round_to(naive_dg, param_dtype_name), ref_dg, param_dtype_name),
-        ("dbeta", dbeta, round_to(naive_db, param_dtype_name), ref_db, param_dtype_name),
-    ]:
+    ]
+    if norm == "layer":  # (the RMS norms have no beta)
+        outputs.append(("dbeta", dbeta, round_to(naive_db, param_dtype_name), ref_db, param_dtype_name))
+    for name, got, naive, ref, dt in outputs:
         criterion.check_close(f64(got), naive, ref, dt, name)
         errors[name] = float(np.abs(f64(got) - ref).max())
     if residual is not None:
@@ -242,12 +279,14 @@ def check_layer_norm(dtype_name, param_dtype_name, x, residual, gamma, beta, eps
     return errors
 
 
-def layer_norm_bwd(s, dy, dsum, g, eps):
-    """(ds, dgamma, dbeta) in float64 for upstream dy (on y) and dsum (on s)."""
-    mean = s.mean(-1, keepdims=True)
+def layer_norm_bwd(s, dy, dsum, g, eps, norm="layer"):
+    """(ds, dgamma, dbeta) in float64 for upstream dy (on y) and dsum (on s); norm as layer_norm_fwd's."""
+    mean = np.zeros_like(s[..., :1]) if norm == "rms" else s.mean(-1, keepdims=True)
     rstd = 1.0 / np.sqrt(((s - mean) ** 2).mean(-1, keepdims=True) + eps)
     xhat = (s - mean) * rstd
+    u = s * rstd if norm == "rms_scaling" else xhat  # y = u * g (+ b)
     gy = dy * g
-    ds = rstd * (gy - gy.mean(-1, keepdims=True) - xhat * (gy * xhat).mean(-1, keepdims=True)) + dsum
+    mean_g = gy.mean(-1, keepdims=True) if norm == "layer" else 0.0
+    ds = rstd * (gy - mean_g - xhat * (gy * u).mean(-1, keepdims=True)) + dsum
     axes = tuple(range(s.ndim - 1))
-    return ds, (dy * xhat).sum(axes), dy.sum(axes)
+    return ds, (dy * u).sum(axes), dy.sum(axes)

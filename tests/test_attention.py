@@ -434,15 +434,23 @@ def test_non_floating_inputs_raise_value_error():
 
 def test_op_rejects_bad_mask_and_attributes():
     q, k, v = (tf.ones(GOOD[n]) for n in "qkv")
-    ops = _loader.ops()
+
+    def op(mask=(), seed=(), **attrs):
+        return _loader.ops().tf_fastattn_attention(query=q, key=k, value=v, mask=list(mask), seed=list(seed),
+                                                   query_offset=[], **attrs)
+
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"mask of shape \[3, 5, 6\] is not broadcastable"):
-        ops.tf_fastattn_attention(query=q, key=k, value=v, mask=[tf.ones((3, 5, 6), tf.bool)], seed=[])
+        op(mask=[tf.ones((3, 5, 6), tf.bool)])
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"dropout_rate must be in \[0, 1\), got 1"):
-        ops.tf_fastattn_attention(query=q, key=k, value=v, mask=[], seed=[tf.constant(1, tf.int64)], dropout_rate=1.0)
+        op(seed=[tf.constant(1, tf.int64)], dropout_rate=1.0)
     with pytest.raises(tf.errors.InvalidArgumentError, match="needs a seed"):
-        ops.tf_fastattn_attention(query=q, key=k, value=v, mask=[], seed=[], dropout_rate=0.5)
+        op(dropout_rate=0.5)
     with pytest.raises(tf.errors.InvalidArgumentError, match="scale must be finite, got inf"):
-        ops.tf_fastattn_attention(query=q, key=k, value=v, mask=[], seed=[], scale=float("inf"))
+        op(scale=float("inf"))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="window_left and window_right must be >= 0"):
+        op(window_left=-2)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="logits_soft_cap must be a finite number >= 0"):
+        op(logits_soft_cap=-1.0)
 
 
 @pytest.mark.parametrize("shapes", [
@@ -461,7 +469,8 @@ def test_op_and_C_give_the_same_message(shapes):
     with pytest.raises(ValueError) as c_err:
         _C.attention_fwd(q, k, v, mask=mask)
     with pytest.raises(tf.errors.InvalidArgumentError) as tf_err:
-        _loader.ops().tf_fastattn_attention(query=q, key=k, value=v, mask=[] if mask is None else [mask], seed=[])
+        _loader.ops().tf_fastattn_attention(query=q, key=k, value=v, mask=[] if mask is None else [mask], seed=[],
+                                            query_offset=[])
     assert str(c_err.value) in str(tf_err.value), (str(c_err.value), str(tf_err.value))
 
 

@@ -38,9 +38,11 @@ def case_id(c):
         extra = ("" if c.get("residual", True) else "-noresidual") + (f"-pad{c['row_pad']}" if c.get("row_pad") else "")
         return f"ln-{c['dtype']}-params_{c.get('param_dtype', 'float32')}-C{c['cols']}{extra}"
     s = f"attn-{c.get('family', 'auto')}-{c['dtype']}-" + "B{B}T{T}S{S}N{N}kv{Nkv}H{H}Hv{Hv}".format(**c)
-    for k in ("causal", "mask", "dropout", "strided", "seed_device", "q_mult"):
+    for k in ("causal", "mask", "dropout", "strided", "seed_device", "q_mult", "window", "offset", "soft_cap",
+              "offset_device", "nan_keys"):
         if c.get(k):
-            s += f"-{k}" + ("" if c[k] is True else f"_{c[k]}")
+            value = "_".join(map(str, c[k])) if isinstance(c[k], (tuple, list)) else c[k]
+            s += f"-{k}" + ("" if c[k] is True else f"_{value}")
     return s
 
 
@@ -82,6 +84,20 @@ QUICK = [
     # put o at 1.5x the criterion's bound).
     attention("float32", 1, 128, 128, 2, 1, 256, 256, causal=True, q_mult=8),
     attention("float32", 1, 97, 200, 2, 2, 128, 128, q_mult=8),
+    # Decoder-LLM options: sliding windows (tiles outside the band never
+    # loaded: NaN planted in keys no query sees must reach nothing), soft-caps
+    # with logits large enough to matter, query offsets (cached decoding),
+    # also read from device memory (XLA's custom calls).
+    attention("float16", 1, 97, 97, 4, 2, 100, 80, causal=True, window=(7, 3), soft_cap=30.0, q_mult=6),
+    attention("bfloat16", 1, 64, 300, 2, 1, 64, 64, causal=True, window=(40, 0), offset=236, nan_keys=128,
+              dropout=0.1),
+    attention("float32", 1, 64, 300, 2, 1, 40, 64, causal=True, window=(40, 0), offset=236, nan_keys=128,
+              soft_cap=1.0),
+    attention("float32", 2, 97, 97, 4, 1, 40, 40, window=(0, 0), mask="padding"),
+    attention("float16", 1, 97, 130, 2, 2, 64, 64, family="simt", window=(1, 0), causal=True, offset=33,
+              soft_cap=50.0, q_mult=10, dropout=0.1),
+    attention("bfloat16", 1, 7, 97, 2, 1, 64, 64, causal=True, window=(64, -1), offset=90, offset_device=True),
+    attention("float32", 1, 7, 97, 2, 1, 40, 40, causal=True, window=(70, 0), offset=90, offset_device=True),
 ]
 
 # Known miss (benchmarks/RESULTS.md, "float32 backward on the GPU"): its o

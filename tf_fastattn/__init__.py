@@ -41,7 +41,7 @@ else:
     from tf_fastattn._loader import build_info
     from tf_fastattn.attention import dot_product_attention
     from tf_fastattn.convert import convert_model
-    from tf_fastattn.layer_norm import layer_norm
+    from tf_fastattn.layer_norm import layer_norm, rms_norm
     from tf_fastattn.patch import patch_keras, unpatch_keras
 
     # Registers the layers with Keras, so a .keras file holding them loads
@@ -61,6 +61,7 @@ else:
         "layer_norm",
         "layers",
         "patch_keras",
+        "rms_norm",
         "unpatch_keras",
         "__version__",
     ]

@@ -21,6 +21,77 @@ def _known_mismatch(a, b) -> bool:
     return a is not None and b is not None and a != b
 
 
+def _check_soft_cap(logits_soft_cap):
+    """None or 0 (off), or a finite number > 0; returns the float (0.0 = off)."""
+    if logits_soft_cap is None:
+        return 0.0
+    if isinstance(logits_soft_cap, bool) or not isinstance(logits_soft_cap, numbers.Real):
+        static = None if isinstance(logits_soft_cap, bool) else tf.get_static_value(logits_soft_cap)
+        if static is None or getattr(static, "size", 1) != 1:
+            raise ValueError(
+                "dot_product_attention: logits_soft_cap must be None or a number >= 0 (a constant), "
+                f"got {logits_soft_cap!r}"
+            )
+        logits_soft_cap = float(static)
+    cap = float(logits_soft_cap)
+    if not (math.isfinite(cap) and cap >= 0):
+        raise ValueError(f"dot_product_attention: logits_soft_cap must be a finite number >= 0 (0 or None = off), "
+                         f"got {logits_soft_cap!r}")
+    return cap
+
+
+def _check_window(window):
+    """None, or (left, right) with each side an int >= 0 or -1 (unbounded);
+    returns (left, right)."""
+    if window is None:
+        return (-1, -1)
+    try:
+        left, right = window
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"dot_product_attention: window must be None or a pair (left, right) of ints >= -1, got {window!r}"
+        ) from None
+    sides = []
+    for name, side in (("left", left), ("right", right)):
+        if isinstance(side, bool) or not isinstance(side, numbers.Integral) or side < -1:
+            raise ValueError(
+                f"dot_product_attention: window {name} side must be an int >= 0, or -1 for no bound, "
+                f"got {side!r} (window {window!r})"
+            )
+        sides.append(int(side))
+    return tuple(sides)
+
+
+def _check_query_offset(query_offset, query, key):
+    """None or 0 (top-left), an int in [0, S - T], or a scalar integer tensor
+    (checked by the op at run time); returns None (no offset) or an int32
+    scalar tensor."""
+    if query_offset is None:
+        return None
+    T, S = query.shape[1], key.shape[1]
+    if isinstance(query_offset, numbers.Integral) and not isinstance(query_offset, bool):
+        if query_offset == 0:
+            return None
+        if query_offset < 0 or (T is not None and S is not None and query_offset + T > S):
+            bound = f"[0, S - T] = [0, {S - T}]" if T is not None and S is not None else "[0, S - T]"
+            raise ValueError(
+                f"dot_product_attention: query_offset must be in {bound} (query rows at positions "
+                f"query_offset .. query_offset + T - 1 of the S keys), got {query_offset} with T = {T}, S = {S}"
+            )
+        return tf.constant(int(query_offset), tf.int32)
+    if isinstance(query_offset, (bool, float)):
+        raise ValueError(f"dot_product_attention: query_offset must be an int or a scalar integer tensor, "
+                         f"got {query_offset!r}")
+    offset = tf.convert_to_tensor(query_offset)
+    if not offset.dtype.is_integer:
+        raise ValueError(
+            f"dot_product_attention: query_offset must be an integer scalar, got dtype {offset.dtype.name}"
+        )
+    if offset.shape.rank is not None and offset.shape.num_elements() not in (None, 1):
+        raise ValueError(f"dot_product_attention: query_offset must be a scalar, got shape {_shape_str(offset)}")
+    return tf.reshape(tf.cast(offset, tf.int32), [])
+
+
 def _validate(query, key, value, mask, scale, dropout_rate):
     """Static checks; errors name the argument, the expected and the actual value."""
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -102,13 +173,21 @@ def dot_product_attention(
     dropout_rate=0.0,
     seed=None,
     implementation="auto",
+    *,
+    logits_soft_cap=None,
+    window=None,
+    query_offset=None,
 ):
-    """Scaled-dot-product attention, fused: `keras.ops.dot_product_attention` plus dropout.
+    """Scaled-dot-product attention, fused: `keras.ops.dot_product_attention`
+    plus dropout, sliding windows, soft-capping and cached decoding.
 
-    With `g = N / Nkv` query heads per key/value head:
+    With `g = N / Nkv` query heads per key/value head and `pos(t) = t + query_offset`:
 
-        logits[b, n, t, s] = scale * sum_h query[b, t, n, h] * key[b, s, n // g, h]
-        allowed[b, n, t, s] = mask[b, n, t, s] and (not is_causal or s <= t)
+        x[b, n, t, s] = scale * sum_h query[b, t, n, h] * key[b, s, n // g, h]
+        logits = x, or cap * tanh(x / cap) with logits_soft_cap = cap
+        allowed[b, n, t, s] = mask[b, n, t, s]
+                              and (not is_causal or s <= pos(t))
+                              and pos(t) - left <= s <= pos(t) + right   (window = (left, right))
         p = softmax over s of logits where allowed (disallowed entries get 0)
         out[b, t, n, :] = sum_s dropout(p)[b, n, t, s] * value[b, s, n // g, :]
 
@@ -121,6 +200,10 @@ def dot_product_attention(
     (query t sees keys s <= t, also when T != S); a row with no allowed key
     gets the uniform average of value over all S keys (what Keras' large
     negative fill produces), not zeros, and no gradient to query and key.
+    Key blocks outside the window (and past the causal diagonal) are never
+    computed, forward or backward: a sliding window of w keys costs
+    O(T x w), not O(T x S).
+
     Dropout, which Keras' op lacks, zeroes each probability with probability
     `dropout_rate` and scales the rest by `1 / (1 - dropout_rate)`; the mask is
     drawn from Philox keyed by (seed, b, n, t, s), so the backward regenerates
@@ -149,6 +232,23 @@ def dot_product_attention(
         Code traced for XLA (`jit_compile=True`) runs the op as an XLA custom
         call when its XLA kernels loaded (`build_info()["xla"]`), bitwise as
         without XLA; otherwise it gets the reference math.
+      logits_soft_cap: None or 0 (off), or cap > 0: logits become
+        `cap * tanh(logits / cap)` before masking and softmax (Gemma 2's
+        `attn_logit_softcapping`, Keras' `attn_logits_soft_cap`,
+        FlashAttention's `softcap`); the gradient goes through the tanh.
+      window: None, or `(left, right)`: query t attends keys
+        `pos(t) - left <= s <= pos(t) + right`, -1 = unbounded on that side,
+        combined with `is_causal` and `mask`. A model's sliding window of w
+        keys is `window=(w - 1, 0)` with `is_causal=True`: keras-hub's Gemma
+        2/3 and Qwen (`sliding_window_size=w`: a band of w - 1 on each side
+        of the query's position, intersected with the causal mask) and
+        Mistral/Mixtral (`sliding_window=w`: keys `pos(t) - w < s <= pos(t)`)
+        all give that set.
+      query_offset: None or 0 (top-left), an int, or a scalar integer tensor
+        (changing it does not retrace): query row t sits at position
+        `t + query_offset` among the S keys, for causal and windowed attention
+        of a few new queries against a key/value cache (`cache_update_index`
+        in keras-hub) without a dense mask. Must lie in [0, S - T].
 
     Returns:
       `[B, T, N, Hv]` in the inputs' dtype.
@@ -157,8 +257,10 @@ def dot_product_attention(
       ValueError: for ranks other than 4, mismatched B, S, Nkv or H, N not a
         multiple of Nkv, head dims outside [1, 256], a mask that does not
         broadcast, non-floating inputs, a non-finite scale or a dropout rate
-        outside [0, 1) (shapes known statically; the op raises
-        InvalidArgumentError for the same problems at run time).
+        outside [0, 1), a negative or NaN logits_soft_cap, window sides below
+        -1, a non-integer query_offset or one outside [0, S - T] (shapes
+        known statically; the op raises InvalidArgumentError for the same
+        problems at run time).
 
     Example:
       >>> q = tf.random.normal([2, 128, 8, 64])
@@ -182,6 +284,9 @@ def dot_product_attention(
     # The static checks, once (the op repeats the shape checks at run time,
     # with the same messages as every front end: csrc/core/attention_checks.cc).
     _validate(query, key, value, mask, scale, dropout_rate)
+    cap = _check_soft_cap(logits_soft_cap)
+    window = _check_window(window)
+    offset = _check_query_offset(query_offset, query, key)
     if not (query.dtype == key.dtype == value.dtype):
         import keras
 
@@ -192,7 +297,8 @@ def dot_product_attention(
     variant = ("attention", query.dtype.name, max(query.shape[-1] or 0, value.shape[-1] or 0))
     if _loader.use_fused("dot_product_attention", implementation, gpu_variant=variant):
         seed_t = seed_tensor(seed) if dropout_rate > 0 else None
-        out, _ = fused_attention(query, key, value, mask, scale, is_causal, dropout_rate, seed_t)
+        out, _ = fused_attention(query, key, value, mask, scale, is_causal, dropout_rate, seed_t,
+                                 logits_soft_cap=cap, window=window, query_offset=offset)
         return out
     return reference.attention(
         query,
@@ -203,38 +309,50 @@ def dot_product_attention(
         is_causal=is_causal,
         dropout_rate=dropout_rate,
         seed=None if dropout_rate == 0 else seed_tensor(seed),
+        logits_soft_cap=cap or None,
+        window=window,
+        query_offset=offset,
     )
 
 
-def fused_attention(query, key, value, mask=None, scale=None, is_causal=False, dropout_rate=0.0, seed=None):
+def fused_attention(query, key, value, mask=None, scale=None, is_causal=False, dropout_rate=0.0, seed=None, *,
+                    logits_soft_cap=0.0, window=(-1, -1), query_offset=None):
     """The `TfFastattn>Attention` op: returns `(out [B, T, N, Hv], lse [B, N, T])`.
 
     No validation or fallback (see `dot_product_attention`); `seed` is an int64
-    scalar tensor, required when `dropout_rate > 0`. `lse` is float32 (float64
-    for float64 inputs); a row with no allowed key has lse = +inf.
+    scalar tensor, required when `dropout_rate > 0`; `query_offset` an int32
+    scalar tensor or None. `lse` is float32 (float64 for float64 inputs); a
+    row with no allowed key has lse = +inf.
     """
+    cap = float(logits_soft_cap or 0.0)
     return _loader.ops().tf_fastattn_attention(
         query=query,
         key=key,
         value=value,
         mask=[] if mask is None else [mask],
         seed=[] if seed is None else [seed],
+        query_offset=[] if query_offset is None else [query_offset],
         S=reference.compute_dtype(query.dtype),
         is_causal=bool(is_causal),
+        window_left=int(window[0]),
+        window_right=int(window[1]),
         scale=float("nan") if scale is None else float(scale),
         dropout_rate=float(dropout_rate),
+        logits_soft_cap=cap,
         scale_bits=_loader.float64_bits(scale),
         dropout_rate_bits=_loader.float64_bits(dropout_rate),
+        logits_soft_cap_bits=_loader.float64_bits(cap),
     )
 
 
 @tf.RegisterGradient("TfFastattn>Attention")
 def _attention_grad(op, d_out, _d_lse):
     # lse is a saved statistic, not a differentiable output.
-    num_mask, num_seed = op.get_attr("num_mask"), op.get_attr("num_seed")
+    num_mask, num_seed, num_offset = op.get_attr("num_mask"), op.get_attr("num_seed"), op.get_attr("num_offset")
     query, key, value = op.inputs[:3]
     masks = list(op.inputs[3 : 3 + num_mask])
     seeds = list(op.inputs[3 + num_mask : 3 + num_mask + num_seed])
+    offsets = list(op.inputs[3 + num_mask + num_seed : 3 + num_mask + num_seed + num_offset])
     out, lse = op.outputs
     if d_out is None:
         d_out = tf.zeros_like(out)
@@ -244,13 +362,18 @@ def _attention_grad(op, d_out, _d_lse):
         value=value,
         mask=masks,
         seed=seeds,
+        query_offset=offsets,
         out=out,
         lse=lse,
         d_out=d_out,
         is_causal=op.get_attr("is_causal"),
+        window_left=op.get_attr("window_left"),
+        window_right=op.get_attr("window_right"),
         scale=op.get_attr("scale"),
         dropout_rate=op.get_attr("dropout_rate"),
+        logits_soft_cap=op.get_attr("logits_soft_cap"),
         scale_bits=op.get_attr("scale_bits"),
         dropout_rate_bits=op.get_attr("dropout_rate_bits"),
+        logits_soft_cap_bits=op.get_attr("logits_soft_cap_bits"),
     )
-    return [dq, dk, dv] + [None] * (num_mask + num_seed)
+    return [dq, dk, dv] + [None] * (num_mask + num_seed + num_offset)

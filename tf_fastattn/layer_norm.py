@@ -1,4 +1,5 @@
-"""Fused residual-add + layer normalization: `tf_fastattn.layer_norm`."""
+"""Fused residual-add + layer normalization and RMS normalization:
+`tf_fastattn.layer_norm`, `tf_fastattn.rms_norm`."""
 
 from __future__ import annotations
 
@@ -13,32 +14,28 @@ def _shape_str(t) -> str:
     return str(t.shape.as_list()) if t.shape.rank is not None else "<unknown rank>"
 
 
-def _validate(x, gamma, beta, residual, epsilon, center, scale):
+def _validate(x, gamma, beta, residual, epsilon, center, scale, op="layer_norm"):
     if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"layer_norm: x must be float16, bfloat16, float32 or float64, got {x.dtype.name}")
+        raise ValueError(f"{op}: x must be float16, bfloat16, float32 or float64, got {x.dtype.name}")
     if x.shape.rank == 0:
-        raise ValueError("layer_norm: x must have rank >= 1, got a scalar (shape [])")
+        raise ValueError(f"{op}: x must have rank >= 1, got a scalar (shape [])")
     if not epsilon > 0:
-        raise ValueError(f"layer_norm: epsilon must be > 0, got {epsilon}")
+        raise ValueError(f"{op}: epsilon must be > 0, got {epsilon}")
     cols = x.shape[-1] if x.shape.rank else None
     for name, p, used in (("gamma", gamma, scale), ("beta", beta, center)):
         if not used:
             continue
         if p is None:
-            raise ValueError(f"layer_norm: {name} is required when {'scale' if name == 'gamma' else 'center'}=True")
+            raise ValueError(f"{op}: {name} is required when {'scale' if name == 'gamma' else 'center'}=True")
         if p.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"layer_norm: {name} must be a floating dtype, got {p.dtype.name}")
+            raise ValueError(f"{op}: {name} must be a floating dtype, got {p.dtype.name}")
         if p.shape.rank is not None and (p.shape.rank != 1 or (cols is not None and p.shape[0] not in (None, cols))):
-            raise ValueError(f"layer_norm: {name} must have shape [{cols}] (the last axis of x), got {_shape_str(p)}")
+            raise ValueError(f"{op}: {name} must have shape [{cols}] (the last axis of x), got {_shape_str(p)}")
     if residual is not None:
         if residual.dtype != x.dtype:
-            raise ValueError(
-                f"layer_norm: residual must have the dtype of x ({x.dtype.name}), got {residual.dtype.name}"
-            )
+            raise ValueError(f"{op}: residual must have the dtype of x ({x.dtype.name}), got {residual.dtype.name}")
         if not x.shape.is_compatible_with(residual.shape):
-            raise ValueError(
-                f"layer_norm: residual must have the shape of x {_shape_str(x)}, got {_shape_str(residual)}"
-            )
+            raise ValueError(f"{op}: residual must have the shape of x {_shape_str(x)}, got {_shape_str(residual)}")
 
 
 def layer_norm(
@@ -52,6 +49,7 @@ def layer_norm(
     scale: bool = True,
     return_residual: bool = False,
     implementation: str = "auto",
+    rms_scaling: bool = False,
 ):
     """Layer normalization over the last axis, with an optional fused residual add.
 
@@ -73,6 +71,10 @@ def layer_norm(
       implementation: "auto" (fused op when available, else the reference with
         a one-time warning), "fused" (raise ValueError if the op cannot run) or
         "reference" (pure TensorFlow).
+      rms_scaling: Keras' deprecated `LayerNormalization(rms_scaling=True)`:
+        `y = s / sqrt(var(s) + epsilon) * gamma`, s not centred and no beta
+        (beta and `center` are ignored, as Keras does). For RMS norm proper
+        (mean of squares) use `tf_fastattn.rms_norm`.
 
     Returns:
       `y` of x's shape and dtype, or `(y, s)` when `return_residual`.
@@ -81,6 +83,8 @@ def layer_norm(
       >>> y, s = tf_fastattn.layer_norm(x, gamma, beta, residual=h, return_residual=True)
     """
     _loader.check_implementation(implementation)
+    if rms_scaling:
+        center = False
     x = tf.convert_to_tensor(x)
     residual = None if residual is None else tf.convert_to_tensor(residual)
     gamma = None if gamma is None or not scale else tf.convert_to_tensor(gamma)
@@ -88,9 +92,63 @@ def layer_norm(
     _validate(x, gamma, beta, residual, epsilon, center, scale)
 
     if _loader.use_fused("layer_norm", implementation, gpu_variant=("layer_norm", x.dtype.name, None)):
-        y, s = _fused(x, gamma, beta, residual, epsilon, center, scale)
+        y, s = _fused(x, gamma, beta, residual, epsilon, center, scale, "rms_scaling" if rms_scaling else "layer")
     else:
-        y, s = reference.layer_norm(x, gamma, beta, residual=residual, epsilon=epsilon)
+        y, s = reference.layer_norm(x, gamma, beta, residual=residual, epsilon=epsilon, rms_scaling=rms_scaling)
+    return (y, s) if return_residual else y
+
+
+def rms_norm(
+    x,
+    gamma=None,
+    *,
+    residual=None,
+    epsilon: float = 1e-6,
+    scale: bool = True,
+    return_residual: bool = False,
+    implementation: str = "auto",
+):
+    """RMS normalization over the last axis, with an optional fused residual add.
+
+    With `s = x + residual` (or `s = x`):
+
+        y = s / sqrt(mean(s^2) + epsilon) * gamma
+
+    in one pass over memory, statistics in float32 (float64 for float64
+    inputs); gradients reach x, residual, gamma and whatever reaches `s`.
+    The layers it serves, exactly (same formula, epsilon inside the root):
+    keras-hub's `LlamaLayerNorm` (Llama, Mistral, Mixtral, Phi-3, Qwen) and
+    Keras' `RMSNormalization`: `rms_norm(x, scale)`; Gemma's
+    `RMSNormalization`, which scales by `1 + scale`: `rms_norm(x, 1 + scale)`
+    (the sum formed in float32, as Gemma does). Keras'
+    `LayerNormalization(rms_scaling=True)` divides by the variance instead:
+    `layer_norm(..., rms_scaling=True)`.
+
+    Args:
+      x: `[..., C]` float16, bfloat16, float32 or float64 tensor.
+      gamma: `[C]` scale (float32 or x's dtype); required when `scale`.
+      residual: optional tensor of x's shape and dtype, added before normalizing.
+      epsilon: added to the mean of squares, > 0 (keras-hub's default 1e-6).
+      scale: whether gamma is applied.
+      return_residual: also return `s`.
+      implementation: "auto", "fused" or "reference", as `layer_norm`.
+
+    Returns:
+      `y` of x's shape and dtype, or `(y, s)` when `return_residual`.
+
+    Example:
+      >>> y, h = tf_fastattn.rms_norm(attn_out, gamma, residual=h, return_residual=True)
+    """
+    _loader.check_implementation(implementation)
+    x = tf.convert_to_tensor(x)
+    residual = None if residual is None else tf.convert_to_tensor(residual)
+    gamma = None if gamma is None or not scale else tf.convert_to_tensor(gamma)
+    _validate(x, gamma, None, residual, epsilon, False, scale, op="rms_norm")
+
+    if _loader.use_fused("rms_norm", implementation, gpu_variant=("layer_norm", x.dtype.name, None)):
+        y, s = _fused(x, gamma, None, residual, epsilon, False, scale, "rms")
+    else:
+        y, s = reference.rms_norm(x, gamma, residual=residual, epsilon=epsilon)
     return (y, s) if return_residual else y
 
 
@@ -103,7 +161,7 @@ def _param_dtype(x, gamma, beta):
     return p.dtype if p.dtype in (tf.float32, x.dtype) else tf.float32
 
 
-def _fused(x, gamma, beta, residual, epsilon, center, scale):
+def _fused(x, gamma, beta, residual, epsilon, center, scale, norm="layer"):
     u = _param_dtype(x, gamma, beta)
     empty = tf.zeros([0], dtype=u)
     g = tf.cast(gamma, u) if scale else empty
@@ -118,6 +176,7 @@ def _fused(x, gamma, beta, residual, epsilon, center, scale):
         epsilon_bits=_loader.float64_bits(epsilon),
         center=center,
         scale=scale,
+        norm=norm,
     )
     return y, s
 
@@ -140,5 +199,6 @@ def _layer_norm_grad(op, dy, dsum, _dmean, _drstd):
         dsum=[] if dsum is None else [dsum],
         center=center,
         scale=scale,
+        norm=op.get_attr("norm"),
     )
     return [dx] + [dx] * num_residual + [dgamma if scale else None, dbeta if center else None]

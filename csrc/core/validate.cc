@@ -20,6 +20,34 @@ std::string range_message(const char* what, int64_t lo, int64_t hi, int64_t got)
          std::to_string(got);
 }
 
+// The window, the query offset and the soft cap.
+Status validate_band(const AttentionParams& p) {
+  const struct {
+    const char* name;
+    int64_t value;
+  } sides[] = {{"window_left", p.window_left}, {"window_right", p.window_right}};
+  for (const auto& side : sides) {
+    if (side.value < -1) {
+      return Status::Invalid(std::string(side.name) + " must be >= 0, or -1 for no bound, got " +
+                             std::to_string(side.value));
+    }
+  }
+  // The offset places the T query rows at positions offset .. offset + T - 1
+  // among the S keys; a device-side offset (GPU) is read by the kernels.
+  const int64_t T = p.shape.seqlen_q, S = p.shape.seqlen_k;
+  if (p.query_offset_device == nullptr && p.query_offset != 0 && (p.query_offset < 0 || p.query_offset + T > S)) {
+    return Status::Invalid("query_offset must be in [0, S - T] = [0, " + std::to_string(S - T) +
+                           "] (query rows at positions query_offset .. query_offset + T - 1 of the S = " +
+                           std::to_string(S) + " keys), got " + std::to_string(p.query_offset) + " with T = " +
+                           std::to_string(T));
+  }
+  if (!(p.logits_soft_cap >= 0.0) || !std::isfinite(p.logits_soft_cap)) {
+    return Status::Invalid("logits_soft_cap must be a finite number >= 0 (0 = off), got " +
+                           std::to_string(p.logits_soft_cap));
+  }
+  return Status::OK();
+}
+
 Status validate_common(DType dtype, const AttentionShape& s, double scale, double dropout_rate) {
   switch (dtype) {
     case DType::kFloat16:
@@ -132,6 +160,7 @@ Status check_output_row_stride(int64_t stride, int64_t rows, int64_t cols, const
 // forward's outputs, the backward's inputs) present.
 Status validate_shared(const AttentionParams& p, const void* o, const void* lse, Sizes* z) {
   TFA_RETURN_IF_ERROR(validate_common(p.dtype, p.shape, p.scale, p.dropout_rate));
+  TFA_RETURN_IF_ERROR(validate_band(p));
   *z = element_counts(p.shape);
   TFA_RETURN_IF_ERROR(require(p.q, z->q, "q"));
   TFA_RETURN_IF_ERROR(require(p.k, z->kv_k, "k"));
@@ -163,8 +192,20 @@ Status validate(const AttentionBwdParams& p) {
   return check_output_strides(p.dv_strides, s.batch, s.seqlen_k, s.num_heads_kv, s.head_dim_v, "dv");
 }
 
+Status check_norm_kind(int32_t kind, bool has_beta) {
+  if (kind != kLayerNorm && kind != kRmsNorm && kind != kRmsScaling) {
+    return Status::Invalid("norm_kind must be 0 (layer norm), 1 (RMS norm) or 2 (rms_scaling), got " +
+                           std::to_string(kind));
+  }
+  if (kind != kLayerNorm && has_beta) {
+    return Status::Invalid("the RMS norms take no beta (center must be false)");
+  }
+  return Status::OK();
+}
+
 Status validate(const LayerNormFwdParams& p) {
   TFA_RETURN_IF_ERROR(check_layer_norm_sizes(p.rows, p.cols, p.dtype, p.param_dtype));
+  TFA_RETURN_IF_ERROR(check_norm_kind(p.norm_kind, p.beta != nullptr));
   if (!(p.epsilon > 0) || !std::isfinite(p.epsilon)) {
     return Status::Invalid("epsilon must be a finite number > 0, got " + std::to_string(p.epsilon));
   }
@@ -179,6 +220,7 @@ Status validate(const LayerNormFwdParams& p) {
 
 Status validate(const LayerNormBwdParams& p) {
   TFA_RETURN_IF_ERROR(check_layer_norm_sizes(p.rows, p.cols, p.dtype, p.param_dtype));
+  TFA_RETURN_IF_ERROR(check_norm_kind(p.norm_kind, p.dbeta != nullptr));
   if (p.rows == 0) return Status::OK();
   TFA_RETURN_IF_ERROR(need(p.dy, "dy"));
   TFA_RETURN_IF_ERROR(need(p.sum, "sum"));

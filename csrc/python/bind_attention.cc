@@ -69,14 +69,26 @@ double resolve_scale(std::optional<double> scale, const AttentionShape& s) {
 
 // What both directions share: the problem, q, k, v (any layout with a
 // contiguous last axis), the mask and the options.
+// The LLM options: a sliding window (left, right; -1 = unbounded), the query
+// offset and the logit soft cap.
+struct BandOptions {
+  std::pair<int64_t, int64_t> window{-1, -1};
+  int64_t query_offset = 0;
+  double logits_soft_cap = 0.0;
+};
+
 void fill_shared(AttentionParams* p, const py::array& q, const py::array& k, const py::array& v,
                  const std::optional<py::array>& mask, std::optional<double> scale, bool is_causal,
-                 double dropout_rate, uint64_t seed) {
+                 double dropout_rate, uint64_t seed, const BandOptions& band) {
   p->shape = shape_of(q, k, v);
   p->dtype = dtype_of(q, "query");
   p->mask = mask_view(mask, p->shape, &p->mask_strides);
   p->scale = resolve_scale(scale, p->shape);
   p->is_causal = is_causal;
+  p->window_left = band.window.first;
+  p->window_right = band.window.second;
+  p->query_offset = band.query_offset;
+  p->logits_soft_cap = band.logits_soft_cap;
   p->dropout_rate = dropout_rate;
   p->seed = seed;
   p->q = q.data();
@@ -89,10 +101,11 @@ void fill_shared(AttentionParams* p, const py::array& q, const py::array& k, con
 
 py::tuple attention_fwd(const py::array& q, const py::array& k, const py::array& v, std::optional<py::array> mask,
                         std::optional<double> scale, bool is_causal, double dropout_rate, uint64_t seed,
-                        int num_threads, std::optional<py::tuple> outputs) {
+                        int num_threads, std::optional<py::tuple> outputs, std::pair<int64_t, int64_t> window,
+                        int64_t query_offset, double logits_soft_cap) {
   const Outputs out_arrays(outputs, "attention_fwd", {"out", "lse"});
   AttentionFwdParams p;
-  fill_shared(&p, q, k, v, mask, scale, is_causal, dropout_rate, seed);
+  fill_shared(&p, q, k, v, mask, scale, is_causal, dropout_rate, seed, {window, query_offset, logits_soft_cap});
   const AttentionShape& s = p.shape;
   py::array o = out_arrays.take(0, q.dtype(), {s.batch, s.seqlen_q, s.num_heads, s.head_dim_v});
   py::array lse = out_arrays.take(1, stats_dtype(p.dtype), {s.batch, s.num_heads, s.seqlen_q});
@@ -110,10 +123,11 @@ py::tuple attention_fwd(const py::array& q, const py::array& k, const py::array&
 py::tuple attention_bwd(const py::array& q, const py::array& k, const py::array& v, const py::array& o,
                         const py::array& lse, const py::array& d_o, std::optional<py::array> mask,
                         std::optional<double> scale, bool is_causal, double dropout_rate, uint64_t seed,
-                        int num_threads, std::optional<py::tuple> outputs) {
+                        int num_threads, std::optional<py::tuple> outputs, std::pair<int64_t, int64_t> window,
+                        int64_t query_offset, double logits_soft_cap) {
   const Outputs out_arrays(outputs, "attention_bwd", {"dquery", "dkey", "dvalue"});
   AttentionBwdParams p;
-  fill_shared(&p, q, k, v, mask, scale, is_causal, dropout_rate, seed);
+  fill_shared(&p, q, k, v, mask, scale, is_causal, dropout_rate, seed, {window, query_offset, logits_soft_cap});
   const AttentionShape& s = p.shape;
   check(core::attention_bwd_inputs(dims_of(o), dims_of(lse), dims_of(d_o), s));
   if (dtype_of(o, "out") != p.dtype || dtype_of(d_o, "d_out") != p.dtype) {
@@ -158,15 +172,21 @@ void register_attention(py::module_& m) {
         "Fused scaled-dot-product attention on the CPU.\n\n"
         "query [B, T, N, H], key [B, S, Nkv, H], value [B, S, Nkv, Hv], in any layout whose last axis is\n"
         "contiguous (transposed or sliced views are read in place); mask: bool, rank <= 4, broadcastable\n"
-        "to [B, N, T, S] (True = attend). Returns (out [B, T, N, Hv], lse [B, N, T]), written into\n"
-        "`outputs` (a tuple of two preallocated C-contiguous arrays) when given.",
+        "to [B, N, T, S] (True = attend); window (left, right): query t sees keys t + query_offset - left ..\n"
+        "t + query_offset + right (-1 = unbounded); query_offset: query row t sits at position\n"
+        "t + query_offset (causal and window); logits_soft_cap > 0: logits = cap * tanh(logits / cap).\n"
+        "Returns (out [B, T, N, Hv], lse [B, N, T]), written into `outputs` (a tuple of two\n"
+        "preallocated C-contiguous arrays) when given.",
         "query"_a, "key"_a, "value"_a, "mask"_a = py::none(), "scale"_a = py::none(), "is_causal"_a = false,
-        "dropout_rate"_a = 0.0, "seed"_a = 0, "num_threads"_a = 0, "outputs"_a = py::none());
+        "dropout_rate"_a = 0.0, "seed"_a = 0, "num_threads"_a = 0, "outputs"_a = py::none(), py::kw_only(),
+        "window"_a = std::make_pair(int64_t(-1), int64_t(-1)), "query_offset"_a = 0, "logits_soft_cap"_a = 0.0);
   m.def("attention_bwd", &attention_bwd,
         "Backward of attention_fwd: returns (dquery, dkey, dvalue), recomputing probabilities from lse;\n"
         "written into `outputs` (a tuple of three preallocated C-contiguous arrays) when given.",
         "query"_a, "key"_a, "value"_a, "out"_a, "lse"_a, "d_out"_a, "mask"_a = py::none(), "scale"_a = py::none(),
-        "is_causal"_a = false, "dropout_rate"_a = 0.0, "seed"_a = 0, "num_threads"_a = 0, "outputs"_a = py::none());
+        "is_causal"_a = false, "dropout_rate"_a = 0.0, "seed"_a = 0, "num_threads"_a = 0, "outputs"_a = py::none(),
+        py::kw_only(), "window"_a = std::make_pair(int64_t(-1), int64_t(-1)), "query_offset"_a = 0,
+        "logits_soft_cap"_a = 0.0);
 }
 
 }  // namespace python

@@ -189,6 +189,12 @@ void attention_fields(py::class_<Cls>& c) {
       });
   c.def_readwrite("scale", &AttentionParams::scale);
   c.def_readwrite("is_causal", &AttentionParams::is_causal);
+  c.def_readwrite("window_left", &AttentionParams::window_left);
+  c.def_readwrite("window_right", &AttentionParams::window_right);
+  c.def_readwrite("query_offset", &AttentionParams::query_offset);
+  c.def_readwrite("logits_soft_cap", &AttentionParams::logits_soft_cap);
+  // The device address of an int32 query offset the kernels read instead (0 = none).
+  pointer_property(c, "query_offset_device", &AttentionParams::query_offset_device);
   c.def_readwrite("dropout_rate", &AttentionParams::dropout_rate);
   c.def_readwrite("seed", &AttentionParams::seed);
   // The device address of an 8-byte seed the kernels read instead (0 = none).
@@ -203,6 +209,7 @@ void layer_norm_fields(py::class_<Cls>& c) {
   dtype_property(c, "param_dtype", &Cls::param_dtype);
   c.def_readwrite("rows", &Cls::rows);
   c.def_readwrite("cols", &Cls::cols);
+  c.def_readwrite("norm_kind", &Cls::norm_kind);  // NormKind: 0 layer norm, 1 RMS norm, 2 rms_scaling
 }
 
 template <typename Cls, typename Base, typename Ptr>

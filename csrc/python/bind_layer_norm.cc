@@ -69,11 +69,20 @@ std::optional<DType> param_dtype_of(const std::optional<py::array>& p, const cha
 
 std::vector<py::ssize_t> shape_of(const py::array& a) { return {a.shape(), a.shape() + a.ndim()}; }
 
+// "layer", "rms" or "rms_scaling" (NormKind).
+int32_t norm_kind_of(const std::string& norm) {
+  if (norm == "layer") return kLayerNorm;
+  if (norm == "rms") return kRmsNorm;
+  if (norm == "rms_scaling") return kRmsScaling;
+  throw py::value_error("norm must be 'layer', 'rms' or 'rms_scaling', got '" + norm + "'");
+}
+
 py::tuple layer_norm_fwd(const py::array& x, std::optional<py::array> gamma, std::optional<py::array> beta,
                          std::optional<py::array> residual, double epsilon, int num_threads,
-                         std::optional<py::tuple> outputs) {
+                         std::optional<py::tuple> outputs, const std::string& norm) {
   const Outputs out_arrays(outputs, "layer_norm_fwd", {"y", "sum", "mean", "rstd"});
   LayerNormFwdParams p;
+  p.norm_kind = norm_kind_of(norm);
   p.dtype = dtype_of(x, "x");
   const RowView v = row_view(x, "x");
   p.rows = v.rows;
@@ -112,12 +121,14 @@ py::tuple layer_norm_fwd(const py::array& x, std::optional<py::array> gamma, std
 
 py::tuple layer_norm_bwd(const py::array& dy, const py::array& sum, const py::array& mean, const py::array& rstd,
                          std::optional<py::array> gamma, std::optional<py::array> dsum, bool center,
-                         std::optional<py::array> param_like, int num_threads, std::optional<py::tuple> outputs) {
+                         std::optional<py::array> param_like, int num_threads, std::optional<py::tuple> outputs,
+                         const std::string& norm) {
   const Outputs out_arrays(outputs, "layer_norm_bwd", {"dx", "dgamma", "dbeta"});
   require_contiguous(mean, "mean");
   require_contiguous(rstd, "rstd");
   require_same_shape(dy, "dy", sum, "sum");
   LayerNormBwdParams p;
+  p.norm_kind = norm_kind_of(norm);
   p.dtype = dtype_of(dy, "dy");
   if (dtype_of(sum, "sum") != p.dtype) throw py::value_error("sum must have the dtype of dy");
   const RowView v = row_view(dy, "dy");
@@ -169,16 +180,19 @@ void register_layer_norm(py::module_& m) {
         "Fused residual-add + layer norm over the last axis on the CPU.\n\n"
         "Returns (y, sum, mean, rstd): y = (s - mean) * rstd * gamma + beta with s = x + residual;\n"
         "mean and rstd are float32 (float64 for float64 x) of shape x.shape[:-1]. `outputs`: optional\n"
-        "tuple of four preallocated C-contiguous arrays to write them into.",
+        "tuple of four preallocated C-contiguous arrays to write them into. norm='rms': RMS norm (mean\n"
+        "= 0, y = s * rstd * gamma); norm='rms_scaling': y = s * rstd * gamma with the layer norm's rstd\n"
+        "(Keras' rms_scaling); neither takes beta.",
         "x"_a, "gamma"_a = py::none(), "beta"_a = py::none(), "residual"_a = py::none(), "epsilon"_a = 1e-3,
-        "num_threads"_a = 0, "outputs"_a = py::none());
+        "num_threads"_a = 0, "outputs"_a = py::none(), py::kw_only(), "norm"_a = "layer");
   m.def("layer_norm_bwd", &layer_norm_bwd,
         "Backward of layer_norm_fwd. Returns (dx, dgamma, dbeta); dx is also the residual's gradient and\n"
         "includes dsum (the gradient reaching the sum output). dgamma is None without gamma, dbeta None\n"
         "when center is False. param_like gives the dtype of dgamma/dbeta when gamma is None. `outputs`:\n"
         "optional tuple of three preallocated arrays (dx, dgamma, dbeta; the last two of shape [cols]).",
         "dy"_a, "sum"_a, "mean"_a, "rstd"_a, "gamma"_a = py::none(), "dsum"_a = py::none(), "center"_a = true,
-        "param_like"_a = py::none(), "num_threads"_a = 0, "outputs"_a = py::none());
+        "param_like"_a = py::none(), "num_threads"_a = 0, "outputs"_a = py::none(), py::kw_only(),
+        "norm"_a = "layer");
 }
 
 }  // namespace python

@@ -57,17 +57,23 @@ REGISTER_OP("TfFastattn>Attention")
     .Input("value: T")
     .Input("mask: num_mask * bool")
     .Input("seed: num_seed * int64")
+    .Input("query_offset: num_offset * int32")
     .Output("out: T")
     .Output("lse: S")
     .Attr("T: {half, bfloat16, float, double}")
     .Attr("S: {float, double} = DT_FLOAT")
     .Attr("num_mask: int >= 0 = 0")
     .Attr("num_seed: int >= 0 = 0")
+    .Attr("num_offset: int >= 0 = 0")
     .Attr("is_causal: bool = false")
+    .Attr("window_left: int = -1")
+    .Attr("window_right: int = -1")
     .Attr("scale: float = nan")
     .Attr("dropout_rate: float = 0")
+    .Attr("logits_soft_cap: float = 0")
     .Attr("scale_bits: int = 0")
     .Attr("dropout_rate_bits: int = 0")
+    .Attr("logits_soft_cap_bits: int = 0")
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle q, k, v;
       TF_RETURN_IF_ERROR(attention_shapes(c, &q, &k, &v));
@@ -81,11 +87,17 @@ Fused scaled-dot-product attention (exact, FlashAttention-style).
 query [B, T, N, H], key [B, S, Nkv, H], value [B, S, Nkv, Hv], N % Nkv == 0
 (query head n reads kv head n / (N / Nkv)). mask: optional bool tensor of rank
 <= 4, broadcastable to [B, N, T, S] after left-padding with 1s (True = attend).
-seed: optional int64 scalar, required when dropout_rate > 0.
+seed: optional int64 scalar, required when dropout_rate > 0. query_offset:
+optional int32 scalar, 0 when absent: query row t sits at position
+t + query_offset among the keys (cached decoding).
 
-  p = softmax(scale * q k^T) over the allowed keys (mask and, when is_causal,
-      s <= t, top-left aligned), dropped out with keep probability
-      1 - dropout_rate and scaled by 1 / (1 - dropout_rate);
+  x = scale * q k^T, or logits_soft_cap * tanh(x / logits_soft_cap) when the
+      cap is > 0;
+  p = softmax(x) over the allowed keys (mask; when is_causal, s <= pos(t) =
+      t + query_offset, top-left aligned for offset 0; window_left >= 0:
+      s >= pos(t) - window_left; window_right >= 0: s <= pos(t) +
+      window_right), dropped out with keep probability 1 - dropout_rate and
+      scaled by 1 / (1 - dropout_rate);
   out = p v;  lse = log sum exp over the allowed keys.
 
 A row with no allowed key averages value uniformly over all S keys (as Keras'
@@ -99,6 +111,7 @@ REGISTER_OP("TfFastattn>AttentionGrad")
     .Input("value: T")
     .Input("mask: num_mask * bool")
     .Input("seed: num_seed * int64")
+    .Input("query_offset: num_offset * int32")
     .Input("out: T")
     .Input("lse: S")
     .Input("d_out: T")
@@ -109,11 +122,16 @@ REGISTER_OP("TfFastattn>AttentionGrad")
     .Attr("S: {float, double} = DT_FLOAT")
     .Attr("num_mask: int >= 0 = 0")
     .Attr("num_seed: int >= 0 = 0")
+    .Attr("num_offset: int >= 0 = 0")
     .Attr("is_causal: bool = false")
+    .Attr("window_left: int = -1")
+    .Attr("window_right: int = -1")
     .Attr("scale: float = nan")
     .Attr("dropout_rate: float = 0")
+    .Attr("logits_soft_cap: float = 0")
     .Attr("scale_bits: int = 0")
     .Attr("dropout_rate_bits: int = 0")
+    .Attr("logits_soft_cap_bits: int = 0")
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle q, k, v;
       TF_RETURN_IF_ERROR(attention_shapes(c, &q, &k, &v));
@@ -142,6 +160,15 @@ absl::Status mask_view(const Tensor& mask, const AttentionShape& s, const bool**
   return absl::OkStatus();
 }
 
+absl::Status read_query_offset(OpKernelContext* ctx, int index, int64_t* offset) {
+  const Tensor& t = ctx->input(index);
+  if (t.NumElements() != 1) {
+    return invalid_argument("query_offset must be a scalar int32, got shape ", core::dims_string(dims_of(t)));
+  }
+  *offset = t.flat<int32_t>()(0);
+  return absl::OkStatus();
+}
+
 absl::Status read_seed(OpKernelContext* ctx, int index, uint64_t* seed) {
   const Tensor& t = ctx->input(index);
   if (t.NumElements() != 1) {
@@ -151,8 +178,8 @@ absl::Status read_seed(OpKernelContext* ctx, int index, uint64_t* seed) {
   return absl::OkStatus();
 }
 
-// Input indices: query 0, key 1, value 2, then num_mask masks, then num_seed
-// seeds, then (backward) out, lse, d_out.
+// Input indices: query 0, key 1, value 2, then num_mask masks, num_seed
+// seeds, num_offset query offsets, then (backward) out, lse, d_out.
 template <class Device>
 class AttentionOp : public OpKernel {
  public:
@@ -167,6 +194,9 @@ class AttentionOp : public OpKernel {
     OP_REQUIRES_OK(ctx, check_stats_dtype("lse", q.dtype(), ctx->expected_output_dtype(1)));
     if (attrs_.num_mask) OP_REQUIRES_OK(ctx, mask_view(ctx->input(3), p.shape, &p.mask, &p.mask_strides));
     if (attrs_.num_seed) OP_REQUIRES_OK(ctx, read_seed(ctx, 3 + attrs_.num_mask, &p.seed));
+    if (attrs_.num_offset) {
+      OP_REQUIRES_OK(ctx, read_query_offset(ctx, 3 + attrs_.num_mask + attrs_.num_seed, &p.query_offset));
+    }
     const AttentionShape& s = p.shape;
     Tensor *o, *lse;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({s.batch, s.seqlen_q, s.num_heads, s.head_dim_v}), &o));
@@ -177,9 +207,7 @@ class AttentionOp : public OpKernel {
     p.v = ptr(v);
     p.o = mutable_ptr(o);
     p.lse = mutable_ptr(lse);
-    p.scale = attrs_.resolved_scale(s.head_dim);
-    p.is_causal = attrs_.is_causal;
-    p.dropout_rate = attrs_.dropout_rate;
+    attrs_.fill(&p);
     TFA_OP_REQUIRES_OK(ctx, core::attention_fwd(p, exec_context<Device>(ctx)));
   }
 
@@ -196,7 +224,7 @@ class AttentionGradOp : public OpKernel {
     const Tensor& q = ctx->input(0);
     const Tensor& k = ctx->input(1);
     const Tensor& v = ctx->input(2);
-    const int rest = 3 + attrs_.num_mask + attrs_.num_seed;
+    const int rest = 3 + attrs_.num_mask + attrs_.num_seed + attrs_.num_offset;
     const Tensor& o = ctx->input(rest);
     const Tensor& lse = ctx->input(rest + 1);
     const Tensor& d_o = ctx->input(rest + 2);
@@ -207,6 +235,9 @@ class AttentionGradOp : public OpKernel {
     OP_REQUIRES_OK(ctx, check_stats_dtype("lse", q.dtype(), lse.dtype()));
     if (attrs_.num_mask) OP_REQUIRES_OK(ctx, mask_view(ctx->input(3), s, &p.mask, &p.mask_strides));
     if (attrs_.num_seed) OP_REQUIRES_OK(ctx, read_seed(ctx, 3 + attrs_.num_mask, &p.seed));
+    if (attrs_.num_offset) {
+      OP_REQUIRES_OK(ctx, read_query_offset(ctx, 3 + attrs_.num_mask + attrs_.num_seed, &p.query_offset));
+    }
 
     Tensor *dq, *dk, *dv;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, q.shape(), &dq));
@@ -222,9 +253,7 @@ class AttentionGradOp : public OpKernel {
     p.dq = mutable_ptr(dq);
     p.dk = mutable_ptr(dk);
     p.dv = mutable_ptr(dv);
-    p.scale = attrs_.resolved_scale(s.head_dim);
-    p.is_causal = attrs_.is_causal;
-    p.dropout_rate = attrs_.dropout_rate;
+    attrs_.fill(&p);
     const core::ExecContext exec = exec_context<Device>(ctx);
     Tensor workspace;
     const int64_t ws_bytes = core::attention_bwd_workspace_bytes(s, p.dtype, exec);
@@ -239,18 +268,21 @@ class AttentionGradOp : public OpKernel {
 
 REGISTER_KERNEL_BUILDER(Name("TfFastattn>Attention").Device(tfw::DEVICE_CPU), AttentionOp<CpuDevice>);
 REGISTER_KERNEL_BUILDER(Name("TfFastattn>AttentionGrad").Device(tfw::DEVICE_CPU), AttentionGradOp<CpuDevice>);
-// GPU: compiled with NVRTC at first use; not yet run on a GPU. The seed is a
-// host scalar (it becomes a kernel argument); float64 stays on the CPU kernel.
+// GPU: compiled with NVRTC at first use; not yet run on a GPU. The seed and
+// the query offset are host scalars (they become kernel arguments); float64
+// stays on the CPU kernel.
 #define TFA_REGISTER_ATTENTION_GPU(T)                                           \
   REGISTER_KERNEL_BUILDER(Name("TfFastattn>Attention")                          \
                               .Device(tfw::DEVICE_GPU)                          \
                               .TypeConstraint<T>("T")                           \
-                              .HostMemory("seed"),                              \
+                              .HostMemory("seed")                               \
+                              .HostMemory("query_offset"),                      \
                           AttentionOp<GpuDevice>);                              \
   REGISTER_KERNEL_BUILDER(Name("TfFastattn>AttentionGrad")                      \
                               .Device(tfw::DEVICE_GPU)                          \
                               .TypeConstraint<T>("T")                           \
-                              .HostMemory("seed"),                              \
+                              .HostMemory("seed")                               \
+                              .HostMemory("query_offset"),                      \
                           AttentionGradOp<GpuDevice>);
 TFA_REGISTER_ATTENTION_GPU(Eigen::half)
 TFA_REGISTER_ATTENTION_GPU(tfw::bfloat16)

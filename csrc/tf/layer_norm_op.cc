@@ -48,6 +48,7 @@ REGISTER_OP("TfFastattn>LayerNorm")
     .Attr("epsilon_bits: int = 0")
     .Attr("center: bool = true")
     .Attr("scale: bool = true")
+    .Attr("norm: {'layer', 'rms', 'rms_scaling'} = 'layer'")
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle x = c->input(0);
       TF_RETURN_IF_ERROR(c->WithRankAtLeast(x, 1, &x));
@@ -69,6 +70,9 @@ s = x + residual (when given); y = (s - mean) * rstd * gamma + beta with
 rstd = 1 / sqrt(var(s) + epsilon). gamma is used when `scale`, beta when
 `center`; an unused one may be empty. Outputs y, the sum s (x itself without a
 residual), and the per-row mean and rstd (float32, float64 for float64 x).
+norm = 'rms': RMS norm, mean = 0 (rstd from the mean of squares), y = s *
+rstd * gamma; norm = 'rms_scaling': y = s * rstd * gamma with the layer
+norm's rstd (Keras' rms_scaling). Both need center = false.
 )doc");
 
 REGISTER_OP("TfFastattn>LayerNormGrad")
@@ -87,6 +91,7 @@ REGISTER_OP("TfFastattn>LayerNormGrad")
     .Attr("num_dsum: int >= 0 = 0")
     .Attr("center: bool = true")
     .Attr("scale: bool = true")
+    .Attr("norm: {'layer', 'rms', 'rms_scaling'} = 'layer'")
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle x = c->input(0);
       TF_RETURN_IF_ERROR(c->WithRankAtLeast(x, 1, &x));
@@ -146,6 +151,7 @@ class LayerNormOp : public OpKernel {
     p.mean = mutable_ptr(mean);
     p.rstd = mutable_ptr(rstd);
     p.epsilon = attrs_.epsilon;
+    p.norm_kind = attrs_.norm_kind;
     TFA_OP_REQUIRES_OK(ctx, core::layer_norm_fwd(p, exec_context<Device>(ctx)));
   }
 
@@ -191,6 +197,7 @@ class LayerNormGradOp : public OpKernel {
     p.dx = mutable_ptr(dx);
     p.dgamma = attrs_.scale ? mutable_ptr(dgamma) : nullptr;
     p.dbeta = attrs_.center ? mutable_ptr(dbeta) : nullptr;
+    p.norm_kind = attrs_.norm_kind;
     const core::ExecContext exec = exec_context<Device>(ctx);
     Tensor workspace;
     const int64_t ws_bytes = core::layer_norm_bwd_workspace_bytes(rows, cols, p.dtype, exec);

@@ -2,16 +2,18 @@
 // result order and attributes, shared by the XLA kernels that emit them
 // (xla_kernels.cc) and the typed-FFI handlers that run them (ffi_handlers.cc).
 //
-//   tf_fastattn_attention_fwd   q, k, v, [mask], [seed]           -> o, lse
-//   tf_fastattn_attention_bwd   q, k, v, [mask], [seed], o, lse, do
+//   tf_fastattn_attention_fwd   q, k, v, [mask], [seed], [offset] -> o, lse
+//   tf_fastattn_attention_bwd   q, k, v, [mask], [seed], [offset], o, lse, do
 //                                                                  -> dq, dk, dv, workspace
 //   tf_fastattn_layer_norm_fwd  x, [residual], gamma, beta         -> y, [sum], mean, rstd
 //   tf_fastattn_layer_norm_bwd  dy, sum, mean, rstd, gamma, [dsum] -> dx, dgamma, dbeta, workspace
 //
 // Attributes (the backend config, an MLIR dictionary): attention: is_causal,
-// has_mask, has_seed (bool), scale, dropout_rate (f64, the exact values);
+// has_mask, has_seed, has_offset (bool), window_left, window_right (i64),
+// scale, dropout_rate, logits_soft_cap (f64, the exact values);
 // layer norm: epsilon (f64, forward only), has_residual / has_dsum, center,
-// scale (bool). Operands and results are dense row-major; the workspace is a
+// scale (bool), norm_kind (i64, NormKind). Operands and results are dense
+// row-major; the workspace is a
 // u8 buffer of the core's workspace size (XLA's allocator provides it).
 #pragma once
 

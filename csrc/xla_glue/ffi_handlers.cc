@@ -104,15 +104,16 @@ CpuContext xla_cpu_context(ffi::ThreadPool* pool) {
 // ---- attention --------------------------------------------------------------
 
 struct AttentionAttrs {
-  bool is_causal, has_mask, has_seed;
-  double scale, dropout_rate;
+  bool is_causal, has_mask, has_seed, has_offset;
+  int64_t window_left, window_right;
+  double scale, dropout_rate, logits_soft_cap;
 };
 
-// q, k, v, [mask], [seed] of `args` into the shared params; *next is the
-// index of the first operand after them.
+// q, k, v, [mask], [seed], [query_offset] of `args` into the shared params;
+// *next is the index of the first operand after them.
 Status attention_common(const ffi::RemainingArgs& args, const AttentionAttrs& a, const core::ExecContext& exec,
                         AttentionParams* p, size_t* next) {
-  const size_t needed = 3 + a.has_mask + a.has_seed;
+  const size_t needed = 3 + a.has_mask + a.has_seed + a.has_offset;
   if (args.size() < needed) return Status::Internal("attention custom call: too few operands");
   const ffi::AnyBuffer q = *args.get<ffi::AnyBuffer>(0);
   const ffi::AnyBuffer k = *args.get<ffi::AnyBuffer>(1);
@@ -138,8 +139,22 @@ Status attention_common(const ffi::RemainingArgs& args, const AttentionAttrs& a,
       p->seed = *static_cast<const uint64_t*>(seed.untyped_data());
     }
   }
+  if (a.has_offset) {
+    const ffi::AnyBuffer offset = *args.get<ffi::AnyBuffer>(i++);
+    if (offset.element_count() != 1 || offset.element_type() != ffi::DataType::S32) {
+      return Status::Invalid("query_offset must be a scalar int32");
+    }
+    if (exec.backend == core::Backend::kGpu) {
+      p->query_offset_device = static_cast<const int32_t*>(offset.untyped_data());  // read by the kernels
+    } else {
+      p->query_offset = *static_cast<const int32_t*>(offset.untyped_data());
+    }
+  }
   p->scale = a.scale;
   p->is_causal = a.is_causal;
+  p->window_left = a.window_left;
+  p->window_right = a.window_right;
+  p->logits_soft_cap = a.logits_soft_cap;
   p->dropout_rate = a.dropout_rate;
   *next = i;
   return Status::OK();
@@ -188,7 +203,7 @@ Status attention_bwd(const core::ExecContext& exec, const ffi::RemainingArgs& ar
 // ---- layer norm -------------------------------------------------------------
 
 Status layer_norm_fwd(const core::ExecContext& exec, const ffi::RemainingArgs& args, ffi::RemainingRets& rets,
-                      double epsilon, bool has_residual, bool center, bool scale) {
+                      double epsilon, bool has_residual, bool center, bool scale, int64_t norm_kind) {
   const size_t n_args = 3 + has_residual, n_rets = 3 + has_residual;
   if (args.size() != n_args || rets.size() != n_rets) return Status::Internal("layer norm custom call: bad arity");
   const ffi::AnyBuffer x = *args.get<ffi::AnyBuffer>(0);
@@ -218,11 +233,12 @@ Status layer_norm_fwd(const core::ExecContext& exec, const ffi::RemainingArgs& a
   p.mean = data(mean);
   p.rstd = data(rstd);
   p.epsilon = epsilon;
+  p.norm_kind = static_cast<int32_t>(norm_kind);
   return core::layer_norm_fwd(p, exec);
 }
 
 Status layer_norm_bwd(const core::ExecContext& exec, const ffi::RemainingArgs& args, ffi::RemainingRets& rets,
-                      bool has_dsum, bool center, bool scale) {
+                      bool has_dsum, bool center, bool scale, int64_t norm_kind) {
   if (args.size() != 5u + has_dsum || rets.size() != 4) return Status::Internal("layer norm gradient: bad arity");
   const ffi::AnyBuffer dy = *args.get<ffi::AnyBuffer>(0);
   const ffi::AnyBuffer sum = *args.get<ffi::AnyBuffer>(1);
@@ -255,6 +271,7 @@ Status layer_norm_bwd(const core::ExecContext& exec, const ffi::RemainingArgs& a
   p.dgamma = scale ? data(dgamma) : nullptr;
   p.dbeta = center ? data(dbeta) : nullptr;
   p.workspace = data(ws);
+  p.norm_kind = static_cast<int32_t>(norm_kind);
   return core::layer_norm_bwd(p, exec);
 }
 
@@ -269,8 +286,12 @@ auto attention_binding() {
       .template Attr<bool>("is_causal")
       .template Attr<bool>("has_mask")
       .template Attr<bool>("has_seed")
+      .template Attr<bool>("has_offset")
+      .template Attr<int64_t>("window_left")
+      .template Attr<int64_t>("window_right")
       .template Attr<double>("scale")
-      .template Attr<double>("dropout_rate");
+      .template Attr<double>("dropout_rate")
+      .template Attr<double>("logits_soft_cap");
 }
 
 template <class Ctx>
@@ -282,7 +303,8 @@ auto layer_norm_fwd_binding() {
       .template Attr<double>("epsilon")
       .template Attr<bool>("has_residual")
       .template Attr<bool>("center")
-      .template Attr<bool>("scale");
+      .template Attr<bool>("scale")
+      .template Attr<int64_t>("norm_kind");
 }
 
 template <class Ctx>
@@ -293,7 +315,8 @@ auto layer_norm_bwd_binding() {
       .RemainingRets()
       .template Attr<bool>("has_dsum")
       .template Attr<bool>("center")
-      .template Attr<bool>("scale");
+      .template Attr<bool>("scale")
+      .template Attr<int64_t>("norm_kind");
 }
 
 using HostPool = ffi::ThreadPool;
@@ -314,28 +337,32 @@ core::ExecContext exec_of(void* stream) {
 
 template <class P>
 ffi::Error attention_fwd_impl(P platform, ffi::RemainingArgs args, ffi::RemainingRets rets, bool is_causal,
-                              bool has_mask, bool has_seed, double scale, double dropout_rate) {
-  const AttentionAttrs a{is_causal, has_mask, has_seed, scale, dropout_rate};
+                              bool has_mask, bool has_seed, bool has_offset, int64_t window_left,
+                              int64_t window_right, double scale, double dropout_rate, double logits_soft_cap) {
+  const AttentionAttrs a{is_causal,    has_mask,    has_seed, has_offset,   window_left,
+                         window_right, scale,       dropout_rate, logits_soft_cap};
   return to_error(attention_fwd(exec_of(platform), args, rets, a));
 }
 
 template <class P>
 ffi::Error attention_bwd_impl(P platform, ffi::RemainingArgs args, ffi::RemainingRets rets, bool is_causal,
-                              bool has_mask, bool has_seed, double scale, double dropout_rate) {
-  const AttentionAttrs a{is_causal, has_mask, has_seed, scale, dropout_rate};
+                              bool has_mask, bool has_seed, bool has_offset, int64_t window_left,
+                              int64_t window_right, double scale, double dropout_rate, double logits_soft_cap) {
+  const AttentionAttrs a{is_causal,    has_mask,    has_seed, has_offset,   window_left,
+                         window_right, scale,       dropout_rate, logits_soft_cap};
   return to_error(attention_bwd(exec_of(platform), args, rets, a));
 }
 
 template <class P>
 ffi::Error layer_norm_fwd_impl(P platform, ffi::RemainingArgs args, ffi::RemainingRets rets, double epsilon,
-                               bool has_residual, bool center, bool scale) {
-  return to_error(layer_norm_fwd(exec_of(platform), args, rets, epsilon, has_residual, center, scale));
+                               bool has_residual, bool center, bool scale, int64_t norm_kind) {
+  return to_error(layer_norm_fwd(exec_of(platform), args, rets, epsilon, has_residual, center, scale, norm_kind));
 }
 
 template <class P>
 ffi::Error layer_norm_bwd_impl(P platform, ffi::RemainingArgs args, ffi::RemainingRets rets, bool has_dsum,
-                               bool center, bool scale) {
-  return to_error(layer_norm_bwd(exec_of(platform), args, rets, has_dsum, center, scale));
+                               bool center, bool scale, int64_t norm_kind) {
+  return to_error(layer_norm_bwd(exec_of(platform), args, rets, has_dsum, center, scale, norm_kind));
 }
 
 XLA_FFI_DEFINE_HANDLER(kAttentionFwdHost, attention_fwd_impl<HostPool>, attention_binding<HostPool>());

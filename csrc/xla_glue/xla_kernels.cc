@@ -71,6 +71,7 @@ absl::Status input_shape(XlaOpKernelContext* ctx, int i, xla::Shape* out) {
 // An MLIR dictionary entry. Floats carry a decimal point and their exact
 // float64 value (%.17e round-trips).
 std::string attr(const char* name, bool v) { return std::string(name) + " = " + (v ? "true" : "false"); }
+std::string attr(const char* name, int64_t v) { return std::string(name) + " = " + std::to_string(v) + " : i64"; }
 std::string attr(const char* name, double v) {
   char buf[64];
   std::snprintf(buf, sizeof(buf), "%.17e : f64", v);
@@ -119,10 +120,11 @@ absl::Status add_inputs(XlaOpKernelContext* ctx, int begin, int end, std::vector
 
 // ---- attention ---------------------------------------------------------------
 
-// q, k, v, [mask], [seed]: operands, shapes and the checked AttentionShape.
+// q, k, v, [mask], [seed], [query_offset]: operands, shapes and the checked
+// AttentionShape.
 absl::Status attention_operands(XlaOpKernelContext* ctx, const AttentionAttrs& a, std::vector<xla::XlaOp>* ops,
                                 std::vector<xla::Shape>* shapes, AttentionShape* s) {
-  TF_RETURN_IF_ERROR(add_inputs(ctx, 0, 3 + a.num_mask + a.num_seed, ops, shapes));
+  TF_RETURN_IF_ERROR(add_inputs(ctx, 0, 3 + a.num_mask + a.num_seed + a.num_offset, ops, shapes));
   TF_RETURN_IF_ERROR(to_tf_status(core::attention_shape(dims_of((*shapes)[0]), dims_of((*shapes)[1]),
                                                         dims_of((*shapes)[2]), s)));
   MaskStrides unused;
@@ -131,13 +133,20 @@ absl::Status attention_operands(XlaOpKernelContext* ctx, const AttentionAttrs& a
     return invalid_argument("seed must be a scalar int64, got shape ",
                             core::dims_string(dims_of((*shapes)[3 + a.num_mask])));
   }
+  const int offset_at = 3 + a.num_mask + a.num_seed;
+  if (a.num_offset && xla::ShapeUtil::ElementsIn((*shapes)[offset_at]) != 1) {
+    return invalid_argument("query_offset must be a scalar int32, got shape ",
+                            core::dims_string(dims_of((*shapes)[offset_at])));
+  }
   return absl::OkStatus();
 }
 
 std::string attention_config(const AttentionAttrs& a, const AttentionShape& s) {
   return dictionary({attr("is_causal", a.is_causal), attr("has_mask", a.num_mask == 1),
-                     attr("has_seed", a.num_seed == 1), attr("scale", a.resolved_scale(s.head_dim)),
-                     attr("dropout_rate", a.dropout_rate)});
+                     attr("has_seed", a.num_seed == 1), attr("has_offset", a.num_offset == 1),
+                     attr("window_left", a.window_left), attr("window_right", a.window_right),
+                     attr("scale", a.resolved_scale(s.head_dim)), attr("dropout_rate", a.dropout_rate),
+                     attr("logits_soft_cap", a.logits_soft_cap)});
 }
 
 class AttentionXla : public XlaOpKernel {
@@ -175,7 +184,7 @@ class AttentionGradXla : public XlaOpKernel {
     std::vector<xla::Shape> shapes;
     AttentionShape s;
     OP_REQUIRES_OK(ctx, attention_operands(ctx, attrs_, &ops, &shapes, &s));
-    const int rest = 3 + attrs_.num_mask + attrs_.num_seed;
+    const int rest = 3 + attrs_.num_mask + attrs_.num_seed + attrs_.num_offset;
     OP_REQUIRES_OK(ctx, add_inputs(ctx, rest, rest + 3, &ops, &shapes));
     OP_REQUIRES_OK(ctx, to_tf_status(core::attention_bwd_inputs(dims_of(shapes[rest]), dims_of(shapes[rest + 1]),
                                                                 dims_of(shapes[rest + 2]), s)));
@@ -218,8 +227,9 @@ class LayerNormXla : public XlaOpKernel {
     if (nr) results.push_back(shapes[0]);
     results.push_back(stats);
     results.push_back(stats);
-    const std::string config = dictionary({attr("epsilon", attrs_.epsilon), attr("has_residual", nr == 1),
-                                           attr("center", attrs_.center), attr("scale", attrs_.scale)});
+    const std::string config =
+        dictionary({attr("epsilon", attrs_.epsilon), attr("has_residual", nr == 1), attr("center", attrs_.center),
+                    attr("scale", attrs_.scale), attr("norm_kind", int64_t(attrs_.norm_kind))});
     const std::vector<xla::XlaOp> out = custom_call(ctx, kLayerNormFwd, ops, shapes, results, config);
     size_t r = 0;
     ctx->SetOutput(0, out[r++]);
@@ -250,8 +260,8 @@ class LayerNormGradXla : public XlaOpKernel {
     OP_REQUIRES_OK(ctx, tfw::DataTypeToPrimitiveType(ctx->input_type(4), &u));
     const DType dtype = tf::to_dtype(ctx->input_type(0));
     const int64_t ws = core::layer_norm_bwd_workspace_bytes(rows, cols, dtype, exec_);
-    const std::string config =
-        dictionary({attr("has_dsum", attrs_.num_dsum == 1), attr("center", attrs_.center), attr("scale", attrs_.scale)});
+    const std::string config = dictionary({attr("has_dsum", attrs_.num_dsum == 1), attr("center", attrs_.center),
+                                           attr("scale", attrs_.scale), attr("norm_kind", int64_t(attrs_.norm_kind))});
     const std::vector<xla::XlaOp> out = custom_call(
         ctx, kLayerNormBwd, ops, shapes,
         {shapes[0], dense(u, {attrs_.scale ? cols : 0}), dense(u, {attrs_.center ? cols : 0}), dense(xla::U8, {ws})},

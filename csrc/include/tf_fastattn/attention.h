@@ -7,7 +7,10 @@
 //   o out [B, T, N, Hv]       lse log-sum-exp [B, N, T] (+inf: no allowed key)
 //   do d_out (upstream gradient of o; `do_` in C++), dq dk dv gradients
 //   mask bool, broadcastable to [B, N, T, S], true = attend
-//   is_causal top-left causal mask (s <= t)
+//   is_causal top-left causal mask (s <= t + query_offset)
+//   window_left, window_right  sliding window (-1 = unbounded side)
+//   query_offset  position of query row 0 among the keys (cached decoding)
+//   logits_soft_cap  cap of cap * tanh(logits / cap) (0 = off)
 //   scale softmax scale (default 1/sqrt(H)); dropout_rate, seed (Philox key)
 //   delta rowsum(do * o) [B, N, T], the backward's workspace
 //   Params: attention_params.h (POD; the CUDA kernels take the same structs).
@@ -19,8 +22,13 @@
 // a contiguous last axis, e.g. [B, N, T, H] memory read as [B, T, N, H];
 // unset strides mean C-contiguous. lse and delta are always contiguous.
 //
-//   logits[b,n,t,s] = scale * <q[b,t,n,:], k[b,s,n/g,:]>
-//   allowed(t, s)   = mask[b,n,t,s] && (!is_causal || s <= t)   (top-left causal)
+//   x[b,n,t,s]      = scale * <q[b,t,n,:], k[b,s,n/g,:]>
+//   logits          = x, or cap * tanh(x / cap) with logits_soft_cap = cap > 0
+//   pos(t)          = t + query_offset
+//   allowed(t, s)   = mask[b,n,t,s] && (!is_causal || s <= pos(t))
+//                     && (window_left < 0 || s >= pos(t) - window_left)
+//                     && (window_right < 0 || s <= pos(t) + window_right)
+//                     (the Band of attention_params.h, then the mask)
 //   p               = softmax over allowed s; masked entries get probability 0
 //   p_drop          = p * keep(seed,b,n,t,s) / (1 - dropout_rate)
 //   o[b,t,n,:]      = sum_s p_drop * v[b,s,n/g,:]
@@ -28,6 +36,9 @@
 // A row with no allowed key gives the uniform average over all S keys (what
 // Keras' large-negative fill produces); its lse is stored as +inf, which tells
 // the backward to use p = 1/S and no gradient to q and k for that row.
+//
+// Key tiles outside the band are never visited, forward or backward: a
+// sliding window costs O(T x window), not O(T x S).
 //
 // The backward recomputes p from lse (no T x S storage) and writes dq, dk, dv;
 // dk/dv of a kv head sum the contributions of every query head of its group.

@@ -43,6 +43,29 @@ struct TensorStrides {
   }
 };
 
+// A side of the key band without a bound: far outside any position, and
+// small enough that position arithmetic on it cannot overflow.
+constexpr int64_t kUnbounded = int64_t(1) << 60;
+
+// The keys query row t may attend, before the mask: t + lo <= s <= t + hi
+// (a diagonal band; lo = -kUnbounded or hi = kUnbounded: no bound on that
+// side). Always lo <= hi.
+struct Band {
+  int64_t lo = -kUnbounded, hi = kUnbounded;
+};
+
+// The band of a causal flag, a sliding window (left, right; -1 = unbounded)
+// and the query offset: query row t sits at position t + query_offset, sees
+// keys s <= t + query_offset when causal (top-left aligned for offset 0), and
+// t + query_offset - left <= s <= t + query_offset + right.
+inline Band attention_band(bool is_causal, int64_t window_left, int64_t window_right, int64_t query_offset) {
+  Band b;
+  if (window_left >= 0) b.lo = query_offset - window_left;
+  if (window_right >= 0) b.hi = query_offset + window_right;
+  if (is_causal && query_offset < b.hi) b.hi = query_offset;
+  return b;
+}
+
 // Strides in elements of a boolean mask broadcast to [B, N, T, S]; a stride of
 // 0 broadcasts that axis.
 struct MaskStrides {
@@ -62,6 +85,18 @@ struct AttentionParams {
   MaskStrides mask_strides;
   double scale = 0.0;  // softmax scale (the front end fills 1/sqrt(H) by default)
   bool is_causal = false;
+  // Sliding window: query t attends keys t + query_offset - window_left ..
+  // t + query_offset + window_right; -1 = unbounded on that side.
+  int64_t window_left = -1, window_right = -1;
+  // Query row t is at position t + query_offset (causal and window; cached
+  // decoding); 0: top-left aligned.
+  int64_t query_offset = 0;
+  // GPU only: the device address of query_offset (an int32), read by the
+  // kernels instead of `query_offset` when set (XLA's custom calls).
+  const int32_t* query_offset_device = nullptr;
+  // > 0: logits = cap * tanh(logits / cap) before masking and softmax
+  // (Gemma 2's soft-capping); 0: off.
+  double logits_soft_cap = 0.0;
   double dropout_rate = 0.0;  // in [0, 1)
   uint64_t seed = 0;          // Philox key when dropout_rate > 0
   // GPU only: the device address of the Philox key, read by the kernels
@@ -76,6 +111,9 @@ struct AttentionParams {
   float inv_keep = 1;              // 1 / (1 - dropout_rate) in float32
   uint32_t dropout_threshold = 0;  // a key is kept when its Philox word is >= this (philox.h)
   int32_t has_dropout = 0;         // dropout_rate > 0
+  float soft_cap_f32 = 0;          // logits_soft_cap rounded to float32 (0: off)
+  int32_t has_soft_cap = 0;        // logits_soft_cap > 0
+  Band band;                       // attention_band(...) of the host's query_offset
 
   // Fills the derived fields; the core (csrc/core/dispatch.cc) calls it
   // before any backend runs (the directions' finalize() call this one).
@@ -90,6 +128,9 @@ struct AttentionParams {
     inv_keep_f64 = 1.0 / (1.0 - dropout_rate);
     inv_keep = static_cast<float>(inv_keep_f64);
     dropout_threshold = tf_fastattn::dropout_threshold(dropout_rate);
+    has_soft_cap = logits_soft_cap > 0;
+    soft_cap_f32 = static_cast<float>(logits_soft_cap);
+    band = attention_band(is_causal, window_left, window_right, query_offset);
   }
 };
 
@@ -130,8 +171,8 @@ struct AttentionBwdParams : AttentionParams {
 // the same sizes and alignments for these types): a field added or reordered
 // changes these sizes, and both builds check them.
 static_assert(sizeof(AttentionShape) == 56, "AttentionShape layout");
-static_assert(sizeof(AttentionParams) == 272, "AttentionParams layout");
-static_assert(sizeof(AttentionFwdParams) == 312, "AttentionFwdParams layout");
-static_assert(sizeof(AttentionBwdParams) == 448, "AttentionBwdParams layout");
+static_assert(sizeof(AttentionParams) == 336, "AttentionParams layout");
+static_assert(sizeof(AttentionFwdParams) == 376, "AttentionFwdParams layout");
+static_assert(sizeof(AttentionBwdParams) == 512, "AttentionBwdParams layout");
 
 }  // namespace tf_fastattn

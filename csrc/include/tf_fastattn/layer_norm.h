@@ -11,9 +11,18 @@
 // each row's columns contiguous, e.g. x[:, :C] of a wider array; mean and rstd
 // are contiguous.
 //
-// Backward, with xhat = (s - mean) * rstd, g = dy * gamma:
-//   ds     = rstd * (g - mean(g) - xhat * mean(g * xhat)) + dsum
-//   dgamma = sum_rows(dy * xhat),  dbeta = sum_rows(dy)
+// norm_kind (NormKind, layer_norm_params.h) selects two RMS variants, both
+// without beta:
+//   kRmsNorm     mean = 0: rstd = 1 / sqrt(sum(s^2) / cols + epsilon),
+//                y = s * rstd * gamma (RMS norm: Llama, Keras' RMSNormalization;
+//                Gemma's with gamma = 1 + scale)
+//   kRmsScaling  mean and rstd as the layer norm's, y = s * rstd * gamma
+//                (Keras' LayerNormalization(rms_scaling=True))
+//
+// Backward, with xhat = (s - mean) * rstd, u = s * rstd for kRmsScaling
+// (xhat otherwise), g = dy * gamma, c = 1 for the layer norm (0 for the RMS kinds):
+//   ds     = rstd * (g - c mean(g) - xhat * mean(g * u)) + dsum
+//   dgamma = sum_rows(dy * u),  dbeta = sum_rows(dy)
 // dx and dresidual both equal ds. dgamma/dbeta use a two-stage reduction over
 // fixed row chunks, so results do not depend on the thread count.
 #pragma once

@@ -10,6 +10,13 @@
 
 namespace tf_fastattn {
 
+// What a row is normalised by (layer_norm.h):
+//   kLayerNorm   (s - mean) * rstd, rstd from the variance (mean subtracted)
+//   kRmsNorm     s * rstd, rstd from the mean of squares (mean = 0): RMS norm
+//   kRmsScaling  s * rstd, rstd from the variance: Keras' deprecated
+//                LayerNormalization(rms_scaling=True)
+enum NormKind : int32_t { kLayerNorm = 0, kRmsNorm = 1, kRmsScaling = 2 };
+
 // An unset (0) row stride means contiguous rows: cols elements apart.
 inline void default_row_stride(int64_t* stride, int64_t cols) {
   if (*stride == 0) *stride = cols;
@@ -32,6 +39,7 @@ struct LayerNormFwdParams {
   // Element strides between rows of x, residual, y and sum (columns are
   // contiguous); 0, the default, means cols: filled by finalize().
   int64_t x_row_stride = 0, residual_row_stride = 0, y_row_stride = 0, sum_row_stride = 0;
+  int32_t norm_kind = kLayerNorm;  // NormKind (the RMS kinds take no beta)
 
   // Derived by finalize(); read by the kernels.
   int32_t param_is_float = 1;  // gamma/beta are float32 (else the input dtype)
@@ -64,6 +72,7 @@ struct LayerNormBwdParams {
                                 // GPU's dgamma/dbeta partial sums [chunks, 2, cols] stats type
   // Element strides between rows of dy, dsum, sum and dx; 0 means cols.
   int64_t dy_row_stride = 0, dsum_row_stride = 0, sum_row_stride = 0, dx_row_stride = 0;
+  int32_t norm_kind = kLayerNorm;  // NormKind, as the forward's
 
   // Derived by finalize(); read by the kernels.
   int32_t param_is_float = 1;
@@ -83,7 +92,7 @@ struct LayerNormBwdParams {
 };
 
 // The layout both compilers must produce; both builds check these sizes.
-static_assert(sizeof(LayerNormFwdParams) == 136, "LayerNormFwdParams layout");
-static_assert(sizeof(LayerNormBwdParams) == 160, "LayerNormBwdParams layout");
+static_assert(sizeof(LayerNormFwdParams) == 144, "LayerNormFwdParams layout");
+static_assert(sizeof(LayerNormBwdParams) == 168, "LayerNormBwdParams layout");
 
 }  // namespace tf_fastattn

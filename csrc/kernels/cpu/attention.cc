@@ -276,14 +276,34 @@ void scale_rows(Acc* x, int64_t ld, int64_t rows, int64_t cols, Acc scale) {
 struct MaskView {
   const bool* mask;  // null: no explicit mask
   MaskStrides st;
-  bool causal;
-  // Whether the tile rows [t0, t0 + nr) x keys [s0, s0 + nc) needs any masking.
-  bool tile_needs_mask(int64_t t0, int64_t s0, int64_t nc) const {
-    return mask != nullptr || (causal && s0 + nc - 1 > t0);
+  Band band;  // query t may see keys t + band.lo .. t + band.hi (causal, window, query offset)
+
+  // Whether some entry of the tile rows [t0, t0 + nr) x keys [s0, s0 + nc)
+  // lies in the band, and whether all of them do.
+  bool tile_meets_band(int64_t t0, int64_t nr, int64_t s0, int64_t nc) const {
+    return s0 + nc - 1 - t0 >= band.lo && s0 - (t0 + nr - 1) <= band.hi;
+  }
+  bool tile_inside_band(int64_t t0, int64_t nr, int64_t s0, int64_t nc) const {
+    return s0 - (t0 + nr - 1) >= band.lo && s0 + nc - 1 - t0 <= band.hi;
+  }
+  // Whether the tile needs any masking.
+  bool tile_needs_mask(int64_t t0, int64_t nr, int64_t s0, int64_t nc) const {
+    return mask != nullptr || !tile_inside_band(t0, nr, s0, nc);
   }
   bool allowed(int64_t b, int64_t n, int64_t t, int64_t s) const {
-    if (causal && s > t) return false;
+    if (s < t + band.lo || s > t + band.hi) return false;
     return mask == nullptr || mask[b * st.batch + n * st.head + t * st.row + s * st.col];
+  }
+  // The keys [key_begin, key_end) that query rows [t0, t0 + nr) may see, and
+  // the query rows [query_begin, query_end) that keys [s0, s0 + nc) may be
+  // seen by (within [0, S) and [0, T)): the only tiles any pass visits.
+  int64_t key_begin(int64_t t0) const { return std::max<int64_t>(0, t0 + band.lo); }
+  int64_t key_end(int64_t t0, int64_t nr, int64_t S) const {
+    return std::max<int64_t>(0, std::min<int64_t>(S, t0 + nr + band.hi));
+  }
+  int64_t query_begin(int64_t s0) const { return std::max<int64_t>(0, s0 - band.hi); }
+  int64_t query_end(int64_t s0, int64_t nc, int64_t T) const {
+    return std::max<int64_t>(0, std::min<int64_t>(T, s0 + nc - band.lo));
   }
   // The vectorised masks, where the CPU has them and the mask's keys are
   // contiguous or broadcast; null otherwise.
@@ -298,13 +318,14 @@ struct MaskView {
   // allowed. A tile with none has probabilities 0 everywhere, so the kernels
   // skip it: it would only add exact zeros (and 0 * v, which is NaN for a
   // masked key holding inf or NaN), so skipping changes no bit except the
-  // sign of a zero sum. Every pass skips the same tiles: those past the
-  // causal diagonal and those an explicit mask (padding) disallows entirely.
+  // sign of a zero sum. Every pass skips the same tiles: those outside the
+  // band (past the causal diagonal, outside the window) and those an explicit
+  // mask (padding) disallows entirely.
   bool tile_any_allowed(int64_t b, int64_t n, int64_t t0, int64_t nr, int64_t s0, int64_t nc) const {
-    if (causal && s0 > t0 + nr - 1) return false;  // no row of the tile sees these keys
+    if (!tile_meets_band(t0, nr, s0, nc)) return false;  // no row of the tile sees these keys
     if (mask == nullptr) return true;
     if (const cpu::MaskKernels* k = vectorised()) {
-      return k->any(at(b, n, t0, s0), st.row, st.col, causal, t0 - s0, nr, nc);
+      return k->any(at(b, n, t0, s0), st.row, st.col, t0 + band.lo - s0, t0 + band.hi - s0, nr, nc);
     }
     for (int64_t r = 0; r < nr; ++r)
       for (int64_t c = 0; c < nc; ++c)
@@ -319,7 +340,8 @@ void apply_mask(const MaskView& mv, int64_t b, int64_t n, int64_t t0, int64_t nr
                 int64_t ld) {
   if constexpr (std::is_same<Acc, float>::value) {
     if (const cpu::MaskKernels* k = mv.vectorised()) {
-      return k->apply(mv.at(b, n, t0, s0), mv.st.row, mv.st.col, mv.causal, t0 - s0, nr, nc, x, ld);
+      return k->apply(mv.at(b, n, t0, s0), mv.st.row, mv.st.col, t0 + mv.band.lo - s0, t0 + mv.band.hi - s0, nr, nc,
+                      x, ld);
     }
   }
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
@@ -399,6 +421,12 @@ void uniform_row(const Dropout& d, const T* v, int64_t v_row_stride, int64_t S, 
   }
 }
 
+// About how many keys a query row of the band sees (for the cost estimates
+// of parallel_for): S, or the band's width where that is smaller.
+inline int64_t band_keys(const Band& band, int64_t S) {
+  return band.hi - band.lo < S ? band.hi - band.lo + 1 : S;
+}
+
 // Maps the position of a query tile inside its (b, n) group to a tile index so
 // that consecutive work items alternate long and short causal rows (0, last,
 // 1, last-1, ...): contiguous ranges of items then carry similar work.
@@ -428,9 +456,10 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
   T* o = static_cast<T*>(p.o);
   Acc* lse = static_cast<Acc*>(p.lse);
   const TensorStrides sq = p.q_strides, sk = p.k_strides, sv = p.v_strides, so = p.o_strides;
-  const MaskView mv{p.mask, p.mask_strides, p.is_causal};
+  const MaskView mv{p.mask, p.mask_strides, p.band};
   const Dropout drop = make_dropout(p);
   const Acc scale = static_cast<Acc>(p.scale);
+  const Acc cap = static_cast<Acc>(p.logits_soft_cap);
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
 
   // Converted K^T and V tiles of a whole (b, kv head) are kept for the next
@@ -453,20 +482,21 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
   const bool q_direct = q_unscaled && in_place<T, Acc>(q, H) != nullptr;
   const bool v_direct = in_place<T, Acc>(v, Hv) != nullptr;
 
-  const int64_t cost = kBr * std::max<int64_t>(S, 1) * (H + Hv) * 2;
+  const int64_t cost = kBr * std::max<int64_t>(band_keys(p.band, S), 1) * (H + Hv) * 2;
   ctx.parallel_for(items, cost, [&](int64_t begin, int64_t end) {
     // Per-chunk scratch; zero-initialised so that padding lanes are finite.
     Scratch<Acc> qs(bits || q_direct ? 0 : kBr * Hp, 0), kt(bits ? 0 : slots * Hp * kBc, 0),
         vt(v_direct ? 0 : slots * kBc * Hvp, 0),
         st(kBr * kBc, 0), acc(kBr * Hvp, 0), m(kBr), l(kBr);
     Scratch<uint16_t> qb(bits ? kBr * Hp2 : 0, 0), ktb(bits ? slots * Hp2 * kBc : 0, 0);
-    int64_t cached_bh = -1, cached_tiles = 0;  // (b * Nkv + hk) whose first cached_tiles tiles are in kt, vt
+    Scratch<char> cached(slots, 0);  // which key tiles of head cached_bh are in kt, vt
+    int64_t cached_bh = -1;          // (b * Nkv + hk)
     for (int64_t w = begin; w < end; ++w) {
       const int64_t qi = interleave(w % nqt, nqt, p.is_causal);
       const int64_t n = (w / nqt) % N, b = w / (nqt * N), hk = n / group;
       if (b * Nkv + hk != cached_bh) {
         cached_bh = b * Nkv + hk;
-        cached_tiles = 0;
+        std::fill(cached.begin(), cached.end(), char(0));
       }
       const int64_t t0 = qi * kBr, nr = std::min(kBr, T_ - t0);
       // logits = (scale q) . k, or scale * (q . k) (unscaled_q); the backward
@@ -482,8 +512,9 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
       std::fill(m.begin(), m.end(), neg_inf);
       std::fill(l.begin(), l.end(), Acc(0));
 
-      const int64_t s_end = p.is_causal ? std::min(S, t0 + nr) : S;  // keys past the last row's diagonal are skipped
-      for (int64_t s0 = 0; s0 < s_end; s0 += kBc) {
+      // Only the key tiles the rows' band reaches (causal, window, offset).
+      const int64_t s_end = mv.key_end(t0, nr, S);
+      for (int64_t s0 = mv.key_begin(t0) / kBc * kBc; s0 < s_end; s0 += kBc) {
         const int64_t nc = std::min(kBc, S - s0), ncp = round_up(nc, kPad);
         const T* kb = k + sk.offset(b, s0, hk);
         const T* vb = v + sv.offset(b, s0, hk);
@@ -492,18 +523,16 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
         uint16_t* ktbtile = bits ? ktb.data() + slot * Hp2 * kBc : nullptr;
         const Acc* vtile = v_direct ? in_place<T, Acc>(vb, Hv) : vt.data() + slot * kBc * Hvp;
         const int64_t ldv = v_direct ? sv.seq : Hvp;
-        const bool skip = !mv.tile_any_allowed(b, n, t0, nr, s0, nc);  // all probabilities 0
-        if (skip && !cache_kv) continue;
-        if (!cache_kv || tile >= cached_tiles) {
+        if (!mv.tile_any_allowed(b, n, t0, nr, s0, nc)) continue;  // all probabilities 0
+        if (!cache_kv || !cached[slot]) {
           if (bits) {
             load_pairs_t(kb, sk.seq, nc, H, ktbtile, 2 * kBc);
           } else {
             load_tile_t(kb, sk.seq, nc, H, Acc(1), ktile, kBc);
           }
           if (!v_direct) copy_tile(vb, sv.seq, nc, Hv, Acc(1), vt.data() + slot * kBc * Hvp, Hvp);
-          if (cache_kv) cached_tiles = tile + 1;  // tiles are visited in order from 0
+          cached[slot] = 1;
         }
-        if (skip) continue;  // loaded all the same: later rows of the head may need the cached tile
         if (bits) {
           raw.gemm(nr, ncp, Hp2 / 2, qb.data(), Hp2, ktbtile, 2 * kBc, st.data(), kBc, false);
           scale_rows(st.data(), kBc, nr, nc, scale);
@@ -511,7 +540,8 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
           mk.gemm(nr, ncp, H, qa, ldq, ktile, kBc, st.data(), kBc, false);
           if (q_unscaled) scale_rows(st.data(), kBc, nr, nc, scale);
         }
-        if (mv.tile_needs_mask(t0, s0, nc)) apply_mask(mv, b, n, t0, nr, s0, nc, st.data(), kBc);
+        if (p.has_soft_cap) mk.soft_cap(nr, nc, st.data(), kBc, cap, nullptr);
+        if (mv.tile_needs_mask(t0, nr, s0, nc)) apply_mask(mv, b, n, t0, nr, s0, nc, st.data(), kBc);
 
         // Online softmax (FlashAttention-2): running max m and normaliser l
         // without dropout; acc holds the unnormalised output.
@@ -587,15 +617,22 @@ struct RawOperands {
 // rounded dP, cancels its own error (T=S=128, H=64, causal MQA: dq 2.1e-6
 // against the criterion's bound 1.96e-6). Half types have larger floors and
 // keep the float32 product.
+//
+// Soft-capping (cap > 0): the logits are cap * tanh(x / cap) of the raw
+// logits x, so dS (the gradient of the capped logits) is multiplied by their
+// derivative 1 - tanh^2 (kept in dcap while the tile is computed) before it
+// reaches dq and dk.
 template <typename Acc>
 struct BwdTile {
   int64_t Hp, Hvp;
-  Scratch<Acc> qs, dob, kt, vt, pb, dsb, dm, lse_r;
+  Scratch<Acc> qs, dob, kt, vt, pb, dsb, dm, lse_r, dcap;
   Scratch<double> delta_r;
   bool wide;
-  BwdTile(int64_t hp, int64_t hvp, bool wide_)
+  Acc cap;  // 0: no soft-capping
+  BwdTile(int64_t hp, int64_t hvp, bool wide_, Acc cap_)
       : Hp(hp), Hvp(hvp), qs(kBr * hp, 0), dob(kBr * hvp, 0), kt(hp * kBc, 0), vt(hvp * kBc, 0), pb(kBr * kBc, 0),
-        dsb(kBr * kBc, 0), dm(kBr * kBc, 0), lse_r(kBr), delta_r(kBr), wide(wide_) {}
+        dsb(kBr * kBc, 0), dm(kBr * kBc, 0), lse_r(kBr), dcap(cap_ > 0 ? kBr * kBc : 0, 0), delta_r(kBr),
+        wide(wide_), cap(cap_) {}
 
   // From (scale q) [nr][ldq] (or q itself with q_scale = scale, a power of
   // two: the same logits), dO [nr][lddo], K^T and V^T [.][kBc], lse and delta
@@ -608,6 +645,19 @@ struct BwdTile {
                int64_t nr, int64_t s0, int64_t nc, int64_t H, int64_t Hv, const Acc* q_, int64_t ldq, Acc q_scale,
                const Acc* do_, int64_t lddo, const Acc* kt_, const Acc* vt_, const Acc* lse_, const double* delta_,
                const RawOperands<Acc>* bf = nullptr) {
+    compute_ds(mk, mv, drop, b, n, t0, nr, s0, nc, H, Hv, q_, ldq, q_scale, do_, lddo, kt_, vt_, lse_, delta_, bf);
+    if (cap > 0) {
+      for (int64_t r = 0; r < nr; ++r) {
+        Acc* dr = dsb.data() + r * kBc;
+        const Acc* cr = dcap.data() + r * kBc;
+        for (int64_t c = 0; c < nc; ++c) dr[c] *= cr[c];
+      }
+    }
+  }
+  void compute_ds(const MicroKernels<Acc>& mk, const MaskView& mv, const Dropout& drop, int64_t b, int64_t n,
+                  int64_t t0, int64_t nr, int64_t s0, int64_t nc, int64_t H, int64_t Hv, const Acc* q_, int64_t ldq,
+                  Acc q_scale, const Acc* do_, int64_t lddo, const Acc* kt_, const Acc* vt_, const Acc* lse_,
+                  const double* delta_, const RawOperands<Acc>* bf) {
     const int64_t ncp = round_up(nc, kPad);
     const bool use_bf = bf != nullptr && bf->raw.gemm != nullptr;
     if (use_bf) {
@@ -617,7 +667,8 @@ struct BwdTile {
       mk.gemm(nr, ncp, H, q_, ldq, kt_, kBc, pb.data(), kBc, false);
       if (q_scale != Acc(1)) scale_rows(pb.data(), kBc, nr, nc, q_scale);
     }
-    if (mv.tile_needs_mask(t0, s0, nc)) apply_mask(mv, b, n, t0, nr, s0, nc, pb.data(), kBc);
+    if (cap > 0) mk.soft_cap(nr, nc, pb.data(), kBc, cap, dcap.data());
+    if (mv.tile_needs_mask(t0, nr, s0, nc)) apply_mask(mv, b, n, t0, nr, s0, nc, pb.data(), kBc);
     // p = exp(x - lse); lse = +inf (fully masked row) gives p = 0 here.
     for (int64_t r = 0; r < nr; ++r) mk.exp_shift_sum(pb.data() + r * kBc, nc, lse_[r]);
     // do . v_s
@@ -681,6 +732,7 @@ struct BwdProblem {
   MaskView mv;
   Dropout drop;
   Acc scale, inf;
+  Acc cap;  // logits_soft_cap (0: off)
   bool q_unscaled;   // see unscaled_q
   Acc q_scale;       // the factor of the logits and of dk: scale when q_unscaled, else 1
   Acc q_copy_scale;  // the factor q is copied with: 1 when q_unscaled, else scale
@@ -721,10 +773,11 @@ struct BwdProblem {
         sdq(p_.dq_strides),
         sdk(p_.dk_strides),
         sdv(p_.dv_strides),
-        mv{p_.mask, p_.mask_strides, p_.is_causal},
+        mv{p_.mask, p_.mask_strides, p_.band},
         drop(make_dropout(p_)),
         scale(static_cast<Acc>(p_.scale)),
         inf(std::numeric_limits<Acc>::infinity()),
+        cap(static_cast<Acc>(p_.logits_soft_cap)),
         q_unscaled(unscaled_q<T>(p_.scale)),
         q_scale(q_unscaled ? scale : Acc(1)),
         q_copy_scale(q_unscaled ? Acc(1) : scale),
@@ -817,7 +870,7 @@ struct BwdProblem {
     const bool bits = raw.gemm != nullptr;
     const int64_t Sp = nkt * kBc, Tp = nqt * kBr, heads_kv = B * Nkv;
     const int64_t Hp2 = round_up(H, 2), Hvp2 = round_up(Hv, 2);
-    const int64_t cost = std::max<int64_t>(S, 1) * T_ * group * (3 * H + 2 * Hv) * 2;
+    const int64_t cost = std::max<int64_t>(band_keys(p.band, S), 1) * T_ * group * (3 * H + 2 * Hv) * 2;
     // Key tiles per sweep over the query tiles. One at a time, a head's query
     // side (q and dO rows, dq sums) is read once per key tile; where it is
     // larger than a core's L2 (~1 MiB), 4 key tiles share each query tile's
@@ -830,12 +883,13 @@ struct BwdProblem {
     // query side): 131 -> 136, hence the threshold.
     const int64_t key_group = Tp * (2 * Hp + Hvp) * int64_t(sizeof(Acc)) > (int64_t(1) << 20) ? 4 : 1;
     ctx.parallel_for(heads_kv, cost, [&](int64_t begin, int64_t end) {
-      BwdTile<Acc> tile(Hp, Hvp, kWide);
+      BwdTile<Acc> tile(Hp, Hvp, kWide, cap);
       // With the raw products every tile product reads bf16 operands: no
       // float copies of q, dO, k, K^T, V^T.
       Scratch<Acc> kr(k_direct || bits ? 0 : Sp * Hp, 0), kt(bits ? 0 : Sp * Hp, 0), vt(bits ? 0 : Sp * Hvp, 0),
           dk_acc(Sp * Hp), dv_acc(Sp * Hvp), qa(q_direct || bits ? 0 : Tp * Hp, 0),
           doa(do_direct || bits ? 0 : Tp * Hvp, 0), dq_acc(Tp * Hp), lse_a(Tp), fm(kBc), uni(Hv);
+      Scratch<char> uniform_tile(nqt, 0);
       Scratch<double> delta_a(Tp);
       // bf16: q, dO bits (logits, dP); K^T, V^T pairs; q, dO, k row pairs
       // (dS^T Q, P^T dO, dS K); P and dS of a tile pair as row pairs, dS as rows.
@@ -896,6 +950,12 @@ struct BwdProblem {
             lse_a[t] = lse[(b * N + n) * T_ + t];
             delta_a[t] = delta[(b * N + n) * T_ + t];
           }
+          // Query tiles holding a row with no allowed key (lse = +inf): such
+          // rows reach every key tile, also those outside the band.
+          for (int64_t qi = 0; qi < nqt; ++qi) {
+            uniform_tile[qi] = 0;
+            for (int64_t t = qi * kBr; t < std::min(T_, (qi + 1) * kBr); ++t) uniform_tile[qi] |= lse_a[t] == inf;
+          }
           std::fill(dq_acc.begin(), dq_acc.end(), Acc(0));
           for (int64_t kg = 0; kg < nkt; kg += key_group) {
             for (int64_t qi = 0; qi < nqt; ++qi) {
@@ -903,6 +963,7 @@ struct BwdProblem {
               for (int64_t kj = kg; kj < std::min(nkt, kg + key_group); ++kj) {
                 const int64_t s0 = kj * kBc, nc = std::min(kBc, S - s0);
                 const bool live = mv.tile_any_allowed(b, n, t0, nr, s0, nc);
+                if (!live && !uniform_tile[qi]) continue;  // outside the band, or masked out
                 if (live && bits) {
                   bf.q = qb.data() + t0 * Hp2;
                   bf.do_ = dob.data() + t0 * Hvp2;
@@ -951,9 +1012,9 @@ struct BwdProblem {
     // of the group and every query tile, so the group sum needs no atomics.
     const int64_t kv_items = B * Nkv * nkt;
     if (kv_items > 0) {
-      const int64_t cost = kBc * std::max<int64_t>(T_, 1) * group * (2 * H + 2 * Hv);
+      const int64_t cost = kBc * std::max<int64_t>(band_keys(p.band, T_), 1) * group * (2 * H + 2 * Hv);
       ctx.parallel_for(kv_items, cost, [&](int64_t begin, int64_t end) {
-        BwdTile<Acc> tile(Hp, Hvp, kWide);
+        BwdTile<Acc> tile(Hp, Hvp, kWide, cap);
         Scratch<Acc> dk_acc(kBc * Hp, 0), dv_acc(kBc * Hvp, 0), fm(kBc), uni(Hv);
         for (int64_t w = begin; w < end; ++w) {
           const int64_t kj = interleave(w % nkt, nkt, p.is_causal);
@@ -985,9 +1046,9 @@ struct BwdProblem {
     // dq: one item per (b, head, query tile).
     const int64_t q_items = B * N * nqt;
     if (q_items > 0) {
-      const int64_t cost = kBr * std::max<int64_t>(S, 1) * (2 * H + Hv) * 2;
+      const int64_t cost = kBr * std::max<int64_t>(band_keys(p.band, S), 1) * (2 * H + Hv) * 2;
       ctx.parallel_for(q_items, cost, [&](int64_t begin, int64_t end) {
-        BwdTile<Acc> tile(Hp, Hvp, kWide);
+        BwdTile<Acc> tile(Hp, Hvp, kWide, cap);
         Scratch<Acc> kb(kBc * Hp, 0), dq_acc(kBr * Hp, 0);
         for (int64_t w = begin; w < end; ++w) {
           const int64_t qi = interleave(w % nqt, nqt, p.is_causal);
@@ -997,8 +1058,8 @@ struct BwdProblem {
           bool any_live = false;
           for (int64_t r = 0; r < nr; ++r) any_live = any_live || tile.lse_r[r] != inf;
           std::fill(dq_acc.begin(), dq_acc.end(), Acc(0));
-          const int64_t s_end = !any_live ? 0 : p.is_causal ? std::min(S, t0 + nr) : S;
-          for (int64_t s0 = 0; s0 < s_end; s0 += kBc) {
+          const int64_t s_end = !any_live ? 0 : mv.key_end(t0, nr, S);
+          for (int64_t s0 = mv.key_begin(t0) / kBc * kBc; s0 < s_end; s0 += kBc) {
             const int64_t nc = std::min(kBc, S - s0);
             if (!mv.tile_any_allowed(b, n, t0, nr, s0, nc)) continue;  // all probabilities 0
             copy_tile(k + sk.offset(b, s0, hk), sk.seq, nc, H, Acc(1), kb.data(), Hp);

@@ -190,6 +190,38 @@ TFA_AVX2 inline __m256 exp_avx2(__m256 x) {
   return _mm256_mul_ps(_mm256_mul_ps(p, pow2i_avx2(n1)), pow2i_avx2(n2));
 }
 
+// tanh_avx512 on 8 lanes: the same polynomial, exp and blend, so the same bits.
+TFA_AVX2 inline __m256 tanh_avx2(__m256 y) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  const __m256 a = _mm256_andnot_ps(sign_bit, y);
+  const __m256 z = _mm256_mul_ps(y, y);
+  __m256 p = _mm256_set1_ps(-5.729912315e-03f);
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.065595798e-02f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-5.374261737e-02f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.333143711e-01f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.333328068e-01f));
+  const __m256 small = _mm256_fmadd_ps(y, _mm256_mul_ps(z, p), y);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 e = exp_avx2(_mm256_add_ps(a, a));
+  const __m256 big = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, one)));
+  const __m256 use_big = _mm256_cmp_ps(a, _mm256_set1_ps(0.625f), _CMP_GE_OQ);
+  return _mm256_blendv_ps(small, _mm256_or_ps(big, _mm256_and_ps(y, sign_bit)), use_big);
+}
+
+// soft_cap_avx512 on 8 lanes.
+TFA_AVX2 inline void soft_cap_avx2(int64_t nr, int64_t nc, float* x, int64_t ld, float cap, float* d) {
+  const __m256 vc = _mm256_set1_ps(cap), one = _mm256_set1_ps(1.0f);
+  for (int64_t r = 0; r < nr; ++r) {
+    float* xr = x + r * ld;
+    for (int64_t c = 0; c < nc; c += 8) {
+      const __m256i mk = tail_mask8(nc - c);
+      const __m256 t = tanh_avx2(_mm256_div_ps(_mm256_maskload_ps(xr + c, mk), vc));
+      _mm256_maskstore_ps(xr + c, mk, _mm256_mul_ps(t, vc));
+      if (d != nullptr) _mm256_maskstore_ps(d + r * ld + c, mk, _mm256_fnmadd_ps(t, t, one));
+    }
+  }
+}
+
 // GCC's _mm512_reduce_{max,add}_ps tree on the 16 lanes lo (0-7), hi (8-15).
 TFA_AVX2 inline float reduce_add16_avx2(__m256 lo, __m256 hi) {
   const __m256 t3 = _mm256_add_ps(hi, lo);

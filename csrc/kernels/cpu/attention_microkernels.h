@@ -65,6 +65,11 @@ struct MicroKernels {
   // accumulator row acc[r][0..hv) (ldacc) is multiplied by corr unless it is 1.
   void (*softmax_step)(int64_t nr, int64_t nc, Acc* s, int64_t lds, Acc* m, Acc* l, Acc* acc, int64_t ldacc,
                        int64_t hv);
+  // Logit soft-capping: x[r][c] = cap * tanh(x[r][c] / cap) for r < nr, c <
+  // nc (ld apart); d non-null: d[r][c] (same ld) = 1 - tanh^2, the
+  // derivative the backward multiplies dS by. NaN stays NaN, +-inf gives
+  // +-cap. The AVX tiers' tanh is within 2 ulp (the portable tier's std::tanh).
+  void (*soft_cap)(int64_t nr, int64_t nc, Acc* x, int64_t ld, Acc cap, Acc* d);
   // The half types' dS tile from dP held in ds (BwdTile): ds[i][j] = p[i][j] *
   // (f[i][j] * ds[i][j] - Acc(delta[i])), then p[i][j] *= f[i][j]; f null:
   // ds[i][j] = p[i][j] * (ds[i][j] - Acc(delta[i])). For i < m, j < n, one
@@ -191,9 +196,20 @@ void softmax_step_portable(int64_t nr, int64_t nc, Acc* s, int64_t lds, Acc* m, 
 }
 
 template <typename Acc>
+void soft_cap_portable(int64_t nr, int64_t nc, Acc* x, int64_t ld, Acc cap, Acc* d) {
+  for (int64_t r = 0; r < nr; ++r) {
+    for (int64_t c = 0; c < nc; ++c) {
+      const Acc t = std::tanh(x[r * ld + c] / cap);
+      x[r * ld + c] = t * cap;
+      if (d != nullptr) d[r * ld + c] = Acc(1) - t * t;
+    }
+  }
+}
+
+template <typename Acc>
 const MicroKernels<Acc>& portable_kernels() {
   static const MicroKernels<Acc> k = {gemm_portable<Acc, false>, gemm_portable<Acc, true>, exp_shift_sum_portable<Acc>,
-                                      ds_wide_portable<Acc>, softmax_step_portable<Acc>};
+                                      ds_wide_portable<Acc>, softmax_step_portable<Acc>, soft_cap_portable<Acc>};
   return k;
 }
 
@@ -997,10 +1013,11 @@ TFA_AVX512 inline void copy_transposed_avx512(const float* src, int64_t stride, 
 
 // ---------------------------------------------------------------------------
 // Masks of a logits tile (x [nr][nc], nc <= 64): key c of row r is allowed
-// when its mask byte is nonzero and, with causal, c <= diag + r (diag = t0 -
-// s0, the row's last key relative to the tile). The mask bytes of row r are
-// at mask + r * row_stride, key c at + c * col_stride with col_stride 0 or 1;
-// mask null: causal only. 64 keys of a row are one byte load and one bit mask.
+// when its mask byte is nonzero and lo + r <= c <= hi + r (the band of
+// attention_params.h relative to the tile: lo = t0 + band.lo - s0, hi = t0 +
+// band.hi - s0). The mask bytes of row r are at mask + r * row_stride, key c
+// at + c * col_stride with col_stride 0 or 1; mask null: the band only. 64
+// keys of a row are one byte load and one bit mask.
 
 TFA_AVX512 inline uint64_t mask_row_bits_avx512(const bool* mrow, int64_t col_stride, uint64_t cols) {
   if (mrow == nullptr) return cols;
@@ -1011,28 +1028,33 @@ TFA_AVX512 inline uint64_t mask_row_bits_avx512(const bool* mrow, int64_t col_st
 inline uint64_t key_bits(int64_t nc) {  // keys 0 .. nc - 1 (nc <= 64)
   return nc >= 64 ? ~uint64_t(0) : (uint64_t(1) << nc) - 1;
 }
-inline uint64_t causal_bits(int64_t last, uint64_t cols) {  // keys 0 .. last
+inline uint64_t upto_bits(int64_t last, uint64_t cols) {  // keys 0 .. last
   return last < 0 ? 0 : last >= 63 ? cols : cols & ((uint64_t(2) << last) - 1);
+}
+inline uint64_t band_bits(int64_t lo, int64_t hi, uint64_t cols) {  // keys lo .. hi
+  return upto_bits(hi, cols) & ~upto_bits(lo - 1, cols);
 }
 
 // Whether any entry of the tile is allowed.
-TFA_AVX512 inline bool mask_tile_any_avx512(const bool* mask, int64_t row_stride, int64_t col_stride, bool causal,
-                                            int64_t diag, int64_t nr, int64_t nc) {
+TFA_AVX512 inline bool mask_tile_any_avx512(const bool* mask, int64_t row_stride, int64_t col_stride, int64_t lo,
+                                            int64_t hi, int64_t nr, int64_t nc) {
   if (nr <= 0 || nc <= 0) return false;
   const uint64_t cols = key_bits(nc);
-  // Rows sharing their bytes (row_stride 0): the last row sees the most keys.
-  const int64_t first = (mask == nullptr || row_stride == 0) ? nr - 1 : 0;
-  for (int64_t r = first; r < nr; ++r) {
-    uint64_t keep = mask_row_bits_avx512(mask != nullptr ? mask + r * row_stride : nullptr, col_stride, cols);
-    if (causal) keep &= causal_bits(diag + r, cols);
-    if (keep != 0) return true;
+  // Rows sharing their bytes (row_stride 0, or no mask): their bands' union
+  // against the bytes once.
+  if (mask == nullptr || row_stride == 0) {
+    return (mask_row_bits_avx512(mask, col_stride, cols) & band_bits(lo, hi + nr - 1, cols)) != 0;
+  }
+  for (int64_t r = 0; r < nr; ++r) {
+    if ((mask_row_bits_avx512(mask + r * row_stride, col_stride, cols) & band_bits(lo + r, hi + r, cols)) != 0)
+      return true;
   }
   return false;
 }
 
 // Sets the disallowed entries to -inf.
-TFA_AVX512 inline void mask_tile_avx512(const bool* mask, int64_t row_stride, int64_t col_stride, bool causal,
-                                        int64_t diag, int64_t nr, int64_t nc, float* x, int64_t ld) {
+TFA_AVX512 inline void mask_tile_avx512(const bool* mask, int64_t row_stride, int64_t col_stride, int64_t lo,
+                                        int64_t hi, int64_t nr, int64_t nc, float* x, int64_t ld) {
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   const uint64_t cols = key_bits(nc);
   // Rows sharing their bytes (row_stride 0, or no mask) read them once.
@@ -1040,12 +1062,51 @@ TFA_AVX512 inline void mask_tile_avx512(const bool* mask, int64_t row_stride, in
   const uint64_t shared_keep = shared ? mask_row_bits_avx512(mask, col_stride, cols) : 0;
   for (int64_t r = 0; r < nr; ++r) {
     uint64_t keep = shared ? shared_keep : mask_row_bits_avx512(mask + r * row_stride, col_stride, cols);
-    if (causal) keep &= causal_bits(diag + r, cols);
+    keep &= band_bits(lo + r, hi + r, cols);
     const uint64_t drop = cols & ~keep;
     if (drop == 0) continue;
     float* xr = x + r * ld;
     for (int64_t c = 0; c < nc; c += 16)
       _mm512_mask_storeu_ps(xr + c, static_cast<__mmask16>(drop >> c), neg_inf);
+  }
+}
+
+// ---- soft-capping -----------------------------------------------------------
+
+// tanh(y) for 16 floats, within 2 ulp: for |y| < 0.625 the odd polynomial
+// y + y z P(z), z = y^2, P of degree 4 (a least-squares fit to tanh(y)/y on
+// that interval, weighted for relative error; 0.8 ulp in float32 arithmetic);
+// above, sign(y) (1 - 2 / (exp(2|y|) + 1)) with exp_avx512 (exp's clamp gives
+// exactly +-1 for |y| >= 44 and for +-inf). NaN stays NaN (the polynomial).
+TFA_AVX512 inline __m512 tanh_avx512(__m512 y) {
+  const __m512 a = _mm512_abs_ps(y);
+  const __m512 z = _mm512_mul_ps(y, y);
+  __m512 p = _mm512_set1_ps(-5.729912315e-03f);
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(2.065595798e-02f));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(-5.374261737e-02f));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(1.333143711e-01f));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(-3.333328068e-01f));
+  const __m512 small = _mm512_fmadd_ps(y, _mm512_mul_ps(z, p), y);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 e = exp_avx512(_mm512_add_ps(a, a));
+  const __m512 big = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, one)));
+  const __m512 sign = _mm512_and_ps(y, _mm512_set1_ps(-0.0f));
+  const __mmask16 use_big = _mm512_cmp_ps_mask(a, _mm512_set1_ps(0.625f), _CMP_GE_OQ);
+  return _mm512_mask_blend_ps(use_big, small, _mm512_or_ps(big, sign));
+}
+
+// x = cap * tanh(x / cap) on rows r < nr, columns c < nc (ld apart); with d
+// set, d[r * ld + c] = 1 - tanh^2 (the derivative, for the backward).
+TFA_AVX512 inline void soft_cap_avx512(int64_t nr, int64_t nc, float* x, int64_t ld, float cap, float* d) {
+  const __m512 vc = _mm512_set1_ps(cap), one = _mm512_set1_ps(1.0f);
+  for (int64_t r = 0; r < nr; ++r) {
+    float* xr = x + r * ld;
+    for (int64_t c = 0; c < nc; c += 16) {
+      const __mmask16 mk = tail_mask(nc - c);
+      const __m512 t = tanh_avx512(_mm512_div_ps(_mm512_maskz_loadu_ps(mk, xr + c), vc));
+      _mm512_mask_storeu_ps(xr + c, mk, _mm512_mul_ps(t, vc));
+      if (d != nullptr) _mm512_mask_storeu_ps(d + r * ld + c, mk, _mm512_fnmadd_ps(t, t, one));
+    }
   }
 }
 
@@ -1215,9 +1276,9 @@ constexpr bool wide_ds() {
 // The vectorised tile masks (see mask_tile_avx512), or null below the
 // AVX-512 tier (the kernels then test entry by entry; masks are exact either way).
 struct MaskKernels {
-  bool (*any)(const bool* mask, int64_t row_stride, int64_t col_stride, bool causal, int64_t diag, int64_t nr,
+  bool (*any)(const bool* mask, int64_t row_stride, int64_t col_stride, int64_t lo, int64_t hi, int64_t nr,
               int64_t nc);
-  void (*apply)(const bool* mask, int64_t row_stride, int64_t col_stride, bool causal, int64_t diag, int64_t nr,
+  void (*apply)(const bool* mask, int64_t row_stride, int64_t col_stride, int64_t lo, int64_t hi, int64_t nr,
                 int64_t nc, float* x, int64_t ld);
 };
 inline const MaskKernels* mask_kernels() {
@@ -1269,9 +1330,10 @@ template <>
 inline const MicroKernels<float>& micro_kernels<float>() {
 #if TFA_HAVE_X86_DISPATCH
   static const MicroKernels<float> avx512 = {gemm_avx512<false>, gemm_avx512<true>, exp_shift_sum_avx512,
-                                             ds_wide_avx512, softmax_step_avx512, ds_narrow_avx512};
+                                             ds_wide_avx512,     softmax_step_avx512, soft_cap_avx512,
+                                             ds_narrow_avx512};
   static const MicroKernels<float> avx2 = {gemm_avx2<false>, gemm_avx2<true>, exp_shift_sum_avx2, ds_wide_avx2,
-                                           softmax_step_avx2};
+                                           softmax_step_avx2, soft_cap_avx2};
   switch (cpu_tier()) {
     case CpuTier::kAvx512: return avx512;
     case CpuTier::kAvx2: return avx2;

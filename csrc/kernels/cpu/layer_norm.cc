@@ -75,15 +75,16 @@ __attribute__((always_inline)) inline void lane_sums(int64_t n, F term, double* 
 }
 
 // `row_sum` is the row's sum when the caller already has it (the residual add
-// computes it on the way), else NaN.
+// computes it on the way), else NaN. `rms`: the mean is taken as 0 (RMS norm:
+// rstd from the mean of squares).
 template <typename A>
 __attribute__((always_inline)) inline void row_stats_impl(const A* s, int64_t n, double eps, double row_sum,
-                                                          A* mean_out, A* rstd_out) {
+                                                          bool rms, A* mean_out, A* rstd_out) {
   double sum = row_sum, unused;
-  if (std::isnan(row_sum)) {
+  if (std::isnan(row_sum) && !rms) {
     lane_sums<A>(n, [&](int64_t i, double* a, double* b) { *a = s[i]; *b = 0; }, &sum, &unused);
   }
-  const A mean = static_cast<A>(sum / static_cast<double>(n));
+  const A mean = rms ? A(0) : static_cast<A>(sum / static_cast<double>(n));
   double sq;
   lane_sums<A>(n, [&](int64_t i, double* a, double* b) {
     const double d = static_cast<double>(s[i] - mean);
@@ -93,11 +94,11 @@ __attribute__((always_inline)) inline void row_stats_impl(const A* s, int64_t n,
   *mean_out = mean;
   *rstd_out = static_cast<A>(1.0 / std::sqrt(sq / static_cast<double>(n) + eps));
 }
-TFA_CLONES void row_stats(const float* s, int64_t n, double eps, double row_sum, float* m, float* r) {
-  row_stats_impl(s, n, eps, row_sum, m, r);
+TFA_CLONES void row_stats(const float* s, int64_t n, double eps, double row_sum, bool rms, float* m, float* r) {
+  row_stats_impl(s, n, eps, row_sum, rms, m, r);
 }
-TFA_CLONES void row_stats(const double* s, int64_t n, double eps, double row_sum, double* m, double* r) {
-  row_stats_impl(s, n, eps, row_sum, m, r);
+TFA_CLONES void row_stats(const double* s, int64_t n, double eps, double row_sum, bool rms, double* m, double* r) {
+  row_stats_impl(s, n, eps, row_sum, rms, m, r);
 }
 
 // y = (s - mean) * rstd * gamma + beta, into the float buffer `y`.
@@ -124,40 +125,47 @@ TFA_CLONES void row_normalize(const double* s, int64_t n, double m, double r, co
 }
 
 // Backward of one row. In: s, dy (and dsum, may be null) as floats. Out: ds
-// into `ds`; accumulates dy * xhat into dgamma_acc and dy into dbeta_acc.
+// into `ds`; accumulates dy * u into dgamma_acc and dy into dbeta_acc.
+// kind: NormKind (layer_norm.h: u = s * rstd for kRmsScaling, else xhat; the
+// mean(g) term only for the layer norm).
 template <typename A>
 __attribute__((always_inline)) inline void row_backward_impl(const A* s, const A* dy, const A* dsum, int64_t n,
-                                                             A mean, A rstd, const A* gamma, A* ds,
+                                                             A mean, A rstd, const A* gamma, int32_t kind, A* ds,
                                                              double* dgamma_acc, double* dbeta_acc) {
+  const A u_shift = kind == kRmsScaling ? A(0) : mean;  // u = (s - u_shift) * rstd
   double sum_g, sum_gx;  // double lanes, for the same reasons as row_stats
+  // g is kept in ds (rounded, as the sums see it): recomputed in the last
+  // loop, dy * gamma - mean(g) was contracted into an FMA, and with one
+  // column (g = mean(g)) ds came out as rstd times the product's rounding
+  // error instead of 0 (float32, C 1, epsilon 1e-6: 6e-5).
   lane_sums<A>(n, [&](int64_t i, double* a, double* b) {
-    const A xhat = (s[i] - mean) * rstd;
+    const A u = (s[i] - u_shift) * rstd;
     const A g = gamma ? dy[i] * gamma[i] : dy[i];
+    ds[i] = g;
     *a = g;
-    *b = static_cast<double>(g) * xhat;
+    *b = static_cast<double>(g) * u;
   }, &sum_g, &sum_gx);
   for (int64_t i = 0; i < n; ++i) {
-    const A xhat = (s[i] - mean) * rstd;
-    dgamma_acc[i] += static_cast<double>(dy[i]) * xhat;
+    const A u = (s[i] - u_shift) * rstd;
+    dgamma_acc[i] += static_cast<double>(dy[i]) * u;
     dbeta_acc[i] += dy[i];
   }
-  const A mean_g = static_cast<A>(sum_g / static_cast<double>(n));
+  const A mean_g = kind == kLayerNorm ? static_cast<A>(sum_g / static_cast<double>(n)) : A(0);
   const A mean_gx = static_cast<A>(sum_gx / static_cast<double>(n));
   for (int64_t i = 0; i < n; ++i) {
     const A xhat = (s[i] - mean) * rstd;
-    const A g = gamma ? dy[i] * gamma[i] : dy[i];
-    A v = rstd * (g - mean_g - xhat * mean_gx);
+    A v = rstd * (ds[i] - mean_g - xhat * mean_gx);
     if (dsum) v += dsum[i];
     ds[i] = v;
   }
 }
 TFA_CLONES void row_backward(const float* s, const float* dy, const float* dsum, int64_t n, float m, float r,
-                             const float* g, float* ds, double* dga, double* dba) {
-  row_backward_impl(s, dy, dsum, n, m, r, g, ds, dga, dba);
+                             const float* g, int32_t kind, float* ds, double* dga, double* dba) {
+  row_backward_impl(s, dy, dsum, n, m, r, g, kind, ds, dga, dba);
 }
 TFA_CLONES void row_backward(const double* s, const double* dy, const double* dsum, int64_t n, double m,
-                             double r, const double* g, double* ds, double* dga, double* dba) {
-  row_backward_impl(s, dy, dsum, n, m, r, g, ds, dga, dba);
+                             double r, const double* g, int32_t kind, double* ds, double* dga, double* dba) {
+  row_backward_impl(s, dy, dsum, n, m, r, g, kind, ds, dga, dba);
 }
 
 // ---- float32 rows with streaming stores (AVX-512) ------------------------
@@ -315,6 +323,8 @@ void forward(const LayerNormFwdParams& p, const CpuContext& ctx) {
 #ifdef TFA_LN_X86
   const bool stream = use_streaming_stores(p);
 #endif
+  // The RMS kinds: statistics about 0 (kRmsNorm), or y not centred (kRmsScaling).
+  const bool rms = p.norm_kind == kRmsNorm, centred_y = p.norm_kind == kLayerNorm;
   ctx.parallel_for(p.rows, 12 * n, [&](int64_t begin, int64_t end) {
     std::vector<A> buf(3 * n);
     A* s = buf.data();
@@ -330,8 +340,8 @@ void forward(const LayerNormFwdParams& p, const CpuContext& ctx) {
       if constexpr (std::is_same<T, float>::value) {
         if (stream) {
           const double row_sum = add_rows_stream(xr, rr, n, s, sr);
-          row_stats(s, n, p.epsilon, row_sum, &mean[r], &rstd[r]);
-          normalize_stream(s, n, mean[r], rstd[r], g, b, yr);
+          row_stats(s, n, p.epsilon, row_sum, rms, &mean[r], &rstd[r]);
+          normalize_stream(s, n, centred_y ? mean[r] : 0.0f, rstd[r], g, b, yr);
           continue;
         }
       }
@@ -349,8 +359,8 @@ void forward(const LayerNormFwdParams& p, const CpuContext& ctx) {
         } else if (sum) {
           std::copy(xr, xr + n, sr);
         }
-        row_stats(row, n, p.epsilon, row_sum, &mean[r], &rstd[r]);
-        row_normalize(row, n, mean[r], rstd[r], g, b, yr);
+        row_stats(row, n, p.epsilon, row_sum, rms, &mean[r], &rstd[r]);
+        row_normalize(row, n, centred_y ? mean[r] : A(0), rstd[r], g, b, yr);
         continue;
       }
       if (res) {
@@ -359,8 +369,8 @@ void forward(const LayerNormFwdParams& p, const CpuContext& ctx) {
         load_row(xr, n, s);
         if (sum) std::copy(xr, xr + n, sr);
       }
-      row_stats(s, n, p.epsilon, std::numeric_limits<double>::quiet_NaN(), &mean[r], &rstd[r]);
-      row_normalize(s, n, mean[r], rstd[r], g, b, out);
+      row_stats(s, n, p.epsilon, std::numeric_limits<double>::quiet_NaN(), rms, &mean[r], &rstd[r]);
+      row_normalize(s, n, centred_y ? mean[r] : A(0), rstd[r], g, b, out);
       store_row(out, n, yr);
     }
 #ifdef TFA_LN_X86
@@ -412,7 +422,7 @@ void backward(const LayerNormBwdParams& p, const CpuContext& ctx) {
         load_row(s_in + r * p.sum_row_stride, n, s);
         load_row(dy + r * p.dy_row_stride, n, d);
         if (dsum) load_row(dsum + r * p.dsum_row_stride, n, ds_in);
-        row_backward(s, d, dsum ? ds_in : nullptr, n, mean[r], rstd[r], g, ds, dga, dba);
+        row_backward(s, d, dsum ? ds_in : nullptr, n, mean[r], rstd[r], g, p.norm_kind, ds, dga, dba);
         store_row(ds, n, dx + r * p.dx_row_stride);
       }
     }

@@ -89,8 +89,10 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
   const uint16_t* qw = q_s + warp * 16 * kLd;
   const int64_t row_t[2] = {t0 + warp * 16 + g, t0 + warp * 16 + g + 8};
 
-  const int64_t s_end = a.is_causal ? (t0 + rows < sh.seqlen_k ? t0 + rows : sh.seqlen_k) : sh.seqlen_k;
-  for (int64_t s0 = 0; s0 < s_end; s0 += kBN) {
+  // Only the key tiles the block's band reaches (causal, window, offset).
+  const Band band = band_of(a);
+  const int64_t s_end = band_key_end(band, t0, rows, sh.seqlen_k);
+  for (int64_t s0 = band_key_begin(band, t0) / kBN * kBN; s0 < s_end; s0 += kBN) {
     __syncthreads();  // the previous tile's K and Vt are consumed
     load_tile<kBN, kHp, false>(k_s, kLd, k + s0 * ld_k, ld_k, sh.seqlen_k - s0, sh.head_dim);
     load_tile<kBN, kHp, true>(vt_s, kVld, v + s0 * ld_v, ld_v, sh.seqlen_k - s0, sh.head_dim_v);
@@ -120,7 +122,7 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
         for (int e = 0; e < 2; ++e) {
           const int64_t s = s0 + nt * 8 + 2 * c + e;
           float& xv = x[nt][2 * r + e];
-          xv = allowed(a, b, n, row_t[r], s) ? xv * a.scale_log2 : -inf_f32();
+          xv = allowed(a, band, b, n, row_t[r], s) ? logit2(a, xv).x2 : -inf_f32();
           mx = fmaxf(mx, xv);
         }
       }

@@ -18,9 +18,10 @@
 //                                dV += P_drop^T dO, dK += dS^T Q
 //
 // A row with lse = +inf (no allowed key) has p = 1/S on every key (dropout
-// applied) and dS = 0: it reaches dV only. Causal query tiles wholly above a
-// key block are skipped unloaded, unless (with a mask) one of their rows has
-// no allowed key and so still reaches dV.
+// applied) and dS = 0: it reaches dV only. Query tiles wholly outside a key
+// block's band (above the causal diagonal, outside the window) are skipped
+// unloaded, unless one of their rows has no allowed key and so still reaches
+// dV. Soft-capping multiplies dS by 1 - tanh^2 of the capped logit.
 //
 // Fragment layouts as in attention_mma.cu (lane = 4 g + c). A C-layout tile
 // of two adjacent 8-column n-tiles is, register for register, an A fragment
@@ -188,8 +189,9 @@ __device__ void bwd_dq(const AttentionBwdParams& a) {
   const uint16_t* qw = q_s + warp * 16 * kLd;
   const uint16_t* dow = do_s + warp * 16 * kLd;
 
-  const int64_t s_end = a.is_causal ? (t0 + rows < sh.seqlen_k ? t0 + rows : sh.seqlen_k) : sh.seqlen_k;
-  for (int64_t s0 = 0; s0 < s_end; s0 += kQN) {
+  const Band band = band_of(a);
+  const int64_t s_end = band_key_end(band, t0, rows, sh.seqlen_k);
+  for (int64_t s0 = band_key_begin(band, t0) / kQN * kQN; s0 < s_end; s0 += kQN) {
     __syncthreads();  // the previous tile's K and V are consumed
     load_tile<kQN>(k_s, k + s0 * ld_k, ld_k, sh.seqlen_k - s0, sh.head_dim);
     load_tile<kQN>(v_s, v + s0 * ld_v, ld_v, sh.seqlen_k - s0, sh.head_dim_v);
@@ -215,10 +217,11 @@ __device__ void bwd_dq(const AttentionBwdParams& a) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           float ds = 0.f;
-          if (live[r] && allowed(a, b, n, row_t[r], s + e)) {
-            const float p = exp2f(x[nt][2 * r + e] * a.scale_log2 - lse2[r]);
+          if (live[r] && allowed(a, band, b, n, row_t[r], s + e)) {
+            const Logit xl = logit2(a, x[nt][2 * r + e]);
+            const float p = exp2f(xl.x2 - lse2[r]);
             const float dfac = a.has_dropout ? keep_factor(a, w.x[(s + e) % 4]) : 1.f;
-            ds = p * (dp[nt][2 * r + e] * dfac - delta[r]);
+            ds = p * (dp[nt][2 * r + e] * dfac - delta[r]) * xl.grad;
           }
           x[nt][2 * r + e] = ds;
         }
@@ -260,7 +263,8 @@ struct KvTiles {
 // One pass over every query head of the group and every query tile,
 // accumulating dK (kDk) and/or dV (kDv) of this warp's 16 keys, then writing them.
 template <bool kDk, bool kDv>
-__device__ void dkdv_pass(const AttentionBwdParams& a, const KvTiles& sm, int64_t b, int64_t hk, int64_t s0) {
+__device__ void dkdv_pass(const AttentionBwdParams& a, const KvTiles& sm, int64_t b, int64_t hk, int64_t s0,
+                          int64_t keys) {
   const tf_fastattn::AttentionShape& sh = a.shape;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   float dk[kDk ? kOT : 2][4], dv[kDv ? kOT : 2][4];
@@ -273,19 +277,22 @@ __device__ void dkdv_pass(const AttentionBwdParams& a, const KvTiles& sm, int64_
   const int64_t key[2] = {s0 + warp * 16 + g, s0 + warp * 16 + g + 8};
   const int64_t group = sh.num_heads / sh.num_heads_kv;
   const float* lse_g = static_cast<const float*>(a.lse);
-  // Causal without a mask: every query tile before the one holding row s0
-  // sees none of these keys and has no empty row.
-  const int64_t t_begin = a.is_causal && !a.mask ? (s0 / kKM) * kKM : 0;
+  // The query tiles whose band reaches these keys; all of them when a row
+  // may have no allowed key (it reaches every key's dV).
+  const Band band = band_of(a);
+  const bool all_rows = may_have_empty_rows(a, band);
+  const int64_t t_begin = all_rows ? 0 : band_query_begin(band, s0) / kKM * kKM;
+  const int64_t t_end = all_rows ? sh.seqlen_q : band_query_end(band, s0, keys, sh.seqlen_q);
 
   for (int64_t n = hk * group; n < (hk + 1) * group; ++n) {
     const int64_t stat0 = (b * sh.num_heads + n) * sh.seqlen_q;
-    for (int64_t t0 = t_begin; t0 < sh.seqlen_q; t0 += kKM) {
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += kKM) {
       const int64_t rows = sh.seqlen_q - t0 < kKM ? sh.seqlen_q - t0 : kKM;
       __syncthreads();  // the previous step's tiles and statistics are consumed
-      // A tile wholly above the causal diagonal of these keys matters only
-      // for rows with no allowed key (uniform p, dV only): skip it, unloaded,
-      // when it has none.
-      if (a.is_causal && t0 + rows - 1 < s0) {
+      // A tile wholly outside the band of these keys (above the causal
+      // diagonal, outside the window) matters only for rows with no allowed
+      // key (uniform p, dV only): skip it, unloaded, when it has none.
+      if (s0 + keys - 1 - t0 < band.lo || s0 - (t0 + rows - 1) > band.hi) {
         if constexpr (!kDv) continue;
         const bool empty = threadIdx.x < rows && lse_g[stat0 + t0 + threadIdx.x] == inf_f32();
         if (!__syncthreads_or(empty)) continue;
@@ -326,7 +333,7 @@ __device__ void dkdv_pass(const AttentionBwdParams& a, const KvTiles& sm, int64_
             if (t < sh.seqlen_q && s < sh.seqlen_k) {
               const float lse = sm.lse_s[tl];
               const bool empty = lse == inf_f32();
-              if (empty || allowed(a, b, n, t, s)) {
+              if (empty || allowed(a, band, b, n, t, s)) {
                 const float dfac =
                     a.has_dropout ? (tf_fastattn::dropout_keep(dropout_seed(a), a.dropout_threshold, uint32_t(b), uint32_t(n),
                                                            uint32_t(t), uint32_t(s))
@@ -336,9 +343,10 @@ __device__ void dkdv_pass(const AttentionBwdParams& a, const KvTiles& sm, int64_
                 if (empty) {
                   p = dfac / float(sh.seqlen_k);
                 } else {
-                  const float pr = exp2f(st[nt][2 * r + e] * a.scale_log2 - lse * kLog2e);
+                  const Logit xl = logit2(a, st[nt][2 * r + e]);
+                  const float pr = exp2f(xl.x2 - lse * kLog2e);
                   p = pr * dfac;
-                  ds = pr * (dpt[nt][2 * r + e] * dfac - sm.delta_s[tl]);
+                  ds = pr * (dpt[nt][2 * r + e] * dfac - sm.delta_s[tl]) * xl.grad;
                 }
               }
             }
@@ -392,10 +400,10 @@ __device__ void bwd_dkdv(const AttentionBwdParams& a) {
                  sh.head_dim_v);
   // (the first step of a pass syncs before reading k_s / v_s)
   if constexpr (kSplitPasses) {
-    dkdv_pass<false, true>(a, sm, b, hk, s0);
-    dkdv_pass<true, false>(a, sm, b, hk, s0);
+    dkdv_pass<false, true>(a, sm, b, hk, s0, keys);
+    dkdv_pass<true, false>(a, sm, b, hk, s0, keys);
   } else {
-    dkdv_pass<true, true>(a, sm, b, hk, s0);
+    dkdv_pass<true, true>(a, sm, b, hk, s0, keys);
   }
 }
 

@@ -13,10 +13,11 @@
 // the output columns tx + 8 c. The 8 lanes of a row are consecutive lanes of
 // one warp, so row reductions are 3 shuffles.
 //
-// Causal: key tiles past the last query row's diagonal are never loaded. The
-// only exception is a row with no allowed key at all (possible with a boolean
-// mask), whose output is the uniform average over all S keys (Keras'
-// semantics): such rows take a separate pass over V.
+// Causal and windows: key tiles outside the rows' band (past the last query
+// row's diagonal, outside the window) are never loaded. The only exception is
+// a row with no allowed key at all (possible with a boolean mask), whose
+// output is the uniform average over all S keys (Keras' semantics): such rows
+// take a separate pass over V.
 #include "attention_args.h"
 #include "attention_common.cuh"
 #include "common.cuh"
@@ -115,8 +116,10 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
     for (int c = 0; c < kOC; ++c) o_acc[i][c] = 0.f;
   }
   const T* k = static_cast<const T*>(a.k) + a.k_strides.offset(co.b, 0, co.hk);
-  const int64_t s_end = a.is_causal ? (t0 + rows < sh.seqlen_k ? t0 + rows : sh.seqlen_k) : sh.seqlen_k;
-  for (int64_t s0 = 0; s0 < s_end; s0 += kBN) {
+  // Only the key tiles the block's band reaches (causal, window, offset).
+  const Band band = band_of(a);
+  const int64_t s_end = band_key_end(band, t0, rows, sh.seqlen_k);
+  for (int64_t s0 = band_key_begin(band, t0) / kBN * kBN; s0 < s_end; s0 += kBN) {
     float x[kRM][4];
 #pragma unroll
     for (int i = 0; i < kRM; ++i) {
@@ -163,7 +166,7 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
       float mx = -inf_f32();
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        x[i][e] = allowed(a, co.b, co.n, t, s0 + 4 * tx + e) ? x[i][e] * a.scale_log2 : -inf_f32();
+        x[i][e] = allowed(a, band, co.b, co.n, t, s0 + 4 * tx + e) ? logit2(a, x[i][e]).x2 : -inf_f32();
         mx = fmaxf(mx, x[i][e]);
       }
       const float m_new = fmaxf(m[i], lanes_max(mx, kTX));
@@ -271,8 +274,9 @@ struct ProbGrad {
   float p_drop;  // p * keep / (1 - rate)
   float ds;      // p * (dp * keep / (1 - rate) - delta)
 };
-__device__ __forceinline__ ProbGrad prob_grad(const AttentionBwdParams& a, int64_t b, int64_t n, int64_t t, int64_t s,
-                                              float qk, float dp, float lse, float delta, float dfac) {
+__device__ __forceinline__ ProbGrad prob_grad(const AttentionBwdParams& a, const Band& band, int64_t b, int64_t n,
+                                              int64_t t, int64_t s, float qk, float dp, float lse, float delta,
+                                              float dfac) {
   const tf_fastattn::AttentionShape& sh = a.shape;
   ProbGrad r{0.f, 0.f};
   if (t >= sh.seqlen_q || s >= sh.seqlen_k) return r;
@@ -280,10 +284,11 @@ __device__ __forceinline__ ProbGrad prob_grad(const AttentionBwdParams& a, int64
     r.p_drop = dfac / float(sh.seqlen_k);
     return r;
   }
-  if (!allowed(a, b, n, t, s)) return r;
-  const float p = exp2f(qk * a.scale_log2 - lse * kLog2e);
+  if (!allowed(a, band, b, n, t, s)) return r;
+  const Logit x = logit2(a, qk);
+  const float p = exp2f(x.x2 - lse * kLog2e);
   r.p_drop = p * dfac;
-  r.ds = p * (dp * dfac - delta);
+  r.ds = p * (dp * dfac - delta) * x.grad;
   return r;
 }
 
@@ -327,8 +332,9 @@ __device__ void attention_bwd_dq(const AttentionBwdParams& a) {
   const T* k = static_cast<const T*>(a.k) + a.k_strides.offset(b, 0, hk);
   const T* v = static_cast<const T*>(a.v) + a.v_strides.offset(b, 0, hk);
   const int64_t ld_k = a.k_strides.seq, ld_v = a.v_strides.seq;
-  const int64_t s_end = a.is_causal ? (t0 + rows < sh.seqlen_k ? t0 + rows : sh.seqlen_k) : sh.seqlen_k;
-  for (int64_t s0 = 0; s0 < s_end; s0 += kBN) {
+  const Band band = band_of(a);
+  const int64_t s_end = band_key_end(band, t0, rows, sh.seqlen_k);
+  for (int64_t s0 = band_key_begin(band, t0) / kBN * kBN; s0 < s_end; s0 += kBN) {
     float qk[kQRM][4], dp[kQRM][4];
 #pragma unroll
     for (int i = 0; i < kQRM; ++i) {
@@ -379,7 +385,7 @@ __device__ void attention_bwd_dq(const AttentionBwdParams& a) {
       for (int e = 0; e < 4; ++e) {
         const int64_t s = s0 + 4 * tx + e;
         ds_s[ty + kTY * i][4 * tx + e] =
-            prob_grad(a, b, n, t, s, qk[i][e], dp[i][e], lse[i], delta[i], dropout_factor(a, b, n, t, s)).ds;
+            prob_grad(a, band, b, n, t, s, qk[i][e], dp[i][e], lse[i], delta[i], dropout_factor(a, b, n, t, s)).ds;
       }
     }
     // dq += ds K, K re-read in chunks.
@@ -447,11 +453,17 @@ __device__ void attention_bwd_dkdv(const AttentionBwdParams& a) {
   for (int c = 0; c < kKC; ++c) dk[c] = dv[c] = 0.f;
   const int64_t group = sh.num_heads / sh.num_heads_kv;
   const int64_t s = s0 + j;
+  // The query tiles whose band reaches these keys; all of them when a row
+  // may have no allowed key (it reaches every key's dV).
+  const Band band = band_of(a);
+  const bool all_rows = may_have_empty_rows(a, band);
+  const int64_t t_begin = all_rows ? 0 : band_query_begin(band, s0) / kKM * kKM;
+  const int64_t t_end = all_rows ? sh.seqlen_q : band_query_end(band, s0, keys, sh.seqlen_q);
   for (int64_t n = hk * group; n < (hk + 1) * group; ++n) {
     const T* q = static_cast<const T*>(a.q) + a.q_strides.offset(b, 0, n);
     const T* d_o = static_cast<const T*>(a.do_) + a.do_strides.offset(b, 0, n);
     const int64_t ld_q = a.q_strides.seq, ld_o = a.do_strides.seq;
-    for (int64_t t0 = 0; t0 < sh.seqlen_q; t0 += kKM) {
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += kKM) {
       const int64_t rows = sh.seqlen_q - t0 < kKM ? sh.seqlen_q - t0 : kKM;
       __syncthreads();  // lse_s, p_s, ds_s, q_s, do_s of the previous step are consumed
       if (threadIdx.x < kKM) {
@@ -460,9 +472,10 @@ __device__ void attention_bwd_dkdv(const AttentionBwdParams& a) {
         lse_s[threadIdx.x] = t < sh.seqlen_q ? static_cast<const float*>(a.lse)[at] : 0.f;
         delta_s[threadIdx.x] = t < sh.seqlen_q ? delta_of(a)[at] : 0.f;
       }
-      // A tile wholly above the causal diagonal matters only for rows with
-      // no allowed key (uniform p): skip it, unloaded, when it has none.
-      const bool above = a.is_causal && t0 + rows - 1 < s0;
+      // A tile wholly outside the band (above the causal diagonal, outside
+      // the window) matters only for rows with no allowed key (uniform p):
+      // skip it, unloaded, when it has none.
+      const bool above = s0 + keys - 1 - t0 < band.lo || s0 - (t0 + rows - 1) > band.hi;
       const float* lse_rows = static_cast<const float*>(a.lse) + (b * sh.num_heads + n) * sh.seqlen_q + t0;
       const bool has_empty = threadIdx.x < rows && lse_rows[threadIdx.x] == inf_f32();
       if (__syncthreads_or(above && has_empty) == 0 && above) continue;
@@ -498,7 +511,8 @@ __device__ void attention_bwd_dkdv(const AttentionBwdParams& a) {
       for (int i = 0; i < kKI; ++i) {
         const int r = tx + kKX * i;
         const int64_t t = t0 + r;
-        const ProbGrad g = prob_grad(a, b, n, t, s, qk[i], dp[i], lse_s[r], delta_s[r], dropout_factor(a, b, n, t, s));
+        const ProbGrad g =
+            prob_grad(a, band, b, n, t, s, qk[i], dp[i], lse_s[r], delta_s[r], dropout_factor(a, b, n, t, s));
         p_s[j][r] = g.p_drop;
         ds_s[j][r] = g.ds;
       }

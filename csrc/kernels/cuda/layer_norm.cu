@@ -114,7 +114,7 @@ __device__ void layer_norm_fwd(const LayerNormFwdParams& a) {
 #pragma unroll
         for (int e = 0; e < kE; ++e) part += cache[i][e];
       }
-      mean = group_sum(part, G, scratch) * inv_cols;
+      mean = a.norm_kind == tf_fastattn::kRmsNorm ? A(0) : group_sum(part, G, scratch) * inv_cols;
       part = A(0);
 #pragma unroll
       for (int i = 0; i < kVecs; ++i) {
@@ -131,7 +131,7 @@ __device__ void layer_norm_fwd(const LayerNormFwdParams& a) {
 #pragma unroll
         for (int e = 0; e < kE; ++e) part += cache[0][e];
       }
-      mean = group_sum(part, G, scratch) * inv_cols;
+      mean = a.norm_kind == tf_fastattn::kRmsNorm ? A(0) : group_sum(part, G, scratch) * inv_cols;
       part = A(0);
       for (int64_t col0 = int64_t(lane) * kE; col0 < cols; col0 += int64_t(G) * kE) {
         load_sum<kAligned>(a, row, col0, cache[0]);
@@ -147,12 +147,14 @@ __device__ void layer_norm_fwd(const LayerNormFwdParams& a) {
       static_cast<A*>(a.mean)[row] = mean;
       static_cast<A*>(a.rstd)[row] = rstd;
     }
-    // Writes the sum output (when asked) and y for one vector of s.
+    // Writes the sum output (when asked) and y for one vector of s (not
+    // centred for kRmsScaling).
+    const A y_shift = a.norm_kind == tf_fastattn::kRmsScaling ? A(0) : mean;
     auto normalize = [&](int64_t col0, A* s) {
       if (a.sum) store_vec<kAligned>(static_cast<T*>(a.sum) + row * a.sum_row_stride, col0, cols, s);
 #pragma unroll
       for (int e = 0; e < kE; ++e) {
-        A y = (s[e] - mean) * rstd;
+        A y = (s[e] - y_shift) * rstd;
         if (a.gamma) y *= load_param(a.gamma, a.param_is_float, col0 + e, cols);
         if (a.beta) y += load_param(a.beta, a.param_is_float, col0 + e, cols);
         s[e] = y;
@@ -189,23 +191,29 @@ __device__ void layer_norm_bwd(const LayerNormBwdParams& a) {
   const T* sum_in = static_cast<const T*>(a.sum);
   const T* dy_in = static_cast<const T*>(a.dy);
 
-  // One vector of the row: xhat, g = dy * gamma, and the row-sum terms.
+  // One vector of the row: u (xhat, or s * rstd for kRmsScaling), g = dy *
+  // gamma, and the row-sum terms (layer_norm.h).
+  const bool scaling = a.norm_kind == tf_fastattn::kRmsScaling;
   auto row_terms = [&](int64_t r, int64_t col0, A mean, A rstd, A* xhat, A* dy, A* g, A* sum_g, A* sum_gx) {
     load_vec<kAligned>(sum_in + r * a.sum_row_stride, col0, cols, xhat);
     load_vec<kAligned>(dy_in + r * a.dy_row_stride, col0, cols, dy);
 #pragma unroll
     for (int e = 0; e < kE; ++e) {
-      xhat[e] = col0 + e < cols ? (xhat[e] - mean) * rstd : A(0);
+      xhat[e] = col0 + e < cols ? (xhat[e] - (scaling ? A(0) : mean)) * rstd : A(0);
       g[e] = a.gamma ? dy[e] * load_param(a.gamma, a.param_is_float, col0 + e, cols) : dy[e];
       *sum_g += g[e];
       *sum_gx += g[e] * xhat[e];
     }
   };
-  auto store_ds = [&](int64_t r, int64_t col0, A rstd, A mean_g, A mean_gx, const A* xhat, const A* g) {
+  // u = s * rstd for kRmsScaling: xhat = u - mean * rstd.
+  auto store_ds = [&](int64_t r, int64_t col0, A mean, A rstd, A mean_g, A mean_gx, const A* u, const A* g) {
     A ds[kE];
     if (a.dsum) load_vec<kAligned>(static_cast<const T*>(a.dsum) + r * a.dsum_row_stride, col0, cols, ds);
+    const A shift = scaling ? mean * rstd : A(0);
 #pragma unroll
-    for (int e = 0; e < kE; ++e) ds[e] = rstd * (g[e] - mean_g - xhat[e] * mean_gx) + (a.dsum ? ds[e] : A(0));
+    for (int e = 0; e < kE; ++e) {
+      ds[e] = rstd * (g[e] - mean_g - (u[e] - shift) * mean_gx) + (a.dsum ? ds[e] : A(0));
+    }
     store_vec<kAligned>(static_cast<T*>(a.dx) + r * a.dx_row_stride, col0, cols, ds);
   };
 
@@ -232,10 +240,12 @@ __device__ void layer_norm_bwd(const LayerNormBwdParams& a) {
           db[i][e] += dy[i][e];
         }
       }
-      const A mean_g = group_sum(sum_g, G, scratch) * inv_cols;
+      const A mean_g = a.norm_kind == tf_fastattn::kLayerNorm ? group_sum(sum_g, G, scratch) * inv_cols : A(0);
       const A mean_gx = group_sum(sum_gx, G, scratch) * inv_cols;
 #pragma unroll
-      for (int i = 0; i < kVecs; ++i) store_ds(row, int64_t(lane + i * G) * kE, rstd, mean_g, mean_gx, xhat[i], g[i]);
+      for (int i = 0; i < kVecs; ++i) {
+        store_ds(row, int64_t(lane + i * G) * kE, mean, rstd, mean_g, mean_gx, xhat[i], g[i]);
+      }
     }
     for (int gi = 0; gi < groups; ++gi) {
       if (gi == group) {
@@ -268,12 +278,12 @@ __device__ void layer_norm_bwd(const LayerNormBwdParams& a) {
       for (int64_t col0 = int64_t(lane) * kE; col0 < cols; col0 += int64_t(G) * kE) {
         row_terms(row, col0, mean, rstd, xhat, dy, g, &sum_g, &sum_gx);
       }
-      const A mean_g = group_sum(sum_g, G, scratch) * inv_cols;
+      const A mean_g = a.norm_kind == tf_fastattn::kLayerNorm ? group_sum(sum_g, G, scratch) * inv_cols : A(0);
       const A mean_gx = group_sum(sum_gx, G, scratch) * inv_cols;
       for (int64_t col0 = int64_t(lane) * kE; col0 < cols; col0 += int64_t(G) * kE) {
         A unused_g = A(0), unused_gx = A(0);
         row_terms(row, col0, mean, rstd, xhat, dy, g, &unused_g, &unused_gx);
-        store_ds(row, col0, rstd, mean_g, mean_gx, xhat, g);
+        store_ds(row, col0, mean, rstd, mean_g, mean_gx, xhat, g);
         for (int e = 0; e < kE && col0 + e < cols; ++e) {
           partial_g[col0 + e] += dy[e] * xhat[e];
           partial_b[col0 + e] += dy[e];
