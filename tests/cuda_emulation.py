@@ -277,6 +277,8 @@ def run_layer_norm(C, case):
     dtype, pdtype = _np_dtypes()[dt_name], _np_dtypes()[pdt_name]
     rows, cols, eps = case["rows"], case["cols"], case.get("epsilon", 1e-3)
     residual = case.get("residual", True)
+    norm = case.get("norm", "layer")  # "rms", "rms_scaling": no beta
+    kind = {"layer": 0, "rms": 1, "rms_scaling": 2}[norm]
     rng = np.random.default_rng(case.get("data_seed", cols))
     pad = case.get("row_pad", 0)  # > 0: every [rows, cols] tensor is a column slice of [rows, cols + pad]
 
@@ -293,13 +295,13 @@ def run_layer_norm(C, case):
     x = rows_view((rng.standard_normal((rows, cols)) * 2 + 0.5).astype(dtype))
     r = rows_view(rng.standard_normal((rows, cols)).astype(dtype)) if residual else None
     g = (rng.random(cols) + 0.5).astype(pdtype)
-    b = rng.standard_normal(cols).astype(pdtype)
+    b = rng.standard_normal(cols).astype(pdtype) if norm == "layer" else None
     stats = np.float64 if dt_name == "float64" else np.float32
     y = rows_view(_poisoned(np, (rows, cols), dtype))
     s = rows_view(_poisoned(np, (rows, cols), dtype)) if residual else None
     mean, rstd = _poisoned(np, rows, stats), _poisoned(np, rows, stats)
     ptr = lambda a: a.ctypes.data if a is not None else 0  # noqa: E731
-    C.layer_norm_fwd_gpu(C.LayerNormFwdParams(dtype=dt_name, param_dtype=pdt_name, rows=rows, cols=cols,
+    C.layer_norm_fwd_gpu(C.LayerNormFwdParams(dtype=dt_name, param_dtype=pdt_name, rows=rows, cols=cols, norm_kind=kind,
                                  epsilon=eps, x=ptr(x), residual=ptr(r), gamma=ptr(g), beta=ptr(b), y=ptr(y),
                                  sum=ptr(s), mean=ptr(mean), rstd=ptr(rstd), x_row_stride=row_stride(x),
                                  residual_row_stride=row_stride(r), y_row_stride=row_stride(y),
@@ -308,16 +310,17 @@ def run_layer_norm(C, case):
     dsum = rows_view(rng.standard_normal((rows, cols)).astype(dtype)) if residual else None
     s_in = s if residual else x
     dx = rows_view(_poisoned(np, (rows, cols), dtype))
-    dg, db = _poisoned(np, cols, pdtype), _poisoned(np, cols, pdtype)
+    dg, db = _poisoned(np, cols, pdtype), (_poisoned(np, cols, pdtype) if b is not None else None)
     ws = np.zeros(C.layer_norm_bwd_workspace_bytes_gpu(rows, cols, dt_name), np.uint8)
-    C.layer_norm_bwd_gpu(C.LayerNormBwdParams(dtype=dt_name, param_dtype=pdt_name, rows=rows, cols=cols,
+    C.layer_norm_bwd_gpu(C.LayerNormBwdParams(dtype=dt_name, param_dtype=pdt_name, rows=rows, cols=cols, norm_kind=kind,
                                  dy=ptr(dy), dsum=ptr(dsum), sum=ptr(s_in), gamma=ptr(g), mean=ptr(mean),
                                  rstd=ptr(rstd), dx=ptr(dx), dgamma=ptr(dg), dbeta=ptr(db), workspace=ptr(ws),
                                  dy_row_stride=row_stride(dy), dsum_row_stride=row_stride(dsum),
                                  sum_row_stride=row_stride(s_in), dx_row_stride=row_stride(dx)))
 
-    errors = check_layer_norm(dt_name, pdt_name, x, r, g, b, eps, y, s, mean, rstd, dy, dsum, dx, dg, db)
-    return errors, (y, dx, dg, db, mean, rstd) + ((s,) if residual else ())
+    b_ref = b if b is not None else np.zeros(cols, pdtype)
+    errors = check_layer_norm(dt_name, pdt_name, x, r, g, b_ref, eps, y, s, mean, rstd, dy, dsum, dx, dg, db, norm=norm)
+    return errors, (y, dx, dg, mean, rstd) + ((db,) if b is not None else ()) + ((s,) if residual else ())
 
 
 def _digest(arrays) -> str:

@@ -26,15 +26,21 @@ TIERS = {
     "portable": True,
 }
 
-# B, T, S, N, Nkv, H, Hv, causal, dropout rate, mask: lengths past multiples of
-# 16 and 64, GQA, head dims in several buckets, dropout with masks.
+# B, T, S, N, Nkv, H, Hv, causal, dropout rate, mask, decoder-LLM options:
+# lengths past multiples of 16 and 64, GQA, head dims in several buckets,
+# dropout with masks, sliding windows, query offsets, soft-caps (the tanh of
+# each tier) with logits large enough for the cap to matter (q_mult).
 CASES = [
-    (2, 7, 97, 4, 2, 40, 40, False, 0.0, False),
-    (1, 97, 130, 2, 1, 128, 96, True, 0.0, True),
-    (1, 70, 77, 2, 2, 64, 64, False, 0.2, True),
-    (1, 65, 64, 4, 2, 256, 256, True, 0.1, False),
-    (2, 33, 45, 2, 1, 16, 8, False, 0.0, True),
+    (2, 7, 97, 4, 2, 40, 40, False, 0.0, False, {}),
+    (1, 97, 130, 2, 1, 128, 96, True, 0.0, True, {}),
+    (1, 70, 77, 2, 2, 64, 64, False, 0.2, True, {}),
+    (1, 65, 64, 4, 2, 256, 256, True, 0.1, False, {}),
+    (2, 33, 45, 2, 1, 16, 8, False, 0.0, True, {}),
+    (1, 70, 200, 2, 1, 64, 64, True, 0.1, False, dict(window=(40, 0), query_offset=130, logits_soft_cap=30.0,
+                                                      q_mult=6)),
+    (1, 97, 97, 4, 2, 40, 40, False, 0.0, True, dict(window=(7, 3), logits_soft_cap=1.0, q_mult=3)),
 ]
+LLM_OPTIONS = ("window", "query_offset", "logits_soft_cap")
 SEED = 0x0123_4567_89AB_CDEF
 
 CHILD = r"""
@@ -51,6 +57,7 @@ for key in sorted({k.split(":")[0] for k in data}):
     mask = data[f"{key}:mask"]
     causal, rate, has_mask = (bool(data[f"{key}:causal"]), float(data[f"{key}:rate"]), bool(data[f"{key}:has_mask"]))
     kw = dict(is_causal=causal, dropout_rate=rate, seed=int(data[f"{key}:seed"]), mask=mask if has_mask else None)
+    kw.update(json.loads(str(data[f"{key}:options"])))
     o, lse = _C.attention_fwd(q, k, v, **kw)
     for name, t in zip(("out", "lse", "dq", "dk", "dv"), (o, lse, *_C.attention_bwd(q, k, v, o, lse, d_out, **kw))):
         out[f"{key}:{name}"] = t.astype(np.float32)
@@ -61,14 +68,17 @@ np.savez(sys.argv[2], **out)
 def _inputs(dtype_name):
     rng = np.random.default_rng(21)
     data = {}
-    for i, (B, T, S, N, Nkv, H, Hv, causal, rate, has_mask) in enumerate(CASES):
+    for i, (B, T, S, N, Nkv, H, Hv, causal, rate, has_mask, opts) in enumerate(CASES):
         key = f"{dtype_name}{i}"
         q, k, v, d_out = make_inputs(rng, B, T, S, N, Nkv, H, Hv, NP_DTYPES[dtype_name])
+        q = (q * opts.get("q_mult", 1)).astype(q.dtype)
         mask = rng.random((B, 1, T, S)) < 0.8
         mask[:, :, ::5] = False  # rows with no allowed key
+        options = json.dumps({k: v for k, v in opts.items() if k in LLM_OPTIONS})
         data.update({f"{key}:q": q, f"{key}:k": k, f"{key}:v": v, f"{key}:d_out": d_out, f"{key}:mask": mask,
                      f"{key}:causal": np.array(causal), f"{key}:rate": np.array(rate),
-                     f"{key}:has_mask": np.array(has_mask), f"{key}:seed": np.array(SEED, np.uint64)})
+                     f"{key}:has_mask": np.array(has_mask), f"{key}:seed": np.array(SEED, np.uint64),
+                     f"{key}:options": np.array(options)})
     return data
 
 
@@ -101,16 +111,18 @@ def test_tier_meets_the_criterion(tier_results, tier, dtype_name):
     if tier != "avx512":
         assert paths["bfloat16"] == f"float32 products ({tier})", paths
     dtype = NP_DTYPES[dtype_name]
-    for i, (B, T, S, N, Nkv, H, Hv, causal, rate, has_mask) in enumerate(CASES):
+    for i, (B, T, S, N, Nkv, H, Hv, causal, rate, has_mask, opts) in enumerate(CASES):
         key = f"{dtype_name}{i}"
         q, k, v, d_out, mask = (data[f"{key}:{n}"] for n in ("q", "k", "v", "d_out", "mask"))
-        kw = dict(is_causal=causal, mask=mask if has_mask else None)
+        kw = dict(is_causal=causal, mask=mask if has_mask else None, **{k: v for k, v in opts.items()
+                                                                        if k in LLM_OPTIONS})
         if rate:
             kw.update(keep=philox_keep_mask(SEED, rate, B, N, T, S), rate=rate)
         ref_out, ref_lse, *_ = np_attention_fwd(q, k, v, **kw)
         ref_grads = np_attention_bwd(q, k, v, d_out, **kw)
         naive_out, naive_grads = naive_same_dtype(q, k, v, d_out, dtype, **kw)
-        label = f"{tier} {key} (B{B} T{T} S{S} N{N}/{Nkv} H{H}/{Hv} causal={causal} rate={rate} mask={has_mask})"
+        label = (f"{tier} {key} (B{B} T{T} S{S} N{N}/{Nkv} H{H}/{Hv} causal={causal} rate={rate} mask={has_mask} "
+                 f"{opts})")
         check_close(got[f"{key}:out"], naive_out, ref_out, dtype_name, f"{label} out")
         np.testing.assert_array_equal(np.isinf(got[f"{key}:lse"]), np.isinf(ref_lse), err_msg=label)
         for name, n, r in zip(("dq", "dk", "dv"), naive_grads, ref_grads):

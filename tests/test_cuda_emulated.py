@@ -36,6 +36,7 @@ def layer_norm(dtype, rows, cols, **kw):
 def case_id(c):
     if c["op"] == "layer_norm":
         extra = ("" if c.get("residual", True) else "-noresidual") + (f"-pad{c['row_pad']}" if c.get("row_pad") else "")
+        extra += f"-{c['norm']}" if c.get("norm", "layer") != "layer" else ""
         return f"ln-{c['dtype']}-params_{c.get('param_dtype', 'float32')}-C{c['cols']}{extra}"
     s = f"attn-{c.get('family', 'auto')}-{c['dtype']}-" + "B{B}T{T}S{S}N{N}kv{Nkv}H{H}Hv{Hv}".format(**c)
     for k in ("causal", "mask", "dropout", "strided", "seed_device", "q_mult", "window", "offset", "soft_cap",
@@ -79,6 +80,12 @@ QUICK = [
     # still 16-byte aligned (pad 8), and not (pad 3: the unaligned kernels).
     layer_norm("float16", 5, 1024, row_pad=8),
     layer_norm("float32", 5, 71, row_pad=3),
+    # RMS norm (mean 0) and Keras' rms_scaling (variance, y not centred): a
+    # warp per row and a block per row.
+    layer_norm("float32", 5, 71, norm="rms"),
+    layer_norm("bfloat16", 3, 4096, norm="rms", param_dtype="bfloat16", residual=False),
+    layer_norm("float16", 5, 1024, norm="rms_scaling"),
+    layer_norm("float64", 3, 20000, norm="rms_scaling"),
     # Logits with std ~8 (q scaled 8x, a peaked softmax): the products over
     # the head dim summed in chunks of 64 (one float32 chain over 256 terms
     # put o at 1.5x the criterion's bound).
@@ -196,6 +203,8 @@ def full_sweep():
         for cols in (1, 71, 1024, 4096, 20000):
             for residual, param in ((True, "float32"), (False, dtype)):
                 cases.append(layer_norm(dtype, 3, cols, residual=residual, param_dtype=param))
+            for norm in ("rms", "rms_scaling"):
+                cases.append(layer_norm(dtype, 3, cols, norm=norm))
     return cases
 
 

@@ -31,8 +31,8 @@ COVER_HEAD_DIM = 128
 JUSTIFIED_SPILLS = {
     # Unaligned rows (C not a multiple of the vector width) at 4 (16-bit) or 8
     # (float32) vectors per thread, sm_60 only: 128 registers at 512 threads
-    # per block, per-element bounds checks; 48 B (bf16) and 12 B (float32)
-    # since the row strides (56 B f16 and 4 B bf16 before them).
+    # per block, per-element bounds checks; 52 B (16-bit) and 16 B (float32)
+    # since the RMS norm kinds (48 B and 12 B before, since the row strides).
     "tfa_layer_norm_fwd_v4_u": "sm_60, odd C, 16-bit, 513..1024 columns per warp",
     "tfa_layer_norm_fwd_v8_u": "sm_60, odd C, float32, 8 vectors per thread",
     # Head dim 256, float32 SIMT forward: 64 accumulators per thread; 16 bytes.

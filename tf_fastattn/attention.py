@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
 import tensorflow as tf
 
 from tf_fastattn import _C, _loader, reference
@@ -26,8 +27,10 @@ def _check_soft_cap(logits_soft_cap):
     if logits_soft_cap is None:
         return 0.0
     if isinstance(logits_soft_cap, bool) or not isinstance(logits_soft_cap, numbers.Real):
-        static = None if isinstance(logits_soft_cap, bool) else tf.get_static_value(logits_soft_cap)
-        if static is None or getattr(static, "size", 1) != 1:
+        static = None
+        if not isinstance(logits_soft_cap, (bool, str, bytes)):
+            static = tf.get_static_value(logits_soft_cap)
+        if static is None or getattr(static, "size", 1) != 1 or not np.issubdtype(np.asarray(static).dtype, np.number):
             raise ValueError(
                 "dot_product_attention: logits_soft_cap must be None or a number >= 0 (a constant), "
                 f"got {logits_soft_cap!r}"
