@@ -421,6 +421,13 @@ void uniform_row(const Dropout& d, const T* v, int64_t v_row_stride, int64_t S, 
   }
 }
 
+// The soft-cap micro-kernel for input type T (MicroKernels::soft_cap_half for
+// the 16-bit types).
+template <typename T>
+inline auto soft_cap_fn(const MicroKernels<typename cpu::AccType<T>::type>& mk) {
+  return std::is_same<T, half_t>::value || std::is_same<T, bfloat16_t>::value ? mk.soft_cap_half : mk.soft_cap;
+}
+
 // About how many keys a query row of the band sees (for the cost estimates
 // of parallel_for): S, or the band's width where that is smaller.
 inline int64_t band_keys(const Band& band, int64_t S) {
@@ -540,7 +547,7 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
           mk.gemm(nr, ncp, H, qa, ldq, ktile, kBc, st.data(), kBc, false);
           if (q_unscaled) scale_rows(st.data(), kBc, nr, nc, scale);
         }
-        if (p.has_soft_cap) mk.soft_cap(nr, nc, st.data(), kBc, cap, nullptr);
+        if (p.has_soft_cap) soft_cap_fn<T>(mk)(nr, nc, st.data(), kBc, cap, nullptr);
         if (mv.tile_needs_mask(t0, nr, s0, nc)) apply_mask(mv, b, n, t0, nr, s0, nc, st.data(), kBc);
 
         // Online softmax (FlashAttention-2): running max m and normaliser l
@@ -629,10 +636,11 @@ struct BwdTile {
   Scratch<double> delta_r;
   bool wide;
   Acc cap;  // 0: no soft-capping
-  BwdTile(int64_t hp, int64_t hvp, bool wide_, Acc cap_)
+  void (*soft_cap)(int64_t nr, int64_t nc, Acc* x, int64_t ld, Acc cap, Acc* d);  // soft_cap_fn's
+  BwdTile(int64_t hp, int64_t hvp, bool wide_, Acc cap_, decltype(soft_cap) soft_cap_)
       : Hp(hp), Hvp(hvp), qs(kBr * hp, 0), dob(kBr * hvp, 0), kt(hp * kBc, 0), vt(hvp * kBc, 0), pb(kBr * kBc, 0),
         dsb(kBr * kBc, 0), dm(kBr * kBc, 0), lse_r(kBr), dcap(cap_ > 0 ? kBr * kBc : 0, 0), delta_r(kBr),
-        wide(wide_), cap(cap_) {}
+        wide(wide_), cap(cap_), soft_cap(soft_cap_) {}
 
   // From (scale q) [nr][ldq] (or q itself with q_scale = scale, a power of
   // two: the same logits), dO [nr][lddo], K^T and V^T [.][kBc], lse and delta
@@ -667,7 +675,7 @@ struct BwdTile {
       mk.gemm(nr, ncp, H, q_, ldq, kt_, kBc, pb.data(), kBc, false);
       if (q_scale != Acc(1)) scale_rows(pb.data(), kBc, nr, nc, q_scale);
     }
-    if (cap > 0) mk.soft_cap(nr, nc, pb.data(), kBc, cap, dcap.data());
+    if (cap > 0) soft_cap(nr, nc, pb.data(), kBc, cap, dcap.data());
     if (mv.tile_needs_mask(t0, nr, s0, nc)) apply_mask(mv, b, n, t0, nr, s0, nc, pb.data(), kBc);
     // p = exp(x - lse); lse = +inf (fully masked row) gives p = 0 here.
     for (int64_t r = 0; r < nr; ++r) mk.exp_shift_sum(pb.data() + r * kBc, nc, lse_[r]);
@@ -883,7 +891,7 @@ struct BwdProblem {
     // query side): 131 -> 136, hence the threshold.
     const int64_t key_group = Tp * (2 * Hp + Hvp) * int64_t(sizeof(Acc)) > (int64_t(1) << 20) ? 4 : 1;
     ctx.parallel_for(heads_kv, cost, [&](int64_t begin, int64_t end) {
-      BwdTile<Acc> tile(Hp, Hvp, kWide, cap);
+      BwdTile<Acc> tile(Hp, Hvp, kWide, cap, soft_cap_fn<T>(mk));
       // With the raw products every tile product reads bf16 operands: no
       // float copies of q, dO, k, K^T, V^T.
       Scratch<Acc> kr(k_direct || bits ? 0 : Sp * Hp, 0), kt(bits ? 0 : Sp * Hp, 0), vt(bits ? 0 : Sp * Hvp, 0),
@@ -1014,7 +1022,7 @@ struct BwdProblem {
     if (kv_items > 0) {
       const int64_t cost = kBc * std::max<int64_t>(band_keys(p.band, T_), 1) * group * (2 * H + 2 * Hv);
       ctx.parallel_for(kv_items, cost, [&](int64_t begin, int64_t end) {
-        BwdTile<Acc> tile(Hp, Hvp, kWide, cap);
+        BwdTile<Acc> tile(Hp, Hvp, kWide, cap, soft_cap_fn<T>(mk));
         Scratch<Acc> dk_acc(kBc * Hp, 0), dv_acc(kBc * Hvp, 0), fm(kBc), uni(Hv);
         for (int64_t w = begin; w < end; ++w) {
           const int64_t kj = interleave(w % nkt, nkt, p.is_causal);
@@ -1048,7 +1056,7 @@ struct BwdProblem {
     if (q_items > 0) {
       const int64_t cost = kBr * std::max<int64_t>(band_keys(p.band, S), 1) * (2 * H + Hv) * 2;
       ctx.parallel_for(q_items, cost, [&](int64_t begin, int64_t end) {
-        BwdTile<Acc> tile(Hp, Hvp, kWide, cap);
+        BwdTile<Acc> tile(Hp, Hvp, kWide, cap, soft_cap_fn<T>(mk));
         Scratch<Acc> kb(kBc * Hp, 0), dq_acc(kBr * Hp, 0);
         for (int64_t w = begin; w < end; ++w) {
           const int64_t qi = interleave(w % nqt, nqt, p.is_causal);

@@ -208,14 +208,35 @@ TFA_AVX2 inline __m256 tanh_avx2(__m256 y) {
   return _mm256_blendv_ps(small, _mm256_or_ps(big, _mm256_and_ps(y, sign_bit)), use_big);
 }
 
+// tanh_rational_avx512 on 8 lanes (the same clamps, polynomials and division).
+TFA_AVX2 inline __m256 tanh_rational_avx2(__m256 y) {
+  const __m256 one = _mm256_set1_ps(1.0f), lim = _mm256_set1_ps(9.0f);
+  y = _mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), lim), _mm256_min_ps(lim, y));
+  const __m256 z = _mm256_mul_ps(y, y);
+  __m256 p = _mm256_set1_ps(2.0267464790e-11f);
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-1.3607944993e-08f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(9.5551986306e-06f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.9531402979e-03f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.2949641049e-01f));
+  p = _mm256_fmadd_ps(p, z, one);
+  __m256 q = _mm256_set1_ps(2.3252658139e-04f);
+  q = _mm256_fmadd_ps(q, z, _mm256_set1_ps(2.3896614090e-02f));
+  q = _mm256_fmadd_ps(q, z, _mm256_set1_ps(4.6282958984e-01f));
+  q = _mm256_fmadd_ps(q, z, one);
+  const __m256 t = _mm256_div_ps(_mm256_mul_ps(y, p), q);
+  return _mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), one), _mm256_min_ps(one, t));
+}
+
 // soft_cap_avx512 on 8 lanes.
+template <bool kRational>
 TFA_AVX2 inline void soft_cap_avx2(int64_t nr, int64_t nc, float* x, int64_t ld, float cap, float* d) {
-  const __m256 vc = _mm256_set1_ps(cap), one = _mm256_set1_ps(1.0f);
+  const __m256 vc = _mm256_set1_ps(cap), inv = _mm256_set1_ps(1.0f / cap), one = _mm256_set1_ps(1.0f);
   for (int64_t r = 0; r < nr; ++r) {
     float* xr = x + r * ld;
     for (int64_t c = 0; c < nc; c += 8) {
       const __m256i mk = tail_mask8(nc - c);
-      const __m256 t = tanh_avx2(_mm256_div_ps(_mm256_maskload_ps(xr + c, mk), vc));
+      const __m256 y = _mm256_mul_ps(_mm256_maskload_ps(xr + c, mk), inv);
+      const __m256 t = kRational ? tanh_rational_avx2(y) : tanh_avx2(y);
       _mm256_maskstore_ps(xr + c, mk, _mm256_mul_ps(t, vc));
       if (d != nullptr) _mm256_maskstore_ps(d + r * ld + c, mk, _mm256_fnmadd_ps(t, t, one));
     }

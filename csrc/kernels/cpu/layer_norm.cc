@@ -145,15 +145,16 @@ __attribute__((always_inline)) inline void row_backward_impl(const A* s, const A
     *a = g;
     *b = static_cast<double>(g) * u;
   }, &sum_g, &sum_gx);
-  for (int64_t i = 0; i < n; ++i) {
-    const A u = (s[i] - u_shift) * rstd;
-    dgamma_acc[i] += static_cast<double>(dy[i]) * u;
-    dbeta_acc[i] += dy[i];
-  }
   const A mean_g = kind == kLayerNorm ? static_cast<A>(sum_g / static_cast<double>(n)) : A(0);
   const A mean_gx = static_cast<A>(sum_gx / static_cast<double>(n));
+  // One pass for ds and the dgamma / dbeta sums (two passes before: the
+  // float32 RMS norm's backward on [8192, 4096] took 43 ms with the row
+  // copies, against 18 ms for its forward).
   for (int64_t i = 0; i < n; ++i) {
+    const A u = (s[i] - u_shift) * rstd;
     const A xhat = (s[i] - mean) * rstd;
+    dgamma_acc[i] += static_cast<double>(dy[i]) * u;
+    dbeta_acc[i] += dy[i];
     A v = rstd * (ds[i] - mean_g - xhat * mean_gx);
     if (dsum) v += dsum[i];
     ds[i] = v;
@@ -419,6 +420,13 @@ void backward(const LayerNormBwdParams& p, const CpuContext& ctx) {
       std::fill(dga, dga + 2 * n, 0.0);
       const int64_t r0 = rows * c / chunks, r1 = rows * (c + 1) / chunks;
       for (int64_t r = r0; r < r1; ++r) {
+        if constexpr (std::is_same<T, A>::value) {
+          // float32/float64 rows are read and written where they are.
+          row_backward(s_in + r * p.sum_row_stride, dy + r * p.dy_row_stride,
+                       dsum ? dsum + r * p.dsum_row_stride : nullptr, n, mean[r], rstd[r], g, p.norm_kind,
+                       dx + r * p.dx_row_stride, dga, dba);
+          continue;
+        }
         load_row(s_in + r * p.sum_row_stride, n, s);
         load_row(dy + r * p.dy_row_stride, n, d);
         if (dsum) load_row(dsum + r * p.dsum_row_stride, n, ds_in);
