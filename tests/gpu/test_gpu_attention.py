@@ -155,6 +155,54 @@ def test_tensor_core_backward_dropout_equals_simt(C, dtype, causal, mask_kind):
         assert err <= rel * b.double().abs().max().item() + 1e-3, f"{name}: tensor core vs SIMT max diff {err:.3g}"
 
 
+# Decoder-LLM options: (shape, causal, mask kind, dropout, options, planted NaN keys).
+LLM_CASES = {
+    "window_7_3_cap5": ((1, 97, 97, 4, 2, 64, 64), False, "none", 0.0,
+                        dict(window_left=7, window_right=3, logits_soft_cap=5.0), 0),
+    "decode_window_offset_nan_keys": ((2, 64, 300, 4, 2, 80, 64), True, "none", 0.1,
+                                      dict(window_left=40, window_right=-1, query_offset=236), 128),
+    "offset_device_cap1_mask": ((1, 33, 130, 2, 1, 128, 128), True, "keys", 0.0,
+                                dict(window_left=64, window_right=-1, query_offset=97, logits_soft_cap=1.0,
+                                     query_offset_device=True), 0),
+}
+
+
+@pytest.mark.parametrize("family", ["auto", "simt"])
+@pytest.mark.parametrize("case", list(LLM_CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_llm_options(C, dtype, case, family):
+    """Sliding windows, query offsets (also read from device memory, as XLA's
+    custom calls pass them) and soft-caps (logits scaled so the cap matters)
+    against the float64 reference; keys no query may see hold NaN and must
+    reach no result (their tiles are never loaded). float32 logits are
+    scaled 3x, not 6x: sharper softmaxes put the SIMT float32 backward's
+    sequential sums over the criterion (the known miss of test_sharp_softmax
+    in tests/test_cuda_emulated.py)."""
+    shape, causal, mask_kind, dropout, options, nan_keys = LLM_CASES[case]
+    q, k, v, mask = make_inputs(shape, shape[3] // shape[4], dtype, mask_kind)
+    q = (q.float() * (3 if dtype == torch.float32 else 6)).to(dtype)
+    llm = dict(options)
+    if llm.pop("query_offset_device", False):
+        llm["query_offset_device"] = torch.tensor([llm["query_offset"]], dtype=torch.int32, device="cuda")
+        llm["query_offset"] = 0  # the params' own value is wrong: the kernels must read the device's
+    k_in, v_in = k.clone(), v.clone()
+    k_in[:, :nan_keys] = float("nan")
+    v_in[:, :nan_keys] = float("nan")
+    o, lse = attention_fwd(C, q, k_in, v_in, mask, causal, dropout=dropout, seed=11, family=family, llm=llm)
+    d_o = torch.randn_like(o)
+    dq, dk, dv = attention_bwd(C, q, k_in, v_in, o, lse, d_o, mask, causal, dropout=dropout, seed=11, family=family,
+                               llm=llm)
+    torch.cuda.synchronize()
+    for name, t in (("o", o), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.isfinite(t).all(), f"{name}: NaN from keys outside every window, or an unwritten output"
+    arrays = to_numpy(q, k, v, d_o, o, lse, dq, dk, dv)
+    (mask_np,) = to_numpy(mask)
+    numpy_reference.check_attention(DTYPE_NAMES[dtype], *arrays, mask=mask_np, is_causal=causal, seed=11,
+                                    rate=dropout, window=(options["window_left"], options["window_right"]),
+                                    query_offset=options.get("query_offset", 0),
+                                    logits_soft_cap=options.get("logits_soft_cap"))
+
+
 def test_errors_name_the_argument(C):
     q = torch.randn(1, 4, 1, 300, device="cuda")
     with pytest.raises(ValueError, match=r"head_dim \(H\) must be in \[1, 256\], got 300"):

@@ -27,8 +27,10 @@ bfloat16 = dtype("bfloat16", ml_dtypes.bfloat16)
 float32 = dtype("float32", np.float32)
 float64 = dtype("float64", np.float64)
 uint8 = dtype("uint8", np.uint8)
+int32 = dtype("int32", np.int32)
+int64 = dtype("int64", np.int64)
 bool_ = dtype("bool", np.bool_)
-_BY_NP = {t.np: t for t in (float16, bfloat16, float32, float64, uint8, bool_)}
+_BY_NP = {t.np: t for t in (float16, bfloat16, float32, float64, uint8, int32, int64, bool_)}
 
 
 def _unwrap(x):
@@ -76,6 +78,9 @@ class Tensor:
 
     def cuda(self):
         return self
+
+    def clone(self):
+        return Tensor(self.a.copy())
 
     def detach(self):
         return self
@@ -176,6 +181,10 @@ def zeros(*size, dtype=float32, device=None):
 
 def from_numpy(a):
     return Tensor(a)
+
+
+def tensor(data, dtype=float32, device=None):
+    return Tensor(np.asarray(data, dtype.np))
 
 
 def equal(a, b):
