@@ -83,12 +83,30 @@ def _rebound(function, memo):
     return new
 
 
+# A tf.Module's (Keras layers on TensorFlow are ones) records of the objects
+# assigned to its attributes: {name: object} and [TrackableReference(name, ref)].
+_TRACKABLE_DEPENDENCIES = ("_self_unconditional_dependency_names", "_self_unconditional_checkpoint_dependencies")
+
+
+def _without_traced_functions(value):
+    if isinstance(value, dict):
+        return type(value)((k, v) for k, v in value.items() if not _is_traced_function(v))
+    if isinstance(value, list):
+        return [r for r in value if not _is_traced_function(getattr(r, "ref", r))]
+    return value
+
+
 def _deepcopy_keras_object(self, memo):
     new = object.__new__(type(self))
     memo[id(self)] = new
     for name, value in self.__dict__.items():
         if _is_traced_function(value):
             value = None  # train_function, predict_function, generate_function...: rebuilt lazily
+        elif name in _TRACKABLE_DEPENDENCIES:
+            # TensorFlow's trackable bookkeeping lists the traced functions
+            # assigned to the object too (generate_function after a
+            # generate()): they are dropped there as well.
+            value = copy.deepcopy(_without_traced_functions(value), memo)
         elif isinstance(value, types.FunctionType) and _refers_to(value, self):
             value = _rebound(value, memo)
         else:

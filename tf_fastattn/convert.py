@@ -48,20 +48,19 @@ def _path(layer):
     return getattr(layer, "path", None) or layer.name
 
 
-def _layer_norm_reason(layer):
-    """Why a layer norm would not run fused, or None: the layer's own rule
-    (`_fused_axis_reason`), with the input rank from its build."""
-    from tf_fastattn.layers.layer_normalization import FusedLayerNormalizationMixin
-
+def _layer_norm_reason(layer, mixin):
+    """Why a layer norm (LayerNormalization, RMSNormalization) would not run
+    fused, or None: the layer's own rule (`_fused_axis_reason` of its mixin),
+    with the input rank from its build."""
     axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
-    if list(axes) == [-1] or layer.rms_scaling:
-        rank = 1  # the last axis of any input; or refused for rms_scaling whatever the rank
+    if list(axes) == [-1]:
+        rank = 1  # the last axis of any input
     else:
         shapes = list((getattr(layer, "_build_shapes_dict", None) or {}).values())
         rank = len(shapes[0]) if shapes and shapes[0] is not None else None
         if rank is None:
             return f"axis={layer.axis}: cannot tell whether it is the last axis before the layer is built"
-    return FusedLayerNormalizationMixin._fused_axis_reason(layer, rank)
+    return mixin._fused_axis_reason(layer, rank)
 
 
 def _attention_axes_reason(layer):
@@ -79,12 +78,38 @@ def _why_not_fused(layer):
     """Why an attention or layer-norm instance stays as it is, or None."""
     from tf_fastattn.layers import _switch
 
+    from tf_fastattn.layers.layer_normalization import FusedLayerNormalizationMixin, FusedRMSNormalizationMixin
+
     reason = _switch.unfused_reason(type(layer))
     if reason is None and isinstance(layer, keras.layers.LayerNormalization):
-        reason = _layer_norm_reason(layer)
+        reason = _layer_norm_reason(layer, FusedLayerNormalizationMixin)
+    if reason is None and isinstance(layer, keras.layers.RMSNormalization):
+        reason = _layer_norm_reason(layer, FusedRMSNormalizationMixin)
     if reason is None and isinstance(layer, keras.layers.MultiHeadAttention):
         reason = _attention_axes_reason(layer)
     return reason
+
+
+def _no_counterpart_reason(layer):
+    """Why an attention or norm layer without a fused twin is not fused (for
+    the report), or None for layers that are neither."""
+    from tf_fastattn.layers import hub
+
+    for cls, reason in hub.unsupported().items():
+        if isinstance(layer, cls):
+            return f"{type(layer).__name__} {reason}"
+    if isinstance(layer, (keras.layers.Attention, keras.layers.AdditiveAttention)):
+        return f"{type(layer).__name__} has no fused counterpart"
+    name = type(layer).__name__
+    if not name.endswith(("Attention", "Norm", "Normalization")) or isinstance(layer, keras.Model):
+        return None
+    from tf_fastattn.layers import _switch
+
+    # A layer of its own (not a block wrapping attention or norms tf_fastattn fuses).
+    inner = layer._flatten_layers(include_self=False, recursive=True)
+    if any(_switch.stock_class(type(sub)) is not None for sub in inner):
+        return None
+    return f"{name} has no fused counterpart (an attention or norm layer tf_fastattn does not know)"
 
 
 def _convert_layers(model, implementation, report):
@@ -93,8 +118,9 @@ def _convert_layers(model, implementation, report):
     layers = model._flatten_layers(include_self=True, recursive=True)
     for layer in layers:
         if _switch.stock_class(type(layer)) is None:
-            if isinstance(layer, (keras.layers.Attention, keras.layers.AdditiveAttention)):
-                report.skipped.append((_path(layer), f"{type(layer).__name__} has no fused counterpart"))
+            reason = _no_counterpart_reason(layer)
+            if reason is not None:
+                report.skipped.append((_path(layer), reason))
             continue
         if _switch.is_fused(layer):
             report.skipped.append((_path(layer), f"already fused ({type(layer).__name__})"))
@@ -254,11 +280,21 @@ def convert_model(
     model over the copy's layers, whose fused layer norms serialise as
     `tf_fastattn>LayerNormalization`.
 
+    keras-hub's decoder LLM layers are switched the same way: the attention
+    of Llama, Mistral, Mixtral, Phi-3, Qwen (-MoE), Qwen3 (-MoE), SmolLM3,
+    GPT-NeoX and Gemma 1-3, and their RMS norms, keeping each layer's own
+    semantics (scale, soft-cap, sliding window, dropout, masked rows:
+    `tf_fastattn.layers.hub`), in training and in cached decoding
+    (`generate()`); `keras.layers.RMSNormalization` and
+    `LayerNormalization(rms_scaling=True)` run the fused RMS norms.
+
     Left as they are, each listed in the report with the reason: subclasses
-    that override the methods the fused path replaces, layer norms with
-    `rms_scaling` or over other axes, multi-head attention over axes other
-    than the sequence (the layers' own rules decide), `Attention` and
-    `AdditiveAttention`, residual adds that cannot be fused.
+    that override the methods the fused path replaces, layer norms over other
+    axes, multi-head attention over axes other than the sequence (the layers'
+    own rules decide), `Attention` and `AdditiveAttention`, keras-hub
+    attention with position biases or sinks (Falcon, Bloom, T5, GPT-OSS),
+    other layers named like attention or norms, residual adds that cannot be
+    fused.
 
     Args:
       model: a Keras model or layer.

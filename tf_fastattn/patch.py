@@ -7,7 +7,7 @@ import functools
 import inspect
 import threading
 
-from tf_fastattn import _loader
+from tf_fastattn import _loader, keras_ops
 
 _lock = threading.Lock()
 _originals: dict = {}  # stock class -> its own __init__ before patching
@@ -56,15 +56,18 @@ def patch_keras(*, implementation: str = "auto"):
     """Makes Keras build fused attention and layer norms from now on.
 
     After the call, every `keras.layers.MultiHeadAttention`,
-    `keras.layers.GroupQueryAttention` and `keras.layers.LayerNormalization`
-    constructed - directly, by a subclass (keras-hub's
-    `CachedMultiHeadAttention`, a custom layer's sublayers), by
+    `keras.layers.GroupQueryAttention`, `keras.layers.LayerNormalization`,
+    `keras.layers.RMSNormalization` and keras-hub decoder attention and RMS
+    norm (Llama, Mistral, Mixtral, Phi-3, Qwen, Qwen3, SmolLM3, GPT-NeoX,
+    Gemma: `tf_fastattn.layers.hub`) constructed - directly, by a subclass
+    (keras-hub's `CachedMultiHeadAttention`, a custom layer's sublayers), by
     `from_config`, `keras.saving.load_model` or a keras-hub `from_preset` -
     is the fused version of its class (see `convert_model`; the same rules
-    decide which subclasses are left as they are). Nothing else changes:
-    class names, configs, weights and saved files are those of the stock
-    layers. Layers built before the call are not touched: use
-    `convert_model` for those.
+    decide which subclasses are left as they are), and
+    `keras.ops.dot_product_attention` runs the fused op (with Keras'
+    arguments: `tf_fastattn.keras_ops`). Nothing else changes: class names,
+    configs, weights and saved files are those of the stock layers. Layers
+    built before the call are not touched: use `convert_model` for those.
 
     Args:
       implementation: given to each fused layer ("auto", "fused", "reference").
@@ -86,11 +89,12 @@ def patch_keras(*, implementation: str = "auto"):
     with _lock:
         previous = (bool(_originals), _implementation[0])
         _implementation[0] = implementation
-        for stock in _switch.MIXINS:
+        for stock in _switch.all_mixins(import_hub=True):
             if stock not in _originals:
                 original = stock.__dict__["__init__"]
                 _originals[stock] = original
                 stock.__init__ = _patched_init(stock, original)
+        keras_ops.patch()
     return _KerasPatch(previous)
 
 
@@ -102,6 +106,7 @@ def unpatch_keras() -> None:
             stock.__init__ = original
         _originals.clear()
         _implementation[0] = "auto"
+        keras_ops.unpatch()
 
 
 def is_patched() -> bool:

@@ -108,12 +108,13 @@ def band_mask(T, S, *, is_causal=False, window=None, query_offset=None):
 
 
 def attention_probs(query, key, *, mask=None, scale=None, is_causal=False, logits_soft_cap=None, window=None,
-                    query_offset=None):
+                    query_offset=None, bias=None):
     """Attention probabilities `[B, N, T, S]` as Keras computes them.
 
     logits = scale * einsum(q, k) in the inputs' dtype, cast to float32
     (float64 stays float64), then `cap * tanh(logits / cap)` with
-    `logits_soft_cap = cap`; disallowed logits (mask False, or outside
+    `logits_soft_cap = cap` (after adding `bias`, broadcastable to
+    `[B, N, T, S]`, when given); disallowed logits (mask False, or outside
     `band_mask`: s > t + query_offset when `is_causal`, top-left aligned by
     default, and the window) are filled with Keras' large negative number, so
     a row with no allowed key is uniform over all S keys; softmax in float32.
@@ -128,6 +129,8 @@ def attention_probs(query, key, *, mask=None, scale=None, is_causal=False, logit
     # tf.constant, not tf.cast: casting a Python float goes through float32.
     scale = tf.constant(scale, ct) if isinstance(scale, (int, float)) else tf.cast(scale, ct)
     logits = tf.cast(tf.einsum("btnh,bsnh->bnts", query, key), ct) * scale
+    if bias is not None:
+        logits = logits + tf.cast(bias, ct)
     if logits_soft_cap:
         cap = tf.constant(logits_soft_cap, ct)
         logits = tf.tanh(logits / cap) * cap
@@ -144,7 +147,7 @@ def attention_probs(query, key, *, mask=None, scale=None, is_causal=False, logit
 
 
 def attention(query, key, value, *, mask=None, scale=None, is_causal=False, dropout_rate=0.0, seed=None,
-              keep_mask=None, logits_soft_cap=None, window=None, query_offset=None):
+              keep_mask=None, logits_soft_cap=None, window=None, query_offset=None, bias=None):
     """Scaled-dot-product attention, `keras.ops.dot_product_attention`'s math.
 
     query `[B, T, N, H]`, key `[B, S, Nkv, H]`, value `[B, S, Nkv, Hv]`, N a
@@ -165,7 +168,7 @@ def attention(query, key, value, *, mask=None, scale=None, is_causal=False, drop
     query = tf.convert_to_tensor(query)
     value = tf.convert_to_tensor(value)
     probs = attention_probs(query, key, mask=mask, scale=scale, is_causal=is_causal, logits_soft_cap=logits_soft_cap,
-                            window=window, query_offset=query_offset)
+                            window=window, query_offset=query_offset, bias=bias)
     if keep_mask is None and dropout_rate > 0:
         if seed is None:
             seed = tf.random.uniform([], minval=0, maxval=2**62, dtype=tf.int64)

@@ -20,7 +20,7 @@ import keras
 
 from tf_fastattn.layers._fused_layer import FusedLayerMixin
 from tf_fastattn.layers.grouped_query_attention import FusedGroupedQueryAttentionMixin
-from tf_fastattn.layers.layer_normalization import FusedLayerNormalizationMixin
+from tf_fastattn.layers.layer_normalization import FusedLayerNormalizationMixin, FusedRMSNormalizationMixin
 from tf_fastattn.layers.multi_head_attention import FusedMultiHeadAttentionMixin
 
 # The Keras classes with a fused twin, and the mixin that makes it.
@@ -28,17 +28,27 @@ MIXINS = {
     keras.layers.MultiHeadAttention: FusedMultiHeadAttentionMixin,
     keras.layers.GroupQueryAttention: FusedGroupedQueryAttentionMixin,
     keras.layers.LayerNormalization: FusedLayerNormalizationMixin,
+    keras.layers.RMSNormalization: FusedRMSNormalizationMixin,
 }
 
 _lock = threading.Lock()
 _fused_classes: dict = {}  # original class -> its fused class
 
 
+def all_mixins(import_hub: bool = False) -> dict:
+    """`MIXINS` and the keras-hub decoder layers' (`tf_fastattn.layers.hub`):
+    those when keras-hub is imported, or with `import_hub`."""
+    from tf_fastattn.layers import hub
+
+    return {**MIXINS, **hub.mixins(import_hub)}
+
+
 def stock_class(cls):
-    """The Keras class among `MIXINS` that `cls` derives from, or None."""
-    for stock in MIXINS:
-        if issubclass(cls, stock):
-            return stock
+    """The class among `all_mixins()` that `cls` derives from (the nearest), or None."""
+    table = all_mixins()
+    for klass in cls.__mro__:
+        if klass in table:
+            return klass
     return None
 
 
@@ -69,7 +79,7 @@ def unfused_reason(cls) -> str | None:
         return f"{cls.__name__} has no fused counterpart"
     if issubclass(cls, FusedLayerMixin):
         return None
-    for name in sorted(_mixin_attributes(MIXINS[stock])):
+    for name in sorted(_mixin_attributes(all_mixins()[stock])):
         if getattr(cls, name, None) is not getattr(stock, name, None):
             return f"{cls.__name__} overrides {stock.__name__}.{name}; its own computation is kept"
     return None
@@ -89,7 +99,7 @@ def fused_class(cls):
     with _lock:
         fused = _fused_classes.get(cls)
         if fused is None:
-            mixin = MIXINS[stock_class(cls)]
+            mixin = all_mixins()[stock_class(cls)]
             fused = type(
                 cls.__name__,
                 (mixin, cls),

@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 
 from tf_fastattn import _loader
-from tf_fastattn.layer_norm import layer_norm
+from tf_fastattn.layer_norm import layer_norm, rms_norm
 from tf_fastattn.layers._fused_layer import FusedLayerMixin, SerializedImplementation
 
 
@@ -21,8 +21,6 @@ class FusedLayerNormalizationMixin(FusedLayerMixin):
     return_residual = False  # class default for layers switched after construction
 
     def _fused_axis_reason(self, rank):
-        if self.rms_scaling:
-            return "rms_scaling=True is not fused"
         axes = [self.axis] if isinstance(self.axis, int) else list(self.axis)
         if rank is None or [a % rank for a in axes] != [rank - 1]:
             return f"axis={self.axis} is not the last axis of a rank-{rank} input"
@@ -42,16 +40,19 @@ class FusedLayerNormalizationMixin(FusedLayerMixin):
         unsupported = self._fused_axis_reason(rank)
         if _loader.use_fused("LayerNormalization", self.implementation, unsupported=unsupported,
                              gpu_variant=("layer_norm", x.dtype.name, None)):
+            # rms_scaling (Keras' deprecated option): s / sqrt(var(s) + eps) *
+            # gamma, no centring and no beta, as Keras computes it.
             y, s = layer_norm(
                 x,
                 self.gamma,
-                self.beta,
+                None if self.rms_scaling else self.beta,
                 residual=residual,
                 epsilon=self.epsilon,
-                center=self.center,
+                center=self.center and not self.rms_scaling,
                 scale=self.scale,
                 return_residual=True,
                 implementation="fused",
+                rms_scaling=self.rms_scaling,
             )
         else:  # Keras' own math on the sum
             s = x if residual is None else x + residual
@@ -72,8 +73,9 @@ class LayerNormalization(FusedLayerNormalizationMixin, SerializedImplementation,
         s = x + residual            (when called on [x, residual])
         y = (s - mean(s)) / sqrt(var(s) + epsilon) * gamma + beta
 
-    in one pass over memory with float32 statistics. Other axes, and
-    `rms_scaling=True`, use Keras' own computation.
+    in one pass over memory with float32 statistics (`rms_scaling=True`:
+    `y = s / sqrt(var(s) + epsilon) * gamma`, as Keras computes it). Other
+    axes use Keras' own computation.
 
     Args:
       (every argument of `keras.layers.LayerNormalization`), plus
@@ -117,3 +119,24 @@ class LayerNormalization(FusedLayerNormalizationMixin, SerializedImplementation,
         config = super().get_config()
         config["return_residual"] = self.return_residual
         return config
+
+
+class FusedRMSNormalizationMixin(FusedLayerMixin):
+    """The fused path of `keras.layers.RMSNormalization` (over the last axis):
+    `y = x / sqrt(mean(x^2) + epsilon) * scale` through `rms_norm`, in x's
+    dtype with float32 statistics, as `keras.ops.rms_normalization`."""
+
+    def _fused_axis_reason(self, rank):
+        axes = [self.axis] if isinstance(self.axis, int) else list(self.axis)
+        if rank is None or [a % rank for a in axes] != [rank - 1]:
+            return f"axis={self.axis} is not the last axis of a rank-{rank} input"
+        return None
+
+    def call(self, x):
+        x = tf.convert_to_tensor(x)
+        unsupported = self._fused_axis_reason(x.shape.rank)
+        if not _loader.use_fused("RMSNormalization", self.implementation, unsupported=unsupported,
+                                 gpu_variant=("layer_norm", x.dtype.name, None)):
+            return super().call(x)
+        epsilon = self.epsilon if self.epsilon is not None else keras.config.epsilon()
+        return rms_norm(x, self.scale, epsilon=epsilon, implementation="fused")
