@@ -219,8 +219,8 @@ def test_subclass_with_its_own_math_is_left_with_a_reason():
     converted, report = tf_fastattn.convert_model(model, return_report=True)
     skipped = dict(report.skipped)
     assert any("overrides MultiHeadAttention._compute_attention" in r for r in skipped.values())
-    assert any("rms_scaling=True" in r for r in skipped.values())
-    assert [kind for _, kind in report.replaced] == ["KeepsStockPath"]
+    # rms_scaling=True runs the fused RMS kind with Keras' formula.
+    assert [kind for _, kind in report.replaced] == ["KeepsStockPath", "LayerNormalization"]
     x = np.random.default_rng(0).standard_normal((2, SEQ, 8)).astype("float32")
     np.testing.assert_allclose(converted(x), model(x), rtol=1e-5, atol=1e-5)
 
