@@ -96,6 +96,14 @@ EXPECTED = {
     "qwen_window": (2, 5), "qwen_moe": (2, 5), "qwen3": (2, 9), "qwen3_moe": (2, 9), "smollm3": (2, 5),
     "gpt_neox": (2, 5), "gpt_neox_dropout": (2, 5), "gemma": (2, 5), "gemma2": (2, 9), "gemma3": (2, 13),
 }
+# Families whose decoder blocks hand their attention a structured mask
+# (tf_fastattn.layers.hub.FusedHubDecoderMixin): one block per attention layer.
+STRUCTURED_MASK = {name for name in EXPECTED if not name.startswith("gemma")}
+
+
+def fused_layer_count(name):
+    attention, norms = EXPECTED[name]
+    return attention + norms + (attention if name in STRUCTURED_MASK else 0)
 
 
 def causal_lm(name, seed=0, dtype=None, **overrides):

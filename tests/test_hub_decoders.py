@@ -65,9 +65,16 @@ def test_convert_matches_the_stock_model(name):
     converted, report = tf_fastattn.convert_model(stock, implementation="fused", return_report=True)
     attention, norms = hd.EXPECTED[name]
     assert report.skipped == [], report
-    assert len(report.replaced) == attention + norms, report
+    assert len(report.replaced) == hd.fused_layer_count(name), report
     counts = op_counts(lambda x: loss_and_grads(converted, x), x)
     assert [counts[op] for op in OPS] == [attention, attention, norms, norms], counts
+    if name in hd.STRUCTURED_MASK:
+        # The blocks' masks reach the op as structure: causal at the cache
+        # index, the key padding [B, 1, 1, S]; no [B, T, S] mask.
+        graph = tf.function(lambda x: converted(x)).get_concrete_function(x).graph
+        for op in (o for o in graph.get_operations() if o.type == "TfFastattn>Attention"):
+            assert op.get_attr("is_causal") and op.get_attr("num_offset") == 1
+            assert op.inputs[3].shape.as_list() == [2, 1, 1, 12], op.inputs[3].shape
 
     # Outputs and every gradient: the accuracy criterion, with the stock model
     # in float32 as the naive baseline and the model in float64 as the
@@ -98,7 +105,7 @@ def test_patch_keras_builds_fused_layers(name):
     assert [counts[op] for op in OPS] == [attention, attention, norms, norms], counts
     fused = [layer for layer in lm._flatten_layers(include_self=True, recursive=True)
              if tf_fastattn.layers.is_fused(layer)]
-    assert len(fused) == attention + norms
+    assert len(fused) == hd.fused_layer_count(name)
     # Unpatched: the stock classes again.
     assert not any(tf_fastattn.layers.is_fused(layer) for layer in
                    hd.causal_lm(name).backbone._flatten_layers(include_self=True, recursive=True))
@@ -166,7 +173,8 @@ def test_keras_file_round_trip(tmp_path):
     np.testing.assert_allclose(loaded.predict(x, verbose=0), want, rtol=1e-4, atol=2e-5)
     with tf_fastattn.patch_keras():
         fused = keras.saving.load_model(path)
-    assert sum(tf_fastattn.layers.is_fused(layer) for layer in fused._flatten_layers(recursive=True)) == 11
+    assert sum(tf_fastattn.layers.is_fused(layer) for layer in fused._flatten_layers(recursive=True)) == \
+        hd.fused_layer_count("gemma2")
     np.testing.assert_allclose(fused.predict(x, verbose=0), want, rtol=1e-5, atol=2e-6)
     np.save(str(tmp_path / "x.npy"), x["token_ids"])
     np.save(str(tmp_path / "m.npy"), x["padding_mask"])

@@ -32,6 +32,7 @@ biases, T5 a relative position bias, GPT-OSS attention sinks.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import threading
@@ -49,6 +50,38 @@ def _zero_rows_without_keys(out, lse):
     gives them probability 0 everywhere (the op averages them uniformly)."""
     any_allowed = tf.transpose(tf.not_equal(lse, float("inf")), [0, 2, 1])[..., None]  # [B, T, N, 1]
     return tf.where(any_allowed, out, tf.zeros([], out.dtype))
+
+
+class StructuredMask:
+    """The self-attention mask of a keras-hub decoder block, as its parts
+    instead of the dense `[B, T, S]` tensor the block would build:
+
+        allowed(t, s) = keys[b, t or 0, s] and s <= t + query_offset
+                        and s >= t + query_offset - window_left   (window_left >= 0)
+
+    `keys` is what `merge_padding_and_attention_mask` gives (the padding mask
+    `[B, 1, S]`, a custom attention mask, both, or None); `dense()` builds
+    the block's own dense mask, for a path that needs it (the layer's own
+    math). The fused attention layers take it as the op's mask, `is_causal`,
+    `query_offset` and `window`: no T x S mask is formed."""
+
+    __slots__ = ("keys", "query_offset", "window_left", "dense")
+
+    def __init__(self, keys, query_offset, window_left, dense):
+        self.keys = keys
+        self.query_offset = query_offset
+        self.window_left = window_left
+        self.dense = dense
+
+
+def _intersect(a, b):
+    """Two windows' band intersected (-1 = unbounded side)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    side = lambda x, y: y if x < 0 else x if y < 0 else min(x, y)  # noqa: E731
+    return (side(a[0], b[0]), side(a[1], b[1]))
 
 
 def _as_bool_mask(mask):
@@ -86,7 +119,9 @@ class FusedHubAttentionMixin(FusedLayerMixin):
 
     def _tfa_fused(self, query, key, value, attention_mask, *, training=None, cache_update_index=None):
         """The fused op with the layer's semantics, or None when the layer's
-        own math must run (implementation="reference", the op unavailable)."""
+        own math must run (implementation="reference", the op unavailable).
+        `attention_mask` may be a `StructuredMask` (from a fused decoder
+        block)."""
         query, key, value = (tf.convert_to_tensor(t) for t in (query, key, value))
         unsupported = None
         if query.shape.rank != 4 or key.shape.rank != 4 or value.shape.rank != 4:
@@ -97,9 +132,17 @@ class FusedHubAttentionMixin(FusedLayerMixin):
             return None
         dtype = query.dtype
         key, value = tf.cast(key, dtype), tf.cast(value, dtype)
+        structured = isinstance(attention_mask, StructuredMask)
         window = self._tfa_window(attention_mask)
-        offset = None
-        if window is not None and cache_update_index is not None:
+        offset, is_causal = None, False
+        if structured:
+            # Causal at the cache index, the block's window, its key mask.
+            is_causal = True
+            cache_update_index = attention_mask.query_offset
+            if attention_mask.window_left is not None:
+                window = _intersect(window, (attention_mask.window_left, -1))
+            attention_mask = attention_mask.keys
+        if (window is not None or is_causal) and cache_update_index is not None:
             offset = tf.reshape(tf.cast(cache_update_index, tf.int32), [])
         rate, seed_generator = self._tfa_dropout()
         rate = float(rate) if (training and rate > 0) else 0.0
@@ -109,6 +152,7 @@ class FusedHubAttentionMixin(FusedLayerMixin):
             value,
             mask=_as_bool_mask(attention_mask),
             scale=float(self._tfa_scale()),
+            is_causal=is_causal,
             dropout_rate=rate,
             seed=seed_tensor(seed_generator) if rate > 0 else None,
             logits_soft_cap=float(self._tfa_soft_cap() or 0.0),
@@ -142,7 +186,7 @@ class FusedLlamaAttentionMixin(FusedHubAttentionMixin):
         cache_update_index = kwargs.get("cache_update_index", args[0] if args else None)
         out = self._tfa_fused(query, key, value, attention_mask, cache_update_index=cache_update_index)
         if out is None:
-            return super()._compute_attention(query, key, value, attention_mask, *args, **kwargs)
+            return super()._compute_attention(query, key, value, _dense(attention_mask), *args, **kwargs)
         return out
 
 
@@ -156,7 +200,7 @@ class FusedGPTNeoXAttentionMixin(FusedHubAttentionMixin):
     def _compute_attention(self, query, key, value, attention_mask=None, training=None):
         out = self._tfa_fused(query, key, value, attention_mask, training=training)
         if out is None:
-            return super()._compute_attention(query, key, value, attention_mask, training=training)
+            return super()._compute_attention(query, key, value, _dense(attention_mask), training=training)
         return out
 
 
@@ -196,6 +240,46 @@ class FusedGemmaAttentionMixin(FusedHubAttentionMixin):
             return super()._compute_attention(q, k, v, attention_mask, training=training,
                                               cache_update_index=cache_update_index)
         return out
+
+
+def _dense(mask):
+    return mask.dense() if isinstance(mask, StructuredMask) else mask
+
+
+class FusedHubDecoderMixin(FusedLayerMixin):
+    """The decoder blocks of Llama, Mistral, Mixtral, Phi-3, Qwen, Qwen-MoE,
+    Qwen3, Qwen3-MoE, SmolLM3 and GPT-NeoX build their self-attention mask
+    densely (`_compute_self_attention_mask`: padding and custom masks merged,
+    then the causal mask at the cache index and, for Mistral and Mixtral, the
+    sliding window, each `[B, T, S]`, every block, every step). When the
+    block's attention is fused, it gets a `StructuredMask` instead: the same
+    set of keys, with no T x S tensor built or read."""
+
+    def _tfa_attention_fused(self):
+        layers = self._flatten_layers(include_self=False, recursive=False)
+        attention = [layer for layer in layers if isinstance(layer, FusedHubAttentionMixin)]
+        stock = [layer for layer in layers if type(layer).__name__.endswith("Attention")
+                 and not isinstance(layer, FusedHubAttentionMixin)]
+        return bool(attention) and not stock and all(layer.implementation != "reference" for layer in attention)
+
+    def _compute_self_attention_mask(self, *args, **kwargs):
+        # (decoder_sequence, decoder_padding_mask, decoder_attention_mask,
+        # cache, cache_update_index): Phi-3 names the last two attention_cache*.
+        dense = functools.partial(super()._compute_self_attention_mask, *args, **kwargs)
+        if self.implementation == "reference" or not self._tfa_attention_fused() or _loader.unavailable_reason():
+            return dense()
+        import inspect
+
+        bound = inspect.signature(super()._compute_self_attention_mask).bind(*args, **kwargs)
+        bound.apply_defaults()
+        decoder_sequence, decoder_padding_mask, decoder_attention_mask, _, self_attention_cache_update_index = (
+            bound.arguments.values())
+        from keras_hub.src.layers.modeling.transformer_layer_utils import merge_padding_and_attention_mask
+
+        keys = merge_padding_and_attention_mask(decoder_sequence, decoder_padding_mask, decoder_attention_mask)
+        index = 0 if self_attention_cache_update_index is None else self_attention_cache_update_index
+        window = getattr(self, "sliding_window", None)  # Mistral, Mixtral: keys t + i - w < s
+        return StructuredMask(keys, index, None if window is None else int(window) - 1, dense)
 
 
 class FusedHubRMSNormMixin(FusedLayerMixin):
@@ -256,6 +340,16 @@ _FUSED = [
     ("keras_hub.src.models.gpt_neo_x.gpt_neo_x_attention", "GPTNeoXAttention", FusedGPTNeoXAttentionMixin),
     ("keras_hub.src.models.gemma.gemma_attention", "CachedGemmaAttention", FusedGemmaAttentionMixin),
     ("keras_hub.src.models.gemma3.gemma3_attention", "CachedGemma3Attention", FusedGemmaAttentionMixin),
+    ("keras_hub.src.models.llama.llama_decoder", "LlamaTransformerDecoder", FusedHubDecoderMixin),
+    ("keras_hub.src.models.mistral.mistral_transformer_decoder", "MistralTransformerDecoder", FusedHubDecoderMixin),
+    ("keras_hub.src.models.mixtral.mixtral_decoder", "MixtralTransformerDecoder", FusedHubDecoderMixin),
+    ("keras_hub.src.models.phi3.phi3_decoder", "Phi3Decoder", FusedHubDecoderMixin),
+    ("keras_hub.src.models.qwen.qwen_decoder", "QwenTransformerDecoder", FusedHubDecoderMixin),
+    ("keras_hub.src.models.qwen_moe.qwen_moe_decoder", "QwenMoeTransformerDecoder", FusedHubDecoderMixin),
+    ("keras_hub.src.models.qwen3.qwen3_decoder", "Qwen3TransformerDecoder", FusedHubDecoderMixin),
+    ("keras_hub.src.models.qwen3_moe.qwen3_moe_decoder", "Qwen3MoeTransformerDecoder", FusedHubDecoderMixin),
+    ("keras_hub.src.models.smollm3.smollm3_layers", "SmolLM3DecoderLayer", FusedHubDecoderMixin),
+    ("keras_hub.src.models.gpt_neo_x.gpt_neo_x_decoder", "GPTNeoXDecoder", FusedHubDecoderMixin),
     ("keras_hub.src.models.llama.llama_layernorm", "LlamaLayerNorm", FusedHubRMSNormMixin),
     ("keras_hub.src.models.mistral.mistral_layer_norm", "MistralLayerNormalization", FusedHubRMSNormMixin),
     ("keras_hub.src.models.mixtral.mixtral_layer_norm", "MixtralLayerNormalization", FusedHubRMSNormMixin),
