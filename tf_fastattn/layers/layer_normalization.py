@@ -10,6 +10,15 @@ from tf_fastattn.layer_norm import layer_norm, rms_norm
 from tf_fastattn.layers._fused_layer import FusedLayerMixin, SerializedImplementation
 
 
+def _last_axis_reason(axis, rank):
+    """Why normalising over `axis` (an int or a list) of a rank-`rank` input
+    is not fused (only the last axis is), or None."""
+    axes = [axis] if isinstance(axis, int) else list(axis)
+    if rank is None or [a % rank for a in axes] != [rank - 1]:
+        return f"axis={axis} is not the last axis of a rank-{rank} input"
+    return None
+
+
 class FusedLayerNormalizationMixin(FusedLayerMixin):
     """The fused path of `LayerNormalization` and its subclasses: overrides `call`.
 
@@ -21,10 +30,7 @@ class FusedLayerNormalizationMixin(FusedLayerMixin):
     return_residual = False  # class default for layers switched after construction
 
     def _fused_axis_reason(self, rank):
-        axes = [self.axis] if isinstance(self.axis, int) else list(self.axis)
-        if rank is None or [a % rank for a in axes] != [rank - 1]:
-            return f"axis={self.axis} is not the last axis of a rank-{rank} input"
-        return None
+        return _last_axis_reason(self.axis, rank)
 
     def call(self, inputs):
         if isinstance(inputs, (list, tuple)):
@@ -127,10 +133,7 @@ class FusedRMSNormalizationMixin(FusedLayerMixin):
     dtype with float32 statistics, as `keras.ops.rms_normalization`."""
 
     def _fused_axis_reason(self, rank):
-        axes = [self.axis] if isinstance(self.axis, int) else list(self.axis)
-        if rank is None or [a % rank for a in axes] != [rank - 1]:
-            return f"axis={self.axis} is not the last axis of a rank-{rank} input"
-        return None
+        return _last_axis_reason(self.axis, rank)
 
     def call(self, x):
         x = tf.convert_to_tensor(x)
