@@ -193,27 +193,37 @@ __device__ void layer_norm_bwd(const LayerNormBwdParams& a) {
   const T* sum_in = static_cast<const T*>(a.sum);
   const T* dy_in = static_cast<const T*>(a.dy);
 
-  // One vector of the row: u = (s - shift) * rstd (xhat; s * rstd for
-  // kRmsScaling: shift 0), g = dy * gamma, and the row-sum terms (layer_norm.h).
+  // One vector of the row: xhat = (s - mean) * rstd, g = dy * gamma, and
+  // the row-sum terms. kRmsScaling (y = s * rstd * gamma: u = xhat + c with
+  // c = mean * rstd in layer_norm.h) adds c's part afterwards: mean(g u) =
+  // mean(g xhat) + c mean(g), and dgamma's sum of dy c goes to the dbeta
+  // partials, which it has no use for (added to dgamma's by the column pass).
+  // (u kept and xhat formed as u - c lost xhat to cancellation where the mean
+  // dominates: one column, dx off by 5e-3; u as a second term per element
+  // spilled on sm_60.)
   const bool scaling = a.norm_kind == tf_fastattn::kRmsScaling;
-  auto row_terms = [&](int64_t r, int64_t col0, A shift, A rstd, A* xhat, A* dy, A* g, A* sum_g, A* sum_gx) {
+  auto row_terms = [&](int64_t r, int64_t col0, A mean, A rstd, A* xhat, A* dy, A* g, A* sum_g, A* sum_gx) {
     load_vec<kAligned>(sum_in + r * a.sum_row_stride, col0, cols, xhat);
     load_vec<kAligned>(dy_in + r * a.dy_row_stride, col0, cols, dy);
 #pragma unroll
     for (int e = 0; e < kE; ++e) {
-      xhat[e] = col0 + e < cols ? (xhat[e] - shift) * rstd : A(0);
+      xhat[e] = col0 + e < cols ? (xhat[e] - mean) * rstd : A(0);
       g[e] = a.gamma ? dy[e] * load_param(a.gamma, a.param_is_float, col0 + e, cols) : dy[e];
       *sum_g += g[e];
       *sum_gx += g[e] * xhat[e];
     }
   };
-  // ds = rstd (g - mean_g - xhat mean_gx); for kRmsScaling xhat = u - mean
-  // rstd, whose second term the caller folds into mean_g.
-  auto store_ds = [&](int64_t r, int64_t col0, A rstd, A mean_g, A mean_gx, const A* u, const A* g) {
+  // mean(g u) for the row from the group's sums (see row_terms).
+  auto mean_gu = [&](A sum_g, A sum_gx, A c) {
+    const A gx = group_sum(sum_gx, G, scratch);
+    return (scaling ? gx + c * group_sum(sum_g, G, scratch) : gx) * inv_cols;
+  };
+  // ds = rstd (g - mean_g - xhat mean_gx) (+ dsum).
+  auto store_ds = [&](int64_t r, int64_t col0, A rstd, A mean_g, A mean_gx, const A* xhat, const A* g) {
     A ds[kE];
     if (a.dsum) load_vec<kAligned>(static_cast<const T*>(a.dsum) + r * a.dsum_row_stride, col0, cols, ds);
 #pragma unroll
-    for (int e = 0; e < kE; ++e) ds[e] = rstd * (g[e] - mean_g - u[e] * mean_gx) + (a.dsum ? ds[e] : A(0));
+    for (int e = 0; e < kE; ++e) ds[e] = rstd * (g[e] - mean_g - xhat[e] * mean_gx) + (a.dsum ? ds[e] : A(0));
     store_vec<kAligned>(static_cast<T*>(a.dx) + r * a.dx_row_stride, col0, cols, ds);
   };
 
@@ -228,23 +238,21 @@ __device__ void layer_norm_bwd(const LayerNormBwdParams& a) {
     }
     for (int64_t row = r0 + group; row < r1; row += groups) {
       const A mean = static_cast<const A*>(a.mean)[row];
-      const A shift = scaling ? A(0) : mean;
       const A rstd = static_cast<const A*>(a.rstd)[row];
+      const A c = scaling ? mean * rstd : A(1);  // the dbeta partials' weight (see row_terms)
       A xhat[kVecs][kE], dy[kVecs][kE], g[kVecs][kE];
       A sum_g = A(0), sum_gx = A(0);
 #pragma unroll
       for (int i = 0; i < kVecs; ++i) {
-        row_terms(row, int64_t(lane + i * G) * kE, shift, rstd, xhat[i], dy[i], g[i], &sum_g, &sum_gx);
+        row_terms(row, int64_t(lane + i * G) * kE, mean, rstd, xhat[i], dy[i], g[i], &sum_g, &sum_gx);
 #pragma unroll
         for (int e = 0; e < kE; ++e) {
           dg[i][e] += dy[i][e] * xhat[i][e];
-          db[i][e] += dy[i][e];
+          db[i][e] += scaling ? dy[i][e] * c : dy[i][e];
         }
       }
-      const A mean_gx = group_sum(sum_gx, G, scratch) * inv_cols;
-      const A mean_g = a.norm_kind == tf_fastattn::kLayerNorm ? group_sum(sum_g, G, scratch) * inv_cols
-                       : scaling                              ? -(mean * rstd) * mean_gx
-                                                              : A(0);
+      const A mean_gx = mean_gu(sum_g, sum_gx, c);
+      const A mean_g = a.norm_kind == tf_fastattn::kLayerNorm ? group_sum(sum_g, G, scratch) * inv_cols : A(0);
 #pragma unroll
       for (int i = 0; i < kVecs; ++i) {
         store_ds(row, int64_t(lane + i * G) * kE, rstd, mean_g, mean_gx, xhat[i], g[i]);
@@ -275,24 +283,22 @@ __device__ void layer_norm_bwd(const LayerNormBwdParams& a) {
     }
     for (int64_t row = r0; row < r1; ++row) {
       const A mean = static_cast<const A*>(a.mean)[row];
-      const A shift = scaling ? A(0) : mean;
       const A rstd = static_cast<const A*>(a.rstd)[row];
+      const A c = scaling ? mean * rstd : A(1);
       A xhat[kE], dy[kE], g[kE];
       A sum_g = A(0), sum_gx = A(0);
       for (int64_t col0 = int64_t(lane) * kE; col0 < cols; col0 += int64_t(G) * kE) {
-        row_terms(row, col0, shift, rstd, xhat, dy, g, &sum_g, &sum_gx);
+        row_terms(row, col0, mean, rstd, xhat, dy, g, &sum_g, &sum_gx);
       }
-      const A mean_gx = group_sum(sum_gx, G, scratch) * inv_cols;
-      const A mean_g = a.norm_kind == tf_fastattn::kLayerNorm ? group_sum(sum_g, G, scratch) * inv_cols
-                       : scaling                              ? -(mean * rstd) * mean_gx
-                                                              : A(0);
+      const A mean_gx = mean_gu(sum_g, sum_gx, c);
+      const A mean_g = a.norm_kind == tf_fastattn::kLayerNorm ? group_sum(sum_g, G, scratch) * inv_cols : A(0);
       for (int64_t col0 = int64_t(lane) * kE; col0 < cols; col0 += int64_t(G) * kE) {
         A unused_g = A(0), unused_gx = A(0);
-        row_terms(row, col0, shift, rstd, xhat, dy, g, &unused_g, &unused_gx);
+        row_terms(row, col0, mean, rstd, xhat, dy, g, &unused_g, &unused_gx);
         store_ds(row, col0, rstd, mean_g, mean_gx, xhat, g);
         for (int e = 0; e < kE && col0 + e < cols; ++e) {
           partial_g[col0 + e] += dy[e] * xhat[e];
-          partial_b[col0 + e] += dy[e];
+          partial_b[col0 + e] += scaling ? dy[e] * c : dy[e];
         }
       }
     }
@@ -309,6 +315,7 @@ __device__ void layer_norm_bwd_reduce(const LayerNormBwdParams& a) {
     g += partial[(2 * c) * a.cols + col];
     b += partial[(2 * c + 1) * a.cols + col];
   }
+  if (a.norm_kind == tf_fastattn::kRmsScaling) g += b;  // dgamma's sum of dy * mean * rstd (layer_norm_bwd)
   if (a.param_is_float) {
     if (a.dgamma) static_cast<float*>(a.dgamma)[col] = float(g);
     if (a.dbeta) static_cast<float*>(a.dbeta)[col] = float(b);
