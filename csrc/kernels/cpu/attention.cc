@@ -436,9 +436,14 @@ inline int64_t band_keys(const Band& band, int64_t S) {
 
 // Maps the position of a query tile inside its (b, n) group to a tile index so
 // that consecutive work items alternate long and short causal rows (0, last,
-// 1, last-1, ...): contiguous ranges of items then carry similar work.
-inline int64_t interleave(int64_t pos, int64_t count, bool causal) {
-  if (!causal) return pos;
+// 1, last-1, ...): contiguous ranges of items then carry similar work. Only
+// for a band open to the left (causal without a window): under a sliding
+// window every row sees about the same number of keys, and tiles in order
+// keep the window's key tiles in cache from one item to the next (the
+// interleaved order made a window of 512 at T 8192, H 128 run at 60% of the
+// causal run's GFLOP/s).
+inline int64_t interleave(int64_t pos, int64_t count, const Band& band) {
+  if (band.hi >= kUnbounded || band.lo > -kUnbounded) return pos;
   return (pos % 2 == 0) ? pos / 2 : count - 1 - pos / 2;
 }
 
@@ -499,7 +504,7 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
     Scratch<char> cached(slots, 0);  // which key tiles of head cached_bh are in kt, vt
     int64_t cached_bh = -1;          // (b * Nkv + hk)
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t qi = interleave(w % nqt, nqt, p.is_causal);
+      const int64_t qi = interleave(w % nqt, nqt, p.band);
       const int64_t n = (w / nqt) % N, b = w / (nqt * N), hk = n / group;
       if (b * Nkv + hk != cached_bh) {
         cached_bh = b * Nkv + hk;
@@ -1025,7 +1030,7 @@ struct BwdProblem {
         BwdTile<Acc> tile(Hp, Hvp, kWide, cap, soft_cap_fn<T>(mk));
         Scratch<Acc> dk_acc(kBc * Hp, 0), dv_acc(kBc * Hvp, 0), fm(kBc), uni(Hv);
         for (int64_t w = begin; w < end; ++w) {
-          const int64_t kj = interleave(w % nkt, nkt, p.is_causal);
+          const int64_t kj = interleave(w % nkt, nkt, p.band);
           const int64_t hk = (w / nkt) % Nkv, b = w / (nkt * Nkv);
           const int64_t s0 = kj * kBc, nc = std::min(kBc, S - s0);
           load_tile_t(k + sk.offset(b, s0, hk), sk.seq, nc, H, Acc(1), tile.kt.data(), kBc);
@@ -1059,7 +1064,7 @@ struct BwdProblem {
         BwdTile<Acc> tile(Hp, Hvp, kWide, cap, soft_cap_fn<T>(mk));
         Scratch<Acc> kb(kBc * Hp, 0), dq_acc(kBr * Hp, 0);
         for (int64_t w = begin; w < end; ++w) {
-          const int64_t qi = interleave(w % nqt, nqt, p.is_causal);
+          const int64_t qi = interleave(w % nqt, nqt, p.band);
           const int64_t n = (w / nqt) % N, b = w / (nqt * N), hk = n / group;
           const int64_t t0 = qi * kBr, nr = std::min(kBr, T_ - t0);
           load_query_tile(tile, b, n, t0, nr);
