@@ -220,6 +220,12 @@ def run_attention(C, case):
     shape = C.AttentionShape(B, T, S, N, Nkv, H, Hv)
     ws = np.zeros(C.attention_bwd_workspace_bytes_gpu(shape, dt_name), np.uint8)
     k_in, v_in = k, v
+    plants = case.get("plants", ())  # [(tensor "q" or "k", index, value)]: NaN and inf, checked by the NaN rule
+    q_clean = q
+    if plants:
+        q, k_in = q.copy(), k.copy()
+        for name, index, value in plants:
+            (q if name == "q" else k_in)[tuple(index)] = value
     if nan_keys:
         k_in, v_in = k.copy(), v.copy()
         k_in[:, :nan_keys] = np.nan
@@ -245,6 +251,10 @@ def run_attention(C, case):
                   dv_strides=strides(dv))
     C.attention_bwd_gpu(bwd, 0, family)
 
+    if plants:
+        return _check_nan_rule(np, case, q, k_in, v, d_o, mask, (o, lse, dq, dk, dv)), (o, lse, dq, dk, dv)
+    del q_clean
+
     # With dropout the CPU kernel drops the same keys: its output with the
     # same seed meets the criterion against the same reference.
     # (Keys holding NaN are checked against the reference with those keys
@@ -267,6 +277,34 @@ def run_attention(C, case):
         o_cpu = also["o (CPU kernel, same seed)"]
         errors["o_vs_cpu"] = float(np.abs(o.astype(np.float64) - o_cpu.astype(np.float64)).max())
     return errors, (o, lse, dq, dk, dv)
+
+
+def _check_nan_rule(np, case, q, k, v, d_o, mask, outputs):
+    """The NaN rule of tests/test_nan_propagation.py: output rows NaN exactly
+    where the float64 reference's are, the others finite and close; every
+    gradient entry NaN in the reference NaN here too."""
+    from test_nan_propagation import reference
+
+    opts = dict(is_causal=case.get("causal", False), window=tuple(case.get("window", (-1, -1))),
+                query_offset=case.get("offset", 0), logits_soft_cap=case.get("soft_cap", 0.0))
+    ref = reference(q, k, v, d_o, opts, mask)
+    o, lse, dq, dk, dv = (a.astype(np.float64) for a in outputs)
+    ref_rows, rows = np.isnan(ref[0]).any(-1), np.isnan(o).any(-1)
+    if not ref_rows.any():
+        raise AssertionError("the planted values reach no row: not a NaN case")
+    if not np.array_equal(rows, ref_rows) or not np.array_equal(np.isnan(o), np.isnan(ref[0])):
+        raise AssertionError(f"output rows [b, t, n] NaN here only: {np.argwhere(rows & ~ref_rows).tolist()[:8]}, "
+                             f"NaN in the reference only: {np.argwhere(ref_rows & ~rows).tolist()[:8]}")
+    if not np.array_equal(np.isnan(lse), np.isnan(ref[1])):
+        raise AssertionError("NaN lse rows differ from the reference")
+    err = float(np.abs(o[~ref_rows] - ref[0][~ref_rows]).max())
+    if not err < (5e-2 if case["dtype"] != "float32" else 1e-4):
+        raise AssertionError(f"rows the plants cannot reach: max error {err}")
+    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), ref[2:]):
+        missing = int((np.isnan(want) & ~np.isnan(got)).sum())
+        if missing:
+            raise AssertionError(f"{name} misses {missing} NaN entries of the reference")
+    return {"o_finite_rows": err}
 
 
 def run_layer_norm(C, case):

@@ -40,9 +40,12 @@ def case_id(c):
         return f"ln-{c['dtype']}-params_{c.get('param_dtype', 'float32')}-C{c['cols']}{extra}"
     s = f"attn-{c.get('family', 'auto')}-{c['dtype']}-" + "B{B}T{T}S{S}N{N}kv{Nkv}H{H}Hv{Hv}".format(**c)
     for k in ("causal", "mask", "dropout", "strided", "seed_device", "q_mult", "window", "offset", "soft_cap",
-              "offset_device", "nan_keys"):
+              "offset_device", "nan_keys", "plants"):
         if c.get(k):
-            value = "_".join(map(str, c[k])) if isinstance(c[k], (tuple, list)) else c[k]
+            if k == "plants":  # q0.2.0.0=nan
+                value = "_".join(f"{t}{'.'.join(map(str, i))}={v}" for t, i, v in c[k])
+            else:
+                value = "_".join(map(str, c[k])) if isinstance(c[k], (tuple, list)) else c[k]
             s += f"-{k}" + ("" if c[k] is True else f"_{value}")
     return s
 
@@ -105,6 +108,23 @@ QUICK = [
               soft_cap=50.0, q_mult=10, dropout=0.1),
     attention("bfloat16", 1, 7, 97, 2, 1, 64, 64, causal=True, window=(64, -1), offset=90, offset_device=True),
     attention("float32", 1, 7, 97, 2, 1, 40, 40, causal=True, window=(70, 0), offset=90, offset_device=True),
+]
+
+# NaN and inf planted in queries and keys reach the rows the float64
+# reference's do, in each kernel family (the NaN rule, tests/test_nan_propagation.py).
+NAN, INF = float("nan"), float("inf")
+QUICK += [
+    attention("float16", 1, 97, 97, 4, 2, 64, 64, plants=[("q", (0, 2, 0, 0), NAN), ("k", (0, 70, 1, 3), INF)]),
+    attention("bfloat16", 1, 130, 130, 2, 1, 64, 64, causal=True,
+              plants=[("q", (0, 100, 1, 5), NAN), ("k", (0, 40, 0, 3), NAN)]),
+    attention("float32", 2, 70, 70, 4, 2, 40, 40, causal=True, family="simt",
+              plants=[("q", (0, 5, 1, 0), INF), ("k", (1, 40, 1, 3), NAN)]),
+    attention("float16", 1, 70, 70, 2, 1, 16, 16, causal=True, mask="dense",
+              plants=[("k", (0, s, 0, 0), 1.0) for s in range(6)] + [("q", (0, 5, 1, 0), -INF)]),
+    attention("float32", 1, 70, 70, 2, 1, 16, 16, causal=True, family="simt",
+              plants=[("k", (0, s, 0, 0), 1.0) for s in range(6)] + [("q", (0, 5, 1, 0), -INF)]),
+    attention("float16", 1, 80, 80, 2, 1, 64, 64, family="simt", soft_cap=30.0, window=(16, 0), causal=True,
+              plants=[("k", (0, 3, 0, 0), NAN), ("q", (0, 60, 1, 2), NAN)]),
 ]
 
 # Known miss (benchmarks/RESULTS.md, "float32 backward on the GPU"): its o

@@ -450,6 +450,13 @@ inline int64_t interleave(int64_t pos, int64_t count, const Band& band) {
 // ---------------------------------------------------------------------------
 // Forward.
 
+// Whether query row t may see any key (rows whose l is 0 only: O(S)).
+inline bool row_has_allowed_key(const MaskView& mv, int64_t b, int64_t n, int64_t t, int64_t S) {
+  for (int64_t s = mv.key_begin(t); s < mv.key_end(t, 1, S); ++s)
+    if (mv.allowed(b, n, t, s)) return true;
+  return false;
+}
+
 template <typename T>
 void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
   using Acc = typename cpu::AccType<T>::type;
@@ -568,9 +575,16 @@ void fwd_impl(const AttentionFwdParams& p, const CpuContext& ctx) {
         const int64_t t = t0 + r;
         T* orow = o + so.offset(b, t, n);
         Acc* ar = acc.data() + r * Hvp;
-        if (l[r] > Acc(0)) {
+        if (l[r] != Acc(0)) {  // (NaN too: a NaN logit or an inf one makes the row NaN, as the reference math)
           copy_tile(ar, Hvp, 1, Hv, Acc(1) / l[r], orow, int64_t(0));
           lse[(b * N + n) * T_ + t] = m[r] + std::log(l[r]);
+        } else if (row_has_allowed_key(mv, b, n, t, S)) {
+          // Allowed keys, every logit -inf (an inf input): softmax gives
+          // -inf - (-inf) = NaN in the reference math, not the empty row's average.
+          const Acc nan = std::numeric_limits<Acc>::quiet_NaN();
+          std::fill(ar, ar + Hv, nan);
+          copy_tile(ar, Hvp, 1, Hv, Acc(1), orow, int64_t(0));
+          lse[(b * N + n) * T_ + t] = nan;
         } else {
           uniform_row(drop, v + sv.offset(b, 0, hk), sv.seq, S, Hv, b, n, t, ar);
           copy_tile(ar, Hvp, 1, Hv, Acc(1), orow, int64_t(0));

@@ -171,8 +171,8 @@ TFA_AVX2 inline __m256 pow2i_avx2(__m256i n) {
 }
 
 TFA_AVX2 inline __m256 exp_avx2(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-104.0f));
-  x = _mm256_min_ps(x, _mm256_set1_ps(88.7228f));
+  x = _mm256_max_ps(_mm256_set1_ps(-104.0f), x);  // NaN stays NaN, as exp_avx512
+  x = _mm256_min_ps(_mm256_set1_ps(88.7228f), x);
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -317,8 +317,11 @@ TFA_AVX2 inline void softmax_step_avx2(int64_t nr, int64_t nc, float* s, int64_t
       const __m256 hi = _mm256_max_ps(_mm256_max_ps(x[1], x[3]), _mm256_max_ps(x[5], x[7]));
       m_new = std::max(m[r], reduce_max16_avx2(lo, hi));
       if (m_new == neg_inf) {
-        std::fill(sr, sr + nc, 0.0f);
-        continue;
+        if (!has_nan(sr, nc)) {
+          std::fill(sr, sr + nc, 0.0f);
+          continue;
+        }
+        m_new = std::numeric_limits<float>::quiet_NaN();
       }
       const __m256 sh = _mm256_set1_ps(m_new);
 #pragma GCC unroll 8
@@ -331,8 +334,11 @@ TFA_AVX2 inline void softmax_step_avx2(int64_t nr, int64_t nc, float* s, int64_t
     } else {
       m_new = std::max(m[r], row_max_avx2(sr, nc));
       if (m_new == neg_inf) {
-        std::fill(sr, sr + nc, 0.0f);
-        continue;
+        if (!has_nan(sr, nc)) {
+          std::fill(sr, sr + nc, 0.0f);
+          continue;
+        }
+        m_new = std::numeric_limits<float>::quiet_NaN();
       }
       rsum = exp_shift_sum_avx2(sr, nc, m_new);
     }

@@ -169,6 +169,16 @@ Acc row_max_portable(const Acc* x, int64_t n) {
   return r;
 }
 
+// Whether x[0..n) holds a NaN. The online softmax asks when a row's maximum
+// is -inf: a row whose allowed logits are all NaN (a NaN query, say) must
+// give NaN, not the empty row's uniform average (row maxima skip NaN).
+template <typename Acc>
+inline bool has_nan(const Acc* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (x[i] != x[i]) return true;
+  return false;
+}
+
 template <typename Acc>
 Acc exp_shift_sum_portable(Acc* x, int64_t n, Acc shift) {
   Acc sum = 0;
@@ -185,10 +195,13 @@ void softmax_step_portable(int64_t nr, int64_t nc, Acc* s, int64_t lds, Acc* m, 
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
   for (int64_t r = 0; r < nr; ++r) {
     Acc* sr = s + r * lds;
-    const Acc m_new = std::max(m[r], row_max_portable(sr, nc));
-    if (m_new == neg_inf) {  // nothing allowed so far in this row
-      std::fill(sr, sr + nc, Acc(0));
-      continue;
+    Acc m_new = std::max(m[r], row_max_portable(sr, nc));
+    if (m_new == neg_inf) {  // nothing allowed so far in this row, or NaN logits
+      if (!has_nan(sr, nc)) {
+        std::fill(sr, sr + nc, Acc(0));
+        continue;
+      }
+      m_new = std::numeric_limits<Acc>::quiet_NaN();  // the row's result is NaN from here on
     }
     // exp(-inf) = 0 on the first allowed tile; exp(0) = 1 needs no call.
     const Acc corr = m_new == m[r] ? Acc(1) : std::exp(m[r] - m_new);
@@ -452,8 +465,10 @@ TFA_AVX512 inline void ds_narrow_avx512(int64_t m, int64_t n, float* p, const fl
 // 2^n with vscalefps, which also flushes to 0 below the float range. Inputs
 // are clamped so that -inf gives 0 rather than NaN.
 TFA_AVX512 inline __m512 exp_avx512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-  x = _mm512_min_ps(x, _mm512_set1_ps(88.7228f));
+  // (constant first: max/min return their second operand for NaN, so NaN
+  // stays NaN instead of becoming exp(-104) = 0)
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
+  x = _mm512_min_ps(_mm512_set1_ps(88.7228f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -502,8 +517,11 @@ TFA_AVX512 inline void softmax_step_avx512(int64_t nr, int64_t nc, float* s, int
       rmax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(_mm512_max_ps(_mm512_max_ps(_mm512_set1_ps(neg_inf), x0), x1), x2), x3));
       m_new = std::max(m[r], rmax);
       if (m_new == neg_inf) {
-        std::fill(sr, sr + nc, 0.0f);
-        continue;
+        if (!has_nan(sr, nc)) {
+          std::fill(sr, sr + nc, 0.0f);
+          continue;
+        }
+        m_new = std::numeric_limits<float>::quiet_NaN();  // as softmax_step_portable
       }
       const __m512 sh = _mm512_set1_ps(m_new);
       const __m512 e0 = exp_avx512(_mm512_sub_ps(x0, sh)), e1 = exp_avx512(_mm512_sub_ps(x1, sh)),
@@ -516,8 +534,11 @@ TFA_AVX512 inline void softmax_step_avx512(int64_t nr, int64_t nc, float* s, int
     } else {
       m_new = std::max(m[r], row_max_avx512(sr, nc));
       if (m_new == neg_inf) {
-        std::fill(sr, sr + nc, 0.0f);
-        continue;
+        if (!has_nan(sr, nc)) {
+          std::fill(sr, sr + nc, 0.0f);
+          continue;
+        }
+        m_new = std::numeric_limits<float>::quiet_NaN();
       }
       rsum = exp_shift_sum_avx512(sr, nc, m_new);
     }

@@ -64,6 +64,18 @@ __device__ __forceinline__ bool allowed(const AttentionParams& a, const Band& ba
   return !a.mask || a.mask[b * m.batch + n * m.head + t * m.row + s * m.col];
 }
 
+// What a logit x (allowed or not) adds to its row's running max, so that
+// NaN and inf reach the rows they reach in the reference math: a masked key
+// -inf; an allowed NaN +inf (fmaxf would drop it; with the max +inf, exp2(x
+// - m) of the NaN is NaN and so is the row); an allowed -inf the lowest
+// finite float, so that a row whose allowed logits are all -inf ends with
+// l = 0 but m > -inf, and is made NaN (-inf - (-inf)) rather than averaged
+// as a row with no allowed key. Any other logit itself.
+__device__ __forceinline__ float max_term(bool allowed_key, float x) {
+  const float inf = __int_as_float(0x7f800000);
+  return !allowed_key ? -inf : x != x ? inf : fmaxf(x, -3.402823466e38f);
+}
+
 // The logit of a raw dot product qk in the log2 domain (the kernels' exp2),
 // soft-capped when the params ask (cap * tanh(scale qk / cap)), and its
 // derivative with respect to the uncapped logit (1 - tanh^2; 1 without a

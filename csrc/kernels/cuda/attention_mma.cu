@@ -122,8 +122,9 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
         for (int e = 0; e < 2; ++e) {
           const int64_t s = s0 + nt * 8 + 2 * c + e;
           float& xv = x[nt][2 * r + e];
-          xv = allowed(a, band, b, n, row_t[r], s) ? logit2(a, xv).x2 : -inf_f32();
-          mx = fmaxf(mx, xv);
+          const bool ok = allowed(a, band, b, n, row_t[r], s);
+          xv = ok ? logit2(a, xv).x2 : -inf_f32();
+          mx = fmaxf(mx, max_term(ok, xv));
         }
       }
       const float m_new = fmaxf(m[r], lanes_max(mx, 4));
@@ -197,7 +198,8 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
   for (int r = 0; r < 2; ++r) {
     const int64_t t = row_t[r];
     if (t >= sh.seqlen_q) continue;
-    const float inv = l[r] > 0.f ? 1.f / l[r] : 1.f;
+    if (l[r] == 0.f && m[r] != -inf_f32()) l[r] = nan_f32();  // every allowed logit -inf: o and lse NaN
+    const float inv = l[r] != 0.f ? 1.f / l[r] : 1.f;  // l NaN: a NaN row
     T* out = static_cast<T*>(a.o) + a.o_strides.offset(b, t, n);
 #pragma unroll
     for (int nt = 0; nt < kOT; ++nt) {
@@ -209,7 +211,7 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
     }
     if (c == 0) {
       static_cast<float*>(a.lse)[(b * sh.num_heads + n) * sh.seqlen_q + t] =
-          l[r] > 0.f ? m[r] * kLn2 + logf(l[r]) : inf_f32();
+          l[r] != 0.f ? m[r] * kLn2 + logf(l[r]) : inf_f32();
     }
   }
 }

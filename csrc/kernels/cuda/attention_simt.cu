@@ -166,8 +166,9 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
       float mx = -inf_f32();
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        x[i][e] = allowed(a, band, co.b, co.n, t, s0 + 4 * tx + e) ? logit2(a, x[i][e]).x2 : -inf_f32();
-        mx = fmaxf(mx, x[i][e]);
+        const bool ok = allowed(a, band, co.b, co.n, t, s0 + 4 * tx + e);
+        x[i][e] = ok ? logit2(a, x[i][e]).x2 : -inf_f32();
+        mx = fmaxf(mx, max_term(ok, x[i][e]));
       }
       const float m_new = fmaxf(m[i], lanes_max(mx, kTX));
       float p[4], sum = 0.f;
@@ -227,7 +228,8 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
   for (int i = 0; i < kRM; ++i) {
     const int64_t t = t0 + ty + kTY * i;
     if (t >= sh.seqlen_q) continue;
-    const float inv = l[i] > 0.f ? 1.f / l[i] : 1.f;
+    if (l[i] == 0.f && m[i] != -inf_f32()) l[i] = nan_f32();  // every allowed logit -inf: o and lse NaN
+    const float inv = l[i] != 0.f ? 1.f / l[i] : 1.f;  // l NaN: a NaN row
     T* o = static_cast<T*>(a.o) + a.o_strides.offset(co.b, t, co.n);
 #pragma unroll
     for (int c = 0; c < kOC; ++c) {
@@ -236,7 +238,7 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
     }
     if (tx == 0) {
       static_cast<float*>(a.lse)[(co.b * sh.num_heads + co.n) * sh.seqlen_q + t] =
-          l[i] > 0.f ? m[i] * kLn2 + logf(l[i]) : inf_f32();
+          l[i] != 0.f ? m[i] * kLn2 + logf(l[i]) : inf_f32();
     }
   }
 }

@@ -113,6 +113,7 @@ __device__ __forceinline__ T* dynamic_smem() {
 }
 
 __device__ __forceinline__ float inf_f32() { return __int_as_float(0x7f800000); }
+__device__ __forceinline__ float nan_f32() { return __int_as_float(0x7fc00000); }
 
 // Sum over the `width` lanes (a power of two <= 32) that share a row, in a
 // fixed butterfly order: every lane gets the same, deterministic result.
