@@ -29,6 +29,10 @@ def _quiet_cli_start():
         _os.close(devnull)
 
 
+from tf_fastattn import _env
+
+_env.check_flags()  # a boolean variable set to another word is refused here, by name
+
 try:
     with _quiet_cli_start():
         import tensorflow as _tf  # noqa: F401

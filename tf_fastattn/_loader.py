@@ -18,6 +18,8 @@ import warnings
 
 import tensorflow as tf
 
+from tf_fastattn import _env
+
 _IMPLEMENTATIONS = ("auto", "fused", "reference")
 
 _lock = threading.Lock()
@@ -59,7 +61,7 @@ def _load():
     cfg = _build_config()
     built = getattr(cfg, "TF_VERSION", None)
     state = {"tf_version_built": built, "tf_version_running": tf.__version__, "ops": None, "reason": None}
-    if os.environ.get("TF_FASTATTN_DISABLE_OPS", "") not in ("", "0"):
+    if _env.flag("TF_FASTATTN_DISABLE_OPS"):
         state["reason"] = "disabled by TF_FASTATTN_DISABLE_OPS"
         return state
     reason = version_mismatch(built, tf.__version__)
@@ -84,7 +86,7 @@ def _load_xla(cfg, state) -> tuple:
     Returns (why XLA cannot run the fused ops or None, why not on the GPU or None)."""
     if state["ops"] is None:
         return "the op library is not loaded", None
-    if os.environ.get("TF_FASTATTN_DISABLE_XLA", "") not in ("", "0"):
+    if _env.flag("TF_FASTATTN_DISABLE_XLA"):
         return "disabled by TF_FASTATTN_DISABLE_XLA", None
     name = getattr(cfg, "XLA_LIBRARY", None)
     path = os.path.join(os.path.dirname(state["path"]), name) if name else None

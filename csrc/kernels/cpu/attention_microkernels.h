@@ -11,8 +11,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cctype>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -1247,14 +1249,22 @@ struct Bf16Kernels {
   void (*pairs_t)(const uint16_t* src, int64_t stride, int64_t rows, int64_t cols, uint16_t* dst, int64_t ld);
 };
 
+// Whether environment variable `env`'s value turns a flag off: 0, false, no
+// or off in any case (tf_fastattn/_env.py, which refuses other words at import).
+inline bool env_says_off(const char* env) {
+  if (env == nullptr) return false;
+  std::string v(env);
+  for (char& c : v) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return v == "0" || v == "false" || v == "no" || v == "off";
+}
+
 // Whether the bf16 products run on AMX tiles: the CPU has AMX-BF16 and
-// AVX512-BF16, the OS granted the tile state, and TF_FASTATTN_CPU_AMX is not
-// "0". Decided once per process.
+// AVX512-BF16, the OS granted the tile state, and TF_FASTATTN_CPU_AMX does not
+// say off. Decided once per process.
 inline bool amx_enabled() {
 #if TFA_HAVE_X86_DISPATCH
   static const bool on = [] {
-    const char* env = std::getenv("TF_FASTATTN_CPU_AMX");
-    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+    if (env_says_off(std::getenv("TF_FASTATTN_CPU_AMX"))) return false;
     return cpu_tier() == CpuTier::kAvx512 && cpu_features().avx512bf16 && amx_bf16_usable();
   }();
   return on;
