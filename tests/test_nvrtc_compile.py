@@ -244,3 +244,22 @@ def test_precompile_rejects_unknown_arch_naming_it(spelling, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--arch" in err and "is not a supported architecture: expected one of 60, 70, 75, 80, 86, 89, 90" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--head-dim", "0"], "argument --head-dim: must be in [1, 256], got 0"),
+    (["--head-dim", "300"], "argument --head-dim: must be in [1, 256], got 300"),
+    (["--head-dim", "x"], "argument --head-dim: expected an integer, got 'x'"),
+    (["--threads", "-1"], "argument -j/--threads: must be >= 1, got -1"),
+    (["-j", "0"], "argument -j/--threads: must be >= 1, got 0"),
+    (["--dtype", "float64", "--op", "attention"],
+     "the selection (--op ['attention'], --dtype ['float64'], --head-dim all) matches no kernel variant on sm_80: "
+     "the variants there are, per op, for dtypes attention: bfloat16, float16, float32; layer_norm: bfloat16, "
+     "float16, float32, float64"),
+])
+def test_precompile_flags_are_checked(args, message, capsys):
+    """Each flag's bad value is a usage error (exit 2) naming it; a selection of nothing says why."""
+    with pytest.raises(SystemExit) as e:
+        gpu.precompile_main(["--arch", "80", *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err

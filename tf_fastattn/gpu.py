@@ -124,6 +124,21 @@ def _parse_archs(text: str) -> list[int]:
     return archs
 
 
+def _int_in(low: int, high: int | None):
+    """An argparse type: an integer in [low, high] (high None: no upper bound), else a usage error
+    (argparse names the flag)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+    return parse
+
+
 def precompile_main(argv=None) -> int:
     """`python -m tf_fastattn precompile`: warm the kernel cache. Returns the exit status."""
     parser = argparse.ArgumentParser(
@@ -135,18 +150,30 @@ def precompile_main(argv=None) -> int:
                              f"({', '.join(map(str, ARCHS))})")
     parser.add_argument("--dtype", action="append", choices=("float16", "bfloat16", "float32", "float64"),
                         help="repeatable; default: all")
-    parser.add_argument("--head-dim", type=int, action="append", help="attention head dims; default: all buckets")
+    max_head_dim = max(_C_module.GPU_HEAD_DIM_BUCKETS)
+    parser.add_argument("--head-dim", type=_int_in(1, max_head_dim), action="append",
+                        help=f"attention head dims in [1, {max_head_dim}]; default: all buckets")
     parser.add_argument("--op", action="append", choices=("attention", "layer_norm"), help="default: both")
-    parser.add_argument("-j", "--threads", type=int, default=None, help="parallel compilations (default: CPUs)")
+    parser.add_argument("-j", "--threads", type=_int_in(1, None), default=None,
+                        help="parallel compilations, >= 1 (default: CPUs)")
     parser.add_argument("--report", action="store_true", help="print registers, shared memory and spills")
     args = parser.parse_args(argv)
 
+    archs = list(dict.fromkeys(a for group in args.arch for a in group))
+    jobs = [(a, v["name"]) for a in archs for v in select_variants(a, args.dtype, args.head_dim, args.op)]
+    if not jobs:
+        offered = {}
+        for a in archs:
+            for v in variants(a):
+                offered.setdefault(v["op"], set()).add(v["dtype"])
+        kinds = "; ".join(f"{op}: {', '.join(sorted(d))}" for op, d in sorted(offered.items()))
+        parser.error(f"the selection (--op {args.op or 'all'}, --dtype {args.dtype or 'all'}, --head-dim "
+                     f"{args.head_dim or 'all'}) matches no kernel variant on sm_{', sm_'.join(map(str, archs))}: "
+                     f"the variants there are, per op, for dtypes {kinds}")
     info = runtime_info()
     if info["nvrtc"] is None:
         print(f"error: {info['nvrtc_error']}", file=sys.stderr)
         return 1
-    archs = list(dict.fromkeys(a for group in args.arch for a in group))
-    jobs = [(a, v["name"]) for a in archs for v in select_variants(a, args.dtype, args.head_dim, args.op)]
     start = time.perf_counter()
     results = compile_variants(jobs, args.threads)
     failed = [r for r in results if "error" in r]

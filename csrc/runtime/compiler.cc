@@ -10,6 +10,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -61,12 +63,48 @@ bool ends_with(const std::string& s, const char* suffix) {
   return s.size() >= n && s.compare(s.size() - n, n, suffix) == 0;
 }
 
+// The cache holds code that runs in this process, so it is created private
+// (0700) and trusted only where nobody else could have written it.
 Status make_dirs(const std::string& path) {
   std::string failed;
-  if (!files::make_dirs(path, 0755, &failed)) {
-    return Status::Unavailable("cannot create the kernel cache directory " + failed + ": " + std::strerror(errno));
+  if (!files::make_dirs(path, 0700, &failed)) {
+    return Status::Unavailable("cannot create directory " + failed + ": " + std::strerror(errno));
   }
   return Status::OK();
+}
+
+// OK when `path` (the cache directory, following links, or an entry, not
+// following them) is owned by this process's user and writable by no one
+// else; otherwise says why.
+Status check_trusted(const std::string& path, bool directory) {
+  struct stat st;
+  if ((directory ? ::stat(path.c_str(), &st) : ::lstat(path.c_str(), &st)) != 0) {
+    return Status::Unavailable(std::string("cannot stat it: ") + std::strerror(errno));
+  }
+  if (directory ? !S_ISDIR(st.st_mode) : !S_ISREG(st.st_mode)) {
+    return Status::Unavailable(directory ? "it is not a directory" : "it is not a regular file");
+  }
+  if (st.st_uid != ::geteuid()) {
+    return Status::Unavailable("it is owned by uid " + std::to_string(st.st_uid) + ", not by this user (uid " +
+                               std::to_string(::geteuid()) + ")");
+  }
+  if (st.st_mode & (S_IWGRP | S_IWOTH)) {
+    char mode[8];
+    std::snprintf(mode, sizeof(mode), "%04o", static_cast<unsigned>(st.st_mode & 07777));
+    return Status::Unavailable(std::string("it is writable by its group or by others (mode ") + mode + ")");
+  }
+  return Status::OK();
+}
+
+// One warning per path and reason on stderr: the kernels still compile (in
+// memory), but the user should know that the cache is not used.
+void warn_cache_once(const std::string& path, const std::string& why) {
+  static std::mutex mu;
+  static std::set<std::string>* warned = new std::set<std::string>();
+  std::lock_guard<std::mutex> lock(mu);
+  if (!warned->insert(path + '\0' + why).second) return;
+  std::fprintf(stderr, "tf_fastattn: warning: not using the kernel cache %s: %s; the GPU kernels are compiled in "
+               "memory (set TF_FASTATTN_CACHE_DIR to a directory of your own)\n", path.c_str(), why.c_str());
 }
 
 void put_u64(std::string* out, uint64_t v) { out->append(reinterpret_cast<const char*>(&v), 8); }
@@ -114,8 +152,11 @@ void write_atomically(const std::string& path, const std::string& data) {
   const std::string tmp = path + ".tmp." + std::to_string(::getpid()) + "." +
                           std::to_string(std::hash<std::thread::id>()(std::this_thread::get_id())) + "." +
                           std::to_string(counter++);
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0644);
-  if (fd < 0) return;  // read-only cache: compile in memory every time
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0600);
+  if (fd < 0) {  // read-only cache: compile in memory every time
+    warn_cache_once(path.substr(0, path.rfind('/')), std::string("cannot write to it: ") + std::strerror(errno));
+    return;
+  }
   const bool written = files::write_all(fd, data.data(), data.size());
   const bool ok = ::close(fd) == 0 && written;
   if (!ok || ::rename(tmp.c_str(), path.c_str()) != 0) ::unlink(tmp.c_str());
@@ -248,10 +289,22 @@ Status compile_variant(const KernelVariant& v, int arch, bool use_cache, Compile
 
   if (use_cache) {
     const std::string dir = cache_dir();
-    if (make_dirs(dir).ok()) out->cache_file = dir + "/" + out->target + "-" + key + ".bin";
+    Status usable = make_dirs(dir);
+    if (usable.ok()) usable = check_trusted(dir, true);
+    if (usable.ok()) {
+      out->cache_file = dir + "/" + out->target + "-" + key + ".bin";
+    } else {
+      warn_cache_once(dir, usable.message());
+    }
   }
   std::string cached;
-  if (!out->cache_file.empty() && files::read_file(out->cache_file, &cached)) {
+  bool trusted_entry = false;
+  if (!out->cache_file.empty() && ::access(out->cache_file.c_str(), F_OK) == 0) {
+    const Status t = check_trusted(out->cache_file, false);
+    trusted_entry = t.ok();
+    if (!trusted_entry) warn_cache_once(out->cache_file, t.message());  // recompiled, and replaced below
+  }
+  if (trusted_entry && files::read_file(out->cache_file, &cached)) {
     CompiledVariant hit = *out;
     if (decode_entry(cached, &hit)) {
       hit.from_cache = true;

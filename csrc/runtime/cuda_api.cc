@@ -57,7 +57,8 @@ void load_driver(DriverState* s) {
   const std::string path = env("TF_FASTATTN_CUDA_DRIVER").empty() ? "libcuda.so.1" : env("TF_FASTATTN_CUDA_DRIVER");
   void* lib = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
   if (!lib) {
-    s->status = Status::Unavailable("the CUDA driver (" + path + ") could not be loaded: " + ::dlerror() +
+    const std::string named = env("TF_FASTATTN_CUDA_DRIVER").empty() ? path : path + ", from TF_FASTATTN_CUDA_DRIVER";
+    s->status = Status::Unavailable("the CUDA driver (" + named + ") could not be loaded: " + ::dlerror() +
                                 "; GPU kernels need an NVIDIA driver (the CPU kernels work without one)");
     return;
   }
@@ -204,6 +205,14 @@ std::vector<std::string> nvrtc_candidates() {
 Status nvrtc_for_arch(int arch, const Nvrtc** out) {
   NvrtcState& s = nvrtc_state();
   std::lock_guard<std::mutex> lock(s.mu);
+  // A library named by TF_FASTATTN_NVRTC that does not load is an error, not
+  // a silent fall back to another NVRTC.
+  const std::string explicit_path = env("TF_FASTATTN_NVRTC");
+  if (!explicit_path.empty() && load_nvrtc(&s, explicit_path) == nullptr) {
+    return Status::Unavailable("TF_FASTATTN_NVRTC=" + explicit_path + " cannot be used as NVRTC: " +
+                               s.errors[explicit_path] + " (set it to a libnvrtc.so.12 or .13, or unset it to "
+                               "search next to the CUDA wheels, CUDA_HOME and the system)");
+  }
   const Nvrtc* newest = nullptr;
   for (const std::string& path : nvrtc_candidates()) {
     const Nvrtc* n = load_nvrtc(&s, path);
