@@ -155,6 +155,38 @@ def test_dropout_is_fused_and_seeded(rng):
     np.testing.assert_allclose(a(q, v, training=False), stock(q, v, training=False), rtol=1e-5, atol=1e-6)
 
 
+def test_dropout_one_drops_everything_as_stock(rng):
+    """Keras accepts dropout=1.0: in training every probability is dropped and
+    the layer returns its output bias; the fused layer's gradients are
+    zeros where stock Keras' are None (no "gradients do not exist" warning)."""
+    stock, fused = make_pair(num_heads=2, key_dim=8, dropout=1.0, seed=3)
+    q = random_tensor(rng, (2, 9, 32), tf.float32)
+    v = random_tensor(rng, (2, 11, 24), tf.float32)
+    for layer in (stock, fused):
+        layer(q, v)
+    fused.set_weights(stock.get_weights())
+    fused._output_dense.bias.assign(tf.range(32, dtype=tf.float32) * 0.1)
+    stock._output_dense.bias.assign(tf.range(32, dtype=tf.float32) * 0.1)
+    results = []
+    for layer in (stock, fused):
+        with tf.GradientTape() as tape:
+            out = layer(q, v, training=True)
+            loss = tf.reduce_sum(out * out)
+        grads = tape.gradient(loss, layer.trainable_weights)
+        results.append((out.numpy(), grads))
+    (s_out, s_grads), (f_out, f_grads) = results
+    np.testing.assert_array_equal(f_out, s_out)
+    np.testing.assert_array_equal(f_out, np.broadcast_to(np.arange(32, dtype=np.float32) * 0.1, f_out.shape))
+    for w, gs, gf in zip(fused.trainable_weights, s_grads, f_grads):
+        assert gf is not None, w.name
+        # Stock Keras' gradient is None where nothing reaches a weight (the
+        # query, key and value projections); the fused layer's is zeros there.
+        want = np.zeros(w.shape, np.float32) if gs is None else np.asarray(gs)
+        np.testing.assert_allclose(np.asarray(gf), want, atol=1e-6, err_msg=w.name)
+    assert any(g is None for g in s_grads) and all(g is not None for g in f_grads)
+    np.testing.assert_allclose(fused(q, v, training=False), stock(q, v, training=False), rtol=1e-5, atol=1e-6)
+
+
 def test_dropout_in_training_keeps_expectation(rng):
     # E[dropout(p)] = p: the mean over many seeds approaches the inference output.
     _, fused = make_pair(num_heads=2, key_dim=8, dropout=0.3, seed=1)

@@ -183,6 +183,13 @@ def fused_layer_attention(query, key, value, mask, is_causal, *, dropout, seed_g
         while mask.shape.rank < 4:
             mask = tf.expand_dims(mask, axis=-3)
     dropout_rate = float(dropout) if (training and dropout > 0) else 0.0
+    if dropout_rate >= 1.0:
+        # Keras' Dropout(1.0) drops every probability: the attention output
+        # is zeros (the layer returns its output bias) and the gradients to
+        # query, key and value are zeros, not None. The op takes rates < 1.
+        shape = tf.concat([tf.shape(query)[:3], tf.shape(value)[-1:]], axis=0)
+        tie = tf.reduce_sum(query) + tf.reduce_sum(key) + tf.reduce_sum(value)
+        return tf.zeros(shape, query.dtype) + tf.math.multiply_no_nan(tie, tf.zeros([], tie.dtype))
     seed = seed_tensor(seed_generator) if dropout_rate > 0 else None
     out, lse = fused_attention(
         query,
