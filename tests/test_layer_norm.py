@@ -217,8 +217,8 @@ def test_gradients_are_bitwise_deterministic(rng):
         (dict(x=tf.constant(1.0)), r"x must have rank >= 1, got a scalar"),
         (dict(x=tf.zeros([4, 8], tf.int32)), r"x must be float16, bfloat16, float32 or float64, got int32"),
         (dict(x=tf.constant([["a"]])), r"x must be float16, bfloat16, float32 or float64, got string"),
-        (dict(x=tf.zeros([4, 8]), epsilon=0.0), r"epsilon must be > 0, got 0.0"),
-        (dict(x=tf.zeros([4, 8]), epsilon=-1e-5), r"epsilon must be > 0"),
+        (dict(x=tf.zeros([4, 8]), epsilon=0.0), r"epsilon must be a finite number > 0, got 0.0"),
+        (dict(x=tf.zeros([4, 8]), epsilon=-1e-5), r"epsilon must be a finite number > 0"),
     ],
     ids=["gamma-cols", "beta-cols", "residual-shape", "residual-dtype", "rank0", "int", "string", "eps0", "eps-neg"],
 )

@@ -137,7 +137,7 @@ def test_rms_norm_without_residual_and_without_scale():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(epsilon=0.0), "rms_norm: epsilon must be > 0"),
+    (dict(epsilon=0.0), "rms_norm: epsilon must be a finite number > 0"),
     (dict(gamma=tf.ones([5])), r"rms_norm: gamma must have shape \[4\]"),
     (dict(residual=tf.ones([3, 4], tf.float16)), "rms_norm: residual must have the dtype of x"),
     (dict(gamma=None), "rms_norm: gamma is required when scale=True"),

@@ -139,6 +139,17 @@ def _validate(query, key, value, mask, scale, dropout_rate):
         raise ValueError(f"dot_product_attention: dropout_rate must be in [0, 1), got {dropout_rate!r}")
 
 
+def dense_tensor(t, name: str, op: str):
+    """`t` as a dense tensor; a RaggedTensor or SparseTensor (which the fused
+    kernels cannot read) is a TypeError naming the argument and what to pass."""
+    if isinstance(t, tf.RaggedTensor):
+        hint = ", with a mask marking the padding keys" if op == "dot_product_attention" else ""
+        raise TypeError(f"{op}: {name} is a tf.RaggedTensor; pass a dense tensor: {name}.to_tensor(){hint}")
+    if isinstance(t, (tf.SparseTensor, tf.compat.v1.SparseTensorValue)):
+        raise TypeError(f"{op}: {name} is a tf.SparseTensor; pass a dense tensor: tf.sparse.to_dense({name})")
+    return tf.convert_to_tensor(t)
+
+
 def seed_tensor(seed):
     """The 64-bit Philox key for attention dropout, as an int64 scalar tensor.
 
@@ -158,7 +169,11 @@ def seed_tensor(seed):
     if isinstance(seed, int):
         seed %= 2**64  # any Python int: the key is 64 bits
         return tf.constant(seed - 2**64 if seed >= 2**63 else seed, tf.int64)
-    seed = tf.convert_to_tensor(seed)
+    try:
+        seed = tf.convert_to_tensor(seed)
+    except (TypeError, ValueError):
+        raise TypeError("dot_product_attention: seed must be None, an int, an integer scalar tensor or a "
+                        f"keras.random.SeedGenerator, got {type(seed).__name__} {seed!r}") from None
     if not seed.dtype.is_integer:
         raise ValueError(f"dot_product_attention: seed must be an integer, got dtype {seed.dtype.name}")
     if seed.shape.rank is not None and seed.shape.num_elements() not in (None, 1):
@@ -273,16 +288,20 @@ def dot_product_attention(
       TensorShape([2, 128, 8, 64])
     """
     _loader.check_implementation(implementation)
-    query, key, value = (tf.convert_to_tensor(t) for t in (query, key, value))
+    query, key, value = (dense_tensor(t, n, "dot_product_attention") for t, n in
+                         ((query, "query"), (key, "key"), (value, "value")))
     if scale is not None and not isinstance(scale, numbers.Real):
         # A scale tensor must be known when the graph is built: it becomes an attribute.
-        static = tf.get_static_value(scale)
-        if static is None or static.size != 1:
+        static = tf.get_static_value(scale) if isinstance(scale, (tf.Tensor, tf.Variable, np.ndarray)) else None
+        if static is None or static.size != 1 or not np.issubdtype(static.dtype, np.number):
             raise ValueError(f"dot_product_attention: scale must be a number or a constant scalar, got {scale!r}")
         scale = float(static)
     if mask is not None:
-        mask = tf.convert_to_tensor(mask)
+        mask = dense_tensor(mask, "mask", "dot_product_attention")
         if mask.dtype != tf.bool:
+            if not (mask.dtype.is_integer or mask.dtype.is_floating):
+                raise TypeError("dot_product_attention: mask must be boolean (True = attend) or numeric (nonzero "
+                                f"= attend, as Keras casts it), got dtype {mask.dtype.name}")
             mask = tf.not_equal(mask, tf.zeros([], mask.dtype))
     # The static checks, once (the op repeats the shape checks at run time,
     # with the same messages as every front end: csrc/core/attention_checks.cc).

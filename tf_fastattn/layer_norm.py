@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import tensorflow as tf
 
 from tf_fastattn import _loader, reference
+from tf_fastattn.attention import dense_tensor
 
 _FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 
@@ -19,8 +23,10 @@ def _validate(x, gamma, beta, residual, epsilon, center, scale, op="layer_norm")
         raise ValueError(f"{op}: x must be float16, bfloat16, float32 or float64, got {x.dtype.name}")
     if x.shape.rank == 0:
         raise ValueError(f"{op}: x must have rank >= 1, got a scalar (shape [])")
-    if not epsilon > 0:
-        raise ValueError(f"{op}: epsilon must be > 0, got {epsilon}")
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
+        raise TypeError(f"{op}: epsilon must be a number > 0, got {type(epsilon).__name__} {epsilon!r}")
+    if not epsilon > 0 or not math.isfinite(epsilon):
+        raise ValueError(f"{op}: epsilon must be a finite number > 0, got {epsilon}")
     cols = x.shape[-1] if x.shape.rank else None
     for name, p, used in (("gamma", gamma, scale), ("beta", beta, center)):
         if not used:
@@ -85,8 +91,8 @@ def layer_norm(
     _loader.check_implementation(implementation)
     if rms_scaling:
         center = False
-    x = tf.convert_to_tensor(x)
-    residual = None if residual is None else tf.convert_to_tensor(residual)
+    x = dense_tensor(x, "x", "layer_norm")
+    residual = None if residual is None else dense_tensor(residual, "residual", "layer_norm")
     gamma = None if gamma is None or not scale else tf.convert_to_tensor(gamma)
     beta = None if beta is None or not center else tf.convert_to_tensor(beta)
     _validate(x, gamma, beta, residual, epsilon, center, scale)
@@ -140,8 +146,8 @@ def rms_norm(
       >>> y, h = tf_fastattn.rms_norm(attn_out, gamma, residual=h, return_residual=True)
     """
     _loader.check_implementation(implementation)
-    x = tf.convert_to_tensor(x)
-    residual = None if residual is None else tf.convert_to_tensor(residual)
+    x = dense_tensor(x, "x", "rms_norm")
+    residual = None if residual is None else dense_tensor(residual, "residual", "rms_norm")
     gamma = None if gamma is None or not scale else tf.convert_to_tensor(gamma)
     _validate(x, gamma, None, residual, epsilon, False, scale, op="rms_norm")
 
