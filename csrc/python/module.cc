@@ -100,14 +100,18 @@ CpuContext thread_context(int num_threads) {
     }
     const int64_t grain = std::max<int64_t>(1, total / (4 * workers));
     std::atomic<int64_t> next{0};
+    FirstException failed;
     const auto work = [&] {
-      for (int64_t begin; (begin = next.fetch_add(grain)) < total;) fn(begin, std::min(total, begin + grain));
+      for (int64_t begin; (begin = next.fetch_add(grain)) < total;) {
+        failed.run([&] { fn(begin, std::min(total, begin + grain)); });
+      }
     };
     std::vector<std::thread> threads;
     threads.reserve(workers - 1);
     for (int64_t w = 1; w < workers; ++w) threads.emplace_back(work);
     work();
     for (auto& t : threads) t.join();
+    failed.rethrow();
   };
   return ctx;
 }
@@ -123,6 +127,7 @@ void check(const Status& s) {
   switch (s.code()) {
     case StatusCode::kOk: return;
     case StatusCode::kInvalidArgument: throw py::value_error(s.message());
+    case StatusCode::kResourceExhausted: throw std::bad_alloc();  // MemoryError
     case StatusCode::kUnavailable:
     case StatusCode::kInternal: break;
   }

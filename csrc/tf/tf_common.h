@@ -67,8 +67,10 @@ inline CpuContext cpu_context(tfw::OpKernelContext* ctx) {
   c.num_threads = pool->NumThreads();
   c.parallel_for = [pool](int64_t total, int64_t cost, const std::function<void(int64_t, int64_t)>& fn) {
     if (total <= 0) return;
+    FirstException failed;
     pool->ParallelFor(total, tfw::thread::ThreadPool::SchedulingParams::Adaptive(cost),
-                      [&fn](int64_t b, int64_t e) { fn(b, e); });
+                      [&fn, &failed](int64_t b, int64_t e) { failed.run([&] { fn(b, e); }); });
+    failed.rethrow();
   };
   return c;
 }
@@ -113,6 +115,7 @@ inline absl::Status to_tf_status(const Status& s) {
     case StatusCode::kOk: return absl::OkStatus();
     case StatusCode::kInvalidArgument: return absl::InvalidArgumentError(s.message());
     case StatusCode::kUnavailable: return absl::UnavailableError(s.message());
+    case StatusCode::kResourceExhausted: return absl::ResourceExhaustedError(s.message());
     case StatusCode::kInternal: break;
   }
   return absl::InternalError(s.message());

@@ -27,6 +27,7 @@ ffi::Error to_error(const Status& s) {
     case StatusCode::kOk: return ffi::Error::Success();
     case StatusCode::kInvalidArgument: return ffi::Error::InvalidArgument(s.message());
     case StatusCode::kUnavailable: return ffi::Error(ffi::ErrorCode::kUnavailable, s.message());
+    case StatusCode::kResourceExhausted: return ffi::Error(ffi::ErrorCode::kResourceExhausted, s.message());
     case StatusCode::kInternal: break;
   }
   return ffi::Error::Internal(s.message());
@@ -63,6 +64,7 @@ struct ForState {
   int64_t finished = 0;
   std::mutex mu;
   std::condition_variable cv;
+  FirstException failed;
 };
 
 // The range is cut into parts that the calling thread and the pool's workers
@@ -88,7 +90,7 @@ CpuContext xla_cpu_context(ffi::ThreadPool* pool) {
       for (;;) {
         const int64_t i = state->next.fetch_add(1);
         if (i >= parts) return;
-        fn(total * i / parts, total * (i + 1) / parts);
+        state->failed.run([&] { fn(total * i / parts, total * (i + 1) / parts); });
         std::lock_guard<std::mutex> lock(state->mu);
         if (++state->finished == parts) state->cv.notify_all();
       }
@@ -97,6 +99,7 @@ CpuContext xla_cpu_context(ffi::ThreadPool* pool) {
     work();
     std::unique_lock<std::mutex> lock(state->mu);
     state->cv.wait(lock, [&] { return state->finished == parts; });
+    state->failed.rethrow();
   };
   return c;
 }

@@ -7,7 +7,9 @@
 #pragma once
 
 #include <cstdint>
+#include <exception>
 #include <functional>
+#include <mutex>
 #include <string>
 #include <utility>
 
@@ -24,7 +26,9 @@ namespace tf_fastattn {
 //   kInternal         a failure that is not the caller's    TF Internal,        Python RuntimeError
 //                     (NVRTC compile error, CUDA driver
 //                     call failing, a kernel resource limit)
-enum class StatusCode : int { kOk = 0, kInvalidArgument = 1, kUnavailable = 2, kInternal = 3 };
+//   kResourceExhausted  out of memory (a CPU kernel's       TF ResourceExhausted, Python MemoryError
+//                     scratch buffers)
+enum class StatusCode : int { kOk = 0, kInvalidArgument = 1, kUnavailable = 2, kInternal = 3, kResourceExhausted = 4 };
 
 class Status {
  public:
@@ -33,6 +37,9 @@ class Status {
   static Status Invalid(std::string message) { return Status(StatusCode::kInvalidArgument, std::move(message)); }
   static Status Unavailable(std::string message) { return Status(StatusCode::kUnavailable, std::move(message)); }
   static Status Internal(std::string message) { return Status(StatusCode::kInternal, std::move(message)); }
+  static Status ResourceExhausted(std::string message) {
+    return Status(StatusCode::kResourceExhausted, std::move(message));
+  }
   bool ok() const { return code_ == StatusCode::kOk; }
   StatusCode code() const { return code_; }
   const std::string& message() const { return message_; }
@@ -58,6 +65,31 @@ class Status {
 // results are bitwise identical for any thread count.
 using ParallelFor =
     std::function<void(int64_t total, int64_t cost_per_unit, const std::function<void(int64_t, int64_t)>& fn)>;
+
+// The first exception thrown by the parts of a parallel_for, kept for the
+// caller: a worker thread of TensorFlow's or XLA's pool must not throw (the
+// process would end), and every part must still count as done. The front
+// ends' parallel_for run each part through run() and call rethrow() after
+// the join; the core turns std::bad_alloc into kResourceExhausted.
+class FirstException {
+ public:
+  template <typename F>
+  void run(F&& f) noexcept {
+    try {
+      f();
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!first_) first_ = std::current_exception();
+    }
+  }
+  void rethrow() {
+    if (first_) std::rethrow_exception(first_);
+  }
+
+ private:
+  std::mutex mu_;
+  std::exception_ptr first_;
+};
 
 struct CpuContext {
   ParallelFor parallel_for;

@@ -89,7 +89,7 @@ class ScratchCache {
       blocks_[best] = blocks_.back();
       blocks_.pop_back();
     } else {
-      raw = static_cast<char*>(std::malloc(bytes + kHeader));
+      raw = bytes > test_limit() ? nullptr : static_cast<char*>(std::malloc(bytes + kHeader));
       if (raw == nullptr) throw std::bad_alloc();
       *reinterpret_cast<size_t*>(raw) = bytes;
     }
@@ -104,6 +104,16 @@ class ScratchCache {
     } else {
       std::free(raw);
     }
+  }
+  // TF_FASTATTN_TEST_SCRATCH_LIMIT (bytes): a test hook that makes any
+  // larger scratch block fail as malloc would out of memory, so the tests can
+  // reach the out-of-memory path (tests/test_out_of_memory.py). Unset: none.
+  static size_t test_limit() {
+    static const size_t limit = [] {
+      const char* env = std::getenv("TF_FASTATTN_TEST_SCRATCH_LIMIT");
+      return env && *env ? static_cast<size_t>(std::strtoull(env, nullptr, 10)) : ~size_t(0);
+    }();
+    return limit;
   }
   static ScratchCache& local() {
     thread_local ScratchCache cache;
