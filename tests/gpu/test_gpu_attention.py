@@ -207,3 +207,43 @@ def test_errors_name_the_argument(C):
     q = torch.randn(1, 4, 1, 300, device="cuda")
     with pytest.raises(ValueError, match=r"head_dim \(H\) must be in \[1, 256\], got 300"):
         attention_fwd(C, q, q, q)
+
+
+NAN_CASES = {  # name: (shape, causal, plants [(tensor, index, value)])
+    "q_nan_k_inf": ((1, 97, 97, 4, 2, 64, 64), False, [("q", (0, 2, 0, 0), float("nan")),
+                                                       ("k", (0, 70, 1, 3), float("inf"))]),
+    "causal_q_nan_k_nan": ((1, 130, 130, 2, 1, 64, 64), True, [("q", (0, 100, 1, 5), float("nan")),
+                                                               ("k", (0, 40, 0, 3), float("nan"))]),
+    "all_logits_neg_inf": ((1, 70, 70, 2, 1, 16, 16), True,
+                           [("k", (0, s, 0, 0), 1.0) for s in range(6)] + [("q", (0, 5, 1, 0), -float("inf"))]),
+}
+
+
+@pytest.mark.parametrize("family", ["auto", "simt"])
+@pytest.mark.parametrize("case", list(NAN_CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_nan_and_inf_reach_the_reference_rows(C, dtype, case, family):
+    """The NaN rule (README; tests/test_nan_propagation.py): output rows NaN
+    exactly where the float64 reference's are, the others close; gradients
+    NaN at least where the reference's are."""
+    from test_nan_propagation import reference
+
+    shape, causal, plants = NAN_CASES[case]
+    q, k, v, _ = make_inputs(shape, shape[3] // shape[4], dtype, "none")
+    for name, index, value in plants:
+        (q if name == "q" else k)[index] = value
+    o, lse = attention_fwd(C, q, k, v, None, causal, family=family)
+    d_o = torch.randn_like(o)
+    dq, dk, dv = attention_bwd(C, q, k, v, o, lse, d_o, None, causal, family=family)
+    torch.cuda.synchronize()
+    qn, kn, vn, don, on, lsen, dqn, dkn, dvn = (a.astype(np.float64) for a in to_numpy(q, k, v, d_o, o, lse, dq, dk,
+                                                                                      dv))
+    ref = reference(qn, kn, vn, don, dict(is_causal=causal), None)
+    ref_rows = np.isnan(ref[0]).any(-1)
+    assert ref_rows.any()
+    np.testing.assert_array_equal(np.isnan(on), np.isnan(ref[0]))
+    np.testing.assert_array_equal(np.isnan(lsen), np.isnan(ref[1]))
+    tol = 5e-2 if dtype != torch.float32 else 1e-4
+    np.testing.assert_allclose(on[~ref_rows], ref[0][~ref_rows], atol=tol, rtol=tol)
+    for name, got, want in (("dq", dqn, ref[2]), ("dk", dkn, ref[3]), ("dv", dvn, ref[4])):
+        assert not (np.isnan(want) & ~np.isnan(got)).any(), f"{name} misses NaN entries of the reference"
