@@ -92,6 +92,52 @@ def allowed_mask(B, N, T, S, mask=None, is_causal=False, window=None, query_offs
     return allowed
 
 
+def nan_aware_attention(q, k, v, d_out, mask=None, is_causal=False, window=None, query_offset=0,
+                        logits_soft_cap=None):
+    """float64 forward and backward of [B, T, N, H] attention (GQA by Nkv) with
+    masked terms left out, as Keras' masking by `where` does: a NaN or inf in a
+    key a row may not see does not reach that row; every other NaN, inf - inf
+    and -inf - (-inf) does. A row with no allowed key averages every value
+    (log-sum-exp +inf). Returns out, lse [B, N, T], dq, dk, dv."""
+    q, k, v, d_out = (np.asarray(t, np.float64) for t in (q, k, v, d_out))
+    B, T, N, H = q.shape
+    S, Nkv = k.shape[1], k.shape[2]
+    g = N // Nkv
+    kh, vh = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)  # [B, S, N, H]
+    A = allowed_mask(B, N, T, S, mask, is_causal, window, query_offset)
+    cap = logits_soft_cap or 0.0
+    with np.errstate(all="ignore"):
+        prod = np.einsum("btnh,bsnh->bntsh", q, kh) / np.sqrt(H)
+        prod = np.where(A[..., None], prod, 0.0)  # a masked key's NaN does not reach
+        x = prod.sum(-1)
+        if cap:
+            x = cap * np.tanh(x / cap)
+        xm = np.where(A, x, -np.inf)
+        m = np.max(xm, axis=-1, keepdims=True)  # NaN if any allowed logit is NaN
+        none = ~A.any(-1, keepdims=True)
+        p = np.where(A, np.exp(xm - m), 0.0)
+        p = np.where(none, 1.0, p)
+        lsum = p.sum(-1, keepdims=True)
+        p = np.where(A | none, p / lsum, 0.0)
+        lse = np.where(none[..., 0], np.inf, (m + np.log(lsum))[..., 0])
+        out = np.einsum("bnts,bsnh->btnh", p, vh)
+        do = np.transpose(d_out, (0, 2, 1, 3))  # [B, N, T, H]
+        dv = np.einsum("bnts,bnth->bsnh", p, do)
+        dp = np.einsum("bnth,bsnh->bnts", do, vh)
+        delta = np.einsum("bnth,btnh->bnt", do, out)[..., None]
+        ds = np.where(A & ~none, p * (dp - delta), 0.0)
+        if cap:
+            ds = ds * (1 - np.tanh(xm / cap) ** 2)
+            ds = np.where(A & ~none, ds, 0.0)
+        ds = ds / np.sqrt(H)
+        dq = np.where(A[..., None], np.einsum("bnts,bsnh->bntsh", ds, kh), 0.0).sum(3)  # [B, N, T, H]
+        dq = np.transpose(dq, (0, 2, 1, 3))
+        dk = np.where(A[..., None], np.einsum("bnts,btnh->bntsh", ds, q), 0.0).sum(2)  # [B, N, S, H]
+        dk = np.transpose(dk, (0, 2, 1, 3))
+    fold = lambda t: t.reshape(B, S, Nkv, g, H).sum(3)  # noqa: E731
+    return out, lse, dq, fold(dk), fold(dv)
+
+
 def _logits(q, k, scale, cap, r):
     """(logits, tanh of the capped ones or None), rounded by r where a plain
     implementation stores them (x, x / cap, tanh, cap * tanh)."""

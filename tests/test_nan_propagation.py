@@ -36,6 +36,7 @@ import pytest
 
 from tf_fastattn import _C
 from test_attention_kernel import NP_DTYPES
+import numpy_reference
 
 FEATURES = set(_C.cpu_features())
 TIERS = {
@@ -92,64 +93,13 @@ def _kernel_kwargs(opts, mask):
     return dict(kw, mask=mask)
 
 
-def _allowed(B, N, T, S, opts, mask):
-    """[B, N, T, S] booleans: which key each query row may see."""
-    off = opts.get("query_offset", 0)
-    pos = np.arange(T)[:, None] + off
-    s = np.arange(S)[None, :]
-    ok = np.ones((T, S), bool)
-    if opts.get("is_causal"):
-        ok &= s <= pos
-    left, right = opts.get("window", (-1, -1))
-    if left >= 0:
-        ok &= s >= pos - left
-    if right >= 0:
-        ok &= s <= pos + right
-    ok = np.broadcast_to(ok, (B, N, T, S))
-    if mask is not None:
-        ok = ok & np.broadcast_to(mask, (B, N, T, S))
-    return ok
-
-
 def reference(q, k, v, d_out, opts, mask):
-    """float64 forward and backward with masked terms left out; NaN where the math gives NaN."""
-    q, k, v, d_out = (np.asarray(t, np.float64) for t in (q, k, v, d_out))
-    B, T, N, H = q.shape
-    S, Nkv = k.shape[1], k.shape[2]
-    g = N // Nkv
-    kh, vh = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)  # [B, S, N, H]
-    A = _allowed(B, N, T, S, opts, mask)
-    cap = opts.get("logits_soft_cap", 0.0)
-    with np.errstate(all="ignore"):
-        prod = np.einsum("btnh,bsnh->bntsh", q, kh) / np.sqrt(H)
-        prod = np.where(A[..., None], prod, 0.0)  # a masked key's NaN does not reach
-        x = prod.sum(-1)
-        if cap:
-            x = cap * np.tanh(x / cap)
-        xm = np.where(A, x, -np.inf)
-        m = np.max(np.where(A, x, -np.inf), axis=-1, keepdims=True)  # NaN if any allowed logit is NaN
-        none = ~A.any(-1, keepdims=True)
-        p = np.where(A, np.exp(xm - m), 0.0)
-        p = np.where(none, 1.0, p)  # a row with no allowed key averages every value
-        lsum = p.sum(-1, keepdims=True)
-        p = np.where(A | none, p / lsum, 0.0)
-        lse = np.where(none[..., 0], np.inf, (m + np.log(lsum))[..., 0])
-        out = np.einsum("bnts,bsnh->btnh", p, vh)
-        do = np.transpose(d_out, (0, 2, 1, 3))  # [B, N, T, H]
-        dv = np.einsum("bnts,bnth->bsnh", p, do)
-        dp = np.einsum("bnth,bsnh->bnts", do, vh)
-        delta = np.einsum("bnth,btnh->bnt", do, out)[..., None]
-        ds = np.where(A & ~none, p * (dp - delta), 0.0)
-        if cap:
-            ds = ds * (1 - np.tanh(xm / cap) ** 2)
-            ds = np.where(A & ~none, ds, 0.0)
-        ds = ds / np.sqrt(H)
-        dq = np.where(A[..., None], np.einsum("bnts,bsnh->bntsh", ds, kh), 0.0).sum(3)  # [B, N, T, H]
-        dq = np.transpose(dq, (0, 2, 1, 3))
-        dk = np.where(A[..., None], np.einsum("bnts,btnh->bntsh", ds, q), 0.0).sum(2)  # [B, N, S, H]
-        dk = np.transpose(dk, (0, 2, 1, 3))
-    fold = lambda t: t.reshape(B, S, Nkv, g, H).sum(3)  # noqa: E731
-    return out, lse, dq, fold(dk), fold(dv)
+    """float64 forward and backward with masked terms left out (numpy_reference.nan_aware_attention)."""
+    return numpy_reference.nan_aware_attention(q, k, v, d_out, mask=mask, **opts_for_reference(opts))
+
+
+def opts_for_reference(opts):
+    return {key: opts[key] for key in ("is_causal", "window", "query_offset", "logits_soft_cap") if key in opts}
 
 
 CHILD = r"""
@@ -295,7 +245,7 @@ def test_keras_math_agrees_on_the_nan_rows():
         q, k, v, d_out, qp, kp, mask = _inputs(name, "float32")
         g = N // Nkv
         kk, vv = np.repeat(kp, g, axis=2), np.repeat(v, g, axis=2)
-        allowed = _allowed(B, N, T, S, opts, mask)
+        allowed = numpy_reference.allowed_mask(B, N, T, S, mask, **{k: v for k, v in opts_for_reference(opts).items() if k != "logits_soft_cap"})
         out = np.asarray(keras.ops.dot_product_attention(qp, kk, vv, mask=allowed))
         ref_out = reference(qp, kp, v, d_out, opts, mask)[0]
         np.testing.assert_array_equal(_rows_nan(out), _rows_nan(ref_out), err_msg=name)
