@@ -331,6 +331,9 @@ def run_layer_norm(C, case):
         return a.strides[0] // a.itemsize if a is not None else 0
 
     x = rows_view((rng.standard_normal((rows, cols)) * 2 + 0.5).astype(dtype))
+    plant = case.get("plant")  # (row, col, value): NaN or inf in x, checked by the NaN rule
+    if plant is not None:
+        x[plant[0], plant[1]] = plant[2]
     r = rows_view(rng.standard_normal((rows, cols)).astype(dtype)) if residual else None
     g = (rng.random(cols) + 0.5).astype(pdtype)
     b = rng.standard_normal(cols).astype(pdtype) if norm == "layer" else None
@@ -357,8 +360,40 @@ def run_layer_norm(C, case):
                                  sum_row_stride=row_stride(s_in), dx_row_stride=row_stride(dx)))
 
     b_ref = b if b is not None else np.zeros(cols, pdtype)
+    if plant is not None:
+        return _check_layer_norm_plant(np, case, x, r, g, b_ref, eps, y, dy, dsum, dx, dg, db), (y, dx, dg)
     errors = check_layer_norm(dt_name, pdt_name, x, r, g, b_ref, eps, y, s, mean, rstd, dy, dsum, dx, dg, db, norm=norm)
     return errors, (y, dx, dg, mean, rstd) + ((db,) if b is not None else ()) + ((s,) if residual else ())
+
+
+def _check_layer_norm_plant(np, case, x, r, g, b, eps, y, dy, dsum, dx, dg, db):
+    """The NaN rule for a NaN or inf planted in x: the planted row's outputs,
+    statistics and dx all NaN (inf - inf for inf), dgamma NaN (a sum over
+    every row), every other row and dbeta finite and near the float64 math."""
+    from numpy_reference import layer_norm_bwd, layer_norm_fwd
+
+    row = case["plant"][0]
+    norm = case.get("norm", "layer")
+    others = np.arange(x.shape[0]) != row
+    f64 = lambda a: None if a is None else a.astype(np.float64)  # noqa: E731
+    xr = f64(x)[others]
+    rr = f64(r)[others] if r is not None else np.zeros_like(xr)
+    want_y, want_s, _, _ = layer_norm_fwd(xr, rr, f64(g), f64(b), eps, norm=norm)
+    want_dx = layer_norm_bwd(want_s, f64(dy)[others], f64(dsum)[others] if dsum is not None else 0.0, f64(g), eps,
+                             norm=norm)[0]
+    tol = 1e-4 if case["dtype"] in ("float32", "float64") else 5e-2
+    for name, got, want in (("y", y, want_y), ("dx", dx, want_dx)):
+        got = f64(got)
+        if not np.isnan(got[row]).all():
+            raise AssertionError(f"{name}: the planted row is not NaN everywhere")
+        if not np.isfinite(got[others]).all():
+            raise AssertionError(f"{name}: the plant reached another row")
+        np.testing.assert_allclose(got[others], want, atol=tol, rtol=tol, err_msg=name)
+    if not np.isnan(f64(dg)).all():
+        raise AssertionError("dgamma: not NaN everywhere (it sums the planted row)")
+    if db is not None:
+        np.testing.assert_allclose(f64(db), f64(dy).sum(0), atol=tol * x.shape[0], rtol=tol, err_msg="dbeta")
+    return {"other_rows": 0.0}
 
 
 def _digest(arrays) -> str:

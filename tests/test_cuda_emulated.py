@@ -37,6 +37,7 @@ def case_id(c):
     if c["op"] == "layer_norm":
         extra = ("" if c.get("residual", True) else "-noresidual") + (f"-pad{c['row_pad']}" if c.get("row_pad") else "")
         extra += f"-{c['norm']}" if c.get("norm", "layer") != "layer" else ""
+        extra += "-plant_{}.{}={}".format(*c["plant"]) if c.get("plant") else ""
         return f"ln-{c['dtype']}-params_{c.get('param_dtype', 'float32')}-C{c['cols']}{extra}"
     s = f"attn-{c.get('family', 'auto')}-{c['dtype']}-" + "B{B}T{T}S{S}N{N}kv{Nkv}H{H}Hv{Hv}".format(**c)
     for k in ("causal", "mask", "dropout", "strided", "seed_device", "q_mult", "window", "offset", "soft_cap",
@@ -125,6 +126,11 @@ QUICK += [
               plants=[("k", (0, s, 0, 0), 1.0) for s in range(6)] + [("q", (0, 5, 1, 0), -INF)]),
     attention("float16", 1, 80, 80, 2, 1, 64, 64, family="simt", soft_cap=30.0, window=(16, 0), causal=True,
               plants=[("k", (0, 3, 0, 0), NAN), ("q", (0, 60, 1, 2), NAN)]),
+    # the norms: a NaN or inf in one row's input reaches that row (and dgamma) only
+    layer_norm("float32", 5, 71, plant=(2, 7, NAN)),
+    layer_norm("bfloat16", 3, 1024, param_dtype="bfloat16", plant=(1, 1000, INF)),
+    layer_norm("float16", 4, 4096, norm="rms", plant=(3, 0, NAN)),
+    layer_norm("float32", 4, 300, norm="rms_scaling", residual=False, plant=(0, 299, -INF)),
 ]
 
 # Known miss (benchmarks/RESULTS.md, "float32 backward on the GPU"): its o

@@ -113,3 +113,63 @@ def test_single_key_dropout_known_miss():
                 strided=True, data_seed=0)
     assert single_key_dropout(case, None)
     check_case(case)
+
+
+# ---------------------------------------------------------------------------
+# The same search through the TensorFlow op and its registered gradient
+# (tf_fastattn.dot_product_attention under tf.GradientTape), with the decoder
+# options drawn too: sliding windows, the logit soft-cap and a query offset.
+
+
+@st.composite
+def op_cases(draw):
+    c = draw(attention_cases())
+    c["rate"] = 0.0 if c["mask"] == "empty_rows" else c["rate"]
+    c["window"] = draw(st.sampled_from([None, None, (0, 0), (5, 0), (3, 7), (40, -1)]))
+    c["cap"] = draw(st.sampled_from([None, None, 5.0, 30.0]))
+    c["offset"] = draw(st.integers(0, max(0, c["S"] - c["T"]))) if draw(st.booleans()) else 0
+    return c
+
+
+def check_op_case(c):
+    import tensorflow as tf
+
+    import tf_fastattn
+
+    rng = np.random.default_rng(c["data_seed"])
+    dtype = NP_DTYPES[c["dtype"]]
+    B, T, S, N, Nkv, H, Hv = (c[k] for k in ("B", "T", "S", "N", "Nkv", "H", "Hv"))
+    q, k = _tensor(rng, dtype, B, T, N, H, False), _tensor(rng, dtype, B, S, Nkv, H, False)
+    v, d_out = _tensor(rng, dtype, B, S, Nkv, Hv, False), _tensor(rng, dtype, B, T, N, Hv, False)
+    mask = _mask(rng, c["mask"], B, N, T, S)
+    window = c["window"] or (-1, -1)
+    allowed = np.ones((B, N, T, S), bool) if mask is None else np.broadcast_to(mask, (B, N, T, S))
+    pos, s = np.arange(T)[:, None] + c["offset"], np.arange(S)[None, :]
+    band = ((s <= pos) | (not c["causal"])) & ((s >= pos - window[0]) | (window[0] < 0))
+    band &= (s <= pos + window[1]) | (window[1] < 0)
+    assume(not (c["rate"] and ((allowed & band).sum(-1) <= 1).all()))  # the known miss above
+    tensors = [tf.constant(a) for a in (q, k, v)]
+    with tf.GradientTape() as tape:
+        tape.watch(tensors)
+        o = tf_fastattn.dot_product_attention(
+            *tensors, mask=None if mask is None else tf.constant(mask), is_causal=c["causal"],
+            dropout_rate=c["rate"], seed=SEED, implementation="fused", logits_soft_cap=c["cap"],
+            window=c["window"], query_offset=c["offset"])
+    dq, dk, dv = tape.gradient(o, tensors, output_gradients=tf.constant(d_out))
+    as_np = lambda t: np.asarray(tf.cast(t, tf.float64))  # noqa: E731
+    check_attention(c["dtype"], q, k, v, d_out, as_np(o), None, as_np(dq), as_np(dk), as_np(dv), mask=mask,
+                    is_causal=c["causal"], seed=SEED, rate=c["rate"], window=c["window"], query_offset=c["offset"],
+                    logits_soft_cap=c["cap"])
+
+
+@settings(max_examples=12, **_COMMON)
+@given(op_cases())
+def test_drawn_cases_through_the_tf_op_and_its_gradient(case):
+    check_op_case(case)
+
+
+@pytest.mark.slow
+@settings(max_examples=120, **_COMMON)
+@given(case=op_cases())
+def test_more_drawn_cases_through_the_tf_op_and_its_gradient(case):
+    check_op_case(case)
