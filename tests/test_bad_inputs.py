@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 import tf_fastattn
+import tf_fastattn.layers
 
 Q = tf.random.stateless_normal([1, 4, 2, 8], seed=[1, 2])
 RAGGED = tf.RaggedTensor.from_row_lengths(tf.zeros([3, 2, 8]), [1, 2])
@@ -45,6 +46,15 @@ CASES = {
                  TypeError, "layer_norm: x is a tf.RaggedTensor; pass a dense tensor: x.to_tensor()"),
     "sparse residual": (lambda: tf_fastattn.rms_norm(ROWS, residual=tf.sparse.from_dense(ROWS)), TypeError,
                         "rms_norm: residual is a tf.SparseTensor"),
+    # the layers' own arguments where Keras' error is an IndexError from inside build
+    "attention_axes out of range": (
+        lambda: tf_fastattn.layers.MultiHeadAttention(num_heads=2, key_dim=4, attention_axes=5)(Q[0], Q[0]),
+        ValueError, "MultiHeadAttention: attention_axes=(5,) is out of range for a query of rank 3"),
+    "layer norm axis out of range": (
+        lambda: tf_fastattn.layers.LayerNormalization(axis=5)(ROWS), ValueError,
+        "LayerNormalization: axis=5 is out of range for an input of rank 2 (shape (2, 4)): expected axes in [-2, 1]"),
+    "layer norm epsilon string": (lambda: tf_fastattn.layers.LayerNormalization(epsilon="x")(ROWS), TypeError,
+                                  "epsilon must be a number > 0, got str 'x'"),
 }
 
 
@@ -63,3 +73,16 @@ def test_numeric_masks_are_cast_as_keras_casts_them():
     for dtype in (np.int32, np.int64, np.float32):
         got = tf_fastattn.dot_product_attention(Q, Q, Q, mask=tf.constant(mask.astype(dtype)))
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("epsilon", [0.0, -1.0, float("inf")])
+def test_layer_norm_epsilon_keras_accepts_gives_keras_result(epsilon):
+    """Epsilons the fused op refuses (not a finite number > 0) but Keras takes:
+    the layer computes Keras' math, NaN where Keras' is NaN."""
+    import keras
+
+    x = tf.constant(np.arange(24, dtype=np.float32).reshape(2, 3, 4) % 5)
+    want = keras.layers.LayerNormalization(epsilon=epsilon)(x)
+    got = tf_fastattn.layers.LayerNormalization(epsilon=epsilon)(x)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(np.nan_to_num(got), np.nan_to_num(want), rtol=1e-6, atol=1e-6)

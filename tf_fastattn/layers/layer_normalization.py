@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import keras
 import tensorflow as tf
 
 from tf_fastattn import _loader
 from tf_fastattn.layer_norm import layer_norm, rms_norm
 from tf_fastattn.layers._fused_layer import FusedLayerMixin, SerializedImplementation
+
+
+def _check_axes(layer, axis, input_shape, argument="axis"):
+    """A clear error for axes outside a rank-len(input_shape) input (Keras'
+    own is an IndexError from deep inside `build`)."""
+    rank = len(input_shape)
+    axes = [axis] if isinstance(axis, int) else list(axis)
+    bad = [a for a in axes if isinstance(a, int) and not -rank <= a < rank]
+    if bad:
+        raise ValueError(f"{type(layer).__name__}: {argument}={axis} is out of range for an input of rank {rank} "
+                         f"(shape {tuple(input_shape)}): expected axes in [{-rank}, {rank - 1}]")
+
+
+def _epsilon_reason(epsilon):
+    """Why the fused op cannot take `epsilon` (it takes finite numbers > 0;
+    Keras' math takes any number), or None; TypeError for a non-number."""
+    if epsilon is None:
+        return None
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
+        raise TypeError(f"epsilon must be a number > 0, got {type(epsilon).__name__} {epsilon!r}")
+    if not (math.isfinite(epsilon) and epsilon > 0):
+        return f"epsilon={epsilon} is not a finite number > 0"
+    return None
 
 
 def _last_axis_reason(axis, rank):
@@ -30,7 +56,7 @@ class FusedLayerNormalizationMixin(FusedLayerMixin):
     return_residual = False  # class default for layers switched after construction
 
     def _fused_axis_reason(self, rank):
-        return _last_axis_reason(self.axis, rank)
+        return _last_axis_reason(self.axis, rank) or _epsilon_reason(self.epsilon)
 
     def call(self, inputs):
         if isinstance(inputs, (list, tuple)):
@@ -108,6 +134,7 @@ class LayerNormalization(FusedLayerNormalizationMixin, SerializedImplementation,
     def build(self, input_shape):
         if isinstance(input_shape, (list, tuple)) and input_shape and isinstance(input_shape[0], (list, tuple)):
             input_shape = input_shape[0]
+        _check_axes(self, self.axis, input_shape)
         super().build(input_shape)
 
     def compute_output_shape(self, input_shape):
@@ -133,7 +160,7 @@ class FusedRMSNormalizationMixin(FusedLayerMixin):
     dtype with float32 statistics, as `keras.ops.rms_normalization`."""
 
     def _fused_axis_reason(self, rank):
-        return _last_axis_reason(self.axis, rank)
+        return _last_axis_reason(self.axis, rank) or _epsilon_reason(self.epsilon)
 
     def call(self, x):
         x = tf.convert_to_tensor(x)

@@ -165,6 +165,19 @@ class MultiHeadAttention(FusedMultiHeadAttentionMixin, SerializedImplementation,
         super().__init__(*args, **kwargs)
         self._init_implementation(implementation)
 
+    def build(self, query_shape, value_shape, key_shape=None):
+        axes = self._attention_axes
+        rank = len(query_shape) + 1  # the projections' [B, ..., N, H]
+        if axes is not None:
+            bad = [a for a in axes if not -rank <= a < rank]  # Keras' own error here is an IndexError
+            if bad:
+                raise ValueError(
+                    f"MultiHeadAttention: attention_axes={tuple(axes)} is out of range for a query of rank "
+                    f"{len(query_shape)} (shape {tuple(query_shape)}): expected axes of the query's "
+                    f"[batch, ..., heads, head_dim] projections, in [{-rank}, {rank - 1}]; the sequence axes are "
+                    f"[1, {len(query_shape) - 2}]")
+        super().build(query_shape, value_shape, key_shape)
+
 
 def fused_layer_attention(query, key, value, mask, is_causal, *, dropout, seed_generator, training):
     """The fused op as Keras' attention layers use it (MultiHeadAttention, GroupedQueryAttention).
