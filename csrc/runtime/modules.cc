@@ -120,6 +120,16 @@ Status get_kernel(const DeviceInfo& dev, const KernelVariant& v, const char* fun
   return Status::OK();
 }
 
+Status grid_1d(int64_t blocks, const char* kernel, const char* how, Dim3* grid) {
+  if (blocks > kMaxGridX) {
+    return Status::Invalid(std::string(kernel) + ": " + std::to_string(blocks) + " thread blocks (" + how +
+                           ") exceed the GPU's grid limit of " + std::to_string(kMaxGridX) +
+                           "; split the call (e.g. over the batch)");
+  }
+  *grid = Dim3{static_cast<unsigned>(blocks)};
+  return Status::OK();
+}
+
 Status launch(const DeviceInfo& dev, CUfunction f, Dim3 grid, Dim3 block, int dynamic_smem, void* stream,
               void* args) {
   const Driver* d = nullptr;

@@ -32,6 +32,15 @@ struct Dim3 {
   unsigned x = 1, y = 1, z = 1;
 };
 
+// The largest grid x dimension of every architecture the kernels support
+// (compute capability 3.0 and newer).
+constexpr int64_t kMaxGridX = 2147483647;
+
+// `blocks` as a 1-D grid, or InvalidArgument naming `kernel`, the count and
+// what it is made of (`how`, e.g. "batch x heads x ceil(T / 64)") when it
+// exceeds kMaxGridX.
+Status grid_1d(int64_t blocks, const char* kernel, const char* how, Dim3* grid);
+
 // Launches `f` on `stream` with its single by-value argument struct `args`.
 Status launch(const DeviceInfo& dev, CUfunction f, Dim3 grid, Dim3 block, int dynamic_smem, void* stream,
               void* args);
