@@ -143,7 +143,11 @@ SHARP_OVER = attention("float32", 1, 64, 300, 2, 2, 256, 256, q_mult=8)
 
 MUTANTS = {
     "missing_barrier": (
-        ("attention_mma.cu", "__syncthreads();  // the previous tile's K and Vt are consumed", "/* removed */"),
+        ("attention_mma.cu", "__syncthreads();  // every warp is done with K", "/* removed */"),
+        attention("float16", 1, 64, 200, 1, 1, 64, 64),
+    ),
+    "missing_cp_async_wait": (
+        ("attention_mma.cu", "cp_async_wait<1>();  // this tile's V", "/* removed */"),
         attention("float16", 1, 64, 200, 1, 1, 64, 64),
     ),
     "tail_off_by_one": (
@@ -151,8 +155,7 @@ MUTANTS = {
         attention("float32", 1, 7, 97, 2, 2, 40, 40),
     ),
     "fragment_layout": (
-        ("attention_mma.cu", "mma16816(x[nt], af, ld32(row), ld32(row + 8));",
-         "mma16816(x[nt], af, ld32(row + 8), ld32(row));"),
+        ("attention_mma.cu", "mma16816(x[j][nt], af[j], b[0], b[1]);", "mma16816(x[j][nt], af[j], b[1], b[0]);"),
         attention("bfloat16", 1, 16, 16, 1, 1, 32, 32),
     ),
     "layer_norm_tail": (

@@ -37,10 +37,6 @@ JUSTIFIED_SPILLS = {
     "tfa_layer_norm_fwd_v8_u": "sm_60, odd C, float32, 8 vectors per thread",
     # Head dim 256, float32 SIMT forward: 64 accumulators per thread; 16 bytes.
     "tfa_attention_simt_fwd": "head dim 256: 64 output accumulators per thread",
-    # Head dim 256 on tensor cores: 128 float32 output accumulators per thread
-    # at the 255-register limit; 8 B on sm_80, 88 B on sm_90. A 2-warp-per-16-
-    # rows split of the output columns is the planned fix.
-    "tfa_attention_mma_fwd": "head dim 256: 128 output accumulators per thread",
     # Head dim 256, tensor-core backward dK/dV: each of its two passes (dV,
     # then dK) keeps 128 float32 accumulators per thread plus the S^T and dS^T
     # tiles at the 255-register limit; 52 B on sm_80, none on sm_86 and sm_90

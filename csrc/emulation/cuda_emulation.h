@@ -112,7 +112,7 @@ tfa_emu_switch_context:
 )");
 
 enum class State { kReady, kBarrier, kWarp, kDone };
-enum class WarpOp { kNone, kShuffleXor, kMma16816, kLdmatrixX4Trans };
+enum class WarpOp { kNone, kShuffleXor, kMma16816, kLdmatrixX4Trans, kLdmatrixX4 };
 enum class BarrierOp { kSync, kOr, kAnd, kCount };
 
 struct Thread {
@@ -131,6 +131,17 @@ struct Thread {
   uint32_t in[10] = {};
   const void* addr = nullptr;
   uint32_t out[4] = {};
+  // cp.async: the copies issued since the last commit, and the committed
+  // groups still in flight (oldest first). A copy's source bytes are read at
+  // issue (global memory does not change during a launch); its destination
+  // is written only when a wait covers its group.
+  struct AsyncCopy {
+    void* dst;
+    unsigned char bytes[16];
+    bool eager;  // may land before its wait (else only at the wait)
+  };
+  std::vector<AsyncCopy> open_copies;
+  std::vector<std::vector<AsyncCopy>> copy_groups;
 };
 
 constexpr size_t kStackBytes = 256 * 1024;
@@ -252,8 +263,37 @@ inline std::unique_lock<std::mutex> lock_block() {
   return g_block->os_threads ? std::unique_lock<std::mutex>(g_block->mu) : std::unique_lock<std::mutex>();
 }
 
+// cp.async copies in flight land at any moment up to the wait that covers
+// them: half of them (drawn at issue) only at the wait, so a read before the
+// wait sees stale bytes; the other half each with probability 1/2 whenever
+// its thread reaches a barrier or a warp collective, so a copy into a buffer
+// other warps may still be reading, issued without a barrier in between,
+// overwrites it under some schedules, as on the GPU.
+inline void land_some_copies(Thread* t) {
+  if (t->open_copies.empty() && t->copy_groups.empty()) return;
+  const auto land = [](std::vector<Thread::AsyncCopy>& copies) {
+    std::vector<Thread::AsyncCopy> keep;
+    for (const Thread::AsyncCopy& c : copies) {
+      uint64_t coin;
+      {
+        std::unique_lock<std::mutex> lock = lock_block();
+        coin = g_block->rng();
+      }
+      if (c.eager && (coin & 1)) {
+        memcpy(c.dst, c.bytes, 16);
+      } else {
+        keep.push_back(c);
+      }
+    }
+    copies.swap(keep);
+  };
+  land(t->open_copies);
+  for (std::vector<Thread::AsyncCopy>& group : t->copy_groups) land(group);
+}
+
 inline int barrier(BarrierOp op, int predicate) {
   Thread* t = self();
+  land_some_copies(t);
   std::unique_lock<std::mutex> lock = lock_block();
   t->state = State::kBarrier;
   t->barrier = op;
@@ -396,6 +436,28 @@ inline void complete_warp_op(Thread* lanes) {
       }
       break;
     }
+    case WarpOp::kLdmatrixX4: {
+      // ldmatrix.sync.aligned.m8n8.x4.shared.b16: lanes 8i .. 8i + 7 give the
+      // row addresses of matrix i; lane l receives in r[i] the elements (row
+      // l / 4, columns 2 (l % 4) and 2 (l % 4) + 1) of matrix i.
+      for (int l = 0; l < 32; ++l) {
+        const void* p = lanes[l].addr;
+        if (!in_shared(p, 16) || reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+          char msg[128];
+          std::snprintf(msg, sizeof(msg), "ldmatrix: lane %d's row address is not a 16-byte aligned shared-memory row",
+                        l);
+          fail(msg);
+          return;
+        }
+      }
+      for (int l = 0; l < 32; ++l) {
+        for (int i = 0; i < 4; ++i) {
+          const uint16_t* r = static_cast<const uint16_t*>(lanes[8 * i + l / 4].addr);
+          lanes[l].out[i] = static_cast<uint32_t>(r[2 * (l % 4)]) | (static_cast<uint32_t>(r[2 * (l % 4) + 1]) << 16);
+        }
+      }
+      break;
+    }
     case WarpOp::kNone:
       break;
   }
@@ -406,6 +468,7 @@ inline void complete_warp_op(Thread* lanes) {
 // warp; returns with self()->out filled.
 inline void warp_collective(WarpOp op, unsigned mask, int arg0, int arg1) {
   Thread* t = self();
+  land_some_copies(t);
   Block& b = *g_block;
   std::unique_lock<std::mutex> lock = lock_block();
   t->op = op;
@@ -450,6 +513,53 @@ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
   t->addr = row;
   warp_collective(WarpOp::kLdmatrixX4Trans, 0xffffffffu, 0, 0);
   for (int i = 0; i < 4; ++i) r[i] = t->out[i];
+}
+
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  Thread* t = self();
+  t->addr = row;
+  warp_collective(WarpOp::kLdmatrixX4, 0xffffffffu, 0, 0);
+  for (int i = 0; i < 4; ++i) r[i] = t->out[i];
+}
+
+// cp.async (16 bytes, zero fill past src_bytes): queued in this thread's open
+// group; lands at a cp_async_wait that covers the group.
+inline void cp_async16(void* dst, const void* src, int src_bytes) {
+  if (!in_shared(dst, 16) || reinterpret_cast<uintptr_t>(dst) % 16 != 0) {
+    fail("cp.async: the destination is not 16-byte aligned shared memory");
+  }
+  if (src_bytes != 0 && src_bytes != 16) fail("cp.async: src_bytes must be 0 or 16 here");
+  if (src_bytes && reinterpret_cast<uintptr_t>(src) % 16 != 0) fail("cp.async: the source is not 16-byte aligned");
+  Thread::AsyncCopy c{dst, {}, false};
+  if (src_bytes) memcpy(c.bytes, src, 16);
+  {
+    std::unique_lock<std::mutex> lock = lock_block();
+    c.eager = g_block->rng() & 1;
+  }
+  self()->open_copies.push_back(c);
+}
+
+inline void cp_async_commit() {
+  Thread* t = self();
+  t->copy_groups.push_back(std::move(t->open_copies));
+  t->open_copies.clear();
+}
+
+// Completes every committed group but the newest `pending`, the copies in a
+// random order (a kernel that reads a destination before its wait reads the
+// stale or poisoned bytes).
+inline void cp_async_wait(int pending) {
+  Thread* t = self();
+  std::vector<Thread::AsyncCopy> landing;
+  while (static_cast<int>(t->copy_groups.size()) > pending) {
+    for (const Thread::AsyncCopy& c : t->copy_groups.front()) landing.push_back(c);
+    t->copy_groups.erase(t->copy_groups.begin());
+  }
+  {
+    std::unique_lock<std::mutex> lock = lock_block();
+    for (size_t i = landing.size(); i > 1; --i) std::swap(landing[i - 1], landing[g_block->rng() % i]);
+  }
+  for (const Thread::AsyncCopy& c : landing) memcpy(c.dst, c.bytes, 16);
 }
 
 inline void* dynamic_smem() { return g_block->dynamic_smem.data(); }

@@ -79,7 +79,7 @@ Status attention_fwd_gpu(const AttentionFwdParams& p, const GpuContext& ctx) {
   TFA_RETURN_IF_ERROR(gpu::resolve_attention_family(dev.arch, p.dtype, ctx.attention_family, &family));
   AttentionFwdParams a = p;  // the kernels' argument (finalize()d by the core)
   const bool mma = family == AttentionFamily::kTensorCore;
-  const int rows = mma ? tfa::kMmaRowTile : tfa::kSimtRowTile;
+  const int rows = mma ? tfa::mma_fwd_rows(bucket) : tfa::kSimtRowTile;
   // SIMT kernels use static shared memory only.
   const int smem = mma ? tfa::mma_fwd_smem_bytes(bucket) : 0;
   gpu::CUfunction f;

@@ -33,18 +33,24 @@ constexpr int simt_dkdv_keys(int head_dim) {
 }
 
 // ---- Tensor-core family (mma.sync m16n8k16, sm_80 and newer) ---------------
-// One warp owns 16 query rows; kMmaWarps warps per block. Per key tile of
-// mma_key_tile(head_dim) keys, shared memory holds Q [64][Hp + 8], K [BN][Hp + 8]
-// and V transposed, Vt [Hp][BN + 8], as 16-bit values: the +8 (16 bytes) row
-// padding makes the 32-bit fragment loads of a warp (8 rows x 4 columns)
-// land in distinct banks, and Vt makes V's B fragments contiguous pairs.
-// Head dim 256 needs 71 KiB: dynamic shared memory with an opt-in (sm_80:
-// 163 KiB, sm_86/89: 99 KiB, sm_90: 227 KiB).
+// kMmaWarps warps per block; in the forward each warp owns mma_fwd_slabs(H)
+// slabs of 16 query rows (two up to head dim 128, so every K and V fragment
+// feeds two MMAs; one at 256, where the 128 output accumulators per slab fill
+// the registers), and keys come in tiles of mma_key_tile(H). Shared memory
+// holds Q [rows][Hp + 8], K [keys][Hp + 8] and V [keys][Hp + 8] as 16-bit
+// values, filled by 16-byte cp.async copies (K of the next tile in flight
+// during the softmax, V of the next tile during the next Q K^T); the +8
+// (16 bytes) row padding puts the 8 rows of every ldmatrix in distinct banks.
+// Q's region stages the output for 16-byte stores. Head dim 128 needs 68 KiB,
+// 256 66 KiB: dynamic shared memory with an opt-in (sm_80: 163 KiB, sm_86/89:
+// 99 KiB, sm_90: 227 KiB).
 constexpr int kMmaWarps = 4;
-constexpr int kMmaRowTile = 16 * kMmaWarps;
-constexpr int mma_key_tile(int head_dim) { return head_dim <= 64 ? 64 : 32; }
+constexpr int kMmaRowTile = 16 * kMmaWarps;  // query rows per block of one slab per warp (the backward's unit)
+constexpr int mma_fwd_slabs(int head_dim) { return head_dim <= 32 ? 2 : 1; }
+constexpr int mma_fwd_rows(int head_dim) { return kMmaRowTile * mma_fwd_slabs(head_dim); }
+constexpr int mma_key_tile(int head_dim) { return head_dim <= 128 ? 64 : 32; }
 constexpr int mma_fwd_smem_bytes(int head_dim) {
-  return 2 * ((kMmaRowTile + mma_key_tile(head_dim)) * (head_dim + 8) + head_dim * (mma_key_tile(head_dim) + 8));
+  return 2 * (mma_fwd_rows(head_dim) + 2 * mma_key_tile(head_dim)) * (head_dim + 8);
 }
 
 }  // namespace tfa

@@ -54,6 +54,58 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16
 #endif
 }
 
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: four 8 x 8 matrices of 16-bit
+// values; lanes 8i .. 8i + 7 give the rows of matrix i, r[i] receives this
+// lane's fragment of matrix i (row lane / 4, columns 2 (lane % 4) and + 1):
+// the A fragment of a row-major 16 x 16 tile, or the B fragments of two
+// 8-column n-tiles stored n-major (K as [key][dim]).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row) {
+#ifdef TFA_EMULATION
+  tfa_emu::ldmatrix_x4(r, row);
+#else
+  uint32_t addr;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(addr) : "l"(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+#endif
+}
+
+// cp.async.cg.shared.global with zero fill: 16 bytes from `src` (16-byte
+// aligned global memory) to `dst` (16-byte aligned shared memory), of which
+// the first `src_bytes` (0 or 16) are read and the rest are zeros. The copy
+// lands only by a cp_async_wait<N>() that covers its group (then a barrier
+// makes it visible to the other threads).
+__device__ __forceinline__ void cp_async16(uint16_t* dst, const uint16_t* src, int src_bytes) {
+#ifdef TFA_EMULATION
+  tfa_emu::cp_async16(dst, src, src_bytes);
+#else
+  uint32_t addr;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(addr) : "l"(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(addr), "l"(src), "r"(src_bytes) : "memory");
+#endif
+}
+
+// Closes the group of this thread's cp.async copies issued since the last commit.
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef TFA_EMULATION
+  tfa_emu::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+// Waits until at most kPending of this thread's committed groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef TFA_EMULATION
+  tfa_emu::cp_async_wait(kPending);
+#else
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
+#endif
+}
+
 __device__ __forceinline__ uint32_t ld32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 }  // namespace tfa
