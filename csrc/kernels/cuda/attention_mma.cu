@@ -357,7 +357,7 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
       }
     }
   }
-  __syncthreads();
+  __syncthreads();  // every warp's staged rows are written
   uint16_t* const out = static_cast<uint16_t*>(a.o) + a.o_strides.offset(b, t0, n);
   const int64_t ld_o = a.o_strides.seq;
   if (rows_aligned16(out, ld_o, sh.head_dim_v)) {
