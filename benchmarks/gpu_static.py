@@ -228,18 +228,25 @@ def cubin_of(cache_file: str) -> bytes:
 
 
 def report(archs, head_dims, dtypes=("float16", "bfloat16")):
-    from tf_fastattn import _C, gpu
+    from tf_fastattn import gpu
 
     tool = nvdisasm()
-    cache = os.path.abspath(os.path.join("build", "nvrtc-test-cache"))
-    os.environ["TF_FASTATTN_CACHE_DIR"] = cache
     jobs = []
     for arch in archs:
         for v in gpu.variants(arch):
             if (v["op"] == "attention" and v["family"] == "tensor_core" and v["head_dim"] in head_dims
                     and v["dtype"] in dtypes):
                 jobs.append((arch, v))
-    results = gpu.compile_variants([(a, v["name"]) for a, v in jobs], use_cache=True)
+    # The compile cache the NVRTC tests use (same key as the runtime's).
+    saved = os.environ.get("TF_FASTATTN_CACHE_DIR")
+    os.environ["TF_FASTATTN_CACHE_DIR"] = os.path.abspath(os.path.join("build", "nvrtc-test-cache"))
+    try:
+        results = gpu.compile_variants([(a, v["name"]) for a, v in jobs], use_cache=True)
+    finally:
+        if saved is None:
+            os.environ.pop("TF_FASTATTN_CACHE_DIR")
+        else:
+            os.environ["TF_FASTATTN_CACHE_DIR"] = saved
     rows = []
     for (arch, v), r in zip(jobs, results):
         if "error" in r:
@@ -260,7 +267,6 @@ def report(archs, head_dims, dtypes=("float16", "bfloat16")):
                              function=fn, registers=k.get("registers"), spills=(k.get("spill_store_bytes", 0),
                                                                                k.get("spill_load_bytes", 0)),
                              warps_per_sm=warps_by_regs, threads=threads, **a))
-    del _C
     return rows
 
 

@@ -69,7 +69,7 @@ __device__ __forceinline__ void load_tile(uint16_t* dst, const uint16_t* src, in
 #pragma unroll
     for (int it = 0; it < kRows / kRowStep; ++it) {
       const bool ok = col_ok && r0 + it * kRowStep < rows_valid;
-      cp_async16(d, ok ? p : src, ok ? 16 : 0);
+      cp_async16(smem_addr(d), ok ? p : src, ok ? 16 : 0);
       p += kRowStep * ld;
       d += kRowStep * kLd;
     }
@@ -123,18 +123,18 @@ __device__ __forceinline__ void scores(const uint16_t* qw, const uint16_t* k_s, 
     for (int nt = 0; nt < kST; ++nt) x[j][nt][0] = x[j][nt][1] = x[j][nt][2] = x[j][nt][3] = 0.f;
   }
   // A: lane l addresses row (l % 8) + 8 ((l/8) % 2) of the slab at column 8 (l/16).
-  const uint16_t* qrow = qw + (lane % 8 + 8 * ((lane / 8) % 2)) * kLd + 8 * (lane / 16);
+  const SmemAddr qrow = smem_addr(qw + (lane % 8 + 8 * ((lane / 8) % 2)) * kLd + 8 * (lane / 16));
   // B: lane l addresses key (l % 8) + 8 (l/16) of the n-tile pair at column 8 ((l/8) % 2).
-  const uint16_t* krow = k_s + (lane % 8 + 8 * (lane / 16)) * kLd + 8 * ((lane / 8) % 2);
+  const SmemAddr krow = smem_addr(k_s + (lane % 8 + 8 * (lane / 16)) * kLd + 8 * ((lane / 8) % 2));
 #pragma unroll
   for (int kk = 0; kk < kHp; kk += 16) {
     uint32_t af[kSlabs][4];
 #pragma unroll
-    for (int j = 0; j < kSlabs; ++j) ldmatrix_x4(af[j], qrow + j * 16 * kLd + kk);
+    for (int j = 0; j < kSlabs; ++j) ldmatrix_x4(af[j], smem_at(qrow, j * 16 * kLd + kk));
 #pragma unroll
     for (int nt = 0; nt < kST; nt += 2) {
       uint32_t b[4];
-      ldmatrix_x4(b, krow + nt * 8 * kLd + kk);
+      ldmatrix_x4(b, smem_at(krow, nt * 8 * kLd + kk));
 #pragma unroll
       for (int j = 0; j < kSlabs; ++j) {
         mma16816(x[j][nt], af[j], b[0], b[1]);
@@ -153,6 +153,10 @@ __device__ __forceinline__ void softmax_tile(const AttentionFwdParams& a, const 
                                              const int64_t (&row_t)[kSlabs][2], int64_t s0, float (&x)[kSlabs][kST][4],
                                              float (&m)[kSlabs][2], float (&l)[kSlabs][2],
                                              float (&o)[kSlabs][kOT][4]) {
+  // The fast path (!kChecked && !kCap, a positive scale: the caller's
+  // condition) takes the row max of the raw products and folds the scale
+  // into one FFMA before ex2: p = 2^(qk scale log2(e) - m).
+  constexpr bool kFast = !kChecked && !kCap;
   const int c = threadIdx.x % 4;
 #pragma unroll
   for (int j = 0; j < kSlabs; ++j) {
@@ -164,20 +168,20 @@ __device__ __forceinline__ void softmax_tile(const AttentionFwdParams& a, const 
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           float& xv = x[j][nt][2 * r + e];
-          const bool ok = !kChecked || allowed(a, band, b, n, row_t[j][r], s0 + nt * 8 + 2 * c + e);
-          float logit;
-          if (kCap) {
-            logit = logit2(a, xv).x2;
-          } else {
-            logit = xv * a.scale_log2;
+          if (kFast) {
+            mx = fmax_nan(mx, xv);  // every score allowed
+            continue;
           }
+          const bool ok = !kChecked || allowed(a, band, b, n, row_t[j][r], s0 + nt * 8 + 2 * c + e);
+          const float logit = kCap ? logit2(a, xv).x2 : xv * a.scale_log2;
           xv = ok ? logit : -inf_f32();
           mx = fmaxf(mx, max_term(ok, logit));
         }
       }
+      if (kFast) mx = max_term(true, mx * a.scale_log2);  // NaN -> +inf, -inf -> lowest finite
       const float m_new = fmaxf(m[j][r], lanes_max(mx, 4));
       const bool none = m_new == -inf_f32();
-      const float alpha = none ? 1.f : exp2f(m[j][r] - m_new);
+      const float alpha = none ? 1.f : exp2_approx(m[j][r] - m_new);
       const float m_use = none ? 0.f : m_new;  // all -inf so far: p = exp2(-inf) = 0
       float sum = 0.f;
 #pragma unroll
@@ -185,7 +189,7 @@ __device__ __forceinline__ void softmax_tile(const AttentionFwdParams& a, const 
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           float& xv = x[j][nt][2 * r + e];
-          xv = exp2f(xv - m_use);
+          xv = exp2_approx(kFast ? fmaf(xv, a.scale_log2, -m_use) : xv - m_use);
           sum += xv;
         }
       }
@@ -269,7 +273,8 @@ __device__ void attention_fwd(const AttentionFwdParams& a) {
     }
     cp_async_commit();
     // Per-score checks only where some score may be disallowed.
-    const bool checked = a.mask || s0 + kBN > sh.seqlen_k || t0 + kBM - 1 + band.lo > s0 || s0 + kBN - 1 > t0 + band.hi;
+    const bool checked = a.mask || s0 + kBN > sh.seqlen_k || t0 + kBM - 1 + band.lo > s0 ||
+                         s0 + kBN - 1 > t0 + band.hi || !(a.scale_log2 > 0.f);
     if (a.has_soft_cap) {
       if (checked) {
         softmax_tile<true, true>(a, band, b, n, row_t, s0, x, m, l, o);

@@ -54,17 +54,59 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16
 #endif
 }
 
+// A shared-memory address of 16-bit elements for ldmatrix and cp.async: the
+// 32-bit shared-window address on the GPU (converted once, so constant
+// offsets fold into the instructions' immediates), the host pointer in the
+// emulation. smem_at(a, e) is the address e elements further.
+#ifdef TFA_EMULATION
+using SmemAddr = const uint16_t*;
+__device__ __forceinline__ SmemAddr smem_addr(const uint16_t* p) { return p; }
+__device__ __forceinline__ SmemAddr smem_at(SmemAddr a, int elements) { return a + elements; }
+#else
+using SmemAddr = uint32_t;
+__device__ __forceinline__ SmemAddr smem_addr(const uint16_t* p) {
+  uint32_t addr;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(addr) : "l"(p));
+  return addr;
+}
+__device__ __forceinline__ SmemAddr smem_at(SmemAddr a, int elements) { return a + 2u * uint32_t(elements); }
+#endif
+
+
+// 2^x with ex2.approx.ftz (a result below the smallest normal float is 0; NaN
+// and infinities as exp2): what FlashAttention-2's fast-math exp2f compiles
+// to, without exp2f's rescaling around denormal results.
+__device__ __forceinline__ float exp2_approx(float x) {
+#ifdef TFA_EMULATION
+  const float r = exp2f(x);
+  return r < 1.17549435e-38f ? 0.f : r;  // NaN compares false: kept
+#else
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+#endif
+}
+
+// max(a, b), NaN if either is NaN (max.NaN.f32, sm_80 and newer).
+__device__ __forceinline__ float fmax_nan(float a, float b) {
+#ifdef TFA_EMULATION
+  return (a != a || b != b) ? a + b : fmaxf(a, b);
+#else
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#endif
+}
+
 // ldmatrix.sync.aligned.m8n8.x4.shared.b16: four 8 x 8 matrices of 16-bit
 // values; lanes 8i .. 8i + 7 give the rows of matrix i, r[i] receives this
 // lane's fragment of matrix i (row lane / 4, columns 2 (lane % 4) and + 1):
 // the A fragment of a row-major 16 x 16 tile, or the B fragments of two
 // 8-column n-tiles stored n-major (K as [key][dim]).
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row) {
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], SmemAddr addr) {
 #ifdef TFA_EMULATION
-  tfa_emu::ldmatrix_x4(r, row);
+  tfa_emu::ldmatrix_x4(r, addr);
 #else
-  uint32_t addr;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(addr) : "l"(row));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr)
@@ -77,13 +119,11 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* ro
 // the first `src_bytes` (0 or 16) are read and the rest are zeros. The copy
 // lands only by a cp_async_wait<N>() that covers its group (then a barrier
 // makes it visible to the other threads).
-__device__ __forceinline__ void cp_async16(uint16_t* dst, const uint16_t* src, int src_bytes) {
+__device__ __forceinline__ void cp_async16(SmemAddr dst, const uint16_t* src, int src_bytes) {
 #ifdef TFA_EMULATION
-  tfa_emu::cp_async16(dst, src, src_bytes);
+  tfa_emu::cp_async16(const_cast<uint16_t*>(dst), src, src_bytes);
 #else
-  uint32_t addr;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(addr) : "l"(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(addr), "l"(src), "r"(src_bytes) : "memory");
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
 #endif
 }
 
