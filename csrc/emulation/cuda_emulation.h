@@ -271,15 +271,11 @@ inline std::unique_lock<std::mutex> lock_block() {
 // overwrites it under some schedules, as on the GPU.
 inline void land_some_copies(Thread* t) {
   if (t->open_copies.empty() && t->copy_groups.empty()) return;
+  std::unique_lock<std::mutex> lock = lock_block();  // the block's random stream
   const auto land = [](std::vector<Thread::AsyncCopy>& copies) {
     std::vector<Thread::AsyncCopy> keep;
     for (const Thread::AsyncCopy& c : copies) {
-      uint64_t coin;
-      {
-        std::unique_lock<std::mutex> lock = lock_block();
-        coin = g_block->rng();
-      }
-      if (c.eager && (coin & 1)) {
+      if (c.eager && (g_block->rng() & 1)) {
         memcpy(c.dst, c.bytes, 16);
       } else {
         keep.push_back(c);
@@ -412,34 +408,13 @@ inline void complete_warp_op(Thread* lanes) {
       }
       break;
     }
-    case WarpOp::kLdmatrixX4Trans: {
-      // ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16: lanes 8i .. 8i + 7 give
-      // the row addresses of matrix i; transposed, lane l receives in r[i]
-      // the elements (row 2 (l % 4), column l / 4) and (row 2 (l % 4) + 1,
-      // column l / 4) of matrix i, the first in the low half.
-      for (int l = 0; l < 32; ++l) {
-        const void* p = lanes[l].addr;
-        if (!in_shared(p, 16) || reinterpret_cast<uintptr_t>(p) % 16 != 0) {
-          char msg[128];
-          std::snprintf(msg, sizeof(msg), "ldmatrix: lane %d's row address is not a 16-byte aligned shared-memory row",
-                        l);
-          fail(msg);
-          return;
-        }
-      }
-      for (int l = 0; l < 32; ++l) {
-        for (int i = 0; i < 4; ++i) {
-          const uint16_t* r0 = static_cast<const uint16_t*>(lanes[8 * i + 2 * (l % 4)].addr);
-          const uint16_t* r1 = static_cast<const uint16_t*>(lanes[8 * i + 2 * (l % 4) + 1].addr);
-          lanes[l].out[i] = static_cast<uint32_t>(r0[l / 4]) | (static_cast<uint32_t>(r1[l / 4]) << 16);
-        }
-      }
-      break;
-    }
+    case WarpOp::kLdmatrixX4Trans:
     case WarpOp::kLdmatrixX4: {
-      // ldmatrix.sync.aligned.m8n8.x4.shared.b16: lanes 8i .. 8i + 7 give the
-      // row addresses of matrix i; lane l receives in r[i] the elements (row
-      // l / 4, columns 2 (l % 4) and 2 (l % 4) + 1) of matrix i.
+      // ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lanes 8i .. 8i + 7
+      // give the row addresses of matrix i. Lane l receives in r[i] the
+      // elements (row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1) of matrix
+      // i; transposed, (row 2 (l % 4), column l / 4) and (row 2 (l % 4) + 1,
+      // column l / 4). The first in the low half.
       for (int l = 0; l < 32; ++l) {
         const void* p = lanes[l].addr;
         if (!in_shared(p, 16) || reinterpret_cast<uintptr_t>(p) % 16 != 0) {
@@ -450,10 +425,18 @@ inline void complete_warp_op(Thread* lanes) {
           return;
         }
       }
+      const auto row = [&](int lane) { return static_cast<const uint16_t*>(lanes[lane].addr); };
       for (int l = 0; l < 32; ++l) {
         for (int i = 0; i < 4; ++i) {
-          const uint16_t* r = static_cast<const uint16_t*>(lanes[8 * i + l / 4].addr);
-          lanes[l].out[i] = static_cast<uint32_t>(r[2 * (l % 4)]) | (static_cast<uint32_t>(r[2 * (l % 4) + 1]) << 16);
+          uint16_t lo, hi;
+          if (op == WarpOp::kLdmatrixX4Trans) {
+            lo = row(8 * i + 2 * (l % 4))[l / 4];
+            hi = row(8 * i + 2 * (l % 4) + 1)[l / 4];
+          } else {
+            lo = row(8 * i + l / 4)[2 * (l % 4)];
+            hi = row(8 * i + l / 4)[2 * (l % 4) + 1];
+          }
+          lanes[l].out[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
         }
       }
       break;
@@ -526,10 +509,12 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
 // group; lands at a cp_async_wait that covers the group.
 inline void cp_async16(void* dst, const void* src, int src_bytes) {
   if (!in_shared(dst, 16) || reinterpret_cast<uintptr_t>(dst) % 16 != 0) {
-    fail("cp.async: the destination is not 16-byte aligned shared memory");
+    return fail("cp.async: the destination is not 16-byte aligned shared memory");  // nothing queued to land there
   }
-  if (src_bytes != 0 && src_bytes != 16) fail("cp.async: src_bytes must be 0 or 16 here");
-  if (src_bytes && reinterpret_cast<uintptr_t>(src) % 16 != 0) fail("cp.async: the source is not 16-byte aligned");
+  if (src_bytes != 0 && src_bytes != 16) return fail("cp.async: src_bytes must be 0 or 16 here");
+  if (src_bytes && reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+    return fail("cp.async: the source is not 16-byte aligned");
+  }
   Thread::AsyncCopy c{dst, {}, false};
   if (src_bytes) memcpy(c.bytes, src, 16);
   {

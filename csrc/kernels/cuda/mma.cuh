@@ -37,23 +37,6 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   return r;
 }
 
-// ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16: four 8 x 8 matrices of
-// 16-bit values, transposed; lanes 8i .. 8i + 7 give the rows of matrix i
-// (`row`: this lane's row, 16-byte aligned shared memory), r[i] receives this
-// lane's fragment of matrix i.
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* row) {
-#ifdef TFA_EMULATION
-  tfa_emu::ldmatrix_x4_trans(r, row);
-#else
-  uint32_t addr;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(addr) : "l"(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-#endif
-}
-
 // A shared-memory address of 16-bit elements for ldmatrix and cp.async: the
 // 32-bit shared-window address on the GPU (converted once, so constant
 // offsets fold into the instructions' immediates), the host pointer in the
@@ -71,6 +54,22 @@ __device__ __forceinline__ SmemAddr smem_addr(const uint16_t* p) {
 }
 __device__ __forceinline__ SmemAddr smem_at(SmemAddr a, int elements) { return a + 2u * uint32_t(elements); }
 #endif
+
+// ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16: four 8 x 8 matrices of
+// 16-bit values, transposed; lanes 8i .. 8i + 7 give the rows of matrix i
+// (`row`: this lane's row, 16-byte aligned shared memory), r[i] receives this
+// lane's fragment of matrix i.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* row) {
+#ifdef TFA_EMULATION
+  tfa_emu::ldmatrix_x4_trans(r, row);
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(row))
+               : "memory");
+#endif
+}
+
 
 
 // 2^x with ex2.approx.ftz (a result below the smallest normal float is 0; NaN
