@@ -18,15 +18,21 @@ def _shape_str(t) -> str:
     return str(t.shape.as_list()) if t.shape.rank is not None else "<unknown rank>"
 
 
+def check_epsilon(epsilon, op: str) -> None:
+    """The fused norms' epsilon: a TypeError for a non-number, a ValueError for
+    a number that is not finite and > 0 (both naming `op` and epsilon)."""
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
+        raise TypeError(f"{op}: epsilon must be a number > 0, got {type(epsilon).__name__} {epsilon!r}")
+    if not epsilon > 0 or not math.isfinite(epsilon):
+        raise ValueError(f"{op}: epsilon must be a finite number > 0, got {epsilon}")
+
+
 def _validate(x, gamma, beta, residual, epsilon, center, scale, op="layer_norm"):
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"{op}: x must be float16, bfloat16, float32 or float64, got {x.dtype.name}")
     if x.shape.rank == 0:
         raise ValueError(f"{op}: x must have rank >= 1, got a scalar (shape [])")
-    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
-        raise TypeError(f"{op}: epsilon must be a number > 0, got {type(epsilon).__name__} {epsilon!r}")
-    if not epsilon > 0 or not math.isfinite(epsilon):
-        raise ValueError(f"{op}: epsilon must be a finite number > 0, got {epsilon}")
+    check_epsilon(epsilon, op)
     cols = x.shape[-1] if x.shape.rank else None
     for name, p, used in (("gamma", gamma, scale), ("beta", beta, center)):
         if not used:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import keras
 import tensorflow as tf
 
 from tf_fastattn import _loader
-from tf_fastattn.layer_norm import layer_norm, rms_norm
+from tf_fastattn.layer_norm import check_epsilon, layer_norm, rms_norm
 from tf_fastattn.layers._fused_layer import FusedLayerMixin, SerializedImplementation
 
 
@@ -24,15 +21,16 @@ def _check_axes(layer, axis, input_shape, argument="axis"):
                          f"(shape {tuple(input_shape)}): expected axes in [{-rank}, {rank - 1}]")
 
 
-def _epsilon_reason(epsilon):
-    """Why the fused op cannot take `epsilon` (it takes finite numbers > 0;
-    Keras' math takes any number), or None; TypeError for a non-number."""
-    if epsilon is None:
+def _epsilon_reason(layer):
+    """Why the fused op cannot take the layer's epsilon (it takes finite
+    numbers > 0; Keras' math takes any number), or None; TypeError for a
+    non-number."""
+    if layer.epsilon is None:
         return None
-    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
-        raise TypeError(f"epsilon must be a number > 0, got {type(epsilon).__name__} {epsilon!r}")
-    if not (math.isfinite(epsilon) and epsilon > 0):
-        return f"epsilon={epsilon} is not a finite number > 0"
+    try:
+        check_epsilon(layer.epsilon, type(layer).__name__)
+    except ValueError as e:
+        return str(e)
     return None
 
 
@@ -56,7 +54,7 @@ class FusedLayerNormalizationMixin(FusedLayerMixin):
     return_residual = False  # class default for layers switched after construction
 
     def _fused_axis_reason(self, rank):
-        return _last_axis_reason(self.axis, rank) or _epsilon_reason(self.epsilon)
+        return _last_axis_reason(self.axis, rank) or _epsilon_reason(self)
 
     def call(self, inputs):
         if isinstance(inputs, (list, tuple)):
@@ -160,7 +158,7 @@ class FusedRMSNormalizationMixin(FusedLayerMixin):
     dtype with float32 statistics, as `keras.ops.rms_normalization`."""
 
     def _fused_axis_reason(self, rank):
-        return _last_axis_reason(self.axis, rank) or _epsilon_reason(self.epsilon)
+        return _last_axis_reason(self.axis, rank) or _epsilon_reason(self)
 
     def call(self, x):
         x = tf.convert_to_tensor(x)
