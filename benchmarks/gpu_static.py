@@ -6,8 +6,9 @@ compiled by NVRTC (the runtime's own path, `tf_fastattn.gpu.compile_variants`)
 and their CUBINs disassembled with `nvdisasm` (PyPI `nvidia-cuda-nvdisasm`,
 requirements-gpu-compile.txt). Per kernel function:
 
-* registers (ptxas), threads per block and the resulting warps per SM
-  (occupancy by registers; shared memory per block from attention_args.h);
+* registers (ptxas) and the warps per SM they allow for 128-thread blocks
+  (occupancy by registers alone: shared memory and the register allocation
+  granularity are not counted);
 * HMMA instructions (one per mma.sync m16n8k16);
 * SASS instructions per HMMA over the whole function and over its main loop
   (the loop, found by its backward branch, holding the most HMMAs), both
@@ -54,7 +55,8 @@ SMEM_BYTES = {"LDS.U8": 32, "LDS.S8": 32, "LDS.U16": 64, "LDS.S16": 64, "LDS": 1
               "LDS.128": 512}
 LDSM_BYTES = {".M88": 128, ".M88.2": 256, ".M88.4": 512, ".MT88": 128, ".MT88.2": 256, ".MT88.4": 512}
 REGS_PER_SM = 65536
-MAX_WARPS = {80: 64, 90: 64}
+MAX_WARPS_PER_SM = 64  # sm_80 and sm_90
+BLOCK_WARPS = 4  # kMmaWarps (csrc/kernels/cuda/attention_args.h)
 
 _INSTR = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
@@ -261,12 +263,12 @@ def report(archs, head_dims, dtypes=("float16", "bfloat16")):
             if not a["hmma"]:
                 continue
             k = regs.get(fn, {})
-            threads = 128
-            warps_by_regs = min(MAX_WARPS[arch], REGS_PER_SM // (max(k.get("registers", 1), 1) * 32 * 4) * 4)
+            block_regs = max(k.get("registers", 1), 1) * 32 * BLOCK_WARPS
+            warps_by_regs = min(MAX_WARPS_PER_SM, REGS_PER_SM // block_regs * BLOCK_WARPS)
             rows.append(dict(arch=arch, dtype=v["dtype"], head_dim=v["head_dim"], direction=v["direction"],
                              function=fn, registers=k.get("registers"), spills=(k.get("spill_store_bytes", 0),
                                                                                k.get("spill_load_bytes", 0)),
-                             warps_per_sm=warps_by_regs, threads=threads, **a))
+                             warps_per_sm=warps_by_regs, **a))
     return rows
 
 
